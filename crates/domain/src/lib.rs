@@ -1,0 +1,18 @@
+//! gpufleet's domain: the vocabulary every other crate speaks.
+//!
+//! Pure: no I/O, no clocks, no async. Typed identifiers ([`ids`]), the instance
+//! life cycle as a pure state machine ([`lifecycle`]), failure reasons and
+//! validated names ([`names`]), and catalog types ([`catalog`]).
+
+pub mod catalog;
+pub mod ids;
+pub mod lifecycle;
+pub mod names;
+
+pub use catalog::{GpuSpec, InstanceType, Zone};
+pub use ids::{IdParseError, InstanceId, ProviderInstanceId};
+pub use lifecycle::{
+    progress, transition, FailureReason, InstanceStatus, InvalidTransition, LifecycleEvent,
+    Milestones,
+};
+pub use names::{ModelName, NameError, ProviderName};

@@ -1,0 +1,217 @@
+//! Wire types between the control plane and the worker agent.
+//!
+//! The agent speaks to the control plane under [`paths::AGENT_BASE`]:
+//! it registers once with the one-time bootstrap secret it found in its
+//! [`AgentBootstrap`], gets a per-instance token, then sends a [`Heartbeat`]
+//! every `heartbeat_interval_ms` and [`AgentEvent`]s when its engine starts,
+//! dies or is restarted. Every request after registration carries
+//! `Authorization: Bearer <token>`.
+
+use chrono::{DateTime, Utc};
+use gpufleet_domain::{GpuSpec, InstanceId, ModelName};
+use serde::{Deserialize, Serialize};
+
+/// URL paths, shared so the two sides cannot drift.
+pub mod paths {
+    pub const AGENT_BASE: &str = "/internal/v1/agent";
+    pub const REGISTER: &str = "/internal/v1/agent/register";
+    pub const HEARTBEAT: &str = "/internal/v1/agent/heartbeat";
+    pub const EVENTS: &str = "/internal/v1/agent/events";
+}
+
+/// Default TCP port of the agent's own HTTP server (`/healthz`, `/readyz`, `/info`).
+pub const DEFAULT_AGENT_PORT: u16 = 7070;
+/// Default TCP port of the inference engine (vLLM's default).
+pub const DEFAULT_ENGINE_PORT: u16 = 8000;
+
+/// Everything an instance needs to join the fleet; the provider delivers it
+/// to the machine (the Mock provider as a file, clouds through cloud-init).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentBootstrap {
+    pub instance_id: InstanceId,
+    /// Base URL of the control plane, e.g. `http://127.0.0.1:8080`.
+    pub control_plane_url: String,
+    /// One-time secret for `register`; worthless once used.
+    pub bootstrap_secret: String,
+    /// Model the engine must serve.
+    pub model: ModelName,
+    /// Port of the agent's HTTP server.
+    pub agent_port: u16,
+    pub engine: EngineSpec,
+    /// GPUs to simulate when no NVIDIA driver is present.
+    pub gpu: GpuSpec,
+}
+
+/// Which inference engine to run and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EngineSpec {
+    /// `gpufleet sim`, the vLLM-compatible simulator.
+    Sim {
+        port: u16,
+        /// Time the simulator takes to "load" the model before it is ready.
+        model_load_delay_ms: u64,
+    },
+    /// A real vLLM server: `command` is run with `--model <model> --host <ip> --port <port>` appended.
+    Vllm { port: u16, command: Vec<String> },
+}
+
+impl EngineSpec {
+    pub fn port(&self) -> u16 {
+        match self {
+            Self::Sim { port, .. } | Self::Vllm { port, .. } => *port,
+        }
+    }
+}
+
+/// `POST /internal/v1/agent/register`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RegisterRequest {
+    pub instance_id: InstanceId,
+    pub bootstrap_secret: String,
+    pub agent_version: String,
+    pub hostname: String,
+}
+
+/// Answer to a successful registration. The token is shown once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RegisterResponse {
+    pub token: String,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// State of the inference engine as the agent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineStatus {
+    /// Not started yet.
+    Stopped,
+    /// Process running, model not served yet.
+    Starting,
+    /// Serves the model (its `/health` is OK and `/v1/models` lists it).
+    Ready,
+    /// Exited; the agent restarts it with backoff.
+    Crashed,
+}
+
+/// Where GPU figures come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuSource {
+    Nvml,
+    Simulated,
+}
+
+/// Host figures at one instant.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SystemSample {
+    pub cpu_pct: f64,
+    pub load1: f64,
+    pub load5: f64,
+    pub load15: f64,
+    pub mem_used_bytes: u64,
+    pub mem_total_bytes: u64,
+    /// Of the filesystem holding the agent's data path.
+    pub disk_used_bytes: u64,
+    pub disk_total_bytes: u64,
+    /// Bytes per second received on non-loopback interfaces.
+    pub net_rx_bps: f64,
+    pub net_tx_bps: f64,
+}
+
+/// One GPU at one instant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GpuSample {
+    pub index: u32,
+    pub name: String,
+    pub uuid: Option<String>,
+    pub util_pct: f64,
+    pub mem_used_mib: u64,
+    pub mem_total_mib: u64,
+    pub temp_c: f64,
+    pub power_w: f64,
+    pub power_limit_w: f64,
+}
+
+/// The engine at one instant, with the vLLM gauges the agent scraped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EngineSample {
+    pub status: EngineStatus,
+    /// `vllm:num_requests_running`.
+    pub requests_running: f64,
+    /// `vllm:num_requests_waiting`.
+    pub requests_waiting: f64,
+    /// How often the agent restarted the engine since the agent started.
+    pub restarts: u32,
+}
+
+/// `POST /internal/v1/agent/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Heartbeat {
+    pub instance_id: InstanceId,
+    /// Strictly increasing per instance, across agent restarts (the agent
+    /// starts from its boot time in milliseconds). A heartbeat whose `seq` is
+    /// not above the last applied one is stale and is not applied.
+    pub seq: u64,
+    pub sent_at: DateTime<Utc>,
+    pub agent_version: String,
+    pub agent_uptime_secs: u64,
+    pub system: SystemSample,
+    pub gpu_source: GpuSource,
+    pub gpus: Vec<GpuSample>,
+    pub engine: EngineSample,
+}
+
+/// Answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HeartbeatAck {
+    /// False when the heartbeat was stale (an older `seq`) and ignored.
+    pub applied: bool,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// Something the agent wants on the instance timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AgentEvent {
+    pub kind: AgentEventKind,
+    pub message: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentEventKind {
+    AgentStarted,
+    EngineStarted,
+    EngineReady,
+    EngineExited,
+    EngineRestarting,
+}
+
+/// The agent's `GET /info`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub version: String,
+    pub instance_id: InstanceId,
+    pub uptime_secs: u64,
+    pub gpu_source: GpuSource,
+    pub engine_status: EngineStatus,
+    pub model: ModelName,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_spec_round_trips() {
+        let e = EngineSpec::Sim {
+            port: 8000,
+            model_load_delay_ms: 10,
+        };
+        let j = serde_json::to_value(&e).unwrap();
+        assert_eq!(j["kind"], "sim");
+        assert_eq!(serde_json::from_value::<EngineSpec>(j).unwrap(), e);
+        assert_eq!(e.port(), 8000);
+    }
+}

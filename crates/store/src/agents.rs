@@ -1,0 +1,76 @@
+//! Agent registration and tokens (`agent_tokens`, and the bootstrap secret
+//! hash on `instances`).
+
+use crate::rows::{millis, RowReader};
+use crate::{RegisterOutcome, Store, StoreError};
+use chrono::{DateTime, Utc};
+use gpufleet_domain::InstanceId;
+
+impl Store {
+    /// Consume the bootstrap secret (compare its hash) and store the agent
+    /// token hash, atomically. A secret works once.
+    pub async fn register_agent(
+        &self,
+        id: InstanceId,
+        secret_hash: &str,
+        token_hash: &str,
+        at: DateTime<Utc>,
+    ) -> Result<RegisterOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The write comes first, so SQLite takes the write lock at once and the
+        // compare-and-clear is one statement on both engines.
+        let consumed = sqlx::query(
+            "UPDATE instances SET bootstrap_secret_hash = NULL \
+             WHERE id = $1 AND bootstrap_secret_hash IS NOT NULL AND bootstrap_secret_hash = $2",
+        )
+        .bind(id.to_string())
+        .bind(secret_hash)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if consumed == 0 {
+            tx.rollback().await?;
+            return Ok(RegisterOutcome::Rejected);
+        }
+        sqlx::query(
+            "INSERT INTO agent_tokens (token_hash, instance_id, created_at, revoked_at) \
+             VALUES ($1, $2, $3, NULL)",
+        )
+        .bind(token_hash)
+        .bind(id.to_string())
+        .bind(millis(at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(RegisterOutcome::Registered)
+    }
+
+    /// The instance an agent token belongs to (not revoked).
+    pub async fn instance_for_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<InstanceId>, StoreError> {
+        let row = sqlx::query(
+            "SELECT instance_id FROM agent_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref()
+            .map(|row| RowReader::new(row, "agent_tokens row").parsed("instance_id"))
+            .transpose()
+    }
+
+    /// Revoke every token of an instance (on terminate). Already revoked
+    /// tokens keep their first revocation time.
+    pub async fn revoke_tokens(&self, id: InstanceId, at: DateTime<Utc>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE agent_tokens SET revoked_at = $2 WHERE instance_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id.to_string())
+        .bind(millis(at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! The `instances` table: insert, read, list, compare-and-swap update.
+
+use crate::rows::{corrupt, flag, millis, millis_opt, RowReader};
+use crate::timeline::insert_event;
+use crate::{
+    InstanceFilter, InstanceRecord, NewInstance, NewTimelineEvent, Outcome, Store, StoreError,
+    TimelineKind,
+};
+use gpufleet_domain::{InstanceId, InstanceStatus, Milestones};
+use sqlx::any::AnyRow;
+use sqlx::AnyConnection;
+
+/// Generation of a freshly inserted instance.
+const FIRST_GENERATION: i64 = 1;
+
+/// Every column an [`InstanceRecord`] is read from (not the secret hash).
+const INSTANCE_COLUMNS: &str = "id, provider, zone, instance_type, model, status, status_reason, \
+     status_message, milestone_provider_created, milestone_ip_assigned, \
+     milestone_agent_registered, milestone_engine_started, idempotency_key, \
+     provider_instance_id, ip, generation, provision_attempts, next_attempt_at, \
+     startup_deadline_at, created_at, updated_at, status_changed_at, ready_at, \
+     terminate_requested_at, terminated_at, cleanup_started_at, cleaned_up_at, \
+     last_heartbeat_seq, last_heartbeat_at, engine_status";
+
+fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
+    let mut r = RowReader::new(row, "instances row");
+    let id: InstanceId = r.parsed("id")?;
+    r.set_ctx(format!("instances row {id}"));
+    let ip: Option<String> = r.get("ip")?;
+    let ip = ip
+        .map(|s| {
+            s.parse()
+                .map_err(|e| corrupt(format!("instances row {id}: column ip: {s:?}: {e}")))
+        })
+        .transpose()?;
+    Ok(InstanceRecord {
+        id,
+        provider: r.parsed("provider")?,
+        zone: r.get("zone")?,
+        instance_type: r.get("instance_type")?,
+        model: r.parsed("model")?,
+        status: r.parsed("status")?,
+        status_reason: r.parsed_opt("status_reason")?,
+        status_message: r.get("status_message")?,
+        milestones: Milestones {
+            provider_created: r.flag("milestone_provider_created")?,
+            ip_assigned: r.flag("milestone_ip_assigned")?,
+            agent_registered: r.flag("milestone_agent_registered")?,
+            engine_started: r.flag("milestone_engine_started")?,
+        },
+        idempotency_key: r.get("idempotency_key")?,
+        provider_instance_id: r
+            .get::<Option<String>>("provider_instance_id")?
+            .map(gpufleet_domain::ProviderInstanceId::new),
+        ip,
+        generation: r.get("generation")?,
+        provision_attempts: r.int("provision_attempts")?,
+        next_attempt_at: r.time_opt("next_attempt_at")?,
+        startup_deadline_at: r.time("startup_deadline_at")?,
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+        status_changed_at: r.time("status_changed_at")?,
+        ready_at: r.time_opt("ready_at")?,
+        terminate_requested_at: r.time_opt("terminate_requested_at")?,
+        terminated_at: r.time_opt("terminated_at")?,
+        cleanup_started_at: r.time_opt("cleanup_started_at")?,
+        cleaned_up_at: r.time_opt("cleaned_up_at")?,
+        last_heartbeat_seq: r.get("last_heartbeat_seq")?,
+        last_heartbeat_at: r.time_opt("last_heartbeat_at")?,
+        engine_status: r.serde_enum_opt("engine_status")?,
+    })
+}
+
+async fn fetch_instance(
+    conn: &mut AnyConnection,
+    id: InstanceId,
+) -> Result<Option<InstanceRecord>, StoreError> {
+    let sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE id = $1");
+    let row = sqlx::query(&sql)
+        .bind(id.to_string())
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(decode_instance).transpose()
+}
+
+/// The timeline entry that opens every instance's history.
+fn created_event(n: &NewInstance) -> NewTimelineEvent {
+    NewTimelineEvent {
+        instance_id: n.id,
+        at: n.created_at,
+        kind: TimelineKind::Transition,
+        action: "instance.created".to_string(),
+        outcome: Outcome::Success,
+        from_status: None,
+        to_status: Some(InstanceStatus::Provisioning),
+        duration_ms: None,
+        error_code: None,
+        message: "instance recorded; provision intent persisted".to_string(),
+        metadata: serde_json::json!({
+            "provider": n.provider.as_str(),
+            "zone": n.zone,
+            "instance_type": n.instance_type,
+            "model": n.model.as_str(),
+            "idempotency_key": n.idempotency_key,
+        }),
+    }
+}
+
+impl Store {
+    /// Insert instances (status `provisioning`, generation 1) and their
+    /// "created" timeline events in one transaction.
+    pub async fn insert_instances(
+        &self,
+        new: &[NewInstance],
+    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        for n in new {
+            let created = millis(n.created_at);
+            sqlx::query(
+                "INSERT INTO instances (id, provider, zone, instance_type, model, status, \
+                 idempotency_key, bootstrap_secret_hash, generation, provision_attempts, \
+                 startup_deadline_at, created_at, updated_at, status_changed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $11)",
+            )
+            .bind(n.id.to_string())
+            .bind(n.provider.as_str())
+            .bind(n.zone.as_str())
+            .bind(n.instance_type.as_str())
+            .bind(n.model.as_str())
+            .bind(InstanceStatus::Provisioning.as_str())
+            .bind(n.idempotency_key.as_str())
+            .bind(n.bootstrap_secret_hash.as_str())
+            .bind(FIRST_GENERATION)
+            .bind(millis(n.startup_deadline_at))
+            .bind(created)
+            .execute(&mut *tx)
+            .await?;
+            insert_event(&mut tx, &created_event(n)).await?;
+        }
+        let mut out = Vec::with_capacity(new.len());
+        for n in new {
+            let rec = fetch_instance(&mut tx, n.id)
+                .await?
+                .ok_or(StoreError::NotFound { id: n.id })?;
+            out.push(rec);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub async fn get_instance(&self, id: InstanceId) -> Result<Option<InstanceRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        fetch_instance(&mut conn, id).await
+    }
+
+    /// Newest first (`created_at DESC, id DESC`). Archived instances are left
+    /// out unless `include_archived` is set or `statuses` names `archived`.
+    /// A negative `limit` is treated as 0.
+    pub async fn list_instances(
+        &self,
+        filter: &InstanceFilter,
+    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        let mut conds: Vec<String> = Vec::new();
+        let mut texts: Vec<&'static str> = Vec::new();
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        if !filter.statuses.is_empty() {
+            let mut ph = Vec::new();
+            for s in &filter.statuses {
+                ph.push(next());
+                texts.push(s.as_str());
+            }
+            conds.push(format!("status IN ({})", ph.join(", ")));
+        } else if !filter.include_archived {
+            conds.push(format!("status <> {}", next()));
+            texts.push(InstanceStatus::Archived.as_str());
+        }
+        let provider_ph = filter.provider.as_ref().map(|_| next());
+        if let Some(ph) = &provider_ph {
+            conds.push(format!("provider = {ph}"));
+        }
+        let limit_ph = filter.limit.map(|_| next());
+        let mut sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances");
+        if !conds.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conds.join(" AND "));
+        }
+        sql.push_str(" ORDER BY created_at DESC, id DESC");
+        if let Some(ph) = &limit_ph {
+            sql.push_str(&format!(" LIMIT {ph}"));
+        }
+        let mut q = sqlx::query(&sql);
+        for t in texts {
+            q = q.bind(t);
+        }
+        if let Some(p) = &filter.provider {
+            q = q.bind(p.as_str());
+        }
+        if let Some(l) = filter.limit {
+            q = q.bind(l.max(0));
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(decode_instance).collect()
+    }
+
+    /// Count of instances per status (archived included): every status of
+    /// [`InstanceStatus::ALL`], in that order, with 0 where there is none.
+    pub async fn count_by_status(&self) -> Result<Vec<(InstanceStatus, i64)>, StoreError> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM instances GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts: Vec<(InstanceStatus, i64)> =
+            InstanceStatus::ALL.iter().map(|s| (*s, 0)).collect();
+        for row in &rows {
+            let r = RowReader::new(row, "instances status count");
+            let status: InstanceStatus = r.parsed("status")?;
+            let n: i64 = r.get("n")?;
+            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == status) {
+                slot.1 = n;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Write the lifecycle columns of `next` if the row's generation is still
+    /// `next.generation`, bumping it by one, and append `events`, in one
+    /// transaction. Heartbeat columns of `next` are ignored, and so are the
+    /// columns fixed at creation (`provider`, `zone`, `instance_type`, `model`,
+    /// `idempotency_key`, `created_at`). `updated_at` is written as given.
+    /// Returns the stored record, or `Conflict` (nothing written), or
+    /// `NotFound`.
+    pub async fn update_instance(
+        &self,
+        next: &InstanceRecord,
+        events: &[NewTimelineEvent],
+    ) -> Result<InstanceRecord, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let m = next.milestones;
+        let updated = sqlx::query(
+            "UPDATE instances SET status = $3, status_reason = $4, status_message = $5, \
+             milestone_provider_created = $6, milestone_ip_assigned = $7, \
+             milestone_agent_registered = $8, milestone_engine_started = $9, \
+             provider_instance_id = $10, ip = $11, generation = generation + 1, \
+             provision_attempts = $12, next_attempt_at = $13, startup_deadline_at = $14, \
+             updated_at = $15, status_changed_at = $16, ready_at = $17, \
+             terminate_requested_at = $18, terminated_at = $19, cleanup_started_at = $20, \
+             cleaned_up_at = $21 \
+             WHERE id = $1 AND generation = $2",
+        )
+        .bind(next.id.to_string())
+        .bind(next.generation)
+        .bind(next.status.as_str())
+        .bind(next.status_reason.map(|r| r.as_str()))
+        .bind(next.status_message.as_deref())
+        .bind(flag(m.provider_created))
+        .bind(flag(m.ip_assigned))
+        .bind(flag(m.agent_registered))
+        .bind(flag(m.engine_started))
+        .bind(
+            next.provider_instance_id
+                .as_ref()
+                .map(|p| p.as_str().to_string()),
+        )
+        .bind(next.ip.map(|ip| ip.to_string()))
+        .bind(i64::from(next.provision_attempts))
+        .bind(millis_opt(next.next_attempt_at))
+        .bind(millis(next.startup_deadline_at))
+        .bind(millis(next.updated_at))
+        .bind(millis(next.status_changed_at))
+        .bind(millis_opt(next.ready_at))
+        .bind(millis_opt(next.terminate_requested_at))
+        .bind(millis_opt(next.terminated_at))
+        .bind(millis_opt(next.cleanup_started_at))
+        .bind(millis_opt(next.cleaned_up_at))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            let exists: Option<String> =
+                sqlx::query_scalar("SELECT id FROM instances WHERE id = $1")
+                    .bind(next.id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await?;
+            return Err(match exists {
+                Some(_) => StoreError::Conflict {
+                    id: next.id,
+                    expected: next.generation,
+                },
+                None => StoreError::NotFound { id: next.id },
+            });
+        }
+        for e in events {
+            insert_event(&mut tx, e).await?;
+        }
+        let rec = fetch_instance(&mut tx, next.id)
+            .await?
+            .ok_or(StoreError::NotFound { id: next.id })?;
+        tx.commit().await?;
+        Ok(rec)
+    }
+}

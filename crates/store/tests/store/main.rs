@@ -1,0 +1,55 @@
+//! The store test suite: every case runs on SQLite and on PostgreSQL.
+//!
+//! PostgreSQL: `GPUFLEET_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) must reach a server that lets
+//! us create databases; each case gets its own. Set
+//! `GPUFLEET_TEST_SKIP_POSTGRES=1` to skip (loudly) where there is none.
+
+mod cases;
+mod harness;
+
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::harness::run_sqlite(crate::cases::$name).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::harness::run_postgres(crate::cases::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+store_tests!(
+    migrations_are_idempotent,
+    cluster_id_is_stable,
+    insert_and_get,
+    insert_rejects_duplicate_id_atomically,
+    list_filters_and_orders,
+    list_archived_handling,
+    update_cas_succeeds_and_bumps_generation,
+    update_stale_generation_conflicts_and_writes_nothing,
+    update_missing_instance_is_not_found,
+    concurrent_updates_one_wins,
+    timeline_append_list_and_paging,
+    register_agent_once,
+    register_agent_wrong_secret_rejected,
+    register_agent_concurrently_one_wins,
+    tokens_lookup_and_revoke,
+    heartbeat_applied_then_stale_ignored,
+    heartbeat_does_not_bump_generation_and_update_keeps_heartbeat_columns,
+    heartbeat_for_unknown_instance_is_not_found,
+    samples_with_gpus_round_trip,
+    count_by_status_counts_everything,
+    corrupt_status_is_an_error,
+    corrupt_event_is_an_error,
+);

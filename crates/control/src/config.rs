@@ -1,0 +1,158 @@
+//! Control-plane settings (one section of `gpufleet up`'s config file).
+
+use gpufleet_domain::ModelName;
+use serde::{Deserialize, Serialize};
+
+/// How the control plane drives instances. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// URL agents use to reach the control plane. Empty: derived from the
+    /// listen address at start-up.
+    pub agent_control_url: String,
+    /// How often agents heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// A ready instance whose last heartbeat is older than this many intervals
+    /// becomes unhealthy.
+    pub missed_heartbeats_unhealthy: u32,
+    /// An unhealthy instance that stays silent this long fails with agent_lost.
+    pub agent_lost_after_secs: u64,
+    /// An instance not ready this long after creation fails with startup_timeout.
+    pub startup_timeout_secs: u64,
+    /// A failed instance's machine is deleted after this grace period (time in
+    /// which a late agent can still bring it back).
+    pub failed_cleanup_grace_secs: u64,
+    /// Provider create attempts before the instance fails with provision_failed.
+    pub provision_max_attempts: u32,
+    /// First retry delay of a failed provider call; doubles per attempt.
+    pub provision_backoff_base_ms: u64,
+    /// Cap of the retry delay.
+    pub provision_backoff_max_ms: u64,
+    /// How often each reconciler runs when nothing wakes it earlier.
+    pub reconcile_interval_ms: u64,
+    /// Timeout of one readiness probe of an agent's `/readyz`.
+    pub probe_timeout_ms: u64,
+    /// Longest a draining instance waits for in-flight requests.
+    pub drain_timeout_secs: u64,
+    /// Largest `count` of one create request.
+    pub max_instances_per_request: u32,
+    /// Port agents listen on.
+    pub agent_port: u16,
+    /// The inference engine instances run.
+    pub engine: EngineConfig,
+    /// Models instances may serve.
+    pub models: Vec<ModelSpec>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            agent_control_url: String::new(),
+            heartbeat_interval_ms: 5_000,
+            missed_heartbeats_unhealthy: 3,
+            agent_lost_after_secs: 300,
+            startup_timeout_secs: 600,
+            failed_cleanup_grace_secs: 60,
+            provision_max_attempts: 5,
+            provision_backoff_base_ms: 1_000,
+            provision_backoff_max_ms: 30_000,
+            reconcile_interval_ms: 1_000,
+            probe_timeout_ms: 2_000,
+            drain_timeout_secs: 30,
+            max_instances_per_request: 100,
+            agent_port: gpufleet_proto::DEFAULT_AGENT_PORT,
+            engine: EngineConfig::default(),
+            models: ModelSpec::defaults(),
+        }
+    }
+}
+
+/// Engine run on instances.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// `sim` (the built-in vLLM-compatible simulator) or `vllm`.
+    pub kind: EngineKind,
+    /// Port the engine listens on.
+    pub port: u16,
+    /// Simulated model load time (sim only).
+    pub model_load_delay_ms: u64,
+    /// Command starting vLLM (vllm only); `--model/--host/--port` are appended.
+    pub vllm_command: Vec<String>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            kind: EngineKind::Sim,
+            port: gpufleet_proto::DEFAULT_ENGINE_PORT,
+            model_load_delay_ms: 500,
+            vllm_command: vec!["vllm".into(), "serve".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    Sim,
+    Vllm,
+}
+
+impl EngineConfig {
+    pub fn spec(&self) -> gpufleet_proto::EngineSpec {
+        match self.kind {
+            EngineKind::Sim => gpufleet_proto::EngineSpec::Sim {
+                port: self.port,
+                model_load_delay_ms: self.model_load_delay_ms,
+            },
+            EngineKind::Vllm => gpufleet_proto::EngineSpec::Vllm {
+                port: self.port,
+                command: self.vllm_command.clone(),
+            },
+        }
+    }
+}
+
+/// A model instances may serve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Name as clients send it in OpenAI requests.
+    #[schema(value_type = String)]
+    pub name: ModelName,
+    /// One line about the model.
+    #[serde(default)]
+    pub description: String,
+    /// VRAM the weights need, in MiB (0: unknown).
+    #[serde(default)]
+    pub min_vram_mib: u64,
+}
+
+impl ModelSpec {
+    pub fn defaults() -> Vec<ModelSpec> {
+        let m = |name: &str, description: &str, min_vram_mib| ModelSpec {
+            name: name.parse().expect("built-in model names are valid"),
+            description: description.to_string(),
+            min_vram_mib,
+        };
+        vec![
+            m(
+                "gpufleet/sim-small",
+                "Tiny simulated model for trying gpufleet out",
+                0,
+            ),
+            m(
+                "meta-llama/Llama-3.1-8B-Instruct",
+                "Llama 3.1 8B Instruct",
+                20_000,
+            ),
+            m("Qwen/Qwen2.5-7B-Instruct", "Qwen 2.5 7B Instruct", 20_000),
+            m(
+                "meta-llama/Llama-3.3-70B-Instruct",
+                "Llama 3.3 70B Instruct",
+                150_000,
+            ),
+        ]
+    }
+}

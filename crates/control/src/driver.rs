@@ -1,0 +1,222 @@
+//! Runs reconcilers: each periodically and whenever it is woken, never two
+//! activations of one reconciler at once, and keeps each one's last status.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// What one activation did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct TaskReport {
+    /// Instances (or machines) looked at.
+    pub examined: u32,
+    /// Of those, how many it changed or acted upon.
+    pub acted: u32,
+    /// Errors met (each also on the instance's timeline where one applies).
+    pub errors: Vec<String>,
+}
+
+impl TaskReport {
+    pub fn error(&mut self, e: impl std::fmt::Display) {
+        self.errors.push(e.to_string());
+    }
+}
+
+/// A background concern: looks at the whole world, does one bounded batch of
+/// idempotent work, reports. No inline retries: the next activation retries.
+#[async_trait]
+pub trait Reconciler: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    async fn activate(&self) -> TaskReport;
+}
+
+/// Last known state of one reconciler.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TaskStatus {
+    pub name: String,
+    pub period_ms: u64,
+    pub runs: u64,
+    pub running: bool,
+    pub last_started_at: Option<DateTime<Utc>>,
+    pub last_finished_at: Option<DateTime<Utc>>,
+    pub last_duration_ms: Option<u64>,
+    pub last_report: Option<TaskReport>,
+    /// Activations whose report held errors.
+    pub runs_with_errors: u64,
+}
+
+/// Wakes reconcilers by name and reads their statuses. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Tasks {
+    notifies: Arc<Mutex<BTreeMap<&'static str, Arc<Notify>>>>,
+    statuses: Arc<Mutex<BTreeMap<&'static str, TaskStatus>>>,
+}
+
+impl Tasks {
+    /// Ask the named reconciler to run soon (coalesces with a pending wake).
+    pub fn wake(&self, name: &str) {
+        let notify = self.lock_notifies().get(name).cloned();
+        if let Some(n) = notify {
+            n.notify_one();
+        }
+    }
+
+    pub fn wake_all(&self) {
+        for n in self.lock_notifies().values() {
+            n.notify_one();
+        }
+    }
+
+    pub fn statuses(&self) -> Vec<TaskStatus> {
+        self.lock_statuses().values().cloned().collect()
+    }
+
+    fn lock_notifies(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Arc<Notify>>> {
+        self.notifies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn lock_statuses(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, TaskStatus>> {
+        self.statuses.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(&self, name: &'static str, period: Duration) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        self.lock_notifies().insert(name, notify.clone());
+        self.lock_statuses().insert(
+            name,
+            TaskStatus {
+                name: name.to_string(),
+                period_ms: period.as_millis() as u64,
+                runs: 0,
+                running: false,
+                last_started_at: None,
+                last_finished_at: None,
+                last_duration_ms: None,
+                last_report: None,
+                runs_with_errors: 0,
+            },
+        );
+        notify
+    }
+
+    fn update(&self, name: &'static str, f: impl FnOnce(&mut TaskStatus)) {
+        if let Some(st) = self.lock_statuses().get_mut(name) {
+            f(st);
+        }
+    }
+
+    /// Start every reconciler on its own task; returns when `shutdown` is
+    /// cancelled and each has finished the activation in hand.
+    pub fn spawn_all(
+        &self,
+        reconcilers: Vec<(Arc<dyn Reconciler>, Duration)>,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut set = JoinSet::new();
+        for (r, period) in reconcilers {
+            let name = r.name();
+            let notify = self.register(name, period);
+            let tasks = self.clone();
+            let shutdown = shutdown.clone();
+            set.spawn(async move {
+                loop {
+                    tasks.update(name, |s| {
+                        s.running = true;
+                        s.last_started_at = Some(Utc::now());
+                    });
+                    let started = Instant::now();
+                    let report = r.activate().await;
+                    let took = started.elapsed();
+                    if !report.errors.is_empty() {
+                        tracing::debug!(task = name, errors = ?report.errors, "reconciler reported errors");
+                    }
+                    tasks.update(name, |s| {
+                        s.running = false;
+                        s.runs += 1;
+                        s.last_finished_at = Some(Utc::now());
+                        s.last_duration_ms = Some(took.as_millis() as u64);
+                        if !report.errors.is_empty() {
+                            s.runs_with_errors += 1;
+                        }
+                        s.last_report = Some(report);
+                    });
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = notify.notified() => {}
+                        _ = tokio::time::sleep(period) => {}
+                    }
+                }
+            });
+        }
+        tokio::spawn(async move { while set.join_next().await.is_some() {} })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    struct Counting {
+        runs: AtomicU32,
+        concurrent: AtomicU32,
+        max_concurrent: AtomicU32,
+    }
+
+    #[async_trait]
+    impl Reconciler for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        async fn activate(&self) -> TaskReport {
+            let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_concurrent.fetch_max(now, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            self.concurrent.fetch_sub(1, Ordering::SeqCst);
+            let n = self.runs.fetch_add(1, Ordering::SeqCst);
+            TaskReport {
+                examined: n,
+                acted: 0,
+                errors: vec![],
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_on_wake_and_period_never_concurrently() {
+        let r = Arc::new(Counting {
+            runs: AtomicU32::new(0),
+            concurrent: AtomicU32::new(0),
+            max_concurrent: AtomicU32::new(0),
+        });
+        let tasks = Tasks::default();
+        let stop = CancellationToken::new();
+        let handle = tasks.spawn_all(vec![(r.clone(), Duration::from_secs(3600))], stop.clone());
+        // The first activation happens at start.
+        while r.runs.load(Ordering::SeqCst) < 1 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tasks.wake("counting");
+        }
+        while r.runs.load(Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+        // The period elapses (virtual time): another run.
+        tokio::time::advance(Duration::from_secs(3601)).await;
+        while r.runs.load(Ordering::SeqCst) < 3 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(r.max_concurrent.load(Ordering::SeqCst), 1);
+        let st = tasks.statuses();
+        assert_eq!(st.len(), 1);
+        assert!(st[0].runs >= 2);
+        stop.cancel();
+        handle.await.unwrap();
+    }
+}

@@ -1,0 +1,50 @@
+//! Errors of the control plane's commands, shaped for the HTTP edge to map.
+
+use gpufleet_providers::ProviderError;
+use gpufleet_store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Bad input: names the offending field.
+    #[error("invalid {field}: {message}")]
+    InvalidInput {
+        field: &'static str,
+        message: String,
+    },
+    /// The thing asked for does not exist.
+    #[error("{what} {id} not found")]
+    NotFound { what: &'static str, id: String },
+    /// The request is valid but the instance's state forbids it.
+    #[error("{message}")]
+    Conflict { message: String },
+    /// Missing or wrong credentials.
+    #[error("{message}")]
+    Unauthorized { message: String },
+    /// Valid credentials, but not for this resource.
+    #[error("{message}")]
+    Forbidden { message: String },
+    /// A provider could not answer right now.
+    #[error("provider {provider} is unavailable")]
+    ProviderUnavailable {
+        provider: String,
+        #[source]
+        source: ProviderError,
+    },
+    #[error("storage failure")]
+    Store(#[from] StoreError),
+}
+
+impl ControlError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidInput {
+            field,
+            message: message.into(),
+        }
+    }
+    pub fn not_found(what: &'static str, id: impl ToString) -> Self {
+        Self::NotFound {
+            what,
+            id: id.to_string(),
+        }
+    }
+}

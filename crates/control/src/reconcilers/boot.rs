@@ -1,0 +1,164 @@
+//! Boot watcher: discovers the IP of machines in `booting` ("no IP yet" is
+//! recorded once as waiting, not as a failure) and fails instances that miss
+//! their startup deadline.
+
+use super::{apply, call_entry, instances_in, note, CONCURRENCY};
+use crate::driver::{Reconciler, TaskReport};
+use crate::fleet::{task, Fleet};
+use crate::timeline;
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::StreamExt;
+use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, LifecycleEvent};
+use gpufleet_providers::ProviderError;
+use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Instant;
+
+pub struct BootWatcher {
+    fleet: Fleet,
+    /// Instances whose "waiting for an IP" is already on the timeline.
+    waiting_noted: Mutex<HashSet<InstanceId>>,
+}
+
+impl BootWatcher {
+    pub fn new(fleet: Fleet) -> Self {
+        Self {
+            fleet,
+            waiting_noted: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn first_wait(&self, id: InstanceId) -> bool {
+        self.waiting_noted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id)
+    }
+
+    async fn watch(&self, rec: InstanceRecord) -> TaskReport {
+        let mut report = TaskReport::default();
+        let fleet = &self.fleet;
+        let (Some(provider), Some(mid)) = (
+            fleet.provider(&rec.provider).cloned(),
+            rec.provider_instance_id.clone(),
+        ) else {
+            return report;
+        };
+        let started = Instant::now();
+        match provider.get(&mid).await {
+            Ok(m) => match m.ip {
+                Some(ip) => {
+                    let entry = call_entry(
+                        &rec,
+                        "provider.get",
+                        started,
+                        Ok(format!("machine {mid} has IP {ip}")),
+                    );
+                    apply(
+                        fleet,
+                        &mut report,
+                        &rec,
+                        LifecycleEvent::IpAssigned,
+                        &format!("IP {ip} assigned"),
+                        vec![entry],
+                        |r| {
+                            r.ip = Some(ip);
+                            r.milestones.ip_assigned = true;
+                        },
+                    )
+                    .await;
+                    fleet.tasks().wake(task::HEALTH);
+                }
+                None => {
+                    if self.first_wait(rec.id) {
+                        let e = timeline::entry(
+                            rec.id,
+                            Utc::now(),
+                            TimelineKind::ProviderCall,
+                            "provider.get",
+                            Outcome::Waiting,
+                            format!("machine {mid} has no IP yet; waiting"),
+                        )
+                        .duration_ms_opt(started);
+                        note(fleet, &mut report, vec![e]).await;
+                    }
+                }
+            },
+            Err(e @ ProviderError::NotFound { .. }) => {
+                let entry = call_entry(&rec, "provider.get", started, Err(&e));
+                apply(
+                    fleet,
+                    &mut report,
+                    &rec,
+                    LifecycleEvent::Fail(FailureReason::ProviderDeleted),
+                    &format!("machine {mid} disappeared while booting"),
+                    vec![entry],
+                    |_| {},
+                )
+                .await;
+            }
+            Err(e) => {
+                report.error(format!("{}: get: {e}", rec.id));
+                let entry = call_entry(&rec, "provider.get", started, Err(&e));
+                note(fleet, &mut report, vec![entry]).await;
+            }
+        }
+        report
+    }
+}
+
+trait DurationFrom {
+    fn duration_ms_opt(self, started: Instant) -> Self;
+}
+impl DurationFrom for gpufleet_store::NewTimelineEvent {
+    fn duration_ms_opt(mut self, started: Instant) -> Self {
+        self.duration_ms = Some(started.elapsed().as_millis() as i64);
+        self
+    }
+}
+
+#[async_trait]
+impl Reconciler for BootWatcher {
+    fn name(&self) -> &'static str {
+        task::BOOT_WATCHER
+    }
+
+    async fn activate(&self) -> TaskReport {
+        let mut report = TaskReport::default();
+        let now = Utc::now();
+        let live = instances_in(&self.fleet, &InstanceStatus::STARTING_UP, &mut report).await;
+        let mut booting = Vec::new();
+        for rec in live {
+            if rec.startup_deadline_at <= now {
+                let secs = (now - rec.created_at).num_seconds();
+                apply(
+                    &self.fleet,
+                    &mut report,
+                    &rec,
+                    LifecycleEvent::Fail(FailureReason::StartupTimeout),
+                    &format!(
+                        "not ready {secs} s after creation (startup timeout {} s)",
+                        self.fleet.config().startup_timeout_secs
+                    ),
+                    vec![],
+                    |_| {},
+                )
+                .await;
+            } else if rec.status == InstanceStatus::Booting {
+                booting.push(rec);
+            }
+        }
+        let reports: Vec<TaskReport> = futures::stream::iter(booting)
+            .map(|rec| self.watch(rec))
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        for r in reports {
+            report.acted += r.acted;
+            report.errors.extend(r.errors);
+        }
+        report
+    }
+}

@@ -1,0 +1,126 @@
+//! Failed-instance cleanup: after the grace period (during which a late agent
+//! may still bring a startup_timeout instance back), delete the machine of a
+//! failed instance so nothing is left running. The instance stays `failed`
+//! (with its reason) and becomes archivable once the provider confirms.
+
+use super::terminator::{delete_machines, Deletion};
+use super::{instances_in, CONCURRENCY};
+use crate::driver::{Reconciler, TaskReport};
+use crate::fleet::{task, Fleet};
+use crate::timeline;
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::StreamExt;
+use gpufleet_domain::InstanceStatus;
+use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
+
+pub struct FailedCleanup {
+    fleet: Fleet,
+}
+
+impl FailedCleanup {
+    pub fn new(fleet: Fleet) -> Self {
+        Self { fleet }
+    }
+
+    async fn clean(&self, rec: InstanceRecord) -> TaskReport {
+        let mut report = TaskReport::default();
+        let fleet = &self.fleet;
+        let grace = chrono::Duration::seconds(fleet.config().failed_cleanup_grace_secs as i64);
+        if rec.cleaned_up_at.is_some()
+            || Utc::now() < rec.status_changed_at + grace
+            || fleet.is_creating(rec.id)
+        {
+            return report;
+        }
+        let Some(provider) = fleet.provider(&rec.provider).cloned() else {
+            report.error(format!(
+                "{}: provider {} not configured",
+                rec.id, rec.provider
+            ));
+            return report;
+        };
+        // Persist the intent first: from here on no late recovery.
+        let rec = if rec.cleanup_started_at.is_none() {
+            let e = timeline::entry(
+                rec.id,
+                Utc::now(),
+                TimelineKind::Note,
+                "cleanup.start",
+                Outcome::InProgress,
+                "grace period over: deleting the failed instance's machine",
+            );
+            match fleet
+                .update_with_retry(rec.id, vec![e], |r| {
+                    let changed =
+                        r.cleanup_started_at.is_none() && r.status == InstanceStatus::Failed;
+                    if changed {
+                        r.cleanup_started_at = Some(Utc::now());
+                    }
+                    changed
+                })
+                .await
+            {
+                Ok(r) if r.status == InstanceStatus::Failed => r,
+                Ok(_) => return report,
+                Err(e) => {
+                    report.error(format!("{}: {e}", rec.id));
+                    return report;
+                }
+            }
+        } else {
+            rec
+        };
+        if let Deletion::Gone = delete_machines(fleet, &provider, &rec, true, &mut report).await {
+            let e = timeline::entry(
+                rec.id,
+                Utc::now(),
+                TimelineKind::Note,
+                "cleanup.done",
+                Outcome::Success,
+                "the failed instance's machine is gone; it can be archived",
+            );
+            match fleet
+                .update_with_retry(rec.id, vec![e], |r| {
+                    let changed = r.cleaned_up_at.is_none();
+                    r.cleaned_up_at = Some(Utc::now());
+                    changed
+                })
+                .await
+            {
+                Ok(_) => {
+                    report.acted += 1;
+                    let _ = fleet.store().revoke_tokens(rec.id, Utc::now()).await;
+                }
+                Err(e) => report.error(format!("{}: {e}", rec.id)),
+            }
+        }
+        report
+    }
+}
+
+#[async_trait]
+impl Reconciler for FailedCleanup {
+    fn name(&self) -> &'static str {
+        task::FAILED_CLEANUP
+    }
+
+    async fn activate(&self) -> TaskReport {
+        let mut report = TaskReport::default();
+        let list: Vec<_> = instances_in(&self.fleet, &[InstanceStatus::Failed], &mut report)
+            .await
+            .into_iter()
+            .filter(|r| r.cleaned_up_at.is_none())
+            .collect();
+        let reports: Vec<TaskReport> = futures::stream::iter(list)
+            .map(|rec| self.clean(rec))
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        for r in reports {
+            report.acted += r.acted;
+            report.errors.extend(r.errors);
+        }
+        report
+    }
+}

@@ -1,0 +1,149 @@
+//! The reconcilers. Each is a small struct with `activate()`: it lists the
+//! instances it cares about, does one bounded batch of idempotent work and
+//! reports counts and errors. The next activation is the retry.
+//!
+//! | reconciler | looks at | does |
+//! |---|---|---|
+//! | [`Provisioner`] | `provisioning` | provider create (intent = the persisted record + idempotency key), bounded retries with backoff |
+//! | [`BootWatcher`] | `booting`, startup deadlines | IP discovery ("no IP yet" is waiting), `startup_timeout` |
+//! | [`Health`] | `starting`, `ready`, `unhealthy` | readiness probes, heartbeat freshness, `agent_lost`, provider-deleted |
+//! | [`Terminator`] | `draining`, `terminating` | drain, provider delete until confirmed gone |
+//! | [`FailedCleanup`] | `failed` past the grace period | delete the machine so nothing is left running |
+//! | [`OrphanReaper`] | the providers' machines tagged with our cluster | delete machines no live instance owns |
+
+mod boot;
+mod cleanup;
+mod health;
+mod orphans;
+mod provisioner;
+mod terminator;
+
+pub use boot::BootWatcher;
+pub use cleanup::FailedCleanup;
+pub use health::Health;
+pub use orphans::OrphanReaper;
+pub use provisioner::Provisioner;
+pub use terminator::Terminator;
+
+use crate::driver::TaskReport;
+use crate::fleet::{ApplyError, Fleet};
+use crate::timeline;
+use crate::timeline::EntryExt;
+use chrono::Utc;
+use gpufleet_domain::{InstanceStatus, LifecycleEvent};
+use gpufleet_providers::ProviderError;
+use gpufleet_store::{InstanceFilter, InstanceRecord, NewTimelineEvent, Outcome, TimelineKind};
+use std::time::Instant;
+
+/// Most instances one activation handles.
+pub(crate) const BATCH: i64 = 500;
+/// Provider calls in flight at once within one activation.
+pub(crate) const CONCURRENCY: usize = 16;
+
+pub(crate) async fn instances_in(
+    fleet: &Fleet,
+    statuses: &[InstanceStatus],
+    report: &mut TaskReport,
+) -> Vec<InstanceRecord> {
+    let filter = InstanceFilter {
+        statuses: statuses.to_vec(),
+        include_archived: false,
+        provider: None,
+        limit: Some(BATCH),
+    };
+    match fleet.store().list_instances(&filter).await {
+        Ok(list) => {
+            report.examined += list.len() as u32;
+            list
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "listing instances failed");
+            report.error(format!("listing instances: {e}"));
+            Vec::new()
+        }
+    }
+}
+
+/// A provider-call timeline entry.
+pub(crate) fn call_entry(
+    rec: &InstanceRecord,
+    action: &str,
+    started: Instant,
+    result: Result<String, &ProviderError>,
+) -> NewTimelineEvent {
+    let ms = started.elapsed().as_millis() as i64;
+    match result {
+        Ok(msg) => timeline::entry(
+            rec.id,
+            Utc::now(),
+            TimelineKind::ProviderCall,
+            action,
+            Outcome::Success,
+            msg,
+        )
+        .duration(ms),
+        Err(e) => timeline::entry(
+            rec.id,
+            Utc::now(),
+            TimelineKind::ProviderCall,
+            action,
+            Outcome::Failed,
+            e.to_string(),
+        )
+        .duration(ms)
+        .error_code(e.code()),
+    }
+}
+
+/// Apply an event, folding the outcome into the report. Returns the new
+/// record when applied.
+pub(crate) async fn apply(
+    fleet: &Fleet,
+    report: &mut TaskReport,
+    rec: &InstanceRecord,
+    event: LifecycleEvent,
+    message: &str,
+    extra: Vec<NewTimelineEvent>,
+    mutate: impl FnOnce(&mut InstanceRecord),
+) -> Option<InstanceRecord> {
+    match fleet.apply(rec, event, message, extra, mutate).await {
+        Ok(next) => {
+            report.acted += 1;
+            Some(next)
+        }
+        // Someone else changed it first: the next activation sees the new state.
+        Err(ApplyError::Conflict) => None,
+        Err(e) => {
+            tracing::warn!(instance_id = %rec.id, error = %e, "applying {} failed", event.name());
+            report.error(format!("{}: {e}", rec.id));
+            None
+        }
+    }
+}
+
+/// Append entries, folding errors into the report.
+pub(crate) async fn note(fleet: &Fleet, report: &mut TaskReport, entries: Vec<NewTimelineEvent>) {
+    if let Err(e) = fleet.store().append_events(&entries).await {
+        report.error(format!("appending timeline: {e}"));
+    }
+}
+
+/// Exponential backoff for attempt `n` (1-based).
+pub(crate) fn backoff_ms(base: u64, max: u64, attempt: u32) -> u64 {
+    let shift = attempt.saturating_sub(1).min(20);
+    base.saturating_mul(1u64 << shift).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff_ms;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff_ms(100, 1000, 1), 100);
+        assert_eq!(backoff_ms(100, 1000, 2), 200);
+        assert_eq!(backoff_ms(100, 1000, 4), 800);
+        assert_eq!(backoff_ms(100, 1000, 5), 1000);
+        assert_eq!(backoff_ms(100, 1000, 60), 1000);
+    }
+}

@@ -1,0 +1,225 @@
+//! Provisioner: calls the provider's create for instances in `provisioning`.
+//!
+//! The intent (the instance row with its idempotency key) was persisted when
+//! the instance was created. Before each call the attempt number and the
+//! earliest next attempt are persisted too, so a crash mid-call leads to a
+//! retry with the same idempotency key — the provider returns the machine it
+//! already made instead of a second one.
+
+use super::{apply, backoff_ms, call_entry, instances_in, note, CONCURRENCY};
+use crate::driver::{Reconciler, TaskReport};
+use crate::fleet::{task, Fleet};
+use crate::timeline::{self, EntryExt};
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::StreamExt;
+use gpufleet_domain::{FailureReason, InstanceStatus, LifecycleEvent};
+use gpufleet_proto::AgentBootstrap;
+use gpufleet_providers::{tags, CreateRequest, ProviderError};
+use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+pub struct Provisioner {
+    fleet: Fleet,
+}
+
+impl Provisioner {
+    pub fn new(fleet: Fleet) -> Self {
+        Self { fleet }
+    }
+
+    async fn provision(&self, rec: InstanceRecord) -> TaskReport {
+        let mut report = TaskReport::default();
+        let fleet = &self.fleet;
+        let cfg = fleet.config();
+        let Some(provider) = fleet.provider(&rec.provider).cloned() else {
+            apply(
+                fleet,
+                &mut report,
+                &rec,
+                LifecycleEvent::Fail(FailureReason::ProvisionFailed),
+                &format!("provider {} is not configured", rec.provider),
+                vec![],
+                |_| {},
+            )
+            .await;
+            return report;
+        };
+        let catalog = match provider.catalog().await {
+            Ok(c) => c,
+            Err(e) => {
+                report.error(format!("{}: catalog: {e}", rec.id));
+                return report;
+            }
+        };
+        let Some(itype) = catalog.instance_type(&rec.instance_type).cloned() else {
+            apply(
+                fleet,
+                &mut report,
+                &rec,
+                LifecycleEvent::Fail(FailureReason::ProvisionFailed),
+                &format!("instance type {} is no longer offered", rec.instance_type),
+                vec![],
+                |_| {},
+            )
+            .await;
+            return report;
+        };
+
+        // Persist the attempt before the call.
+        let attempt = rec.provision_attempts + 1;
+        let wait = backoff_ms(
+            cfg.provision_backoff_base_ms,
+            cfg.provision_backoff_max_ms,
+            attempt as u32,
+        );
+        let mut pending = rec.clone();
+        pending.provision_attempts = attempt;
+        pending.next_attempt_at = Some(Utc::now() + chrono::Duration::milliseconds(wait as i64));
+        pending.updated_at = Utc::now();
+        let intent = timeline::entry(
+            rec.id,
+            Utc::now(),
+            TimelineKind::ProviderCall,
+            "provider.create",
+            Outcome::InProgress,
+            format!(
+                "creating {} in {} (attempt {attempt})",
+                rec.instance_type, rec.zone
+            ),
+        )
+        .meta(serde_json::json!({ "attempt": attempt, "idempotency_key": rec.idempotency_key }));
+        let rec = match fleet.store().update_instance(&pending, &[intent]).await {
+            Ok(r) => r,
+            Err(gpufleet_store::StoreError::Conflict { .. }) => return report,
+            Err(e) => {
+                report.error(format!("{}: {e}", rec.id));
+                return report;
+            }
+        };
+
+        let mut tag_map = BTreeMap::new();
+        tag_map.insert(tags::CLUSTER.to_string(), fleet.cluster_id().to_string());
+        tag_map.insert(tags::INSTANCE.to_string(), rec.id.to_string());
+        let req = CreateRequest {
+            instance_id: rec.id,
+            idempotency_key: rec.idempotency_key.clone(),
+            zone: rec.zone.clone(),
+            instance_type: rec.instance_type.clone(),
+            tags: tag_map,
+            bootstrap: AgentBootstrap {
+                instance_id: rec.id,
+                control_plane_url: cfg.agent_control_url.clone(),
+                bootstrap_secret: fleet.bootstrap_secret(rec.id),
+                model: rec.model.clone(),
+                agent_port: cfg.agent_port,
+                engine: cfg.engine.spec(),
+                gpu: itype.gpu.clone(),
+            },
+        };
+        fleet.mark_creating(rec.id, true);
+        let started = Instant::now();
+        let result = provider.create(&req).await;
+        match result {
+            Ok(machine) => {
+                let entry = call_entry(
+                    &rec,
+                    "provider.create",
+                    started,
+                    Ok(format!("created machine {}", machine.id)),
+                );
+                let applied = apply(
+                    fleet,
+                    &mut report,
+                    &rec,
+                    LifecycleEvent::ProviderCreated,
+                    &format!("provider created machine {}", machine.id),
+                    vec![entry.clone()],
+                    |r| {
+                        r.provider_instance_id = Some(machine.id.clone());
+                        r.milestones.provider_created = true;
+                        r.next_attempt_at = None;
+                    },
+                )
+                .await;
+                if applied.is_none() {
+                    // The instance moved on meanwhile (e.g. terminate): still
+                    // record the machine so the terminator deletes it.
+                    let id = machine.id.clone();
+                    if let Err(e) = fleet
+                        .update_with_retry(rec.id, vec![entry], move |r| {
+                            let changed = r.provider_instance_id.is_none();
+                            r.provider_instance_id = Some(id.clone());
+                            r.milestones.provider_created = true;
+                            changed
+                        })
+                        .await
+                    {
+                        report.error(format!("{}: recording machine: {e}", rec.id));
+                    }
+                }
+                fleet.tasks().wake(task::BOOT_WATCHER);
+            }
+            Err(e) => {
+                let entry = call_entry(&rec, "provider.create", started, Err(&e));
+                tracing::warn!(instance_id = %rec.id, attempt, error = %e, "provider create failed");
+                report.error(format!("{}: create: {e}", rec.id));
+                let fail = match &e {
+                    ProviderError::Retryable { .. }
+                        if attempt < cfg.provision_max_attempts as i32 =>
+                    {
+                        None
+                    }
+                    ProviderError::Retryable { .. } => Some(FailureReason::ProvisionFailed),
+                    ProviderError::OutOfCapacity { .. } => Some(FailureReason::OutOfCapacity),
+                    _ => Some(FailureReason::ProvisionFailed),
+                };
+                match fail {
+                    None => note(fleet, &mut report, vec![entry]).await,
+                    Some(reason) => {
+                        apply(
+                            fleet,
+                            &mut report,
+                            &rec,
+                            LifecycleEvent::Fail(reason),
+                            &format!("provisioning failed after {attempt} attempt(s): {e}"),
+                            vec![entry],
+                            |_| {},
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+        fleet.mark_creating(rec.id, false);
+        report
+    }
+}
+
+#[async_trait]
+impl Reconciler for Provisioner {
+    fn name(&self) -> &'static str {
+        task::PROVISIONER
+    }
+
+    async fn activate(&self) -> TaskReport {
+        let mut report = TaskReport::default();
+        let now = Utc::now();
+        let due: Vec<_> = instances_in(&self.fleet, &[InstanceStatus::Provisioning], &mut report)
+            .await
+            .into_iter()
+            .filter(|r| r.next_attempt_at.is_none_or(|t| t <= now))
+            .collect();
+        let reports: Vec<TaskReport> = futures::stream::iter(due)
+            .map(|rec| self.provision(rec))
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        for r in reports {
+            report.acted += r.acted;
+            report.errors.extend(r.errors);
+        }
+        report
+    }
+}

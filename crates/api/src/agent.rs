@@ -1,0 +1,77 @@
+//! Endpoints the worker agents call (`/internal/v1/agent/...`). Not under the
+//! admin token: registration trades the one-time bootstrap secret for an agent
+//! token, and every later call carries that token ([`AgentAuth`]).
+
+use crate::auth::AgentAuth;
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+use crate::views::ErrorBody;
+use crate::SharedState;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use gpufleet_proto::{AgentEvent, Heartbeat, HeartbeatAck, RegisterRequest, RegisterResponse};
+
+/// Trade the bootstrap secret for an agent token (shown once).
+#[utoipa::path(
+    post, path = "/internal/v1/agent/register", tag = "agent",
+    request_body = RegisterRequest,
+    responses(
+        (status = 200, description = "Registered", body = RegisterResponse),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Unknown instance, wrong or used secret", body = ErrorBody),
+    )
+)]
+pub async fn register(
+    State(state): State<SharedState>,
+    ApiJson(req): ApiJson<RegisterRequest>,
+) -> Result<Json<RegisterResponse>, ApiError> {
+    Ok(Json(state.fleet.register_agent(req).await?))
+}
+
+/// A heartbeat from the agent of the token's instance.
+#[utoipa::path(
+    post, path = "/internal/v1/agent/heartbeat", tag = "agent",
+    request_body = Heartbeat,
+    responses(
+        (status = 200, description = "Received (`applied` false when stale)", body = HeartbeatAck),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Missing or unknown agent token", body = ErrorBody),
+        (status = 403, description = "The heartbeat names another instance", body = ErrorBody),
+    ),
+    security(("agent_token" = []))
+)]
+pub async fn heartbeat(
+    State(state): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    ApiJson(hb): ApiJson<Heartbeat>,
+) -> Result<Json<HeartbeatAck>, ApiError> {
+    // An agent token speaks for its own instance only (Fleet checks it too).
+    if hb.instance_id != agent {
+        return Err(ApiError::forbidden(format!(
+            "this agent token belongs to instance {agent}, not {}",
+            hb.instance_id
+        )));
+    }
+    Ok(Json(state.fleet.ingest_heartbeat(agent, hb).await?))
+}
+
+/// Something the agent wants on its instance's timeline.
+#[utoipa::path(
+    post, path = "/internal/v1/agent/events", tag = "agent",
+    request_body = AgentEvent,
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 401, description = "Missing or unknown agent token", body = ErrorBody),
+    ),
+    security(("agent_token" = []))
+)]
+pub async fn events(
+    State(state): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    ApiJson(ev): ApiJson<AgentEvent>,
+) -> Result<StatusCode, ApiError> {
+    state.fleet.record_agent_event(agent, ev).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

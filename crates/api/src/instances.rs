@@ -1,0 +1,416 @@
+//! `/api/v1/instances`: create, list, get, terminate, archive, timeline, metrics.
+
+use crate::error::ApiError;
+use crate::extract::{ApiJson, ApiQuery, InstanceIdPath};
+use crate::views::{
+    CreateInstancesBody, CreatedInstances, ErrorBody, InstanceList, InstanceMetrics, InstanceView,
+    Timeline, TimelineEntryView,
+};
+use crate::SharedState;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use gpufleet_control::CreateInstances;
+use gpufleet_domain::{InstanceStatus, ModelName, ProviderName};
+use gpufleet_store::InstanceFilter;
+use serde::Deserialize;
+
+/// Default and largest page of timeline entries.
+const EVENTS_DEFAULT_LIMIT: i64 = 100;
+const EVENTS_MAX_LIMIT: i64 = 1000;
+/// Default and largest number of samples.
+const METRICS_DEFAULT_LIMIT: i64 = 60;
+const METRICS_MAX_LIMIT: i64 = 1000;
+
+/// Create instances. They start in `provisioning`; background work brings them up.
+#[utoipa::path(
+    post, path = "/api/v1/instances", tag = "instances",
+    request_body = CreateInstancesBody,
+    responses(
+        (status = 202, description = "Instances recorded; provisioning starts", body = CreatedInstances),
+        (status = 400, description = "Invalid input (`field` names it)", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 404, description = "Unknown provider", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 503, description = "Provider unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create(
+    State(state): State<SharedState>,
+    ApiJson(body): ApiJson<CreateInstancesBody>,
+) -> Result<(StatusCode, Json<CreatedInstances>), ApiError> {
+    let req = validate_create(body, state.fleet.config().max_instances_per_request)?;
+    let created = state.fleet.create_instances(req).await?;
+    let instances = created.iter().map(InstanceView::from).collect();
+    Ok((StatusCode::ACCEPTED, Json(CreatedInstances { instances })))
+}
+
+/// Edge validation: names parse, count in range. Existence checks are Fleet's.
+fn validate_create(body: CreateInstancesBody, max_count: u32) -> Result<CreateInstances, ApiError> {
+    let provider: ProviderName = body
+        .provider
+        .parse()
+        .map_err(|e| ApiError::invalid("provider", format!("{e}")))?;
+    let model: ModelName = body
+        .model
+        .parse()
+        .map_err(|e| ApiError::invalid("model", format!("{e}")))?;
+    if body.instance_type.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "instance_type",
+            "instance_type must not be empty",
+        ));
+    }
+    let zone = match body.zone {
+        Some(z) if z.trim().is_empty() => {
+            return Err(ApiError::invalid(
+                "zone",
+                "zone must not be empty (omit it for the default)",
+            ))
+        }
+        z => z,
+    };
+    let count = body.count.unwrap_or(1);
+    if count == 0 || count > max_count {
+        return Err(ApiError::invalid(
+            "count",
+            format!("count must be between 1 and {max_count}, got {count}"),
+        ));
+    }
+    Ok(CreateInstances {
+        provider,
+        zone,
+        instance_type: body.instance_type,
+        model,
+        count,
+    })
+}
+
+/// Query of `GET /api/v1/instances`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Comma-separated statuses, e.g. `ready,unhealthy`. Default: all but archived.
+    pub status: Option<String>,
+    /// Include archived instances (default false).
+    pub include_archived: Option<bool>,
+    /// Only this provider's instances.
+    pub provider: Option<String>,
+    /// At most this many instances (at least 1).
+    pub limit: Option<i64>,
+}
+
+impl ListParams {
+    fn filter(self) -> Result<InstanceFilter, ApiError> {
+        let statuses = match self.status.as_deref() {
+            None => Vec::new(),
+            Some(s) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    p.parse::<InstanceStatus>()
+                        .map_err(|e| ApiError::invalid("status", e.to_string()))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let provider = self
+            .provider
+            .map(|p| p.parse::<ProviderName>())
+            .transpose()
+            .map_err(|e| ApiError::invalid("provider", e.to_string()))?;
+        let limit = self.limit.map(|l| check_limit(l, i64::MAX)).transpose()?;
+        Ok(InstanceFilter {
+            statuses,
+            include_archived: self.include_archived.unwrap_or(false),
+            provider,
+            limit,
+        })
+    }
+}
+
+/// A `limit` of at least 1, capped at `max`.
+fn check_limit(limit: i64, max: i64) -> Result<i64, ApiError> {
+    if limit < 1 {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("limit must be at least 1, got {limit}"),
+        ));
+    }
+    Ok(limit.min(max))
+}
+
+/// List instances, oldest first.
+#[utoipa::path(
+    get, path = "/api/v1/instances", tag = "instances",
+    params(ListParams),
+    responses(
+        (status = 200, description = "Instances", body = InstanceList),
+        (status = 400, description = "Bad query parameter", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(state): State<SharedState>,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> Result<Json<InstanceList>, ApiError> {
+    let filter = params.filter()?;
+    let records = state.fleet.list_instances(&filter).await?;
+    Ok(Json(InstanceList::from_records(&records)))
+}
+
+/// One instance.
+#[utoipa::path(
+    get, path = "/api/v1/instances/{id}", tag = "instances",
+    params(("id" = String, Path, description = "Instance id, `i-` and 32 hex digits")),
+    responses(
+        (status = 200, description = "The instance", body = InstanceView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<SharedState>,
+    InstanceIdPath(id): InstanceIdPath,
+) -> Result<Json<InstanceView>, ApiError> {
+    let rec = state.fleet.get_instance(id).await?;
+    Ok(Json(InstanceView::from(&rec)))
+}
+
+/// Ask for termination. Idempotent: a terminating or terminated instance is returned as it is.
+#[utoipa::path(
+    delete, path = "/api/v1/instances/{id}", tag = "instances",
+    params(("id" = String, Path, description = "Instance id")),
+    responses(
+        (status = 202, description = "Termination requested (or already under way)", body = InstanceView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "The instance cannot be terminated now", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn terminate(
+    State(state): State<SharedState>,
+    InstanceIdPath(id): InstanceIdPath,
+) -> Result<(StatusCode, Json<InstanceView>), ApiError> {
+    let rec = state.fleet.terminate_instance(id).await?;
+    Ok((StatusCode::ACCEPTED, Json(InstanceView::from(&rec))))
+}
+
+/// Hide a terminated (or cleaned-up failed) instance from default listings.
+#[utoipa::path(
+    post, path = "/api/v1/instances/{id}/archive", tag = "instances",
+    params(("id" = String, Path, description = "Instance id")),
+    responses(
+        (status = 200, description = "Archived", body = InstanceView),
+        (status = 400, description = "Malformed id", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+        (status = 409, description = "Not terminated yet", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn archive(
+    State(state): State<SharedState>,
+    InstanceIdPath(id): InstanceIdPath,
+) -> Result<Json<InstanceView>, ApiError> {
+    let rec = state.fleet.archive_instance(id).await?;
+    Ok(Json(InstanceView::from(&rec)))
+}
+
+/// Query of `GET /api/v1/instances/{id}/events`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsParams {
+    /// Only entries with an id above this (for paging / following).
+    pub after: Option<i64>,
+    /// At most this many entries (default 100, max 1000).
+    pub limit: Option<i64>,
+}
+
+/// The instance's timeline, oldest first.
+#[utoipa::path(
+    get, path = "/api/v1/instances/{id}/events", tag = "instances",
+    params(("id" = String, Path, description = "Instance id"), EventsParams),
+    responses(
+        (status = 200, description = "Timeline", body = Timeline),
+        (status = 400, description = "Malformed id or query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn timeline(
+    State(state): State<SharedState>,
+    InstanceIdPath(id): InstanceIdPath,
+    ApiQuery(params): ApiQuery<EventsParams>,
+) -> Result<Json<Timeline>, ApiError> {
+    let limit = check_limit(
+        params.limit.unwrap_or(EVENTS_DEFAULT_LIMIT),
+        EVENTS_MAX_LIMIT,
+    )?;
+    let events = state.fleet.instance_events(id, params.after, limit).await?;
+    Ok(Json(Timeline {
+        instance_id: id,
+        events: events.iter().map(TimelineEntryView::from).collect(),
+    }))
+}
+
+/// Query of `GET /api/v1/instances/{id}/metrics`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MetricsParams {
+    /// At most this many recent samples (default 60, max 1000).
+    pub limit: Option<i64>,
+}
+
+/// Recent heartbeat samples (oldest first) and the latest one.
+#[utoipa::path(
+    get, path = "/api/v1/instances/{id}/metrics", tag = "instances",
+    params(("id" = String, Path, description = "Instance id"), MetricsParams),
+    responses(
+        (status = 200, description = "Samples", body = InstanceMetrics),
+        (status = 400, description = "Malformed id or query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 404, description = "No such instance", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn metrics(
+    State(state): State<SharedState>,
+    InstanceIdPath(id): InstanceIdPath,
+    ApiQuery(params): ApiQuery<MetricsParams>,
+) -> Result<Json<InstanceMetrics>, ApiError> {
+    let limit = check_limit(
+        params.limit.unwrap_or(METRICS_DEFAULT_LIMIT),
+        METRICS_MAX_LIMIT,
+    )?;
+    let newest_first = state.fleet.instance_samples(id, limit).await?;
+    Ok(Json(InstanceMetrics::from_newest_first(id, &newest_first)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body() -> CreateInstancesBody {
+        CreateInstancesBody {
+            provider: "mock".into(),
+            zone: None,
+            instance_type: "t".into(),
+            model: "gpufleet/sim-small".into(),
+            count: None,
+        }
+    }
+
+    #[test]
+    fn create_is_validated_at_the_edge() {
+        let ok = validate_create(body(), 3).unwrap();
+        assert_eq!(ok.count, 1);
+        let field = |b, max| {
+            validate_create(b, max)
+                .unwrap_err()
+                .field()
+                .map(str::to_string)
+        };
+        assert_eq!(
+            field(
+                CreateInstancesBody {
+                    provider: "Bad!".into(),
+                    ..body()
+                },
+                3
+            )
+            .as_deref(),
+            Some("provider")
+        );
+        assert_eq!(
+            field(
+                CreateInstancesBody {
+                    model: "bad model".into(),
+                    ..body()
+                },
+                3
+            )
+            .as_deref(),
+            Some("model")
+        );
+        assert_eq!(
+            field(
+                CreateInstancesBody {
+                    count: Some(0),
+                    ..body()
+                },
+                3
+            )
+            .as_deref(),
+            Some("count")
+        );
+        assert_eq!(
+            field(
+                CreateInstancesBody {
+                    count: Some(4),
+                    ..body()
+                },
+                3
+            )
+            .as_deref(),
+            Some("count")
+        );
+        assert_eq!(
+            field(
+                CreateInstancesBody {
+                    instance_type: " ".into(),
+                    ..body()
+                },
+                3
+            )
+            .as_deref(),
+            Some("instance_type")
+        );
+        assert_eq!(
+            field(
+                CreateInstancesBody {
+                    zone: Some(String::new()),
+                    ..body()
+                },
+                3
+            )
+            .as_deref(),
+            Some("zone")
+        );
+    }
+
+    #[test]
+    fn list_params_parse_statuses() {
+        let f = ListParams {
+            status: Some("ready, failed".into()),
+            ..Default::default()
+        }
+        .filter()
+        .unwrap();
+        assert_eq!(
+            f.statuses,
+            vec![InstanceStatus::Ready, InstanceStatus::Failed]
+        );
+        let e = ListParams {
+            status: Some("ready,bogus".into()),
+            ..Default::default()
+        }
+        .filter()
+        .unwrap_err();
+        assert_eq!(e.field(), Some("status"));
+        let e = ListParams {
+            limit: Some(0),
+            ..Default::default()
+        }
+        .filter()
+        .unwrap_err();
+        assert_eq!(e.field(), Some("limit"));
+    }
+}

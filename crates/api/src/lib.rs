@@ -1,0 +1,132 @@
+//! gpufleet's HTTP edge: the only crate that knows HTTP and the public JSON
+//! shapes ([`views`]).
+//!
+//! Handlers are thin: parse and validate the request (names, ids, ranges),
+//! call the [`Fleet`], convert the result to a view. Every failure is an
+//! [`ApiError`] rendered as `{"error": {"code", "message", "field"?}}`.
+//!
+//! Routes:
+//! - `/healthz` (no auth)
+//! - `/api/v1/...` (admin bearer token): instances, catalog, models, the SSE
+//!   stream, task statuses, the OpenAPI document
+//! - `/internal/v1/agent/...` (agent bootstrap secret, then agent token)
+
+mod agent;
+mod auth;
+mod catalog;
+mod error;
+mod events;
+mod extract;
+mod instances;
+mod openapi;
+mod system;
+pub mod views;
+
+pub use error::ApiError;
+pub use extract::BODY_LIMIT_BYTES;
+pub use openapi::ApiDoc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::{middleware, Extension, Router};
+use gpufleet_control::Fleet;
+use gpufleet_proto::paths;
+use std::future::Future;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+/// What the handlers need.
+pub struct ApiState {
+    pub fleet: Fleet,
+    /// The token `/api/` callers present as `Authorization: Bearer <token>`.
+    /// An empty token admits nobody.
+    pub admin_token: String,
+}
+
+impl ApiState {
+    pub fn new(fleet: Fleet, admin_token: impl Into<String>) -> Self {
+        Self {
+            fleet,
+            admin_token: admin_token.into(),
+        }
+    }
+}
+
+pub(crate) type SharedState = Arc<ApiState>;
+
+/// Cancelled when the server begins shutting down, so that endless responses
+/// (SSE streams) end and graceful shutdown can complete. Set by [`serve`].
+#[derive(Clone)]
+pub(crate) struct StreamsShutdown(pub CancellationToken);
+
+/// The whole HTTP surface.
+pub fn router(state: ApiState) -> Router {
+    let state: SharedState = Arc::new(state);
+
+    let api = Router::new()
+        .route("/instances", post(instances::create).get(instances::list))
+        .route(
+            "/instances/{id}",
+            get(instances::get).delete(instances::terminate),
+        )
+        .route("/instances/{id}/archive", post(instances::archive))
+        .route("/instances/{id}/events", get(instances::timeline))
+        .route("/instances/{id}/metrics", get(instances::metrics))
+        .route("/providers", get(catalog::providers))
+        .route(
+            "/providers/{name}/instance-types",
+            get(catalog::instance_types),
+        )
+        .route("/models", get(catalog::models))
+        .route("/events", get(events::stream))
+        .route("/system/tasks", get(system::tasks))
+        .route("/openapi.json", get(openapi::document))
+        // route_layer: unknown /api/ paths are 404, not 401.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ));
+
+    let agent = Router::new()
+        .route(paths::REGISTER, post(agent::register))
+        .route(paths::HEARTBEAT, post(agent::heartbeat))
+        .route(paths::EVENTS, post(agent::events));
+
+    Router::new()
+        .route("/healthz", get(system::healthz))
+        .nest("/api/v1", api)
+        .merge(agent)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
+
+/// Serve `router` on `listener` until `shutdown` completes, then stop
+/// accepting, end open event streams, and wait for in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let streams = CancellationToken::new();
+    let router = router.layer(Extension(StreamsShutdown(streams.clone())));
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("HTTP server shutting down");
+        streams.cancel();
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(signal)
+        .await
+}

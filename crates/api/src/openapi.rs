@@ -1,0 +1,129 @@
+//! `GET /api/v1/openapi.json`: the OpenAPI 3.1 document of every public route.
+
+use crate::views::ErrorBody;
+use crate::{agent, catalog, events, instances, system};
+use axum::Json;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::OpenApi as OpenApiDoc;
+use utoipa::{Modify, OpenApi};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "gpufleet",
+        description = "Control plane for GPU fleets serving LLMs. Every `/api/` route needs `Authorization: Bearer <admin token>`."
+    ),
+    paths(
+        instances::create,
+        instances::list,
+        instances::get,
+        instances::terminate,
+        instances::archive,
+        instances::timeline,
+        instances::metrics,
+        catalog::providers,
+        catalog::instance_types,
+        catalog::models,
+        events::stream,
+        system::tasks,
+        system::healthz,
+        document,
+        agent::register,
+        agent::heartbeat,
+        agent::events,
+    ),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "instances", description = "GPU instances serving a model"),
+        (name = "catalog", description = "Providers, instance types and models"),
+        (name = "events", description = "Live instance changes (SSE)"),
+        (name = "system", description = "Health and background tasks"),
+        (name = "agent", description = "Called by the worker agents, not by users"),
+    )
+)]
+pub struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut OpenApiDoc) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                Http::builder()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The admin token"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "agent_token",
+            SecurityScheme::Http(
+                Http::builder()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An agent token from `register`; valid for its own instance only",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// This document.
+#[utoipa::path(
+    get, path = "/api/v1/openapi.json", tag = "system",
+    responses(
+        (status = 200, description = "OpenAPI document", content_type = "application/json", body = Object),
+        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn document() -> Json<OpenApiDoc> {
+    Json(ApiDoc::openapi())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_lists_every_route() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for p in [
+            "/api/v1/instances",
+            "/api/v1/instances/{id}",
+            "/api/v1/instances/{id}/archive",
+            "/api/v1/instances/{id}/events",
+            "/api/v1/instances/{id}/metrics",
+            "/api/v1/providers",
+            "/api/v1/providers/{name}/instance-types",
+            "/api/v1/models",
+            "/api/v1/events",
+            "/api/v1/system/tasks",
+            "/api/v1/openapi.json",
+            "/healthz",
+            gpufleet_proto::paths::REGISTER,
+            gpufleet_proto::paths::HEARTBEAT,
+            gpufleet_proto::paths::EVENTS,
+        ] {
+            assert!(paths.contains_key(p), "missing {p}");
+        }
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for s in [
+            "InstanceView",
+            "CreateInstancesBody",
+            "ErrorBody",
+            "Heartbeat",
+            "TaskStatus",
+        ] {
+            assert!(schemas.contains_key(s), "missing schema {s}");
+        }
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+    }
+}

@@ -1,0 +1,441 @@
+//! Test harness: the real router served on 127.0.0.1:0, over a real `Fleet`
+//! with a fresh SQLite database and an in-test provider that records calls and
+//! hands out machines (no processes). A fake agent answers `/readyz` on
+//! 127.0.0.1 when asked to, so instances can reach `ready`.
+
+#![allow(dead_code)]
+
+use async_trait::async_trait;
+use chrono::Utc;
+use gpufleet_api::views::{ErrorBody, InstanceView};
+use gpufleet_api::{router, serve, ApiState};
+use gpufleet_control::{ControlConfig, Fleet};
+use gpufleet_domain::{GpuSpec, InstanceId, InstanceType, ProviderInstanceId, ProviderName, Zone};
+use gpufleet_providers::{
+    Catalog, CreateRequest, Machine, MachineState, Provider, ProviderError, ProviderRegistry,
+};
+use gpufleet_store::Store;
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const PROVIDER: &str = "testcloud";
+pub const TYPE: &str = "gpu-24g";
+pub const SMALL_TYPE: &str = "gpu-8g";
+pub const ZONE: &str = "zone-a";
+pub const OTHER_ZONE: &str = "zone-b";
+pub const MODEL: &str = "gpufleet/sim-small";
+/// Largest `count` per create request in tests.
+pub const MAX_COUNT: u32 = 3;
+/// How long a wait on a condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A provider that keeps machines in memory and records every create.
+pub struct TestProvider {
+    name: ProviderName,
+    machines: Mutex<HashMap<String, Machine>>,
+    creates: Mutex<Vec<CreateRequest>>,
+}
+
+impl TestProvider {
+    fn new() -> Self {
+        Self {
+            name: PROVIDER.parse().expect("valid provider name"),
+            machines: Mutex::new(HashMap::new()),
+            creates: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Every create request received so far.
+    pub fn creates(&self) -> Vec<CreateRequest> {
+        self.creates.lock().unwrap().clone()
+    }
+
+    /// The bootstrap secret handed to `id`'s machine, once it was created.
+    pub fn bootstrap_secret(&self, id: InstanceId) -> Option<String> {
+        self.creates
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|r| r.instance_id == id)
+            .map(|r| r.bootstrap.bootstrap_secret.clone())
+    }
+
+    pub fn machine_count(&self) -> usize {
+        self.machines.lock().unwrap().len()
+    }
+}
+
+#[async_trait]
+impl Provider for TestProvider {
+    fn name(&self) -> &ProviderName {
+        &self.name
+    }
+
+    async fn create(&self, req: &CreateRequest) -> Result<Machine, ProviderError> {
+        self.creates.lock().unwrap().push(req.clone());
+        let mut machines = self.machines.lock().unwrap();
+        let machine = machines
+            .entry(req.idempotency_key.clone())
+            .or_insert_with(|| Machine {
+                id: ProviderInstanceId::new(format!("m-{}", req.instance_id)),
+                state: MachineState::Running,
+                ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                zone: req.zone.clone(),
+                instance_type: req.instance_type.clone(),
+                tags: req.tags.clone(),
+                created_at: Utc::now(),
+            });
+        Ok(machine.clone())
+    }
+
+    async fn get(&self, id: &ProviderInstanceId) -> Result<Machine, ProviderError> {
+        self.machines
+            .lock()
+            .unwrap()
+            .values()
+            .find(|m| &m.id == id)
+            .cloned()
+            .ok_or_else(|| ProviderError::NotFound { id: id.clone() })
+    }
+
+    async fn terminate(&self, id: &ProviderInstanceId) -> Result<(), ProviderError> {
+        self.machines.lock().unwrap().retain(|_, m| &m.id != id);
+        Ok(())
+    }
+
+    async fn list(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Machine>, ProviderError> {
+        Ok(self
+            .machines
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|m| tags.iter().all(|(k, v)| m.tags.get(k) == Some(v)))
+            .cloned()
+            .collect())
+    }
+
+    async fn catalog(&self) -> Result<Catalog, ProviderError> {
+        let itype = |name: &str, vram_mib, zones: &[&str]| InstanceType {
+            name: name.to_string(),
+            gpu: GpuSpec {
+                model: "NVIDIA L4".into(),
+                count: 1,
+                vram_mib,
+                power_limit_w: 72.0,
+            },
+            vcpus: 8,
+            ram_mib: 32_768,
+            price_per_hour: 0.75,
+            currency: "EUR".into(),
+            zones: zones.iter().map(|z| z.to_string()).collect(),
+        };
+        Ok(Catalog {
+            zones: vec![
+                Zone {
+                    name: ZONE.into(),
+                    description: "Zone A".into(),
+                },
+                Zone {
+                    name: OTHER_ZONE.into(),
+                    description: "Zone B".into(),
+                },
+            ],
+            instance_types: vec![
+                itype(TYPE, 24_576, &[ZONE, OTHER_ZONE]),
+                itype(SMALL_TYPE, 8_192, &[ZONE]),
+            ],
+        })
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub provider: Arc<TestProvider>,
+    pub fleet: Fleet,
+    /// Whether the fake agent answers `/readyz` with 200.
+    pub agents_ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    tasks: Option<JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}/db?mode=rwc", dir.path().display());
+        let store = Store::connect(&url).await.expect("store connects");
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
+        let base = format!("http://{}", listener.local_addr().unwrap());
+
+        let agents_ready = Arc::new(AtomicBool::new(false));
+        let agent_port = spawn_fake_agent(agents_ready.clone()).await;
+
+        let config = ControlConfig {
+            agent_control_url: base.clone(),
+            max_instances_per_request: MAX_COUNT,
+            reconcile_interval_ms: 50,
+            provision_backoff_base_ms: 50,
+            provision_backoff_max_ms: 200,
+            probe_timeout_ms: 500,
+            drain_timeout_secs: 1,
+            agent_port,
+            ..ControlConfig::default()
+        };
+        let provider = Arc::new(TestProvider::new());
+        let mut providers = ProviderRegistry::new();
+        providers.register(provider.clone());
+        let fleet = Fleet::new(store, providers, config)
+            .await
+            .expect("fleet builds");
+
+        let stop = CancellationToken::new();
+        let tasks = fleet.start(stop.clone());
+        let app = router(ApiState {
+            fleet: fleet.clone(),
+            admin_token: ADMIN_TOKEN.to_string(),
+        });
+        let server = tokio::spawn(serve(listener, app, stop.clone().cancelled_owned()));
+
+        TestApp {
+            base,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            provider,
+            fleet,
+            agents_ready,
+            stop,
+            server: Some(server),
+            tasks: Some(tasks),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A request with the admin token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.admin(reqwest::Method::GET, path)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.admin(reqwest::Method::DELETE, path)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post<B: Serialize>(&self, path: &str, body: &B) -> reqwest::Response {
+        self.admin(reqwest::Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_empty(&self, path: &str) -> reqwest::Response {
+        self.admin(reqwest::Method::POST, path)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Create instances and return them (asserting 202).
+    pub async fn create(&self, count: u32) -> Vec<InstanceView> {
+        let resp = self
+            .post(
+                "/api/v1/instances",
+                &serde_json::json!({ "provider": PROVIDER, "instance_type": TYPE, "model": MODEL, "count": count }),
+            )
+            .await;
+        let created: gpufleet_api::views::CreatedInstances =
+            expect_json(resp, StatusCode::ACCEPTED).await;
+        created.instances
+    }
+
+    pub async fn instance(&self, id: InstanceId) -> InstanceView {
+        expect_json(
+            self.get(&format!("/api/v1/instances/{id}")).await,
+            StatusCode::OK,
+        )
+        .await
+    }
+
+    pub async fn list_all(&self) -> Vec<InstanceView> {
+        let list: gpufleet_api::views::InstanceList = expect_json(
+            self.get("/api/v1/instances?include_archived=true").await,
+            StatusCode::OK,
+        )
+        .await;
+        list.instances
+    }
+
+    /// The bootstrap secret of `id`, once the provisioner created its machine.
+    pub async fn bootstrap_secret(&self, id: InstanceId) -> String {
+        let provider = self.provider.clone();
+        wait_for("the provider create call", || {
+            let provider = provider.clone();
+            async move { provider.bootstrap_secret(id) }
+        })
+        .await
+    }
+
+    /// Stop the server (and the reconcilers) and wait for both.
+    pub async fn shutdown(mut self) -> std::io::Result<()> {
+        self.stop.cancel();
+        if let Some(t) = self.tasks.take() {
+            t.await.expect("reconcilers join");
+        }
+        match self.server.take() {
+            Some(s) => tokio::time::timeout(DEADLINE, s)
+                .await
+                .expect("server stops within the deadline")
+                .expect("server task joins"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Serve `/readyz` on 127.0.0.1:<port>: 200 when `ready`, 503 otherwise.
+async fn spawn_fake_agent(ready: Arc<AtomicBool>) -> u16 {
+    use axum::http::StatusCode as S;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind fake agent");
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/readyz",
+        axum::routing::get(move || {
+            let ready = ready.clone();
+            async move {
+                if ready.load(Ordering::SeqCst) {
+                    S::OK
+                } else {
+                    S::SERVICE_UNAVAILABLE
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    port
+}
+
+/// Poll `probe` until it yields a value, failing the test after [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Assert the status and decode the JSON body.
+pub async fn expect_json<T: DeserializeOwned>(resp: reqwest::Response, status: StatusCode) -> T {
+    let got = resp.status();
+    let url = resp.url().clone();
+    let text = resp.text().await.expect("body");
+    assert_eq!(got, status, "{url}: unexpected status; body: {text}");
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{url}: body is not the expected JSON ({e}): {text}"))
+}
+
+/// Assert an error status and return the `ErrorBody`.
+pub async fn expect_error(resp: reqwest::Response, status: StatusCode) -> ErrorBody {
+    let ct = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body: ErrorBody = expect_json(resp, status).await;
+    assert!(
+        ct.starts_with("application/json"),
+        "error content type {ct:?}"
+    );
+    assert!(!body.error.code.is_empty());
+    assert!(!body.error.message.is_empty());
+    body
+}
+
+/// A heartbeat from `id`'s agent.
+pub fn heartbeat(id: InstanceId, seq: u64) -> gpufleet_proto::Heartbeat {
+    use gpufleet_proto::*;
+    Heartbeat {
+        instance_id: id,
+        seq,
+        sent_at: Utc::now(),
+        agent_version: "test".into(),
+        agent_uptime_secs: 1,
+        system: SystemSample {
+            cpu_pct: 12.5,
+            mem_total_bytes: 1 << 30,
+            ..SystemSample::default()
+        },
+        gpu_source: GpuSource::Simulated,
+        gpus: vec![GpuSample {
+            index: 0,
+            name: "NVIDIA L4".into(),
+            uuid: None,
+            util_pct: 40.0,
+            mem_used_mib: 1_000,
+            mem_total_mib: 24_576,
+            temp_c: 50.0,
+            power_w: 40.0,
+            power_limit_w: 72.0,
+        }],
+        engine: EngineSample {
+            status: EngineStatus::Starting,
+            requests_running: 0.0,
+            requests_waiting: 0.0,
+            restarts: 0,
+            kv_cache_usage: None,
+            prompt_tokens_per_s: None,
+            generation_tokens_per_s: None,
+            ttft_mean_s: None,
+        },
+    }
+}

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// What one activation did.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct TaskReport {
     /// Instances (or machines) looked at.
     pub examined: u32,
@@ -37,7 +37,7 @@ pub trait Reconciler: Send + Sync + 'static {
 }
 
 /// Last known state of one reconciler.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct TaskStatus {
     pub name: String,
     pub period_ms: u64,

@@ -1,0 +1,497 @@
+//! A provider wrapper that injects faults, so tests can drive the control
+//! plane through the failures real clouds produce: a call failing once or
+//! several times, slow calls, "the API said it failed but the VM exists",
+//! and machines deleted out of band.
+//!
+//! Rules can be changed at any time while the provider is in use.
+//!
+//! ```ignore
+//! let faulty = Arc::new(FaultyProvider::new(mock));
+//! faulty.fail_nth(Op::Create, 1, ProviderError::Retryable { message: "503".into() });
+//! faulty.delay(Op::Get, Duration::from_millis(300));
+//! faulty.create_succeeds_but_errors(1);
+//! faulty.vanish(&machine_id).await?;
+//! assert_eq!(faulty.calls(Op::Create), 2);
+//! ```
+
+use crate::{Catalog, CreateRequest, Machine, Provider, ProviderError};
+use async_trait::async_trait;
+use gpufleet_domain::{ProviderInstanceId, ProviderName};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tracing::debug;
+
+/// A `Provider` operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    Create,
+    Get,
+    Terminate,
+    List,
+    Catalog,
+}
+
+impl Op {
+    pub const ALL: [Op; 5] = [Op::Create, Op::Get, Op::Terminate, Op::List, Op::Catalog];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Get => "get",
+            Op::Terminate => "terminate",
+            Op::List => "list",
+            Op::Catalog => "catalog",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Wraps a provider and injects faults according to rules set at run time.
+///
+/// A failing call never reaches the inner provider, except with
+/// [`create_succeeds_but_errors`](Self::create_succeeds_but_errors).
+pub struct FaultyProvider {
+    inner: Arc<dyn Provider>,
+    calls: [AtomicU64; 5],
+    rules: Mutex<Rules>,
+}
+
+#[derive(Default)]
+struct Rules {
+    /// (op, 1-based call number, error)
+    nth: Vec<(Op, u64, ProviderError)>,
+    /// (op, calls left to fail, error), applied in order
+    next: Vec<(Op, u32, ProviderError)>,
+    delays: HashMap<Op, Duration>,
+    create_then_error: u32,
+    vanished: HashSet<ProviderInstanceId>,
+}
+
+impl FaultyProvider {
+    /// A wrapper with no rules: it behaves exactly like `inner`.
+    pub fn new(inner: Arc<dyn Provider>) -> Self {
+        Self {
+            inner,
+            calls: Default::default(),
+            rules: Mutex::new(Rules::default()),
+        }
+    }
+
+    /// The wrapped provider.
+    pub fn inner(&self) -> &Arc<dyn Provider> {
+        &self.inner
+    }
+
+    fn rules(&self) -> MutexGuard<'_, Rules> {
+        self.rules.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The `n`-th call of `op` (1-based, counted since the wrapper was made,
+    /// as [`calls`](Self::calls) counts) fails with `err`. A rule for a call
+    /// number already passed never fires.
+    pub fn fail_nth(&self, op: Op, n: u64, err: ProviderError) {
+        self.rules().nth.push((op, n, err));
+    }
+
+    /// The next `count` calls of `op` fail with `err`.
+    pub fn fail_next(&self, op: Op, count: u32, err: ProviderError) {
+        if count > 0 {
+            self.rules().next.push((op, count, err));
+        }
+    }
+
+    /// Every call of `op` waits `delay` before it proceeds (or fails).
+    /// `Duration::ZERO` removes the delay.
+    pub fn delay(&self, op: Op, delay: Duration) {
+        let mut rules = self.rules();
+        if delay.is_zero() {
+            rules.delays.remove(&op);
+        } else {
+            rules.delays.insert(op, delay);
+        }
+    }
+
+    /// The next `count` successful creates really happen, but the caller gets
+    /// `Retryable`: the "API said it failed, yet the VM exists" case.
+    pub fn create_succeeds_but_errors(&self, count: u32) {
+        self.rules().create_then_error += count;
+    }
+
+    /// The machine is deleted out of band: terminated underneath, and from
+    /// now on `get` says `NotFound`, `list` leaves it out and `terminate` is a
+    /// no-op, whatever the inner provider still reports while it shuts down.
+    pub async fn vanish(&self, id: &ProviderInstanceId) -> Result<(), ProviderError> {
+        self.inner.terminate(id).await?;
+        debug!(machine_id = %id, "machine vanished (injected)");
+        self.rules().vanished.insert(id.clone());
+        Ok(())
+    }
+
+    /// Removes every failure, delay and create-then-error rule. Vanished
+    /// machines stay vanished.
+    pub fn clear(&self) {
+        let mut rules = self.rules();
+        rules.nth.clear();
+        rules.next.clear();
+        rules.delays.clear();
+        rules.create_then_error = 0;
+    }
+
+    /// How many times `op` was called on the wrapper, failed calls included.
+    pub fn calls(&self, op: Op) -> u64 {
+        self.calls[op.index()].load(Ordering::SeqCst)
+    }
+
+    fn is_vanished(&self, id: &ProviderInstanceId) -> bool {
+        self.rules().vanished.contains(id)
+    }
+
+    /// Counts the call, applies a delay, and returns the injected failure if any.
+    async fn enter(&self, op: Op) -> Result<(), ProviderError> {
+        let n = self.calls[op.index()].fetch_add(1, Ordering::SeqCst) + 1;
+        let (delay, fault) = {
+            let mut rules = self.rules();
+            let delay = rules.delays.get(&op).copied();
+            let fault = match rules.nth.iter().position(|(o, at, _)| *o == op && *at == n) {
+                Some(i) => Some(rules.nth.remove(i).2),
+                None => match rules.next.iter().position(|(o, _, _)| *o == op) {
+                    Some(i) => {
+                        let rule = &mut rules.next[i];
+                        rule.1 -= 1;
+                        let err = rule.2.clone();
+                        if rule.1 == 0 {
+                            rules.next.remove(i);
+                        }
+                        Some(err)
+                    }
+                    None => None,
+                },
+            };
+            (delay, fault)
+        };
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        match fault {
+            Some(err) => {
+                debug!(%op, call = n, error = %err, "injecting provider fault");
+                Err(err)
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for FaultyProvider {
+    fn name(&self) -> &ProviderName {
+        self.inner.name()
+    }
+
+    async fn create(&self, req: &CreateRequest) -> Result<Machine, ProviderError> {
+        self.enter(Op::Create).await?;
+        let machine = self.inner.create(req).await?;
+        let lie = {
+            let mut rules = self.rules();
+            let lie = rules.create_then_error > 0;
+            if lie {
+                rules.create_then_error -= 1;
+            }
+            lie
+        };
+        if lie {
+            debug!(machine_id = %machine.id, instance_id = %req.instance_id,
+                "machine created, reporting a failure (injected)");
+            return Err(ProviderError::Retryable {
+                message: "injected fault: the create call failed after the machine was created"
+                    .to_string(),
+            });
+        }
+        Ok(machine)
+    }
+
+    async fn get(&self, id: &ProviderInstanceId) -> Result<Machine, ProviderError> {
+        self.enter(Op::Get).await?;
+        if self.is_vanished(id) {
+            return Err(ProviderError::NotFound { id: id.clone() });
+        }
+        self.inner.get(id).await
+    }
+
+    async fn terminate(&self, id: &ProviderInstanceId) -> Result<(), ProviderError> {
+        self.enter(Op::Terminate).await?;
+        if self.is_vanished(id) {
+            return Ok(());
+        }
+        self.inner.terminate(id).await
+    }
+
+    async fn list(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Machine>, ProviderError> {
+        self.enter(Op::List).await?;
+        let mut machines = self.inner.list(tags).await?;
+        let rules = self.rules();
+        machines.retain(|m| !rules.vanished.contains(&m.id));
+        Ok(machines)
+    }
+
+    async fn catalog(&self) -> Result<Catalog, ProviderError> {
+        self.enter(Op::Catalog).await?;
+        self.inner.catalog().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MachineState;
+    use chrono::Utc;
+    use gpufleet_domain::{GpuSpec, InstanceId, ModelName};
+    use gpufleet_proto::{AgentBootstrap, EngineSpec};
+
+    /// A minimal in-memory provider: idempotent create, instant terminate.
+    #[derive(Default)]
+    struct Memory {
+        machines: Mutex<BTreeMap<String, Machine>>,
+        creates: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Provider for Memory {
+        fn name(&self) -> &ProviderName {
+            static NAME: std::sync::OnceLock<ProviderName> = std::sync::OnceLock::new();
+            NAME.get_or_init(|| "memory".parse().expect("valid name"))
+        }
+        async fn create(&self, req: &CreateRequest) -> Result<Machine, ProviderError> {
+            let mut machines = self.machines.lock().expect("lock");
+            if let Some(m) = machines.get(&req.idempotency_key) {
+                return Ok(m.clone());
+            }
+            let n = self.creates.fetch_add(1, Ordering::SeqCst);
+            let m = Machine {
+                id: ProviderInstanceId::new(format!("m-{n}")),
+                state: MachineState::Running,
+                ip: None,
+                zone: req.zone.clone(),
+                instance_type: req.instance_type.clone(),
+                tags: req.tags.clone(),
+                created_at: Utc::now(),
+            };
+            machines.insert(req.idempotency_key.clone(), m.clone());
+            Ok(m)
+        }
+        async fn get(&self, id: &ProviderInstanceId) -> Result<Machine, ProviderError> {
+            let machines = self.machines.lock().expect("lock");
+            machines
+                .values()
+                .find(|m| &m.id == id)
+                .cloned()
+                .ok_or_else(|| ProviderError::NotFound { id: id.clone() })
+        }
+        async fn terminate(&self, id: &ProviderInstanceId) -> Result<(), ProviderError> {
+            self.machines
+                .lock()
+                .expect("lock")
+                .retain(|_, m| &m.id != id);
+            Ok(())
+        }
+        async fn list(
+            &self,
+            _tags: &BTreeMap<String, String>,
+        ) -> Result<Vec<Machine>, ProviderError> {
+            Ok(self
+                .machines
+                .lock()
+                .expect("lock")
+                .values()
+                .cloned()
+                .collect())
+        }
+        async fn catalog(&self) -> Result<Catalog, ProviderError> {
+            Ok(Catalog {
+                zones: vec![],
+                instance_types: vec![],
+            })
+        }
+    }
+
+    fn request(key: &str) -> CreateRequest {
+        let instance_id = InstanceId::new();
+        CreateRequest {
+            instance_id,
+            idempotency_key: key.to_string(),
+            zone: "z".to_string(),
+            instance_type: "t".to_string(),
+            tags: BTreeMap::new(),
+            bootstrap: AgentBootstrap {
+                instance_id,
+                control_plane_url: "http://127.0.0.1:1".to_string(),
+                bootstrap_secret: "s".to_string(),
+                model: "m".parse::<ModelName>().expect("model"),
+                agent_port: 7070,
+                engine: EngineSpec::Sim {
+                    port: 8000,
+                    model_load_delay_ms: 0,
+                },
+                gpu: GpuSpec {
+                    model: "g".to_string(),
+                    count: 1,
+                    vram_mib: 1,
+                    power_limit_w: 1.0,
+                },
+            },
+        }
+    }
+
+    fn retryable(msg: &str) -> ProviderError {
+        ProviderError::Retryable {
+            message: msg.to_string(),
+        }
+    }
+
+    fn setup() -> (Arc<Memory>, FaultyProvider) {
+        let memory = Arc::new(Memory::default());
+        let faulty = FaultyProvider::new(memory.clone());
+        (memory, faulty)
+    }
+
+    #[tokio::test]
+    async fn without_rules_it_passes_through_and_counts() {
+        let (_, p) = setup();
+        assert_eq!(p.name().as_str(), "memory");
+        let m = p.create(&request("a")).await.expect("create");
+        assert_eq!(p.get(&m.id).await.expect("get"), m);
+        assert_eq!(p.list(&BTreeMap::new()).await.expect("list").len(), 1);
+        p.catalog().await.expect("catalog");
+        p.terminate(&m.id).await.expect("terminate");
+        for op in Op::ALL {
+            assert_eq!(p.calls(op), 1, "{op}");
+        }
+    }
+
+    #[tokio::test]
+    async fn fail_nth_fails_exactly_that_call_without_reaching_the_provider() {
+        let (memory, p) = setup();
+        p.fail_nth(
+            Op::Create,
+            2,
+            ProviderError::OutOfCapacity {
+                message: "none".into(),
+            },
+        );
+        p.create(&request("a")).await.expect("first");
+        let err = p.create(&request("b")).await.expect_err("second fails");
+        assert_eq!(err.code(), "out_of_capacity");
+        p.create(&request("c")).await.expect("third");
+        assert_eq!(p.calls(Op::Create), 3);
+        assert_eq!(memory.creates.load(Ordering::SeqCst), 2);
+        // A call number already passed never fires.
+        p.fail_nth(Op::Create, 1, retryable("late"));
+        p.create(&request("d")).await.expect("fourth");
+    }
+
+    #[tokio::test]
+    async fn fail_next_fails_count_calls_then_recovers() {
+        let (_, p) = setup();
+        p.fail_next(Op::Get, 2, retryable("503"));
+        let id = ProviderInstanceId::new("nope");
+        assert_eq!(p.get(&id).await, Err(retryable("503")));
+        assert_eq!(p.get(&id).await, Err(retryable("503")));
+        assert_eq!(
+            p.get(&id).await,
+            Err(ProviderError::NotFound { id: id.clone() })
+        );
+        assert_eq!(p.calls(Op::Get), 3);
+        // Other ops are unaffected.
+        p.fail_next(Op::List, 1, retryable("x"));
+        p.catalog().await.expect("catalog unaffected");
+        assert!(p.list(&BTreeMap::new()).await.is_err());
+        assert!(p.list(&BTreeMap::new()).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delay_slows_every_call_of_the_op() {
+        let (_, p) = setup();
+        p.delay(Op::Catalog, Duration::from_secs(30));
+        let start = tokio::time::Instant::now();
+        p.catalog().await.expect("catalog");
+        assert!(start.elapsed() >= Duration::from_secs(30));
+        let start = tokio::time::Instant::now();
+        p.list(&BTreeMap::new()).await.expect("list");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "other ops are not delayed"
+        );
+        p.delay(Op::Catalog, Duration::ZERO);
+        let start = tokio::time::Instant::now();
+        p.catalog().await.expect("catalog");
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn create_succeeds_but_errors_leaves_the_machine_behind() {
+        let (memory, p) = setup();
+        p.create_succeeds_but_errors(1);
+        let err = p
+            .create(&request("k"))
+            .await
+            .expect_err("reported as failed");
+        assert!(err.is_retryable());
+        assert_eq!(
+            memory.creates.load(Ordering::SeqCst),
+            1,
+            "the machine exists"
+        );
+        // The retry with the same key finds it; nothing is created twice.
+        let m = p.create(&request("k")).await.expect("retry");
+        assert_eq!(memory.creates.load(Ordering::SeqCst), 1);
+        assert_eq!(p.list(&BTreeMap::new()).await.expect("list"), vec![m]);
+    }
+
+    #[tokio::test]
+    async fn vanish_deletes_underneath_and_the_machine_stays_gone() {
+        let (memory, p) = setup();
+        let keep = p.create(&request("keep")).await.expect("create");
+        let gone = p.create(&request("gone")).await.expect("create");
+        p.vanish(&gone.id).await.expect("vanish");
+        assert!(memory.get(&gone.id).await.is_err(), "terminated underneath");
+        assert_eq!(
+            p.get(&gone.id).await,
+            Err(ProviderError::NotFound {
+                id: gone.id.clone()
+            })
+        );
+        assert_eq!(p.list(&BTreeMap::new()).await.expect("list"), vec![keep]);
+        p.terminate(&gone.id)
+            .await
+            .expect("terminate of a vanished machine is a no-op");
+        assert_eq!(
+            p.calls(Op::Terminate),
+            1,
+            "vanish itself is not a counted call"
+        );
+    }
+
+    #[tokio::test]
+    async fn clear_removes_rules() {
+        let (_, p) = setup();
+        p.fail_next(Op::Catalog, 5, retryable("x"));
+        p.fail_nth(Op::Catalog, 2, retryable("y"));
+        p.create_succeeds_but_errors(3);
+        p.clear();
+        p.catalog().await.expect("catalog");
+        p.catalog().await.expect("catalog");
+        p.create(&request("a")).await.expect("create");
+    }
+}

@@ -1,0 +1,165 @@
+//! Providers: where machines come from.
+//!
+//! A [`Provider`] creates, inspects, lists and deletes machines and describes
+//! what it sells. Every call returns a typed [`ProviderError`] so the control
+//! plane can tell "try again" from "give up" from "no capacity" from "gone".
+//!
+//! Contract every implementation keeps:
+//! - `create` is idempotent on `CreateRequest::idempotency_key`: a second call
+//!   with the same key returns the machine the first one made, never a new one.
+//! - every machine carries the request's tags, and `list` filters by tags, so
+//!   orphans can be found by listing.
+//! - `get` of a machine that no longer exists is `Err(NotFound)`;
+//!   `terminate` of one is `Ok(())` (idempotent).
+
+pub mod fault;
+pub mod mock;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use gpufleet_domain::{InstanceId, InstanceType, ProviderInstanceId, ProviderName, Zone};
+use gpufleet_proto::AgentBootstrap;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// Tag keys gpufleet puts on every machine.
+pub mod tags {
+    /// The control plane's cluster id (one per database).
+    pub const CLUSTER: &str = "gpufleet-cluster";
+    /// gpufleet's instance id.
+    pub const INSTANCE: &str = "gpufleet-instance";
+}
+
+/// What can go wrong in a provider call.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    /// Temporary: network trouble, rate limit, 5xx. Retry later with the same request.
+    #[error("provider temporarily failed: {message}")]
+    Retryable { message: String },
+    /// Will fail again however often it is retried.
+    #[error("provider refused: {message}")]
+    Permanent { message: String },
+    /// No stock of this type in this zone right now.
+    #[error("provider is out of capacity: {message}")]
+    OutOfCapacity { message: String },
+    /// The machine does not exist (any more).
+    #[error("machine {id} not found at the provider")]
+    NotFound { id: ProviderInstanceId },
+    /// The request names something the provider does not offer.
+    #[error("invalid {field}: {message}")]
+    InvalidRequest {
+        field: &'static str,
+        message: String,
+    },
+}
+
+impl ProviderError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Retryable { .. })
+    }
+    /// Short stable code for timelines and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Retryable { .. } => "retryable",
+            Self::Permanent { .. } => "permanent",
+            Self::OutOfCapacity { .. } => "out_of_capacity",
+            Self::NotFound { .. } => "not_found",
+            Self::InvalidRequest { .. } => "invalid_request",
+        }
+    }
+}
+
+/// Ask for one machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreateRequest {
+    pub instance_id: InstanceId,
+    /// Generated once when the intent is persisted; reused on every retry.
+    pub idempotency_key: String,
+    pub zone: String,
+    pub instance_type: String,
+    /// At least [`tags::CLUSTER`] and [`tags::INSTANCE`].
+    pub tags: BTreeMap<String, String>,
+    /// What the machine needs to start its agent (cloud-init user data on clouds).
+    pub bootstrap: AgentBootstrap,
+}
+
+/// A machine's state as the provider reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineState {
+    /// Accepted, not running yet.
+    Pending,
+    Running,
+    Stopping,
+    Stopped,
+}
+
+/// A machine as the provider sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub id: ProviderInstanceId,
+    pub state: MachineState,
+    /// `None` while the provider has not assigned one yet (normal while booting).
+    pub ip: Option<IpAddr>,
+    pub zone: String,
+    pub instance_type: String,
+    pub tags: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a provider sells.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub zones: Vec<Zone>,
+    pub instance_types: Vec<InstanceType>,
+}
+
+impl Catalog {
+    pub fn instance_type(&self, name: &str) -> Option<&InstanceType> {
+        self.instance_types.iter().find(|t| t.name == name)
+    }
+}
+
+/// A place machines come from.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// The name instances refer to, e.g. `mock`.
+    fn name(&self) -> &ProviderName;
+    /// Create a machine, or return the one already made for this idempotency key.
+    async fn create(&self, req: &CreateRequest) -> Result<Machine, ProviderError>;
+    /// Current state and IP of a machine.
+    async fn get(&self, id: &ProviderInstanceId) -> Result<Machine, ProviderError>;
+    /// Ask for deletion. Idempotent: `Ok(())` if it is already gone. The
+    /// machine may linger (state `Stopping`) until `get` returns `NotFound`.
+    async fn terminate(&self, id: &ProviderInstanceId) -> Result<(), ProviderError>;
+    /// Every existing machine carrying all of `tags`.
+    async fn list(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Machine>, ProviderError>;
+    /// Zones and instance types.
+    async fn catalog(&self) -> Result<Catalog, ProviderError>;
+}
+
+/// Providers by name.
+#[derive(Clone, Default)]
+pub struct ProviderRegistry {
+    providers: BTreeMap<ProviderName, Arc<dyn Provider>>,
+}
+
+impl ProviderRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn register(&mut self, provider: Arc<dyn Provider>) {
+        self.providers.insert(provider.name().clone(), provider);
+    }
+    pub fn get(&self, name: &ProviderName) -> Option<&Arc<dyn Provider>> {
+        self.providers.get(name)
+    }
+    pub fn names(&self) -> impl Iterator<Item = &ProviderName> {
+        self.providers.keys()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&ProviderName, &Arc<dyn Provider>)> {
+        self.providers.iter()
+    }
+}

@@ -1,0 +1,396 @@
+// The gpufleet HTTP API, typed after crates/api/src/views.rs.
+// Every /api/ call carries the admin token, which lives in sessionStorage only.
+
+export type Status =
+  | 'provisioning'
+  | 'booting'
+  | 'starting'
+  | 'ready'
+  | 'unhealthy'
+  | 'draining'
+  | 'terminating'
+  | 'terminated'
+  | 'failed'
+  | 'archived'
+
+export const ALL_STATUSES: Status[] = [
+  'provisioning',
+  'booting',
+  'starting',
+  'ready',
+  'unhealthy',
+  'draining',
+  'terminating',
+  'terminated',
+  'failed',
+  'archived',
+]
+
+/** On the way up: shows a progress bar. */
+export const STARTING: Status[] = ['provisioning', 'booting', 'starting']
+/** The machine exists and is (or may be) billed. */
+export const ALIVE: Status[] = ['provisioning', 'booting', 'starting', 'ready', 'unhealthy', 'draining', 'terminating', 'failed']
+/** Terminate makes sense. */
+export const TERMINABLE: Status[] = ['provisioning', 'booting', 'starting', 'ready', 'unhealthy', 'failed']
+
+export interface Instance {
+  id: string
+  status: Status
+  status_reason: string | null
+  status_message: string | null
+  progress: number
+  provider: string
+  zone: string
+  instance_type: string
+  model: string
+  ip: string | null
+  provider_instance_id: string | null
+  created_at: string
+  updated_at: string
+  ready_at: string | null
+  terminated_at: string | null
+  last_heartbeat_at: string | null
+  generation: number
+}
+
+export interface InstanceList {
+  instances: Instance[]
+}
+
+export interface CreateInstancesBody {
+  provider: string
+  zone?: string | null
+  instance_type: string
+  model: string
+  count?: number
+}
+
+export interface TimelineEntry {
+  id: number
+  at: string
+  kind: string
+  action: string
+  outcome: string
+  from_status: Status | null
+  to_status: Status | null
+  duration_ms: number | null
+  error_code: string | null
+  message: string
+  metadata: unknown
+}
+
+export interface Timeline {
+  instance_id: string
+  events: TimelineEntry[]
+}
+
+export interface SystemSample {
+  cpu_pct: number
+  load1: number
+  load5: number
+  load15: number
+  mem_used_bytes: number
+  mem_total_bytes: number
+  disk_used_bytes: number
+  disk_total_bytes: number
+  net_rx_bps: number
+  net_tx_bps: number
+}
+
+export interface GpuSample {
+  index: number
+  name: string
+  uuid: string | null
+  util_pct: number
+  mem_used_mib: number
+  mem_total_mib: number
+  temp_c: number
+  power_w: number
+  power_limit_w: number
+}
+
+export interface EngineSample {
+  status: 'stopped' | 'starting' | 'ready' | 'crashed'
+  requests_running: number
+  requests_waiting: number
+  restarts: number
+}
+
+export interface Sample {
+  at: string
+  seq: number
+  system: SystemSample
+  gpu_source: 'nvml' | 'simulated'
+  gpus: GpuSample[]
+  engine: EngineSample
+}
+
+export interface InstanceMetrics {
+  instance_id: string
+  latest: Sample | null
+  samples: Sample[]
+}
+
+export interface Zone {
+  name: string
+  description: string
+}
+
+export interface Provider {
+  name: string
+  zones: Zone[]
+  instance_type_count: number
+}
+
+export interface InstanceType {
+  name: string
+  gpu: { model: string; count: number; vram_mib: number; power_limit_w: number }
+  vcpus: number
+  ram_mib: number
+  price_per_hour: number
+  currency: string
+  zones: string[]
+}
+
+export interface Model {
+  name: string
+  description: string
+  min_vram_mib: number
+  ready_instances: number
+  /** Requests per second, once the OpenAI router reports it. */
+  requests_per_second?: number
+}
+
+/** An error the API answered (`{"error": {code, message, field}}`), or a network failure (status 0). */
+export class ApiError extends Error {
+  readonly status: number
+  readonly code: string
+  readonly field: string | null
+
+  constructor(status: number, code: string, message: string, field: string | null = null) {
+    super(message)
+    this.name = 'ApiError'
+    this.status = status
+    this.code = code
+    this.field = field
+  }
+
+  get unreachable(): boolean {
+    return this.status === 0
+  }
+}
+
+const TOKEN_KEY = 'gpufleet.adminToken'
+
+export function getToken(): string | null {
+  return sessionStorage.getItem(TOKEN_KEY)
+}
+
+export function setToken(token: string): void {
+  sessionStorage.setItem(TOKEN_KEY, token)
+}
+
+type Listener = () => void
+const unauthorizedListeners = new Set<Listener>()
+
+/** Called when the API rejects the token: the app returns to the sign-in page. */
+export function onUnauthorized(l: Listener): () => void {
+  unauthorizedListeners.add(l)
+  return () => unauthorizedListeners.delete(l)
+}
+
+export function signOut(): void {
+  sessionStorage.removeItem(TOKEN_KEY)
+  unauthorizedListeners.forEach((l) => l())
+}
+
+async function errorFrom(resp: Response): Promise<ApiError> {
+  let code = 'http_' + resp.status
+  let message = `${resp.status} ${resp.statusText}`.trim()
+  let field: string | null = null
+  try {
+    const body = await resp.json()
+    if (body && body.error) {
+      code = body.error.code ?? code
+      message = body.error.message ?? message
+      field = body.error.field ?? null
+    }
+  } catch {
+    // not JSON: keep the status line
+  }
+  return new ApiError(resp.status, code, message, field)
+}
+
+async function request<T>(method: string, path: string, body?: unknown, signal?: AbortSignal, token = getToken()): Promise<T> {
+  const headers: Record<string, string> = { Accept: 'application/json' }
+  if (token) headers.Authorization = `Bearer ${token}`
+  if (body !== undefined) headers['Content-Type'] = 'application/json'
+  let resp: Response
+  try {
+    resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal })
+  } catch (e) {
+    if (signal?.aborted) throw e
+    throw new ApiError(0, 'unreachable', 'The control plane cannot be reached.')
+  }
+  if (!resp.ok) {
+    const err = await errorFrom(resp)
+    if (resp.status === 401 && token === getToken()) signOut()
+    throw err
+  }
+  if (resp.status === 204) return undefined as T
+  const text = await resp.text()
+  return (text ? JSON.parse(text) : undefined) as T
+}
+
+const enc = encodeURIComponent
+
+export const api = {
+  /** Checks a token without storing it. */
+  check: (token: string) => request<InstanceList>('GET', '/api/v1/instances?limit=1', undefined, undefined, token),
+  instances: (opts: { statuses?: Status[]; includeArchived?: boolean } = {}, signal?: AbortSignal) => {
+    const q = new URLSearchParams()
+    if (opts.statuses?.length) q.set('status', opts.statuses.join(','))
+    if (opts.includeArchived) q.set('include_archived', 'true')
+    const qs = q.toString()
+    return request<InstanceList>('GET', '/api/v1/instances' + (qs ? '?' + qs : ''), undefined, signal)
+  },
+  instance: (id: string, signal?: AbortSignal) => request<Instance>('GET', `/api/v1/instances/${enc(id)}`, undefined, signal),
+  create: (body: CreateInstancesBody) => request<InstanceList>('POST', '/api/v1/instances', body),
+  terminate: (id: string) => request<unknown>('DELETE', `/api/v1/instances/${enc(id)}`),
+  archive: (id: string) => request<unknown>('POST', `/api/v1/instances/${enc(id)}/archive`),
+  timeline: (id: string, signal?: AbortSignal) => request<Timeline>('GET', `/api/v1/instances/${enc(id)}/events`, undefined, signal),
+  metrics: (id: string, limit: number, signal?: AbortSignal) =>
+    request<InstanceMetrics>('GET', `/api/v1/instances/${enc(id)}/metrics?limit=${limit}`, undefined, signal),
+  providers: (signal?: AbortSignal) => request<{ providers: Provider[] }>('GET', '/api/v1/providers', undefined, signal),
+  instanceTypes: (provider: string, signal?: AbortSignal) =>
+    request<{ provider: string; instance_types: InstanceType[] }>('GET', `/api/v1/providers/${enc(provider)}/instance-types`, undefined, signal),
+  models: (signal?: AbortSignal) => request<{ models: Model[] }>('GET', '/api/v1/models', undefined, signal),
+}
+
+/** Returns null where the endpoint does not exist yet (404), for features that land later. */
+export async function optional<T>(p: Promise<T>): Promise<T | null> {
+  try {
+    return await p
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) return null
+    throw e
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The event stream. EventSource cannot send an Authorization header, so the
+// stream is read with fetch() and parsed here.
+
+export type StreamEvent =
+  | { type: 'snapshot'; instances: Instance[] }
+  | { type: 'instance'; instance: Instance }
+
+export type StreamState = 'connecting' | 'live' | 'retrying'
+
+export interface StreamHandlers {
+  onEvent: (e: StreamEvent) => void
+  onState: (s: StreamState, error?: ApiError) => void
+}
+
+/** Splits an SSE byte stream into events (name + data). */
+export class SseParser {
+  private buf = ''
+  private event = ''
+  private data: string[] = []
+  private readonly emit: (event: string, data: string) => void
+
+  constructor(emit: (event: string, data: string) => void) {
+    this.emit = emit
+  }
+
+  push(chunk: string): void {
+    this.buf += chunk
+    let nl: number
+    while ((nl = this.buf.search(/\r\n|\r|\n/)) >= 0) {
+      const line = this.buf.slice(0, nl)
+      const sep = this.buf[nl] === '\r' && this.buf[nl + 1] === '\n' ? 2 : 1
+      // A lone \r at the end of the buffer may be the first half of \r\n.
+      if (this.buf[nl] === '\r' && nl + 1 === this.buf.length) break
+      this.buf = this.buf.slice(nl + sep)
+      this.line(line)
+    }
+  }
+
+  private line(line: string): void {
+    if (line === '') {
+      if (this.data.length) this.emit(this.event || 'message', this.data.join('\n'))
+      this.event = ''
+      this.data = []
+      return
+    }
+    if (line.startsWith(':')) return
+    const colon = line.indexOf(':')
+    const name = colon < 0 ? line : line.slice(0, colon)
+    let value = colon < 0 ? '' : line.slice(colon + 1)
+    if (value.startsWith(' ')) value = value.slice(1)
+    if (name === 'event') this.event = value
+    else if (name === 'data') this.data.push(value)
+  }
+}
+
+/** Follows `GET /api/v1/events`, reconnecting with backoff. Returns a stop function. */
+export function followEvents(h: StreamHandlers): () => void {
+  let stopped = false
+  let ctrl: AbortController | null = null
+  let attempt = 0
+  let timer: number | undefined
+
+  const run = async () => {
+    if (stopped) return
+    ctrl = new AbortController()
+    h.onState(attempt === 0 ? 'connecting' : 'retrying')
+    let failure: ApiError | undefined
+    try {
+      const token = getToken()
+      const resp = await fetch('/api/v1/events', {
+        headers: { Accept: 'text/event-stream', ...(token ? { Authorization: `Bearer ${token}` } : {}) },
+        signal: ctrl.signal,
+        cache: 'no-store',
+      })
+      if (!resp.ok || !resp.body) {
+        failure = await errorFrom(resp)
+        if (resp.status === 401) {
+          signOut()
+          return
+        }
+      } else {
+        const parser = new SseParser((event, data) => {
+          if (event === 'snapshot' || event === 'resync') {
+            attempt = 0
+            h.onState('live')
+            h.onEvent({ type: 'snapshot', instances: (JSON.parse(data) as InstanceList).instances })
+          } else if (event === 'instance') {
+            h.onEvent({ type: 'instance', instance: JSON.parse(data) as Instance })
+          }
+        })
+        const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader()
+        for (;;) {
+          const { value, done } = await reader.read()
+          if (done) break
+          parser.push(value)
+        }
+        failure = new ApiError(0, 'stream_closed', 'The event stream closed.')
+      }
+    } catch {
+      if (stopped) return
+      failure = new ApiError(0, 'unreachable', 'The control plane cannot be reached.')
+    }
+    if (stopped) return
+    attempt += 1
+    h.onState('retrying', failure)
+    // 0.5 s, 1 s, 2 s ... up to 15 s, with jitter.
+    const delay = Math.min(15000, 500 * 2 ** Math.min(attempt - 1, 5)) * (0.8 + Math.random() * 0.4)
+    timer = window.setTimeout(run, delay)
+  }
+  run()
+  return () => {
+    stopped = true
+    window.clearTimeout(timer)
+    ctrl?.abort()
+  }
+}

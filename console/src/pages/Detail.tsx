@@ -1,0 +1,275 @@
+import { useMemo, useState } from 'preact/hooks'
+import { api, ApiError, STARTING, TERMINABLE, type Instance, type InstanceMetrics, type Timeline } from '../api'
+import { Chart } from '../components/Chart'
+import { Confirm, Loading, Notice, StatusBadge, StatusCell } from '../components/ui'
+import { ago, costSoFar, dateTime, duration, money, shortDuration, time, uptime } from '../format'
+import { detailCharts, freshness, inWindow, WINDOWS, windowOf, type WindowKey } from '../metrics'
+import { upsert, useCatalog, useFleet, usePoll, useTick } from '../store'
+
+export function Detail({ id }: { id: string }) {
+  const fleet = useFleet()
+  const catalog = useCatalog()
+  const now = useTick(1000)
+  const [fetched, setFetched] = useState<Instance | null>(null)
+  const [notFound, setNotFound] = useState(false)
+  const [timeline, setTimeline] = useState<Timeline | null>(null)
+  const [metrics, setMetrics] = useState<InstanceMetrics | null>(null)
+  const [win, setWin] = useState<WindowKey>('5m')
+  const [error, setError] = useState<string | null>(null)
+  const [confirm, setConfirm] = useState(false)
+
+  // The stream keeps the instance current; archived ones leave the stream, so fall back to a GET.
+  const live = fleet.instances.get(id)
+  const inst = live && (!fetched || live.generation >= fetched.generation) ? live : fetched
+  const generation = inst?.generation ?? -1
+  const terminal = inst?.status === 'terminated' || inst?.status === 'archived'
+
+  usePoll(
+    async (signal) => {
+      try {
+        const i = await api.instance(id, signal)
+        setFetched(i)
+        setNotFound(false)
+      } catch (e) {
+        if (e instanceof ApiError && (e.status === 404 || e.status === 400)) setNotFound(true)
+      }
+    },
+    30000,
+    [id, live ? 'live' : 'gone'],
+  )
+
+  usePoll(
+    async (signal) => {
+      try {
+        const t = await api.timeline(id, signal)
+        setTimeline(t)
+      } catch (e) {
+        if (!signal.aborted) setError(e instanceof ApiError ? e.message : String(e))
+      }
+    },
+    terminal ? 60000 : 4000,
+    [id, generation],
+  )
+
+  const w = windowOf(win)
+  usePoll(
+    async (signal) => {
+      try {
+        const m = await api.metrics(id, w.limit, signal)
+        setMetrics(m)
+      } catch (e) {
+        if (!signal.aborted) setError(e instanceof ApiError ? e.message : String(e))
+      }
+    },
+    terminal ? 60000 : w.poll,
+    [id, win, terminal],
+  )
+
+  const windowed = useMemo(() => (metrics ? inWindow(metrics.samples, w.ms, Date.now()) : []), [metrics, win])
+  const charts = useMemo(() => detailCharts(windowed), [windowed])
+
+  if (notFound && !inst) return <Notice tone="bad">No instance {id}. It may have been removed.</Notice>
+  if (!inst) return <Loading what="the instance" />
+
+  const type = catalog?.get(`${inst.provider}/${inst.instance_type}`)
+  const cost = costSoFar(inst, type, now)
+  const up = uptime(inst, now)
+  const fresh = freshness(metrics?.latest?.at ?? inst.last_heartbeat_at, now)
+  const oldest = metrics?.samples[0]
+  const truncated = !!(metrics && oldest && metrics.samples.length >= w.limit && Date.parse(oldest.at) > now - w.ms)
+
+  const terminate = async () => {
+    setConfirm(false)
+    setError(null)
+    try {
+      upsert((await api.terminate(id)) as Instance)
+    } catch (e) {
+      setError(`Could not terminate: ${e instanceof ApiError ? e.message : String(e)}`)
+    }
+  }
+  const archive = async () => {
+    setError(null)
+    try {
+      const v = (await api.archive(id)) as Instance
+      setFetched(v)
+      upsert(v)
+    } catch (e) {
+      setError(`Could not archive: ${e instanceof ApiError ? e.message : String(e)}`)
+    }
+  }
+
+  return (
+    <section aria-labelledby="detail-title">
+      <p class="crumbs">
+        <a href="#/instances">Instances</a> / <span class="mono">{id}</span>
+      </p>
+      <div class="page-head">
+        <h1 id="detail-title">
+          {inst.model} <span class="muted">on</span> {inst.instance_type}
+        </h1>
+        <div class="head-actions">
+          {TERMINABLE.includes(inst.status) && (
+            <button type="button" class="btn btn-danger" onClick={() => setConfirm(true)}>
+              Terminate
+            </button>
+          )}
+          {inst.status === 'terminated' && (
+            <button type="button" class="btn" onClick={archive}>
+              Archive
+            </button>
+          )}
+        </div>
+      </div>
+      {error && <Notice tone="bad">{error}</Notice>}
+      {inst.status === 'archived' && <Notice>This instance is archived: it is kept for its history only.</Notice>}
+
+      <div class="card summary-card">
+        <dl class="summary-grid">
+          <div>
+            <dt>Status</dt>
+            <dd data-testid="detail-status">
+              <StatusCell i={inst} />
+            </dd>
+          </div>
+          <div>
+            <dt>Heartbeat</dt>
+            <dd>
+              <span class={`badge badge-${fresh.tone}`}>{fresh.label}</span>{' '}
+              <span class="muted small">{ago(metrics?.latest?.at ?? inst.last_heartbeat_at, now)}</span>
+            </dd>
+          </div>
+          <div>
+            <dt>Provider / zone</dt>
+            <dd>
+              {inst.provider} / {inst.zone}
+            </dd>
+          </div>
+          <div>
+            <dt>Type</dt>
+            <dd>
+              {inst.instance_type}
+              {type && (
+                <span class="muted small">
+                  {' '}
+                  · {type.gpu.count}× {type.gpu.model} · {money(type.price_per_hour, type.currency)}/h
+                </span>
+              )}
+            </dd>
+          </div>
+          <div>
+            <dt>IP</dt>
+            <dd class="mono">{inst.ip ?? '—'}</dd>
+          </div>
+          <div>
+            <dt>Provider id</dt>
+            <dd class="mono small">{inst.provider_instance_id ?? '—'}</dd>
+          </div>
+          <div>
+            <dt>Created</dt>
+            <dd>{dateTime(inst.created_at)}</dd>
+          </div>
+          <div>
+            <dt>Ready</dt>
+            <dd>
+              {dateTime(inst.ready_at)}
+              {inst.ready_at && (
+                <span class="muted small"> · after {duration(Date.parse(inst.ready_at) - Date.parse(inst.created_at))}</span>
+              )}
+            </dd>
+          </div>
+          <div>
+            <dt>Uptime</dt>
+            <dd>{up === null ? '—' : duration(up)}</dd>
+          </div>
+          <div>
+            <dt>Cost so far</dt>
+            <dd>{cost === null ? '—' : money(cost, type!.currency)}</dd>
+          </div>
+          {inst.terminated_at && (
+            <div>
+              <dt>Terminated</dt>
+              <dd>{dateTime(inst.terminated_at)}</dd>
+            </div>
+          )}
+        </dl>
+        {inst.status_message && (
+          <p class={inst.status === 'failed' ? 'status-message bad' : 'status-message'}>
+            {inst.status_reason && <strong>{inst.status_reason.replace(/_/g, ' ')}: </strong>}
+            {inst.status_message}
+          </p>
+        )}
+      </div>
+
+      <div class="section-head">
+        <h2 id="charts-title">Metrics</h2>
+        <div class="segmented" role="radiogroup" aria-label="Window">
+          {WINDOWS.map((x) => (
+            <button type="button" role="radio" aria-checked={win === x.key} class={win === x.key ? 'seg on' : 'seg'} onClick={() => setWin(x.key)}>
+              {x.label}
+            </button>
+          ))}
+        </div>
+      </div>
+      {truncated && (
+        <Notice>
+          Showing the newest {metrics!.samples.length} samples (since {time(oldest!.at)}). Longer history is not available yet.
+        </Notice>
+      )}
+      {!metrics ? (
+        <Loading what="metrics" />
+      ) : metrics.samples.length === 0 ? (
+        <p class="muted">{STARTING.includes(inst.status) ? 'Metrics appear once the agent sends its first heartbeat.' : 'No samples recorded.'}</p>
+      ) : (
+        <div class="chart-grid" aria-labelledby="charts-title">
+          {charts.map((c) => (
+            <Chart key={c.id} title={c.title} series={c.labels.map((label) => ({ label }))} data={c.data} fmt={c.fmt} yRange={c.yRange} />
+          ))}
+        </div>
+      )}
+
+      <h2 id="timeline-title">Timeline</h2>
+      {!timeline ? <Loading what="the timeline" /> : <TimelineView t={timeline} />}
+
+      <Confirm open={confirm} title="Terminate this instance?" confirmLabel="Terminate" onCancel={() => setConfirm(false)} onConfirm={terminate}>
+        <p>
+          <code>{id}</code> will be deleted at the provider. This cannot be undone.
+        </p>
+      </Confirm>
+    </section>
+  )
+}
+
+function TimelineView({ t }: { t: Timeline }) {
+  if (!t.events.length) return <p class="muted">No events yet.</p>
+  const start = Date.parse(t.events[0].at)
+  return (
+    <ol class="timeline" aria-labelledby="timeline-title">
+      {t.events.map((e) => (
+        <li class={`tl tl-${e.outcome}`} data-outcome={e.outcome}>
+          <span class="tl-dot" aria-hidden="true" />
+          <div class="tl-main">
+            <div class="tl-head">
+              <span class="tl-action">{e.action}</span>
+              {e.from_status && e.to_status && (
+                <span class="tl-trans">
+                  <StatusBadge status={e.from_status} /> → <StatusBadge status={e.to_status} />
+                </span>
+              )}
+              <span class={`tl-outcome o-${e.outcome}`}>{e.outcome.replace(/_/g, ' ')}</span>
+              {e.duration_ms !== null && <span class="tl-dur">took {shortDuration(e.duration_ms)}</span>}
+            </div>
+            {e.message && <p class="tl-msg">{e.message}</p>}
+            {e.error_code && (
+              <p class="tl-err">
+                Error <code>{e.error_code}</code>
+              </p>
+            )}
+          </div>
+          <time class="tl-time" dateTime={e.at} title={dateTime(e.at)}>
+            {time(e.at)} <span class="muted">+{shortDuration(Date.parse(e.at) - start)}</span>
+          </time>
+        </li>
+      ))}
+    </ol>
+  )
+}

@@ -624,6 +624,10 @@ impl Fleet {
             e = e.error_code("engine_exited");
         }
         self.inner.store.append_events(&[e]).await?;
+        if ev.kind == AgentEventKind::EngineReady {
+            // Probe now rather than at the next period.
+            self.inner.tasks.wake(task::HEALTH);
+        }
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 pub mod catalog;
 pub mod ids;
 pub mod lifecycle;
+pub mod metrics;
 pub mod names;
 
 pub use catalog::{GpuSpec, InstanceType, Zone};

@@ -143,6 +143,19 @@ pub struct EngineSample {
     pub requests_waiting: f64,
     /// How often the agent restarted the engine since the agent started.
     pub restarts: u32,
+    /// `vllm:kv_cache_usage_perc` (0–1; older engines: `vllm:gpu_cache_usage_perc`).
+    #[serde(default)]
+    pub kv_cache_usage: Option<f64>,
+    /// Prompt tokens per second over the last interval (from `vllm:prompt_tokens_total`).
+    #[serde(default)]
+    pub prompt_tokens_per_s: Option<f64>,
+    /// Generated tokens per second over the last interval (from `vllm:generation_tokens_total`).
+    #[serde(default)]
+    pub generation_tokens_per_s: Option<f64>,
+    /// Mean time to first token over the last interval, in seconds
+    /// (from the `vllm:time_to_first_token_seconds` histogram's sum and count).
+    #[serde(default)]
+    pub ttft_mean_s: Option<f64>,
 }
 
 /// `POST /internal/v1/agent/heartbeat`.

@@ -11,6 +11,8 @@ static POSTGRES_MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// How long a SQLite connection waits for the write lock before `SQLITE_BUSY`.
 const SQLITE_BUSY_TIMEOUT_MS: u64 = 5_000;
+/// Page cache per SQLite connection, in KiB (a ceiling, filled on demand).
+const SQLITE_CACHE_KIB: u64 = 64 * 1024;
 /// Pool sizes. SQLite has one writer at a time anyway (WAL lets readers run
 /// beside it); PostgreSQL gets a modest pool.
 const SQLITE_MAX_CONNECTIONS: u32 = 8;
@@ -118,6 +120,13 @@ impl Store {
                             if !memory {
                                 conn.execute("PRAGMA journal_mode = WAL").await?;
                                 conn.execute("PRAGMA synchronous = NORMAL").await?;
+                                // Heartbeats land on every instance's index
+                                // pages: keep them cached (the default 2 MiB
+                                // thrashes past a few hundred instances).
+                                conn.execute(
+                                    format!("PRAGMA cache_size = -{SQLITE_CACHE_KIB}").as_str(),
+                                )
+                                .await?;
                             }
                             Ok(())
                         })

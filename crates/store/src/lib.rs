@@ -7,17 +7,33 @@
 //! - Lifecycle columns are written only by [`Store::update_instance`], a
 //!   compare-and-swap on `generation` (bumped on every write), together with the
 //!   timeline events that explain the change, in one transaction.
-//! - Heartbeat columns are written only by [`Store::record_heartbeat`], and only
+//! - Heartbeat columns are written only by [`Store::record_heartbeat`] and
+//!   [`Store::record_heartbeats`], and only
 //!   when the heartbeat's `seq` is above the last applied one: a stale report
 //!   never overwrites newer state. It does not bump `generation`.
 //! - Secrets are stored as SHA-256 hex digests only.
+//! - Metric history has three tiers (raw `samples`/`gpu_samples`, then
+//!   `*_1m` and `*_1h` rollups): [`Store::rollup`] fills a tier up to its
+//!   watermark, [`Store::enforce_retention`] never deletes rows the next tier
+//!   has not rolled up yet, [`Store::metric_series`] and
+//!   [`Store::fleet_series`] read any tier with the same bucket arithmetic.
 
 mod agents;
 mod connect;
+mod figures;
+mod ingest;
 mod instances;
+mod rollup;
 mod rows;
 mod samples;
+mod series;
 mod timeline;
+
+pub use rollup::{RetentionReport, RollupReport};
+pub use series::{
+    FleetNow, FleetPoint, FleetSeries, FleetStatusFigures, GpuPoint, GpuSeries, MetricSeries,
+    SystemPoint,
+};
 
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{
@@ -50,6 +66,10 @@ pub enum StoreError {
     /// A row holds a value the code cannot read (e.g. an unknown status).
     #[error("corrupt row: {what}")]
     Corrupt { what: String },
+    /// A metrics request the store will not run (e.g. too many points, a
+    /// rollup of the raw tier).
+    #[error("invalid metrics query: {what}")]
+    InvalidQuery { what: String },
 }
 
 /// Which engine is behind the store.
@@ -203,6 +223,13 @@ pub enum HeartbeatOutcome {
     Applied,
     /// `seq` not above the last applied one: nothing written.
     Stale,
+    /// Only from [`Store::record_heartbeats`]: no such instance; nothing written.
+    /// ([`Store::record_heartbeat`] answers `StoreError::NotFound` instead.)
+    UnknownInstance,
+    /// Only from [`Store::record_heartbeats`]: a value that cannot be stored
+    /// (a seq or byte count above the BIGINT range, a NaN or infinite
+    /// figure); nothing written. ([`Store::record_heartbeat`] answers an error.)
+    Invalid,
 }
 
 /// Result of an agent registration attempt.
@@ -330,6 +357,18 @@ impl fmt::Debug for Store {
 impl Store {
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// A transaction that will write. On SQLite it takes the write lock up
+    /// front (`BEGIN IMMEDIATE`): a deferred transaction that reads first
+    /// fails with `SQLITE_BUSY` when it upgrades after another writer committed.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
     }
 
     /// Close every connection; the store is unusable afterwards. Waits for

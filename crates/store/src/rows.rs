@@ -163,3 +163,19 @@ pub(crate) fn serde_enum_text<T: Serialize>(v: &T) -> Result<String, StoreError>
 fn serde_enum_from_text<T: DeserializeOwned>(s: &str) -> Result<T, serde_json::Error> {
     serde_json::from_value(serde_json::Value::String(s.to_string()))
 }
+
+/// An optional DOUBLE PRECISION to bind.
+///
+/// sqlx 0.8's Any driver sends a `None::<f64>` to PostgreSQL as a `float4`
+/// NULL (its Real/Double mapping of NULLs is swapped), so a cached statement
+/// first run with NULL then fails on a real value ("incorrect binary data
+/// format"). A `None::<f32>` goes out as a `float8` NULL.
+pub(crate) fn bind_opt_f64<'q>(
+    q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    v: Option<f64>,
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    match v {
+        Some(v) => q.bind(v),
+        None => q.bind(None::<f32>),
+    }
+}

@@ -1,7 +1,7 @@
 //! Heartbeats: the heartbeat columns of `instances`, and the columnar
 //! `samples` / `gpu_samples` tables they feed.
 
-use crate::rows::{millis, serde_enum_text, to_i64, RowReader};
+use crate::rows::{bind_opt_f64, millis, serde_enum_text, to_i64, RowReader};
 use crate::{HeartbeatOutcome, SampleRecord, Store, StoreError};
 use chrono::{DateTime, Utc};
 use gpufleet_domain::InstanceId;
@@ -67,13 +67,14 @@ impl Store {
             tracing::debug!(instance_id = %hb.instance_id, seq = hb.seq, "stale heartbeat ignored");
             return Ok(HeartbeatOutcome::Stale);
         }
-        sqlx::query(
+        let q = sqlx::query(
             "INSERT INTO samples (instance_id, seq, at, sent_at, cpu_pct, load1, load5, load15, \
              mem_used_bytes, mem_total_bytes, disk_used_bytes, disk_total_bytes, net_rx_bps, \
              net_tx_bps, gpu_source, engine_status, requests_running, requests_waiting, \
-             engine_restarts) \
+             engine_restarts, kv_cache_usage, prompt_tokens_per_s, generation_tokens_per_s, \
+             ttft_mean_s) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19)",
+             $18, $19, $20, $21, $22, $23)",
         )
         .bind(&id)
         .bind(seq)
@@ -93,9 +94,12 @@ impl Store {
         .bind(&engine_status)
         .bind(hb.engine.requests_running)
         .bind(hb.engine.requests_waiting)
-        .bind(i64::from(hb.engine.restarts))
-        .execute(&mut *tx)
-        .await?;
+        .bind(i64::from(hb.engine.restarts));
+        let q = bind_opt_f64(q, hb.engine.kv_cache_usage);
+        let q = bind_opt_f64(q, hb.engine.prompt_tokens_per_s);
+        let q = bind_opt_f64(q, hb.engine.generation_tokens_per_s);
+        let q = bind_opt_f64(q, hb.engine.ttft_mean_s);
+        q.execute(&mut *tx).await?;
         for (g, mem_used, mem_total) in gpus {
             sqlx::query(
                 "INSERT INTO gpu_samples (instance_id, seq, at, gpu_index, name, uuid, util_pct, \
@@ -131,7 +135,8 @@ impl Store {
         let rows = sqlx::query(
             "SELECT instance_id, seq, at, cpu_pct, load1, load5, load15, mem_used_bytes, \
              mem_total_bytes, disk_used_bytes, disk_total_bytes, net_rx_bps, net_tx_bps, \
-             gpu_source, engine_status, requests_running, requests_waiting, engine_restarts \
+             gpu_source, engine_status, requests_running, requests_waiting, engine_restarts, \
+             kv_cache_usage, prompt_tokens_per_s, generation_tokens_per_s, ttft_mean_s \
              FROM samples WHERE instance_id = $1 ORDER BY seq DESC LIMIT $2",
         )
         .bind(id.to_string())
@@ -166,6 +171,10 @@ impl Store {
                     requests_running: r.get("requests_running")?,
                     requests_waiting: r.get("requests_waiting")?,
                     restarts: r.int("engine_restarts")?,
+                    kv_cache_usage: r.get("kv_cache_usage")?,
+                    prompt_tokens_per_s: r.get("prompt_tokens_per_s")?,
+                    generation_tokens_per_s: r.get("generation_tokens_per_s")?,
+                    ttft_mean_s: r.get("ttft_mean_s")?,
                 },
             });
         }

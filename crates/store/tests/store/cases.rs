@@ -95,6 +95,10 @@ fn heartbeat(id: InstanceId, seq: u64, gpus: usize) -> Heartbeat {
             requests_running: 3.0,
             requests_waiting: 1.0,
             restarts: 2,
+            kv_cache_usage: None,
+            prompt_tokens_per_s: None,
+            generation_tokens_per_s: None,
+            ttft_mean_s: None,
         },
     }
 }
@@ -834,4 +838,692 @@ pub async fn corrupt_event_is_an_error(ctx: Ctx) {
         s.get_instance(rec.id).await,
         Err(StoreError::Corrupt { .. })
     ));
+}
+
+// ---------------------------------------------------------------------------
+// Metric history: batched ingestion, series, rollups, retention, fleet views.
+
+use gpufleet_domain::metrics::{parse_step, RetentionConfig, Step, Tier};
+
+/// An hour boundary (`t(0)` is not one), so minute and hour buckets line up.
+const HOUR0: i64 = 1_750_000_000_000 - 1_750_000_000_000 % 3_600_000;
+
+fn at(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(HOUR0 + ms).unwrap()
+}
+
+/// A heartbeat whose figures are derived from `v`: cpu = v, load1 = v / 10,
+/// GPU g's utilisation = 2v + g, temperature = 40 + v, power = 100 + v;
+/// engine KV cache = v / 100 on even v only, ttft = v / 10.
+fn figure_hb(id: InstanceId, seq: u64, v: f64, gpus: usize) -> Heartbeat {
+    let mut hb = heartbeat(id, seq, gpus);
+    hb.system.cpu_pct = v;
+    hb.system.load1 = v / 10.0;
+    hb.system.mem_used_bytes = 1_000 * v as u64;
+    for g in &mut hb.gpus {
+        g.util_pct = 2.0 * v + f64::from(g.index);
+        g.temp_c = 40.0 + v;
+        g.power_w = 100.0 + v;
+        g.mem_used_mib = 100 + v as u64;
+    }
+    hb.engine.kv_cache_usage = ((v as i64) % 2 == 0).then_some(v / 100.0);
+    hb.engine.ttft_mean_s = Some(v / 10.0);
+    hb.engine.generation_tokens_per_s = Some(v * 3.0);
+    hb
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+macro_rules! assert_close {
+    ($a:expr, $b:expr $(, $($msg:tt)*)?) => {{
+        let (a, b): (f64, f64) = ($a, $b);
+        assert!(close(a, b), "{} = {a}, expected {b} {}", stringify!($a), format!("" $(, $($msg)*)?));
+    }};
+}
+
+fn assert_points_close(a: &gpufleet_store::SystemPoint, b: &gpufleet_store::SystemPoint) {
+    assert_eq!(a.bucket, b.bucket);
+    assert_eq!(a.samples, b.samples);
+    assert_close!(a.cpu_pct_avg, b.cpu_pct_avg);
+    assert_close!(a.cpu_pct_max, b.cpu_pct_max);
+    assert_close!(a.load1_avg, b.load1_avg);
+    assert_close!(a.mem_used_bytes_avg, b.mem_used_bytes_avg);
+    assert_close!(a.mem_total_bytes, b.mem_total_bytes);
+    assert_close!(a.kv_cache_usage_avg.unwrap(), b.kv_cache_usage_avg.unwrap());
+    assert_eq!(a.kv_cache_usage_max, b.kv_cache_usage_max);
+    assert_close!(a.ttft_mean_s_avg.unwrap(), b.ttft_mean_s_avg.unwrap());
+    assert_eq!(a.ttft_mean_s_max, b.ttft_mean_s_max);
+    assert_close!(
+        a.generation_tokens_per_s_avg.unwrap(),
+        b.generation_tokens_per_s_avg.unwrap()
+    );
+    assert_eq!(a.prompt_tokens_per_s_avg, b.prompt_tokens_per_s_avg);
+}
+
+fn assert_gpu_points_close(a: &gpufleet_store::GpuPoint, b: &gpufleet_store::GpuPoint) {
+    assert_eq!(a.bucket, b.bucket);
+    assert_eq!(a.samples, b.samples);
+    assert_close!(a.util_pct_avg, b.util_pct_avg);
+    assert_close!(a.util_pct_max, b.util_pct_max);
+    assert_close!(a.mem_used_mib_avg, b.mem_used_mib_avg);
+    assert_close!(a.mem_used_mib_max, b.mem_used_mib_max);
+    assert_close!(a.mem_total_mib, b.mem_total_mib);
+    assert_close!(a.temp_c_avg, b.temp_c_avg);
+    assert_close!(a.temp_c_max, b.temp_c_max);
+    assert_close!(a.power_w_avg, b.power_w_avg);
+    assert_close!(a.power_w_max, b.power_w_max);
+    assert_close!(a.power_limit_w, b.power_limit_w);
+}
+
+/// Heartbeats of `id` every `every_ms` over `[start_ms, end_ms)` (relative to
+/// HOUR0), figure value = index, in batches of 50.
+async fn load(s: &Store, id: InstanceId, start_ms: i64, end_ms: i64, every_ms: i64, gpus: usize) {
+    let batch: Vec<(Heartbeat, DateTime<Utc>)> = (0..)
+        .map(|i| start_ms + i * every_ms)
+        .take_while(|ms| *ms < end_ms)
+        .enumerate()
+        .map(|(i, ms)| (figure_hb(id, (HOUR0 + ms) as u64, i as f64, gpus), at(ms)))
+        .collect();
+    for chunk in batch.chunks(50) {
+        let out = s.record_heartbeats(chunk).await.unwrap();
+        assert!(out.iter().all(|o| *o == HeartbeatOutcome::Applied));
+    }
+}
+
+async fn rollup_all(s: &Store, tier: Tier, up_to: DateTime<Utc>) -> u64 {
+    let mut rows = 0;
+    for _ in 0..1000 {
+        let r = s.rollup(tier, up_to).await.unwrap();
+        rows += r.rows;
+        if r.caught_up {
+            return rows;
+        }
+    }
+    panic!("rollup never caught up");
+}
+
+pub async fn batch_ingestion_orders_and_guards(ctx: Ctx) {
+    let s = &ctx.store;
+    assert!(s.record_heartbeats(&[]).await.unwrap().is_empty());
+    let a = insert_one(s, 0).await;
+    let b = insert_one(s, 1).await;
+    s.record_heartbeat(&heartbeat(a.id, 100, 1), t(100))
+        .await
+        .unwrap();
+    let ghost = InstanceId::new();
+    let mut nan = heartbeat(a.id, 500, 1);
+    nan.system.cpu_pct = f64::NAN;
+    let mut huge = heartbeat(a.id, 501, 1);
+    huge.gpus[0].mem_used_mib = u64::MAX;
+    let mut dup_gpu = heartbeat(b.id, 502, 2);
+    dup_gpu.gpus[1].index = 0;
+    let mut b5 = heartbeat(b.id, 5, 2);
+    b5.engine.kv_cache_usage = Some(0.25);
+    b5.engine.prompt_tokens_per_s = Some(120.5);
+    b5.engine.generation_tokens_per_s = Some(33.0);
+    b5.engine.ttft_mean_s = Some(0.042);
+    let mut a102 = heartbeat(a.id, 102, 1);
+    a102.engine.status = EngineStatus::Crashed;
+    let batch = vec![
+        (heartbeat(a.id, 90, 1), t(200)),       // stale: 100 is stored
+        (b5.clone(), t(201)),                   // applied
+        (a102, t(203)),                         // applied, after 101
+        (heartbeat(a.id, 101, 1), t(202)),      // applied first (lower seq)
+        (heartbeat(ghost, 1, 1), t(204)),       // unknown
+        (heartbeat(b.id, 5, 1), t(205)),        // stale: same seq in the batch
+        (nan, t(206)),                          // invalid
+        (huge, t(207)),                         // invalid
+        (dup_gpu, t(208)),                      // invalid
+        (heartbeat(a.id, u64::MAX, 0), t(209)), // invalid: beyond BIGINT
+    ];
+    let out = s.record_heartbeats(&batch).await.unwrap();
+    use HeartbeatOutcome::*;
+    assert_eq!(
+        out,
+        vec![
+            Stale,
+            Applied,
+            Applied,
+            Applied,
+            UnknownInstance,
+            Stale,
+            Invalid,
+            Invalid,
+            Invalid,
+            Invalid
+        ]
+    );
+    let a_now = s.get_instance(a.id).await.unwrap().unwrap();
+    assert_eq!(a_now.last_heartbeat_seq, Some(102));
+    assert_eq!(a_now.last_heartbeat_at, Some(t(203)));
+    assert_eq!(a_now.engine_status, Some(EngineStatus::Crashed));
+    assert_eq!(a_now.generation, a.generation);
+    let a_samples = s.recent_samples(a.id, 10).await.unwrap();
+    assert_eq!(
+        a_samples.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![102, 101, 100]
+    );
+    assert_eq!(a_samples[1].at, t(202));
+    let b_samples = s.recent_samples(b.id, 10).await.unwrap();
+    assert_eq!(b_samples.len(), 1);
+    assert_eq!(b_samples[0].gpus, b5.gpus);
+    assert_eq!(b_samples[0].engine, b5.engine);
+    assert_eq!(b_samples[0].system, b5.system);
+    assert_eq!(b_samples[0].at, t(201));
+
+    // A second batch: the guard holds against what the first stored.
+    let out = s
+        .record_heartbeats(&[
+            (heartbeat(a.id, 102, 1), t(300)),
+            (heartbeat(b.id, 6, 0), t(301)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![Stale, Applied]);
+    // The single-heartbeat path stores the engine gauges too.
+    let mut a200 = heartbeat(a.id, 200, 0);
+    a200.engine.kv_cache_usage = Some(0.5);
+    s.record_heartbeat(&a200, t(400)).await.unwrap();
+    assert_eq!(
+        s.recent_samples(a.id, 1).await.unwrap()[0]
+            .engine
+            .kv_cache_usage,
+        Some(0.5)
+    );
+    // A batch larger than one statement's chunk.
+    let big: Vec<_> = (0..700u64)
+        .map(|i| (heartbeat(b.id, 1_000 + i, 2), t(1_000 + i as i64)))
+        .collect();
+    let out = s.record_heartbeats(&big).await.unwrap();
+    assert!(out.iter().all(|o| *o == Applied));
+    assert_eq!(s.recent_samples(b.id, 1000).await.unwrap().len(), 702);
+    let raw = raw_pool(&ctx.url).await;
+    let gpu_rows: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM gpu_samples WHERE instance_id = $1")
+            .bind(b.id.to_string())
+            .fetch_one(&raw)
+            .await
+            .unwrap();
+    assert_eq!(gpu_rows, 2 + 1_400);
+}
+
+pub async fn series_from_raw_is_aligned(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = insert_one(s, 0).await;
+    let other = insert_one(s, 1).await;
+    // 18 heartbeats 10 s apart from HOUR0: values 0..17, 6 per minute.
+    load(s, a.id, 0, 180_000, 10_000, 2).await;
+    load(s, other.id, 0, 60_000, 1_000, 1).await;
+    let m = s
+        .metric_series(a.id, at(0), at(180_000), Step::MINUTE, Tier::Raw)
+        .await
+        .unwrap();
+    assert_eq!(m.step, Step::MINUTE);
+    assert_eq!(m.points.len(), 3);
+    for (k, p) in m.points.iter().enumerate() {
+        let k = k as f64;
+        assert_eq!(p.bucket, at(60_000 * k as i64));
+        assert_eq!(p.samples, 6);
+        assert_close!(p.cpu_pct_avg, 6.0 * k + 2.5);
+        assert_close!(p.cpu_pct_max, 6.0 * k + 5.0);
+        assert_close!(p.load1_avg, (6.0 * k + 2.5) / 10.0);
+        assert_close!(p.mem_used_bytes_avg, 1_000.0 * (6.0 * k + 2.5));
+        assert_close!(p.mem_total_bytes, (64u64 << 30) as f64);
+        // KV cache only on even values: 6k, 6k+2, 6k+4.
+        assert_close!(p.kv_cache_usage_avg.unwrap(), (6.0 * k + 2.0) / 100.0);
+        assert_close!(p.kv_cache_usage_max.unwrap(), (6.0 * k + 4.0) / 100.0);
+        assert_close!(p.ttft_mean_s_max.unwrap(), (6.0 * k + 5.0) / 10.0);
+        assert_eq!(p.prompt_tokens_per_s_avg, None);
+        assert_close!(p.requests_running_avg, 3.0);
+    }
+    assert_eq!(m.gpus.len(), 2);
+    for g in &m.gpus {
+        assert_eq!(g.points.len(), 3);
+        let gi = f64::from(g.gpu_index);
+        for (k, p) in g.points.iter().enumerate() {
+            let k = k as f64;
+            assert_close!(p.util_pct_avg, 2.0 * (6.0 * k + 2.5) + gi);
+            assert_close!(p.util_pct_max, 2.0 * (6.0 * k + 5.0) + gi);
+            assert_close!(p.temp_c_avg, 40.0 + 6.0 * k + 2.5);
+            assert_close!(p.temp_c_max, 40.0 + 6.0 * k + 5.0);
+            assert_close!(p.power_w_max, 100.0 + 6.0 * k + 5.0);
+            assert_close!(p.power_limit_w, 72.0);
+            assert_close!(p.mem_total_mib, 23034.0);
+            assert_close!(p.mem_used_mib_max, 100.0 + 6.0 * k + 5.0);
+        }
+    }
+    // A 5 s step: one sample per bucket, on 10 s boundaries.
+    let fine = s
+        .metric_series(a.id, at(0), at(180_000), Step::MIN, Tier::Raw)
+        .await
+        .unwrap();
+    assert_eq!(fine.points.len(), 18);
+    assert!(fine
+        .points
+        .iter()
+        .enumerate()
+        .all(|(i, p)| p.bucket == at(10_000 * i as i64)
+            && p.samples == 1
+            && p.cpu_pct_avg == i as f64));
+    // An unaligned window: buckets stay aligned, only samples inside count.
+    let part = s
+        .metric_series(a.id, at(30_000), at(90_000), Step::MINUTE, Tier::Raw)
+        .await
+        .unwrap();
+    assert_eq!(part.points.len(), 2);
+    assert_eq!(part.points[0].bucket, at(0));
+    assert_eq!(part.points[0].samples, 3);
+    assert_close!(part.points[0].cpu_pct_avg, 4.0);
+    assert_eq!(part.points[1].samples, 3);
+    // A 2-minute step.
+    let two = parse_step("2m").unwrap();
+    let coarse = s
+        .metric_series(a.id, at(0), at(180_000), two, Tier::Raw)
+        .await
+        .unwrap();
+    assert_eq!(
+        coarse.points.iter().map(|p| p.samples).collect::<Vec<_>>(),
+        vec![12, 6]
+    );
+    // Empty and unknown.
+    let empty = s
+        .metric_series(a.id, at(10), at(10), Step::MINUTE, Tier::Raw)
+        .await
+        .unwrap();
+    assert!(empty.points.is_empty() && empty.gpus.is_empty());
+    let none = s
+        .metric_series(
+            InstanceId::new(),
+            at(0),
+            at(180_000),
+            Step::MINUTE,
+            Tier::Raw,
+        )
+        .await
+        .unwrap();
+    assert!(none.points.is_empty() && none.gpus.is_empty());
+    // Too many points.
+    let err = s
+        .metric_series(a.id, at(0), at(86_400_000), Step::MIN, Tier::Raw)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidQuery { .. }), "{err:?}");
+}
+
+/// Every row of a rollup table, as text, in key order.
+async fn dump(url: &str, table: &str) -> Vec<String> {
+    let raw = raw_pool(url).await;
+    let gpu = table.starts_with("gpu");
+    let cols = if gpu {
+        "instance_id, bucket, gpu_index, n, util_avg, util_max, mem_used_avg, mem_total, \
+         temp_max, power_avg, power_limit"
+    } else {
+        "instance_id, bucket, n, cpu_pct_avg, cpu_pct_max, mem_used_avg, kv_cache_n, \
+         kv_cache_avg, ttft_max"
+    };
+    let order = if gpu {
+        "instance_id, bucket, gpu_index"
+    } else {
+        "instance_id, bucket"
+    };
+    let rows = sqlx::query(&format!("SELECT {cols} FROM {table} ORDER BY {order}"))
+        .fetch_all(&raw)
+        .await
+        .unwrap();
+    use sqlx::Row;
+    rows.iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| {
+                    r.try_get::<Option<f64>, _>(i)
+                        .map(|v| format!("{v:?}"))
+                        .or_else(|_| r.try_get::<i64, _>(i).map(|v| v.to_string()))
+                        .or_else(|_| r.try_get::<String, _>(i))
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect()
+}
+
+pub async fn rollups_match_raw_and_are_idempotent(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = insert_one(s, 0).await;
+    let b = insert_one(s, 1).await;
+    // Two hours and 5 minutes of 30 s heartbeats for a (2 GPUs); a later
+    // stretch for b (no GPU), with a gap.
+    load(s, a.id, 0, 7_500_000, 30_000, 2).await;
+    load(s, b.id, 3_000_000, 3_300_000, 15_000, 0).await;
+
+    assert!(matches!(
+        s.rollup(Tier::Raw, at(0)).await,
+        Err(StoreError::InvalidQuery { .. })
+    ));
+    // Nothing rolls up into hours before minutes exist.
+    let r = s.rollup(Tier::Hour, at(7_500_000)).await.unwrap();
+    assert!(r.caught_up && r.rows == 0 && r.watermark.is_none());
+
+    let up_to = at(7_230_000); // 2 h 0 m 30 s: the minute 2h00 is incomplete.
+    let first = s.rollup(Tier::Minute, up_to).await.unwrap();
+    assert!(!first.caught_up, "{first:?}");
+    assert_eq!(first.from, Some(at(0)));
+    rollup_all(s, Tier::Minute, up_to).await;
+    assert_eq!(
+        s.rollup_watermark(Tier::Minute).await.unwrap(),
+        Some(at(7_200_000))
+    );
+    let again = s.rollup(Tier::Minute, up_to).await.unwrap();
+    assert!(again.caught_up && again.rows == 0);
+    let minutes = dump(&ctx.url, "samples_1m").await;
+    let gpu_minutes = dump(&ctx.url, "gpu_samples_1m").await;
+    assert_eq!(minutes.len(), 120 + 5);
+    assert_eq!(gpu_minutes.len(), 2 * 120);
+
+    // Minute tier = raw at a 1 m step, over the rolled-up span.
+    for id in [a.id, b.id] {
+        let raw = s
+            .metric_series(id, at(0), at(7_200_000), Step::MINUTE, Tier::Raw)
+            .await
+            .unwrap();
+        let rolled = s
+            .metric_series(id, at(0), at(7_200_000), Step::MINUTE, Tier::Minute)
+            .await
+            .unwrap();
+        assert_eq!(raw.points.len(), rolled.points.len());
+        for (x, y) in raw.points.iter().zip(&rolled.points) {
+            assert_points_close(x, y);
+        }
+        assert_eq!(raw.gpus.len(), rolled.gpus.len());
+        for (gx, gy) in raw.gpus.iter().zip(&rolled.gpus) {
+            assert_eq!(gx.points.len(), gy.points.len());
+            for (x, y) in gx.points.iter().zip(&gy.points) {
+                assert_gpu_points_close(x, y);
+            }
+        }
+        // Combining minutes into 5-minute buckets equals raw at 5 m too.
+        let five = parse_step("5m").unwrap();
+        let raw5 = s
+            .metric_series(id, at(0), at(7_200_000), five, Tier::Raw)
+            .await
+            .unwrap();
+        let rolled5 = s
+            .metric_series(id, at(0), at(7_200_000), five, Tier::Minute)
+            .await
+            .unwrap();
+        assert_eq!(raw5.points.len(), rolled5.points.len());
+        for (x, y) in raw5.points.iter().zip(&rolled5.points) {
+            assert_points_close(x, y);
+        }
+    }
+    // A finer step than the tier is served at the tier's resolution.
+    let coarse = s
+        .metric_series(a.id, at(0), at(600_000), Step::MIN, Tier::Minute)
+        .await
+        .unwrap();
+    assert_eq!(coarse.step, Step::MINUTE);
+    assert_eq!(coarse.points.len(), 10);
+
+    // Idempotent: forget the watermark, roll up again, same rows.
+    let raw = raw_pool(&ctx.url).await;
+    sqlx::query("DELETE FROM rollup_watermarks")
+        .execute(&raw)
+        .await
+        .unwrap();
+    rollup_all(s, Tier::Minute, up_to).await;
+    assert_eq!(dump(&ctx.url, "samples_1m").await, minutes);
+    assert_eq!(dump(&ctx.url, "gpu_samples_1m").await, gpu_minutes);
+
+    // Hours from minutes: two complete hours (the minute watermark is 2h00).
+    rollup_all(s, Tier::Hour, at(10_000_000)).await;
+    assert_eq!(
+        s.rollup_watermark(Tier::Hour).await.unwrap(),
+        Some(at(7_200_000))
+    );
+    let hours = dump(&ctx.url, "samples_1h").await;
+    assert_eq!(hours.len(), 2 + 1);
+    assert_eq!(dump(&ctx.url, "gpu_samples_1h").await.len(), 2 * 2);
+    for id in [a.id, b.id] {
+        let raw = s
+            .metric_series(id, at(0), at(7_200_000), Step::HOUR, Tier::Raw)
+            .await
+            .unwrap();
+        let rolled = s
+            .metric_series(id, at(0), at(7_200_000), Step::HOUR, Tier::Hour)
+            .await
+            .unwrap();
+        assert_eq!(raw.points.len(), rolled.points.len());
+        for (x, y) in raw.points.iter().zip(&rolled.points) {
+            assert_points_close(x, y);
+        }
+        for (gx, gy) in raw.gpus.iter().zip(&rolled.gpus) {
+            for (x, y) in gx.points.iter().zip(&gy.points) {
+                assert_gpu_points_close(x, y);
+            }
+        }
+    }
+    // Hour rollups are idempotent too.
+    sqlx::query("DELETE FROM rollup_watermarks WHERE tier = 'hour'")
+        .execute(&raw)
+        .await
+        .unwrap();
+    rollup_all(s, Tier::Hour, at(10_000_000)).await;
+    assert_eq!(dump(&ctx.url, "samples_1h").await, hours);
+    // More data later: the minute rollup picks up after its watermark.
+    load(s, a.id, 7_500_000, 7_560_000, 30_000, 2).await;
+    rollup_all(s, Tier::Minute, at(8_000_000)).await;
+    assert_eq!(dump(&ctx.url, "samples_1m").await.len(), 120 + 5 + 5 + 1);
+}
+
+async fn count(url: &str, table: &str) -> i64 {
+    let raw = raw_pool(url).await;
+    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+        .fetch_one(&raw)
+        .await
+        .unwrap()
+}
+
+pub async fn retention_deletes_only_old_rows(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = insert_one(s, 0).await;
+    const H: i64 = 3_600_000;
+    // 10 minutes at 0 h, and 10 minutes at 30 h.
+    load(s, a.id, 0, 600_000, 60_000, 1).await;
+    load(s, a.id, 30 * H, 30 * H + 600_000, 60_000, 1).await;
+    let retention = RetentionConfig::default();
+    let now = at(30 * H + 3_600_000);
+    // Nothing rolled up yet: raw rows are kept whatever their age.
+    let r = s.enforce_retention(&retention, now).await.unwrap();
+    assert_eq!(r.raw_samples, 0);
+    assert!(r.complete);
+    assert_eq!(count(&ctx.url, "samples").await, 20);
+
+    rollup_all(s, Tier::Minute, now).await;
+    rollup_all(s, Tier::Hour, now).await;
+    assert_eq!(count(&ctx.url, "samples_1m").await, 20);
+    assert_eq!(count(&ctx.url, "samples_1h").await, 2);
+    let r = s.enforce_retention(&retention, now).await.unwrap();
+    assert_eq!((r.raw_samples, r.raw_gpu_samples), (10, 10));
+    assert_eq!((r.minute_samples, r.hour_samples), (0, 0));
+    assert_eq!(count(&ctx.url, "samples").await, 10);
+    assert_eq!(count(&ctx.url, "gpu_samples").await, 10);
+    let left = s.recent_samples(a.id, 100).await.unwrap();
+    assert!(left.iter().all(|r| r.at >= at(30 * H)));
+    // Idempotent.
+    let r = s.enforce_retention(&retention, now).await.unwrap();
+    assert_eq!(r.raw_samples + r.minute_samples + r.hour_samples, 0);
+
+    // 8 days on: minute rows of hour 0 go (hour 30 is within 7 days), hour rows stay.
+    let later = at(8 * 24 * H);
+    let r = s.enforce_retention(&retention, later).await.unwrap();
+    assert_eq!((r.minute_samples, r.minute_gpu_samples), (10, 10));
+    assert_eq!(r.hour_samples, 0);
+    assert_eq!(count(&ctx.url, "samples_1m").await, 10);
+    assert_eq!(count(&ctx.url, "samples_1h").await, 2);
+    // Raw rows past the minute watermark's reach were rolled up: all gone now.
+    assert_eq!(count(&ctx.url, "samples").await, 0);
+    // 91 days on: the first hour goes.
+    let r = s
+        .enforce_retention(&retention, at(91 * 24 * H))
+        .await
+        .unwrap();
+    assert_eq!((r.hour_samples, r.hour_gpu_samples), (1, 1));
+    assert_eq!(count(&ctx.url, "samples_1h").await, 1);
+    // The rest of the minutes (rolled into hour 30) are past 7 days too.
+    assert_eq!(count(&ctx.url, "samples_1m").await, 0);
+    assert_eq!(r.minute_samples, 10);
+}
+
+pub async fn fleet_now_and_series(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = insert_one(s, 0).await;
+    let b = insert_one(s, 1).await;
+    let c = insert_one(s, 2).await;
+    let d = insert_one(s, 3).await;
+    insert_one(s, 4).await; // provisioning, never reported
+    set_status(s, &a, InstanceStatus::Ready).await;
+    set_status(s, &b, InstanceStatus::Starting).await;
+    set_status(s, &c, InstanceStatus::Ready).await;
+    set_status(s, &d, InstanceStatus::Terminated).await;
+    let mut hbs = Vec::new();
+    // a: an old heartbeat, then its latest with 2 GPUs at 10 % / 30 %.
+    hbs.push((figure_hb(a.id, 1, 50.0, 2), at(0)));
+    let mut a2 = heartbeat(a.id, 2, 2);
+    a2.gpus[0].util_pct = 10.0;
+    a2.gpus[1].util_pct = 30.0;
+    hbs.push((a2, at(60_000)));
+    // b: 1 GPU at 50 %, fresh.
+    let mut b1 = heartbeat(b.id, 1, 1);
+    b1.gpus[0].util_pct = 50.0;
+    hbs.push((b1, at(61_000)));
+    // c: stale. d: terminated.
+    hbs.push((heartbeat(c.id, 1, 4), at(1_000)));
+    hbs.push((heartbeat(d.id, 1, 8), at(62_000)));
+    s.record_heartbeats(&hbs).await.unwrap();
+
+    let now = s.fleet_now(at(30_000)).await.unwrap();
+    assert_eq!(now.instances, 4);
+    assert_eq!(now.reporting_instances, 2);
+    assert_eq!(now.gpus, 3);
+    assert_close!(now.mean_gpu_util_pct.unwrap(), 30.0);
+    // heartbeat(): GPU i uses 1000 + i MiB of 23034, 60.25 W of 72 W.
+    assert_close!(now.vram_used_mib, 1000.0 + 1001.0 + 1000.0);
+    assert_close!(now.vram_total_mib, 3.0 * 23034.0);
+    assert_close!(now.power_w, 3.0 * 60.25);
+    assert_close!(now.power_limit_w, 3.0 * 72.0);
+    let st = |status| now.by_status.iter().find(|f| f.status == status).unwrap();
+    assert!(now.by_status.iter().all(|f| !f.status.is_terminal()));
+    assert_eq!(now.by_status.len(), InstanceStatus::ALL.len() - 2);
+    assert_eq!(st(InstanceStatus::Ready).instances, 2);
+    assert_eq!(st(InstanceStatus::Ready).reporting_instances, 1);
+    assert_eq!(st(InstanceStatus::Ready).gpus, 2);
+    assert_close!(st(InstanceStatus::Ready).mean_gpu_util_pct.unwrap(), 20.0);
+    assert_eq!(st(InstanceStatus::Starting).gpus, 1);
+    assert_eq!(st(InstanceStatus::Provisioning).instances, 1);
+    assert_eq!(st(InstanceStatus::Provisioning).mean_gpu_util_pct, None);
+    // Nobody fresh.
+    let quiet = s.fleet_now(at(1_000_000)).await.unwrap();
+    assert_eq!((quiet.gpus, quiet.reporting_instances), (0, 0));
+    assert_eq!(quiet.mean_gpu_util_pct, None);
+
+    // Over time, at 1 m from raw: bucket 0 has a (2 GPUs of figure_hb(50):
+    // 100 %, 101 %) and c (4 GPUs at 40..43 %); bucket 1 has a, b and d.
+    let series = s
+        .fleet_series(at(0), at(120_000), Step::MINUTE, Tier::Raw)
+        .await
+        .unwrap();
+    assert_eq!(series.points.len(), 2);
+    let p0 = &series.points[0];
+    assert_eq!((p0.instances, p0.gpus), (2, 6));
+    assert_close!(
+        p0.mean_gpu_util_pct,
+        (100.0 + 101.0 + 40.0 + 41.0 + 42.0 + 43.0) / 6.0
+    );
+    assert_close!(
+        p0.vram_used_mib,
+        150.0 + 150.0 + 1000.0 + 1001.0 + 1002.0 + 1003.0
+    );
+    assert_close!(p0.power_w, 2.0 * 150.0 + 4.0 * 60.25);
+    let p1 = &series.points[1];
+    assert_eq!((p1.instances, p1.gpus), (3, 2 + 1 + 8));
+    assert_close!(p1.vram_total_mib, 11.0 * 23034.0);
+    // The same from minute rollups.
+    rollup_all(s, Tier::Minute, at(120_000)).await;
+    let rolled = s
+        .fleet_series(at(0), at(120_000), Step::MINUTE, Tier::Minute)
+        .await
+        .unwrap();
+    assert_eq!(rolled.points.len(), 2);
+    for (x, y) in series.points.iter().zip(&rolled.points) {
+        assert_eq!(
+            (x.bucket, x.instances, x.gpus),
+            (y.bucket, y.instances, y.gpus)
+        );
+        assert_close!(x.mean_gpu_util_pct, y.mean_gpu_util_pct);
+        assert_close!(x.vram_used_mib, y.vram_used_mib);
+        assert_close!(x.power_w, y.power_w);
+    }
+}
+
+pub async fn out_of_range_values_round_trip(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = insert_one(s, 0).await;
+    let mut odd = heartbeat(a.id, 1, 1);
+    odd.system.cpu_pct = 250.0;
+    odd.system.load1 = -3.0;
+    odd.system.mem_used_bytes = 1 << 62; // above the total
+    odd.system.net_rx_bps = 1e300;
+    odd.gpus[0].util_pct = 150.0;
+    odd.gpus[0].temp_c = -40.0;
+    odd.gpus[0].mem_used_mib = i64::MAX as u64;
+    odd.gpus[0].power_w = -1.0;
+    odd.engine.kv_cache_usage = Some(7.5);
+    odd.engine.ttft_mean_s = Some(-0.0);
+    let mut nan = heartbeat(a.id, 2, 1);
+    nan.gpus[0].temp_c = f64::INFINITY;
+    let mut nan_engine = heartbeat(a.id, 3, 0);
+    nan_engine.engine.ttft_mean_s = Some(f64::NAN);
+    let out = s
+        .record_heartbeats(&[
+            (odd.clone(), at(1_000)),
+            (nan, at(2_000)),
+            (nan_engine, at(3_000)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            HeartbeatOutcome::Applied,
+            HeartbeatOutcome::Invalid,
+            HeartbeatOutcome::Invalid
+        ]
+    );
+    let back = s.recent_samples(a.id, 10).await.unwrap();
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].system, odd.system);
+    assert_eq!(back[0].gpus, odd.gpus);
+    assert_eq!(back[0].engine, odd.engine);
+    let m = s
+        .metric_series(a.id, at(0), at(60_000), Step::MINUTE, Tier::Raw)
+        .await
+        .unwrap();
+    assert_eq!(m.points.len(), 1);
+    assert_eq!(m.points[0].cpu_pct_max, 250.0);
+    assert_eq!(m.points[0].net_rx_bps_avg, 1e300);
+    assert_eq!(m.points[0].kv_cache_usage_max, Some(7.5));
+    assert_eq!(m.gpus[0].points[0].util_pct_max, 150.0);
+    assert_eq!(m.gpus[0].points[0].temp_c_avg, -40.0);
+    assert_close!(m.gpus[0].points[0].mem_used_mib_max, i64::MAX as f64);
+    rollup_all(s, Tier::Minute, at(120_000)).await;
+    let rolled = s
+        .metric_series(a.id, at(0), at(60_000), Step::MINUTE, Tier::Minute)
+        .await
+        .unwrap();
+    assert_eq!(rolled.points[0].cpu_pct_max, 250.0);
+    assert_close!(rolled.gpus[0].points[0].mem_used_mib_avg, i64::MAX as f64);
+    let now = s.fleet_now(at(0)).await.unwrap();
+    assert_eq!(now.gpus, 1);
 }

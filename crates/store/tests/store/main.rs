@@ -52,4 +52,10 @@ store_tests!(
     count_by_status_counts_everything,
     corrupt_status_is_an_error,
     corrupt_event_is_an_error,
+    batch_ingestion_orders_and_guards,
+    series_from_raw_is_aligned,
+    rollups_match_raw_and_are_idempotent,
+    retention_deletes_only_old_rows,
+    fleet_now_and_series,
+    out_of_range_values_round_trip,
 );

@@ -1,0 +1,455 @@
+//! Reading metric history: per-instance series, fleet figures now and over time.
+
+use crate::figures::{aggregates, select_list, GPU, SYSTEM};
+use crate::rollup::tier_tables;
+use crate::rows::{corrupt, millis, RowReader};
+use crate::{Store, StoreError};
+use chrono::{DateTime, Utc};
+use gpufleet_domain::metrics::{Step, Tier, MAX_POINTS};
+use gpufleet_domain::{InstanceId, InstanceStatus};
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+
+/// One instance's history over a window, in aligned buckets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricSeries {
+    pub instance_id: InstanceId,
+    pub tier: Tier,
+    /// The bucket width used: the step asked for, or the tier's own
+    /// resolution when that is coarser (a 5 s step read from minute rollups
+    /// is served in 1-minute buckets).
+    pub step: Step,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// Buckets with data, ascending; empty buckets are absent.
+    pub points: Vec<SystemPoint>,
+    /// One series per GPU index, ascending.
+    pub gpus: Vec<GpuSeries>,
+}
+
+/// Host and engine figures over one bucket. `_avg` is a mean over the
+/// bucket's samples, `_max` the maximum; totals are the maximum seen.
+/// An engine figure is `None` when no sample in the bucket had it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SystemPoint {
+    /// Bucket start: `floor(t / step) * step`.
+    pub bucket: DateTime<Utc>,
+    /// Raw samples behind this point.
+    pub samples: i64,
+    pub cpu_pct_avg: f64,
+    pub cpu_pct_max: f64,
+    pub load1_avg: f64,
+    pub mem_used_bytes_avg: f64,
+    pub mem_total_bytes: f64,
+    pub disk_used_bytes_avg: f64,
+    pub disk_total_bytes: f64,
+    pub net_rx_bps_avg: f64,
+    pub net_tx_bps_avg: f64,
+    pub requests_running_avg: f64,
+    pub requests_waiting_avg: f64,
+    pub kv_cache_usage_avg: Option<f64>,
+    pub kv_cache_usage_max: Option<f64>,
+    pub prompt_tokens_per_s_avg: Option<f64>,
+    pub generation_tokens_per_s_avg: Option<f64>,
+    pub ttft_mean_s_avg: Option<f64>,
+    pub ttft_mean_s_max: Option<f64>,
+}
+
+/// One GPU's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuSeries {
+    pub gpu_index: u32,
+    pub points: Vec<GpuPoint>,
+}
+
+/// One GPU over one bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuPoint {
+    pub bucket: DateTime<Utc>,
+    pub samples: i64,
+    pub util_pct_avg: f64,
+    pub util_pct_max: f64,
+    pub mem_used_mib_avg: f64,
+    pub mem_used_mib_max: f64,
+    pub mem_total_mib: f64,
+    pub temp_c_avg: f64,
+    pub temp_c_max: f64,
+    pub power_w_avg: f64,
+    pub power_w_max: f64,
+    pub power_limit_w: f64,
+}
+
+/// The fleet now: instances that are not terminal, and the GPUs of those
+/// whose latest heartbeat is fresh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetNow {
+    /// Heartbeats at or after this count as fresh.
+    pub fresh_after: DateTime<Utc>,
+    /// Non-terminal instances.
+    pub instances: i64,
+    /// Of those, with a fresh heartbeat.
+    pub reporting_instances: i64,
+    /// GPUs in the fresh heartbeats.
+    pub gpus: i64,
+    /// Mean utilisation over those GPUs; `None` without any.
+    pub mean_gpu_util_pct: Option<f64>,
+    pub vram_used_mib: f64,
+    pub vram_total_mib: f64,
+    pub power_w: f64,
+    pub power_limit_w: f64,
+    /// Every non-terminal status, in `InstanceStatus::ALL` order, zeros included.
+    pub by_status: Vec<FleetStatusFigures>,
+}
+
+/// [`FleetNow`] figures of the instances in one status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetStatusFigures {
+    pub status: InstanceStatus,
+    pub instances: i64,
+    pub reporting_instances: i64,
+    pub gpus: i64,
+    pub mean_gpu_util_pct: Option<f64>,
+    pub vram_used_mib: f64,
+    pub vram_total_mib: f64,
+    pub power_w: f64,
+}
+
+/// Fleet totals over a window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetSeries {
+    pub tier: Tier,
+    pub step: Step,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub points: Vec<FleetPoint>,
+}
+
+/// The fleet over one bucket: each GPU's mean over the bucket, then summed
+/// (VRAM, power) or averaged (utilisation) across GPUs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetPoint {
+    pub bucket: DateTime<Utc>,
+    /// Instances with a GPU sample in the bucket.
+    pub instances: i64,
+    pub gpus: i64,
+    pub mean_gpu_util_pct: f64,
+    pub vram_used_mib: f64,
+    pub vram_total_mib: f64,
+    pub power_w: f64,
+}
+
+/// The bucket width for `tier`: `step`, or the tier's resolution if coarser.
+fn effective_step(step: Step, tier: Tier) -> Step {
+    match tier.bucket_ms() {
+        Some(res) if res > step.as_millis() => Step::from_millis(res).unwrap_or(step),
+        _ => step,
+    }
+}
+
+/// Check the window; `None` when it is empty.
+fn window(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    step: Step,
+) -> Result<Option<(i64, i64)>, StoreError> {
+    let (f, t) = (millis(from), millis(to));
+    if t <= f {
+        return Ok(None);
+    }
+    let points = step.points(f, t);
+    if points > MAX_POINTS {
+        return Err(StoreError::InvalidQuery {
+            what: format!("{points} points of step {step} exceed the maximum of {MAX_POINTS}"),
+        });
+    }
+    Ok(Some((f, t)))
+}
+
+/// Where rows of `tier` in `[from, to)` start: a rollup bucket counts when
+/// it starts in the window or holds `from`.
+fn lower_bound(tier: Tier, from: i64) -> i64 {
+    match tier.bucket_ms() {
+        Some(res) => from.div_euclid(res) * res,
+        None => from,
+    }
+}
+
+fn bucket_time(r: &RowReader<'_>) -> Result<DateTime<Utc>, StoreError> {
+    r.time("b")
+}
+
+fn system_point(row: &AnyRow, id: InstanceId) -> Result<SystemPoint, StoreError> {
+    let r = RowReader::new(row, format!("series of {id}"));
+    Ok(SystemPoint {
+        bucket: bucket_time(&r)?,
+        samples: r.get("n")?,
+        cpu_pct_avg: r.get("cpu_pct_avg")?,
+        cpu_pct_max: r.get("cpu_pct_max")?,
+        load1_avg: r.get("load1_avg")?,
+        mem_used_bytes_avg: r.get("mem_used_avg")?,
+        mem_total_bytes: r.get("mem_total")?,
+        disk_used_bytes_avg: r.get("disk_used_avg")?,
+        disk_total_bytes: r.get("disk_total")?,
+        net_rx_bps_avg: r.get("net_rx_avg")?,
+        net_tx_bps_avg: r.get("net_tx_avg")?,
+        requests_running_avg: r.get("running_avg")?,
+        requests_waiting_avg: r.get("waiting_avg")?,
+        kv_cache_usage_avg: r.get("kv_cache_avg")?,
+        kv_cache_usage_max: r.get("kv_cache_max")?,
+        prompt_tokens_per_s_avg: r.get("prompt_tps_avg")?,
+        generation_tokens_per_s_avg: r.get("gen_tps_avg")?,
+        ttft_mean_s_avg: r.get("ttft_avg")?,
+        ttft_mean_s_max: r.get("ttft_max")?,
+    })
+}
+
+fn gpu_point(r: &RowReader<'_>) -> Result<GpuPoint, StoreError> {
+    Ok(GpuPoint {
+        bucket: bucket_time(r)?,
+        samples: r.get("n")?,
+        util_pct_avg: r.get("util_avg")?,
+        util_pct_max: r.get("util_max")?,
+        mem_used_mib_avg: r.get("mem_used_avg")?,
+        mem_used_mib_max: r.get("mem_used_max")?,
+        mem_total_mib: r.get("mem_total")?,
+        temp_c_avg: r.get("temp_avg")?,
+        temp_c_max: r.get("temp_max")?,
+        power_w_avg: r.get("power_avg")?,
+        power_w_max: r.get("power_max")?,
+        power_limit_w: r.get("power_limit")?,
+    })
+}
+
+fn time(ms: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| corrupt(format!("series time {ms} out of range")))
+}
+
+impl Store {
+    /// One instance's history over `[from, to)` from `tier`, in buckets of
+    /// `step` (`floor(t / step) * step`, computed in SQL), or of the tier's
+    /// resolution when coarser. From raw samples each bucket is the mean and
+    /// max of its samples; from rollups, the count-weighted mean of their
+    /// means and the max of their maxes. `InvalidQuery` past
+    /// [`MAX_POINTS`] buckets; an empty window gives an empty series.
+    pub async fn metric_series(
+        &self,
+        id: InstanceId,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        step: Step,
+        tier: Tier,
+    ) -> Result<MetricSeries, StoreError> {
+        let step = effective_step(step, tier);
+        let mut series = MetricSeries {
+            instance_id: id,
+            tier,
+            step,
+            from,
+            to,
+            points: Vec::new(),
+            gpus: Vec::new(),
+        };
+        let Some((f, t)) = window(from, to, step)? else {
+            return Ok(series);
+        };
+        let (table, gpu_table, source) = tier_tables(tier);
+        let tc = source.time_col();
+        let sql = format!(
+            "SELECT ({tc} / $4) * $4 AS b, {} FROM {table} \
+             WHERE instance_id = $1 AND {tc} >= $2 AND {tc} < $3 GROUP BY b ORDER BY b",
+            select_list(&aggregates(SYSTEM, source))
+        );
+        let rows = sqlx::query(&sql)
+            .bind(id.to_string())
+            .bind(lower_bound(tier, f))
+            .bind(t)
+            .bind(step.as_millis())
+            .fetch_all(&self.pool)
+            .await?;
+        series.points = rows
+            .iter()
+            .map(|row| system_point(row, id))
+            .collect::<Result<_, _>>()?;
+
+        let sql = format!(
+            "SELECT gpu_index, ({tc} / $4) * $4 AS b, {} FROM {gpu_table} \
+             WHERE instance_id = $1 AND {tc} >= $2 AND {tc} < $3 \
+             GROUP BY gpu_index, b ORDER BY gpu_index, b",
+            select_list(&aggregates(GPU, source))
+        );
+        let rows = sqlx::query(&sql)
+            .bind(id.to_string())
+            .bind(lower_bound(tier, f))
+            .bind(t)
+            .bind(step.as_millis())
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            let r = RowReader::new(row, format!("GPU series of {id}"));
+            let index: u32 = r.int("gpu_index")?;
+            let point = gpu_point(&r)?;
+            match series.gpus.last_mut() {
+                Some(g) if g.gpu_index == index => g.points.push(point),
+                _ => series.gpus.push(GpuSeries {
+                    gpu_index: index,
+                    points: vec![point],
+                }),
+            }
+        }
+        Ok(series)
+    }
+
+    /// The fleet now: non-terminal instances by status, and over those whose
+    /// last heartbeat arrived at or after `fresh_after`, the GPUs of that
+    /// heartbeat (count, mean utilisation, VRAM used/total, power and limit).
+    pub async fn fleet_now(&self, fresh_after: DateTime<Utc>) -> Result<FleetNow, StoreError> {
+        let terminal = InstanceStatus::TERMINAL
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let fresh = millis(fresh_after);
+        let counts = sqlx::query(&format!(
+            "SELECT status, COUNT(*) AS instances, \
+             SUM(CASE WHEN last_heartbeat_at >= $1 THEN 1 ELSE 0 END) AS reporting \
+             FROM instances WHERE status NOT IN ({terminal}) GROUP BY status"
+        ))
+        .bind(fresh)
+        .fetch_all(&self.pool)
+        .await?;
+        let gpus = sqlx::query(&format!(
+            "SELECT i.status AS status, COUNT(*) AS gpus, \
+             SUM(g.util_pct) AS util_sum, \
+             SUM(CAST(g.mem_used_mib AS DOUBLE PRECISION)) AS vram_used, \
+             SUM(CAST(g.mem_total_mib AS DOUBLE PRECISION)) AS vram_total, \
+             SUM(g.power_w) AS power, SUM(g.power_limit_w) AS power_limit \
+             FROM instances i JOIN gpu_samples g \
+             ON g.instance_id = i.id AND g.seq = i.last_heartbeat_seq \
+             WHERE i.status NOT IN ({terminal}) AND i.last_heartbeat_at >= $1 \
+             GROUP BY i.status"
+        ))
+        .bind(fresh)
+        .fetch_all(&self.pool)
+        .await?;
+
+        let mut by_status: Vec<FleetStatusFigures> = InstanceStatus::ALL
+            .into_iter()
+            .filter(|s| !s.is_terminal())
+            .map(|status| FleetStatusFigures {
+                status,
+                instances: 0,
+                reporting_instances: 0,
+                gpus: 0,
+                mean_gpu_util_pct: None,
+                vram_used_mib: 0.0,
+                vram_total_mib: 0.0,
+                power_w: 0.0,
+            })
+            .collect();
+        let mut now = FleetNow {
+            fresh_after,
+            instances: 0,
+            reporting_instances: 0,
+            gpus: 0,
+            mean_gpu_util_pct: None,
+            vram_used_mib: 0.0,
+            vram_total_mib: 0.0,
+            power_w: 0.0,
+            power_limit_w: 0.0,
+            by_status: Vec::new(),
+        };
+        let slot = |by_status: &mut Vec<FleetStatusFigures>, r: &RowReader<'_>| {
+            let status: InstanceStatus = r.parsed("status")?;
+            by_status
+                .iter_mut()
+                .position(|f| f.status == status)
+                .ok_or_else(|| corrupt(format!("fleet figures: unexpected status {status}")))
+        };
+        for row in &counts {
+            let r = RowReader::new(row, "fleet status counts");
+            let i = slot(&mut by_status, &r)?;
+            let f = &mut by_status[i];
+            f.instances = r.get("instances")?;
+            f.reporting_instances = r.get::<Option<i64>>("reporting")?.unwrap_or(0);
+            now.instances += f.instances;
+            now.reporting_instances += f.reporting_instances;
+        }
+        let mut util_sum = 0.0;
+        for row in &gpus {
+            let r = RowReader::new(row, "fleet GPU figures");
+            let i = slot(&mut by_status, &r)?;
+            let f = &mut by_status[i];
+            let n: i64 = r.get("gpus")?;
+            let util: f64 = r.get::<Option<f64>>("util_sum")?.unwrap_or(0.0);
+            f.gpus = n;
+            f.mean_gpu_util_pct = (n > 0).then(|| util / n as f64);
+            f.vram_used_mib = r.get::<Option<f64>>("vram_used")?.unwrap_or(0.0);
+            f.vram_total_mib = r.get::<Option<f64>>("vram_total")?.unwrap_or(0.0);
+            f.power_w = r.get::<Option<f64>>("power")?.unwrap_or(0.0);
+            now.gpus += n;
+            util_sum += util;
+            now.vram_used_mib += f.vram_used_mib;
+            now.vram_total_mib += f.vram_total_mib;
+            now.power_w += f.power_w;
+            now.power_limit_w += r.get::<Option<f64>>("power_limit")?.unwrap_or(0.0);
+        }
+        now.mean_gpu_util_pct = (now.gpus > 0).then(|| util_sum / now.gpus as f64);
+        now.by_status = by_status;
+        Ok(now)
+    }
+
+    /// Fleet GPU totals per bucket over `[from, to)` from `tier`: each GPU's
+    /// mean over the bucket, then the mean utilisation across GPUs and the
+    /// total VRAM used/total and power. Every instance with samples counts,
+    /// whatever its status now. Buckets as in [`Store::metric_series`].
+    pub async fn fleet_series(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        step: Step,
+        tier: Tier,
+    ) -> Result<FleetSeries, StoreError> {
+        let step = effective_step(step, tier);
+        let mut series = FleetSeries {
+            tier,
+            step,
+            from,
+            to,
+            points: Vec::new(),
+        };
+        let Some((f, t)) = window(from, to, step)? else {
+            return Ok(series);
+        };
+        let (_, gpu_table, source) = tier_tables(tier);
+        let tc = source.time_col();
+        let sql = format!(
+            "SELECT b, COUNT(DISTINCT instance_id) AS instances, COUNT(*) AS gpus, \
+             AVG(util_avg) AS util, SUM(mem_used_avg) AS vram_used, \
+             SUM(mem_total) AS vram_total, SUM(power_avg) AS power \
+             FROM (SELECT instance_id, gpu_index, ({tc} / $3) * $3 AS b, {} FROM {gpu_table} \
+                   WHERE {tc} >= $1 AND {tc} < $2 GROUP BY instance_id, gpu_index, b) per_gpu \
+             GROUP BY b ORDER BY b",
+            select_list(&aggregates(GPU, source))
+        );
+        let rows = sqlx::query(&sql)
+            .bind(lower_bound(tier, f))
+            .bind(t)
+            .bind(step.as_millis())
+            .fetch_all(&self.pool)
+            .await?;
+        for row in &rows {
+            let r = RowReader::new(row, "fleet series");
+            series.points.push(FleetPoint {
+                bucket: time(r.get("b")?)?,
+                instances: r.get("instances")?,
+                gpus: r.get("gpus")?,
+                mean_gpu_util_pct: r.get("util")?,
+                vram_used_mib: r.get("vram_used")?,
+                vram_total_mib: r.get("vram_total")?,
+                power_w: r.get("power")?,
+            });
+        }
+        Ok(series)
+    }
+}

@@ -1,0 +1,354 @@
+//! Launching the engine. [`ProcessLauncher`] runs it as a child process;
+//! tests may provide their own [`EngineLauncher`].
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use gpufleet_domain::ModelName;
+use gpufleet_proto::EngineSpec;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// What to launch.
+#[derive(Debug, Clone)]
+pub struct LaunchRequest {
+    pub spec: EngineSpec,
+    /// Address the engine listens on.
+    pub host: IpAddr,
+    pub model: ModelName,
+    /// The agent's data directory (for `engine.pid`).
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("engine command is empty")]
+    EmptyCommand,
+    #[error("cannot spawn engine program {program}")]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the engine: {0}")]
+    Other(String),
+}
+
+/// How an engine ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub description: String,
+}
+
+/// A running engine.
+#[async_trait]
+pub trait EngineProcess: Send {
+    fn pid(&self) -> Option<u32>;
+    /// Resolves when the engine has exited. Cancel-safe.
+    async fn wait(&mut self) -> ExitInfo;
+    /// Asks the engine to stop, then forces it after `grace`.
+    async fn stop(&mut self, grace: Duration);
+}
+
+#[async_trait]
+pub trait EngineLauncher: Send + Sync + 'static {
+    async fn launch(&self, req: &LaunchRequest) -> Result<Box<dyn EngineProcess>, LaunchError>;
+}
+
+/// Runs the engine as a child process that dies with the agent.
+pub struct ProcessLauncher {
+    /// Program whose `sim` subcommand runs the simulator.
+    pub sim_program: PathBuf,
+}
+
+impl ProcessLauncher {
+    fn command(&self, req: &LaunchRequest) -> Result<(PathBuf, Vec<String>), LaunchError> {
+        let host = req.host.to_string();
+        match &req.spec {
+            EngineSpec::Sim {
+                port,
+                model_load_delay_ms,
+            } => Ok((
+                self.sim_program.clone(),
+                vec![
+                    "sim".into(),
+                    "--host".into(),
+                    host,
+                    "--port".into(),
+                    port.to_string(),
+                    "--model".into(),
+                    req.model.to_string(),
+                    "--model-load-delay-ms".into(),
+                    model_load_delay_ms.to_string(),
+                ],
+            )),
+            EngineSpec::Vllm { port, command } => {
+                let (program, args) = command.split_first().ok_or(LaunchError::EmptyCommand)?;
+                let mut args = args.to_vec();
+                args.extend([
+                    "--model".into(),
+                    req.model.to_string(),
+                    "--host".into(),
+                    host,
+                    "--port".into(),
+                    port.to_string(),
+                ]);
+                Ok((PathBuf::from(program), args))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl EngineLauncher for ProcessLauncher {
+    async fn launch(&self, req: &LaunchRequest) -> Result<Box<dyn EngineProcess>, LaunchError> {
+        let pid_file = req.data_dir.join("engine.pid");
+        kill_stale_engine(&pid_file, req.spec.port()).await;
+        let (program, args) = self.command(req)?;
+        let mut cmd = Command::new(&program);
+        cmd.args(&args)
+            .current_dir(&req.data_dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let agent_pid = std::process::id();
+        // SAFETY: the closure only makes async-signal-safe calls (prctl,
+        // getppid) and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Die with the agent (the thread that spawned us, precisely:
+                // tokio's worker threads live as long as the runtime).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The agent may have died before prctl took effect.
+                if libc::getppid() as u32 != agent_pid {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        if let Some(pid) = pid {
+            if let Err(e) = std::fs::write(&pid_file, format!("{pid}\n")) {
+                tracing::warn!(path = %pid_file.display(), error = %e, "cannot write engine pid file");
+            }
+        }
+        tracing::info!(program = %program.display(), ?args, ?pid, "engine spawned");
+        Ok(Box::new(ChildEngine {
+            child,
+            pid,
+            pid_file,
+        }))
+    }
+}
+
+struct ChildEngine {
+    child: Child,
+    pid: Option<u32>,
+    pid_file: PathBuf,
+}
+
+impl ChildEngine {
+    fn forget_pid_file(&self) {
+        let _ = std::fs::remove_file(&self.pid_file);
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> ExitInfo {
+    use std::os::unix::process::ExitStatusExt;
+    let description = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "exited".to_string(),
+    };
+    ExitInfo {
+        code: status.code(),
+        description,
+    }
+}
+
+#[async_trait]
+impl EngineProcess for ChildEngine {
+    fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    async fn wait(&mut self) -> ExitInfo {
+        let info = match self.child.wait().await {
+            Ok(status) => describe(status),
+            Err(e) => ExitInfo {
+                code: None,
+                description: format!("cannot wait for the engine: {e}"),
+            },
+        };
+        self.forget_pid_file();
+        info
+    }
+
+    async fn stop(&mut self, grace: Duration) {
+        if let Some(pid) = self.child.id() {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            if tokio::time::timeout(grace, self.child.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(pid, "engine ignored SIGTERM; killing it");
+                let _ = self.child.kill().await;
+            }
+        }
+        self.forget_pid_file();
+    }
+}
+
+/// Kills the engine a previous agent left behind, if `pid_file` names a live
+/// process that looks like it (its command line mentions `sim` or `port`).
+pub async fn kill_stale_engine(pid_file: &Path, port: u16) {
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return;
+    };
+    if pid <= 1 || pid as u32 == std::process::id() {
+        return;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return;
+    };
+    let port = port.to_string();
+    let looks_like_engine = cmdline
+        .split(|b| *b == 0)
+        .any(|arg| arg == b"sim" || arg == port.as_bytes());
+    if !looks_like_engine {
+        return;
+    }
+    tracing::warn!(pid, "killing a stale engine left by a previous agent");
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while is_alive(pid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_file(pid_file);
+}
+
+/// Alive and not a zombie.
+fn is_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                != Some('Z')
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Right after exec the kernel may not have filled in the command line yet.
+    async fn wait_for_cmdline(pid: u32) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| c.is_empty())
+            .unwrap_or(true)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no command line for {pid}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn kills_a_stale_engine_named_in_the_pid_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A process whose command line names the engine port (600 here).
+        let mut stale = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn");
+        wait_for_cmdline(stale.id()).await;
+        let pid_file = dir.path().join("engine.pid");
+        std::fs::write(&pid_file, stale.id().to_string()).expect("write");
+        kill_stale_engine(&pid_file, 600).await;
+        let status = stale.wait().expect("wait");
+        assert!(!status.success());
+        assert!(!pid_file.exists());
+    }
+
+    #[tokio::test]
+    async fn leaves_unrelated_processes_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
+        let pid_file = dir.path().join("engine.pid");
+        std::fs::write(&pid_file, other.id().to_string()).expect("write");
+        kill_stale_engine(&pid_file, 8000).await;
+        assert!(
+            other.try_wait().expect("try_wait").is_none(),
+            "still running"
+        );
+        other.kill().expect("kill");
+        let _ = other.wait();
+    }
+
+    #[test]
+    fn builds_vllm_and_sim_commands() {
+        let l = ProcessLauncher {
+            sim_program: "/usr/bin/gpufleet".into(),
+        };
+        let req = LaunchRequest {
+            spec: EngineSpec::Vllm {
+                port: 9000,
+                command: vec!["vllm".into(), "serve".into()],
+            },
+            host: "10.0.0.2".parse().expect("ip"),
+            model: "org/m".parse().expect("model"),
+            data_dir: "/tmp".into(),
+        };
+        let (p, args) = l.command(&req).expect("cmd");
+        assert_eq!(p, PathBuf::from("vllm"));
+        assert_eq!(
+            args,
+            ["serve", "--model", "org/m", "--host", "10.0.0.2", "--port", "9000"]
+        );
+        let req = LaunchRequest {
+            spec: EngineSpec::Sim {
+                port: 8001,
+                model_load_delay_ms: 5,
+            },
+            ..req
+        };
+        let (p, args) = l.command(&req).expect("cmd");
+        assert_eq!(p, PathBuf::from("/usr/bin/gpufleet"));
+        assert_eq!(
+            args.join(" "),
+            "sim --host 10.0.0.2 --port 8001 --model org/m --model-load-delay-ms 5"
+        );
+        let empty = LaunchRequest {
+            spec: EngineSpec::Vllm {
+                port: 1,
+                command: vec![],
+            },
+            ..req
+        };
+        assert!(matches!(l.command(&empty), Err(LaunchError::EmptyCommand)));
+    }
+}

@@ -1,0 +1,31 @@
+//! The inference engine: how it is launched ([`EngineLauncher`]), probed
+//! ([`probe`]) and kept running ([`supervisor`]).
+
+mod launch;
+pub mod probe;
+pub mod supervisor;
+
+pub use launch::{
+    EngineLauncher, EngineProcess, ExitInfo, LaunchError, LaunchRequest, ProcessLauncher,
+};
+
+use gpufleet_proto::EngineStatus;
+
+/// The engine as the agent currently sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineState {
+    pub status: EngineStatus,
+    /// Restarts since the agent started.
+    pub restarts: u32,
+    pub pid: Option<u32>,
+}
+
+impl Default for EngineState {
+    fn default() -> Self {
+        Self {
+            status: EngineStatus::Stopped,
+            restarts: 0,
+            pid: None,
+        }
+    }
+}

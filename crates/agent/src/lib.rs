@@ -1,0 +1,211 @@
+//! `gpufleet agent`: the worker agent on each instance.
+//!
+//! It reads its [`AgentBootstrap`](gpufleet_proto::AgentBootstrap), registers
+//! with the control plane (or reuses the token stored in its data directory),
+//! launches and supervises the inference engine, sends a heartbeat with
+//! host, GPU and engine figures every `heartbeat_interval_ms`, reports
+//! engine events, and serves `/healthz`, `/readyz` and `/info`.
+//!
+//! Nothing that happens after start-up stops the agent: a control plane
+//! that is down or rejects the token, an engine that crashes, are logged and
+//! retried with backoff. Only the `shutdown` future ends [`run`], after the
+//! engine has been stopped.
+//!
+//! Tasks (each a small struct with `run(cancel)`):
+//! [`session::Registrar`] (token), [`events::deliver`] (event queue),
+//! [`heartbeat::HeartbeatLoop`], [`engine::supervisor::Supervisor`], and
+//! the HTTP [`server`].
+
+mod backoff;
+mod client;
+mod config;
+pub mod engine;
+mod error;
+mod events;
+pub mod gpu;
+mod heartbeat;
+mod scrape;
+mod server;
+mod session;
+mod system;
+mod token;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use gpufleet_proto::RegisterRequest;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+pub use config::AgentArgs;
+pub use engine::supervisor::RestartPolicy;
+pub use engine::{
+    EngineLauncher, EngineProcess, EngineState, ExitInfo, LaunchError, LaunchRequest,
+    ProcessLauncher,
+};
+pub use error::AgentError;
+pub use gpu::{EngineLoad, GpuSampler, SimulatedGpus};
+
+use crate::config::{load_bootstrap, DataDir};
+use crate::engine::probe::EngineProbe;
+use crate::engine::supervisor::Supervisor;
+use crate::events::EventReporter;
+use crate::heartbeat::HeartbeatLoop;
+use crate::session::{Registrar, Session};
+use crate::system::SystemSampler;
+
+/// The agent's version, as reported to the control plane.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long background tasks get to finish after the engine stopped.
+const TASK_STOP_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Runs the agent, launching the engine as a child process, until `shutdown`
+/// completes; then stops the engine and returns.
+pub async fn run(
+    args: AgentArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let sim_program = match &args.engine_program {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(AgentError::EngineProgram)?,
+    };
+    run_with(
+        args,
+        Arc::new(ProcessLauncher { sim_program }),
+        RestartPolicy::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`] with the engine launcher and restart timings given (tests launch
+/// the simulator in-process, or shorten the backoff).
+pub async fn run_with(
+    args: AgentArgs,
+    launcher: Arc<dyn EngineLauncher>,
+    policy: RestartPolicy,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let bootstrap = load_bootstrap(&args)?;
+    let data_dir = DataDir::create(&args.data_dir)?;
+    let instance_id = bootstrap.instance_id;
+    let started = Instant::now();
+    let client = client::ControlPlane::new(&bootstrap.control_plane_url)?;
+
+    let addr = SocketAddr::new(args.bind, bootstrap.agent_port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind { addr, source })?;
+    tracing::info!(%instance_id, %addr, model = %bootstrap.model, control_plane = %bootstrap.control_plane_url, "agent starting");
+
+    let cancel = CancellationToken::new();
+    let session = Session::new(args.heartbeat_interval_ms);
+    let (events, event_rx) = EventReporter::new(instance_id);
+    let (engine_tx, engine_rx) = watch::channel(EngineState::default());
+    let gpus = SimulatedGpus::new(bootstrap.gpu.clone(), seed_of(instance_id));
+    let probe = EngineProbe::new(args.bind, bootstrap.engine.port(), bootstrap.model.clone());
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let server_state = Arc::new(server::ServerState {
+        instance_id,
+        model: bootstrap.model.clone(),
+        gpu_source: gpus.source(),
+        started,
+        engine: engine_rx.clone(),
+    });
+    let server = {
+        let cancel = cancel.clone();
+        axum::serve(listener, server::router(server_state))
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+    };
+    let server = tokio::spawn(async move { server.await.map_err(AgentError::Serve) });
+
+    tasks.spawn(
+        Registrar {
+            session: session.clone(),
+            client: client.clone(),
+            data_dir: data_dir.clone(),
+            request: RegisterRequest {
+                instance_id,
+                bootstrap_secret: bootstrap.bootstrap_secret.clone(),
+                agent_version: VERSION.to_string(),
+                hostname: sysinfo::System::host_name().unwrap_or_default(),
+            },
+            events: events.clone(),
+            instance_id,
+        }
+        .run(cancel.clone()),
+    );
+    tasks.spawn(events::deliver(
+        event_rx,
+        session.clone(),
+        client.clone(),
+        instance_id,
+        cancel.clone(),
+    ));
+    tasks.spawn(
+        HeartbeatLoop {
+            instance_id,
+            session: session.clone(),
+            client,
+            system: Arc::new(Mutex::new(SystemSampler::new(data_dir.path()))),
+            gpus: Box::new(gpus),
+            engine: engine_rx,
+            probe: probe.clone(),
+            started,
+        }
+        .run(cancel.clone()),
+    );
+    let supervisor = tokio::spawn(
+        Supervisor {
+            launcher,
+            request: LaunchRequest {
+                spec: bootstrap.engine.clone(),
+                host: args.bind,
+                model: bootstrap.model.clone(),
+                data_dir: data_dir.path().to_path_buf(),
+            },
+            probe,
+            state: engine_tx,
+            events,
+            policy,
+            instance_id,
+        }
+        .run(cancel.clone()),
+    );
+
+    let mut server = server;
+    let outcome = tokio::select! {
+        () = shutdown => Ok(()),
+        res = &mut server => match res {
+            Ok(Err(e)) => Err(e),
+            _ => Ok(()),
+        },
+    };
+    tracing::info!(%instance_id, "agent shutting down");
+    cancel.cancel();
+    if supervisor.await.is_err() {
+        tracing::error!(%instance_id, "engine supervisor panicked");
+    }
+    let _ = tokio::time::timeout(TASK_STOP_DEADLINE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    if !server.is_finished() {
+        let _ = tokio::time::timeout(TASK_STOP_DEADLINE, &mut server).await;
+        server.abort();
+    }
+    tracing::info!(%instance_id, "agent stopped");
+    outcome
+}
+
+/// A stable seed per instance, so its simulated GPUs are reproducible.
+fn seed_of(id: gpufleet_domain::InstanceId) -> u64 {
+    let v = id.as_uuid().as_u128();
+    (v as u64) ^ ((v >> 64) as u64)
+}

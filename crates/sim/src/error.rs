@@ -52,6 +52,17 @@ impl ApiError {
         }
     }
 
+    /// 429: overloaded (the waiting queue is full) or an injected rate limit.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            kind: "rate_limit_error",
+            code: Some("rate_limit_exceeded"),
+            param: None,
+            message: message.into(),
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::INTERNAL_SERVER_ERROR,

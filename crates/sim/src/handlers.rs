@@ -1,7 +1,9 @@
 //! HTTP routes.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -14,7 +16,9 @@ use futures::{stream, Stream, StreamExt};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::knobs::{FailureKind, TextMode};
 use crate::openai::{self, Endpoint, GenRequest, ResponseMeta};
+use crate::scheduler::Ticket;
 use crate::state::SimState;
 use crate::text;
 
@@ -25,6 +29,10 @@ pub fn router(state: Arc<SimState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route(
+            "/admin/config",
+            get(crate::admin::get_config).patch(crate::admin::patch_config),
+        )
         .with_state(state)
 }
 
@@ -80,6 +88,7 @@ async fn generate(
     endpoint: Endpoint,
     body: &[u8],
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let req = GenRequest::parse(endpoint, body)?;
     if req.model != state.model {
         return Err(ApiError::model_not_found(&req.model));
@@ -87,28 +96,81 @@ async fn generate(
     if !state.is_loaded() {
         return Err(ApiError::loading());
     }
+    let knobs = state.knobs();
+    let draw = knobs.draw_failure(&mut rand::rng());
+    match draw {
+        Some(FailureKind::ServerError) => {
+            state
+                .counters
+                .injected_failures
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::internal("Injected failure (server_error)."));
+        }
+        Some(FailureKind::RateLimit) => {
+            state
+                .counters
+                .injected_failures
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::rate_limited("Injected failure (rate_limit)."));
+        }
+        Some(FailureKind::Stall) => {
+            state
+                .counters
+                .injected_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(knobs.stall_ms)).await;
+        }
+        None => {}
+    }
+    let ticket = state.scheduler.enter(knobs.max_waiting).map_err(|_| {
+        state
+            .counters
+            .rejected_queue_full
+            .fetch_add(1, Ordering::Relaxed);
+        ApiError::rate_limited("The waiting queue is full; retry later.")
+    })?;
+    let max_tokens = if req.max_tokens_given {
+        req.max_tokens
+    } else {
+        knobs.default_max_tokens
+    };
+    let plan = text::Plan {
+        prompt_tokens: req.prompt_tokens,
+        max_tokens,
+        echo: (knobs.mode == TextMode::Echo).then(|| {
+            req.prompt_text
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        }),
+        arrived,
+        knobs,
+    };
     let meta = ResponseMeta::new(endpoint, &state.model);
     if req.stream {
-        return Ok(stream_response(state, req, meta).into_response());
+        return Ok(stream_response(state, ticket, plan, req.include_usage, meta).into_response());
     }
     // Non-streaming: wait for a slot here; if the client goes away, axum
     // drops this future and the guards give the slot back.
-    let slot = state
-        .scheduler
-        .admit()
+    let slot = ticket
+        .run()
         .await
         .ok_or_else(|| ApiError::internal("scheduler closed"))?;
-    let tokens: Vec<text::Token> =
-        text::generate(state.clone(), slot, req.prompt_tokens, req.max_tokens)
-            .collect()
-            .await;
+    let prompt_tokens = plan.prompt_tokens;
+    let tokens: Vec<text::Token> = text::generate(state.clone(), slot, plan).collect().await;
     let text: String = tokens.iter().map(|t| t.text.as_str()).collect();
     let completion_tokens = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
+    let finish = if completion_tokens < max_tokens {
+        "stop"
+    } else {
+        "length"
+    };
     Ok(Json(openai::full_response(
         &meta,
         &text,
-        req.prompt_tokens,
+        prompt_tokens,
         completion_tokens,
+        finish,
     ))
     .into_response())
 }
@@ -122,34 +184,42 @@ fn data(v: &Value) -> Result<Event, Infallible> {
 /// waiting or generating is dropped from the counts at once.
 fn stream_response(
     state: Arc<SimState>,
-    req: GenRequest,
+    ticket: Ticket,
+    plan: text::Plan,
+    include_usage: bool,
     meta: ResponseMeta,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let meta = Arc::new(meta);
-    let (prompt_tokens, max_tokens, include_usage) =
-        (req.prompt_tokens, req.max_tokens, req.include_usage);
+    let (prompt_tokens, max_tokens) = (plan.prompt_tokens, plan.max_tokens);
+    let produced = Arc::new(AtomicU32::new(0));
     let tokens = {
         let state = state.clone();
-        stream::once(async move { state.scheduler.admit().await.map(|slot| (state, slot)) })
-            .flat_map(move |admitted| match admitted {
-                Some((state, slot)) => {
-                    text::generate(state, slot, prompt_tokens, max_tokens).left_stream()
-                }
+        stream::once(async move { ticket.run().await.map(|slot| (state, slot, plan)) }).flat_map(
+            |admitted| match admitted {
+                Some((state, slot, plan)) => text::generate(state, slot, plan).left_stream(),
                 None => stream::empty().right_stream(),
-            })
+            },
+        )
     };
     let role = openai::role_chunk(&meta).map(|v| data(&v));
     let body = {
         let meta = meta.clone();
-        tokens.map(move |t| data(&openai::token_chunk(&meta, &t.text)))
+        let produced = produced.clone();
+        tokens.map(move |t| {
+            produced.fetch_add(1, Ordering::Relaxed);
+            data(&openai::token_chunk(&meta, &t.text))
+        })
     };
-    let tail = stream::iter({
-        let mut tail = vec![data(&openai::finish_chunk(&meta))];
+    let tail = stream::once(async move {
+        let n = produced.load(Ordering::Relaxed);
+        let finish = if n < max_tokens { "stop" } else { "length" };
+        let mut tail = vec![data(&openai::finish_chunk(&meta, finish))];
         if include_usage {
-            tail.push(data(&openai::usage_chunk(&meta, prompt_tokens, max_tokens)));
+            tail.push(data(&openai::usage_chunk(&meta, prompt_tokens, n)));
         }
         tail.push(Ok(Event::default().data("[DONE]")));
-        tail
-    });
+        stream::iter(tail)
+    })
+    .flatten();
     Sse::new(stream::iter(role).chain(body).chain(tail))
 }

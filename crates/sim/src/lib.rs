@@ -7,13 +7,23 @@
 //! - `POST /v1/completions`, `POST /v1/chat/completions`: OpenAI-compatible,
 //!   non-streaming and streaming (SSE ending with `data: [DONE]`), generating
 //!   words at the configured time-to-first-token and inter-token latency, with
-//!   at most `--max-num-seqs` requests running and the rest waiting.
+//!   at most `--max-num-seqs` requests running and at most `--max-waiting`
+//!   waiting (beyond: 429). Latencies are normal around their mean (with a
+//!   standard deviation) and grow with the load (`--load-factor`); text is
+//!   random words or the prompt echoed (`--mode`); a share of requests can
+//!   fail on purpose (`--failure-rate`, `--failure-kinds`: `server_error`
+//!   500, `rate_limit` 429, `stall`).
+//! - `GET /admin/config`, `PATCH /admin/config`: read and change every knob
+//!   while the simulator runs (see [`knobs::Knobs`]).
 //!
 //! The binary calls [`run`]; tests use [`SimServer::bind`] on port 0 and read
 //! [`SimServer::local_addr`].
 
+mod admin;
 mod error;
 mod handlers;
+mod hist;
+pub mod knobs;
 mod metrics;
 mod openai;
 mod scheduler;
@@ -56,6 +66,38 @@ pub struct SimArgs {
     /// Seed of the generated text, so runs are reproducible.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Standard deviation of the time to first token.
+    #[arg(long, default_value_t = 0)]
+    pub ttft_stddev_ms: u64,
+    /// Standard deviation of the inter-token latency.
+    #[arg(long, default_value_t = 0)]
+    pub itl_stddev_ms: u64,
+    /// Latencies grow with load: × (1 + factor × running / max-num-seqs).
+    #[arg(long, default_value_t = 1.0)]
+    pub load_factor: f64,
+    /// Requests that may wait for a slot; beyond, 429.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting: u32,
+    /// Share of requests (0–1) that fail with one of --failure-kinds.
+    #[arg(long, default_value_t = 0.0)]
+    pub failure_rate: f64,
+    /// Kinds of injected failures (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "server_error,rate_limit"
+    )]
+    pub failure_kinds: Vec<knobs::FailureKind>,
+    /// How long a `stall` failure holds a request.
+    #[arg(long, default_value_t = 30_000)]
+    pub stall_ms: u64,
+    /// Generated text: random words, or the prompt echoed back.
+    #[arg(long, value_enum, default_value = "random")]
+    pub mode: knobs::TextMode,
+    /// Tokens generated when a request sets no `max_tokens`.
+    #[arg(long, default_value_t = openai::DEFAULT_MAX_TOKENS)]
+    pub default_max_tokens: u32,
 }
 
 impl SimArgs {
@@ -70,6 +112,37 @@ impl SimArgs {
             itl_ms: 5,
             max_num_seqs: 256,
             seed: 0,
+            ttft_stddev_ms: 0,
+            itl_stddev_ms: 0,
+            load_factor: 1.0,
+            max_waiting: 1024,
+            failure_rate: 0.0,
+            failure_kinds: vec![
+                knobs::FailureKind::ServerError,
+                knobs::FailureKind::RateLimit,
+            ],
+            stall_ms: 30_000,
+            mode: knobs::TextMode::Random,
+            default_max_tokens: openai::DEFAULT_MAX_TOKENS,
+        }
+    }
+
+    /// The run-time knobs these arguments start with.
+    pub fn knobs(&self) -> knobs::Knobs {
+        knobs::Knobs {
+            ttft_ms: self.ttft_ms as f64,
+            ttft_stddev_ms: self.ttft_stddev_ms as f64,
+            itl_ms: self.itl_ms as f64,
+            itl_stddev_ms: self.itl_stddev_ms as f64,
+            load_factor: self.load_factor,
+            max_num_seqs: self.max_num_seqs.max(1),
+            max_waiting: self.max_waiting,
+            failure_rate: self.failure_rate,
+            failure_kinds: self.failure_kinds.clone(),
+            stall_ms: self.stall_ms,
+            mode: self.mode,
+            default_max_tokens: self.default_max_tokens,
+            model_load_delay_ms: self.model_load_delay_ms,
         }
     }
 }
@@ -109,6 +182,9 @@ impl SimServer {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| SimError::Bind { addr, source })?;
+        args.knobs()
+            .validate()
+            .map_err(|e| SimError::InvalidArgs(e.to_string()))?;
         let state = Arc::new(SimState::new(&args));
         Ok(Self { listener, state })
     }
@@ -133,7 +209,7 @@ impl SimServer {
         tracing::info!(
             %addr,
             model = %state.model,
-            load_delay_ms = state.load_delay.as_millis() as u64,
+            load_delay_ms = state.knobs().model_load_delay_ms,
             max_num_seqs = state.scheduler.max_num_seqs(),
             "simulator listening"
         );
@@ -145,11 +221,14 @@ impl SimServer {
             let _ = stop_tx.send(true);
         });
         let mut graceful_rx = stop_rx.clone();
-        let server = axum::serve(self.listener, handlers::router(state)).with_graceful_shutdown(
-            async move {
+        // No Nagle delay on the many small writes of a stream.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server =
+            axum::serve(listener, handlers::router(state)).with_graceful_shutdown(async move {
                 let _ = graceful_rx.wait_for(|stop| *stop).await;
-            },
-        );
+            });
         let deadline = async move {
             if stop_rx.wait_for(|stop| *stop).await.is_ok() {
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -168,7 +247,7 @@ impl SimServer {
 
 fn spawn_load_announcement(state: Arc<SimState>) {
     tokio::spawn(async move {
-        tokio::time::sleep_until(state.ready_at).await;
+        tokio::time::sleep_until(state.ready_at()).await;
         tracing::info!(model = %state.model, "model loaded; ready to serve");
     });
 }
@@ -179,4 +258,38 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SimError> {
     SimServer::bind(args).await?.serve(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SimArgs,
+    }
+
+    #[test]
+    fn command_line_defaults_parse_and_match_the_test_defaults() {
+        let cli = <Cli as clap::Parser>::try_parse_from(["sim"]).expect("defaults parse");
+        assert_eq!(cli.args.knobs(), SimArgs::for_tests("x").knobs());
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "sim",
+            "--failure-kinds",
+            "stall,rate_limit",
+            "--mode",
+            "echo",
+            "--failure-rate",
+            "0.5",
+        ])
+        .expect("knobs parse");
+        let k = cli.args.knobs();
+        assert_eq!(
+            k.failure_kinds,
+            vec![knobs::FailureKind::Stall, knobs::FailureKind::RateLimit]
+        );
+        assert_eq!(k.mode, knobs::TextMode::Echo);
+        k.validate().expect("valid");
+    }
 }

@@ -121,8 +121,59 @@ pub fn render(state: &SimState) -> String {
     );
     e.sample(
         "vllm:request_success_total",
+        ",finished_reason=\"stop\"",
+        c.success_stop.load(Ordering::Relaxed) as f64,
+    );
+    e.sample(
+        "vllm:request_success_total",
         ",finished_reason=\"abort\"",
         c.aborted.load(Ordering::Relaxed) as f64,
+    );
+    let labels = format!("model_name=\"{}\"", e.model_label);
+    for (name, help, h) in [
+        (
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            &state.hist.ttft,
+        ),
+        (
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            &state.hist.itl,
+        ),
+        (
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of end to end request latency in seconds.",
+            &state.hist.e2e,
+        ),
+        (
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in the waiting queue in seconds.",
+            &state.hist.queue,
+        ),
+    ] {
+        e.family(name, "histogram", help);
+        h.render(&mut e.text, name, &labels);
+    }
+    e.family(
+        "gpufleet_sim:injected_failures_total",
+        "counter",
+        "Requests failed or stalled on purpose (failure injection).",
+    );
+    e.sample(
+        "gpufleet_sim:injected_failures_total",
+        "",
+        c.injected_failures.load(Ordering::Relaxed) as f64,
+    );
+    e.family(
+        "gpufleet_sim:rejected_requests_total",
+        "counter",
+        "Requests refused with 429 because the waiting queue was full.",
+    );
+    e.sample(
+        "gpufleet_sim:rejected_requests_total",
+        "",
+        c.rejected_queue_full.load(Ordering::Relaxed) as f64,
     );
     e.text
 }
@@ -152,7 +203,14 @@ d"#
                 declared.push(rest.split(' ').next().unwrap_or_default().to_string());
             } else if !line.starts_with('#') {
                 let name = line.split('{').next().unwrap_or_default();
-                assert!(declared.iter().any(|d| d == name), "undeclared {name}");
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        name.strip_suffix(s)
+                            .filter(|f| declared.iter().any(|d| d == f))
+                    })
+                    .unwrap_or(name);
+                assert!(declared.iter().any(|d| d == family), "undeclared {name}");
                 assert!(line.contains("model_name=\"m\\\"odel\""), "{line}");
                 let value = line.rsplit(' ').next().unwrap_or_default();
                 assert!(value.parse::<f64>().is_ok(), "{line}");

@@ -75,7 +75,11 @@ pub enum Endpoint {
 pub struct GenRequest {
     pub model: String,
     pub prompt_tokens: u32,
+    /// The prompt (completions) or the last message's text (chat), for echo mode.
+    pub prompt_text: String,
     pub max_tokens: u32,
+    /// Whether the request set `max_tokens` (else the simulator's default applies).
+    pub max_tokens_given: bool,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -114,9 +118,15 @@ impl GenRequest {
                         ))
                     }
                 };
+                let prompt_text = match b.prompt {
+                    Prompt::One(p) => p,
+                    Prompt::Many(mut ps) => ps.pop().unwrap_or_default(),
+                };
                 Ok(Self {
                     model: b.model,
                     prompt_tokens,
+                    prompt_text,
+                    max_tokens_given: b.max_tokens.is_some(),
                     max_tokens: check_max_tokens(b.max_tokens)?,
                     stream: b.stream.unwrap_or(false),
                     include_usage: b.stream_options.is_some_and(|o| o.include_usage),
@@ -143,10 +153,26 @@ impl GenRequest {
                             .sum(),
                     })
                     .fold(0u32, u32::saturating_add);
+                let prompt_text = b
+                    .messages
+                    .last()
+                    .map(|m| match &m.content {
+                        None => String::new(),
+                        Some(Content::Text(t)) => t.clone(),
+                        Some(Content::Parts(parts)) => parts
+                            .iter()
+                            .filter_map(|p| p.text.as_deref())
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    })
+                    .unwrap_or_default();
+                let max_tokens = b.max_completion_tokens.or(b.max_tokens);
                 Ok(Self {
                     model: b.model,
                     prompt_tokens,
-                    max_tokens: check_max_tokens(b.max_completion_tokens.or(b.max_tokens))?,
+                    prompt_text,
+                    max_tokens_given: max_tokens.is_some(),
+                    max_tokens: check_max_tokens(max_tokens)?,
                     stream: b.stream.unwrap_or(false),
                     include_usage: b.stream_options.is_some_and(|o| o.include_usage),
                 })
@@ -214,16 +240,17 @@ pub fn full_response(
     text: &str,
     prompt_tokens: u32,
     completion_tokens: u32,
+    finish_reason: &str,
 ) -> Value {
     let choice = match meta.endpoint {
         Endpoint::Completions => json!({
-            "index": 0, "text": text, "logprobs": null, "finish_reason": "length",
+            "index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason,
         }),
         Endpoint::Chat => json!({
             "index": 0,
             "message": {"role": "assistant", "content": text},
             "logprobs": null,
-            "finish_reason": "length",
+            "finish_reason": finish_reason,
         }),
     };
     let mut v = meta.envelope(false, json!([choice]));
@@ -255,13 +282,13 @@ pub fn token_chunk(meta: &ResponseMeta, token: &str) -> Value {
 }
 
 /// The chunk that closes the choice with its finish reason.
-pub fn finish_chunk(meta: &ResponseMeta) -> Value {
+pub fn finish_chunk(meta: &ResponseMeta, finish_reason: &str) -> Value {
     let choice = match meta.endpoint {
         Endpoint::Completions => {
-            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": "length"})
+            json!({"index": 0, "text": "", "logprobs": null, "finish_reason": finish_reason})
         }
         Endpoint::Chat => {
-            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": "length"})
+            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason})
         }
     };
     meta.envelope(true, json!([choice]))

@@ -73,6 +73,9 @@ fn heartbeat(id: InstanceId, seq: u64, at: DateTime<Utc>, x: f64) -> Heartbeat {
             temp_c: 60.0 + x / 10.0,
             power_w: 55.0 + x,
             power_limit_w: 72.0,
+            sm_clock_mhz: None,
+            ecc_uncorrected: None,
+            throttle_reasons: Vec::new(),
         }],
         engine: EngineSample {
             status: EngineStatus::Ready,

@@ -19,6 +19,7 @@
 //!   [`Store::fleet_series`] read any tier with the same bucket arithmetic.
 
 mod agents;
+mod api_keys;
 mod connect;
 mod figures;
 mod ingest;
@@ -29,6 +30,10 @@ mod samples;
 mod series;
 mod timeline;
 
+pub use api_keys::{
+    ApiKeyId, ApiKeyIdError, ApiKeyRecord, NewApiKey, UsageCounts, UsageDelta, UsageRecord,
+    UsageScope,
+};
 pub use rollup::{RetentionReport, RollupReport};
 pub use series::{
     FleetNow, FleetPoint, FleetSeries, FleetStatusFigures, GpuPoint, GpuSeries, MetricSeries,

@@ -206,6 +206,9 @@ impl Store {
                 temp_c: r.get("temp_c")?,
                 power_w: r.get("power_w")?,
                 power_limit_w: r.get("power_limit_w")?,
+                sm_clock_mhz: None,
+                ecc_uncorrected: None,
+                throttle_reasons: Vec::new(),
             });
         }
         for s in &mut samples {

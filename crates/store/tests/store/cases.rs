@@ -88,6 +88,9 @@ fn heartbeat(id: InstanceId, seq: u64, gpus: usize) -> Heartbeat {
                 temp_c: 55.5,
                 power_w: 60.25,
                 power_limit_w: 72.0,
+                sm_clock_mhz: None,
+                ecc_uncorrected: None,
+                throttle_reasons: Vec::new(),
             })
             .collect(),
         engine: EngineSample {

@@ -5,6 +5,7 @@
 //! us create databases; each case gets its own. Set
 //! `GPUFLEET_TEST_SKIP_POSTGRES=1` to skip (loudly) where there is none.
 
+mod api_key_cases;
 mod cases;
 mod harness;
 
@@ -59,3 +60,26 @@ store_tests!(
     fleet_now_and_series,
     out_of_range_values_round_trip,
 );
+
+macro_rules! api_key_store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod api_keys_sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::harness::run_sqlite(crate::api_key_cases::$name).await;
+                }
+            )*
+        }
+        mod api_keys_postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::harness::run_postgres(crate::api_key_cases::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+api_key_store_tests!(api_keys_insert_lookup_list_revoke, usage_counters_add_up);

@@ -1,0 +1,161 @@
+//! Router failures, answered in OpenAI's error format:
+//! `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use gpufleet_store::StoreError;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    MissingKey,
+    #[error("invalid or revoked API key")]
+    InvalidKey,
+    #[error("this API key may not use the model `{model}`")]
+    ModelNotAllowed { model: String },
+    #[error("the model `{model}` does not exist")]
+    UnknownModel { model: String },
+    #[error("the model `{model}` has no ready instance ({starting} starting)")]
+    NoReadyInstance { model: String, starting: usize },
+    #[error("every ready instance of `{model}` is failing; retry later")]
+    AllCircuitsOpen { model: String },
+    #[error("{message}")]
+    BadRequest {
+        param: Option<&'static str>,
+        message: String,
+    },
+    #[error("request body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("could not reach an instance of `{model}`")]
+    Unreachable { model: String },
+    #[error("no instance of `{model}` answered in time")]
+    Timeout { model: String },
+    #[error("an instance of `{model}` broke the connection")]
+    UpstreamBroken { model: String },
+    #[error("storage failure")]
+    Store(#[from] StoreError),
+    #[error("the control plane failed")]
+    Control(#[from] gpufleet_control::ControlError),
+}
+
+impl RouterError {
+    /// Status, OpenAI error `type`, `code` and `param`.
+    fn parts(
+        &self,
+    ) -> (
+        StatusCode,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    ) {
+        use RouterError::*;
+        match self {
+            MissingKey | InvalidKey => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                Some("invalid_api_key"),
+                None,
+            ),
+            ModelNotAllowed { .. } => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                Some("model_not_allowed"),
+                Some("model"),
+            ),
+            UnknownModel { .. } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+                Some("model"),
+            ),
+            NoReadyInstance { .. } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("no_ready_instance"),
+                Some("model"),
+            ),
+            AllCircuitsOpen { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("instances_unavailable"),
+                None,
+            ),
+            BadRequest { param, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                *param,
+            ),
+            TooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                Some("payload_too_large"),
+                None,
+            ),
+            Unreachable { .. } | UpstreamBroken { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                Some("upstream_unavailable"),
+                None,
+            ),
+            Timeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                Some("upstream_timeout"),
+                None,
+            ),
+            Store(_) | Control(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                None,
+                None,
+            ),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    pub(crate) fn bad(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        RouterError::BadRequest {
+            param,
+            message: message.into(),
+        }
+    }
+}
+
+/// An OpenAI-shaped error body.
+pub(crate) fn error_body(
+    message: &str,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> serde_json::Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+}
+
+impl IntoResponse for RouterError {
+    fn into_response(self) -> Response {
+        let (status, kind, code, param) = self.parts();
+        let message = match &self {
+            RouterError::Store(_) | RouterError::Control(_) => {
+                // Handled here: logged once, details stay in the process.
+                tracing::error!(
+                    error = &self as &dyn std::error::Error,
+                    "router failure while serving a request"
+                );
+                "internal error; see the server log".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut resp = (status, Json(error_body(&message, kind, param, code))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}

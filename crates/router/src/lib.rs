@@ -1,0 +1,226 @@
+//! gpufleet's OpenAI-compatible router.
+//!
+//! `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`,
+//! authenticated with API keys (`Authorization: Bearer gfk_...`), sent to a
+//! `ready` instance serving the requested model.
+//!
+//! - **Backends** live in memory ([`pool`]): listed from the [`Fleet`] at
+//!   start, then kept current from its change stream. A `draining` instance
+//!   leaves the pool at once; its requests in flight go on, and the router
+//!   tells the terminator how many are left ([`TrafficSource`]).
+//! - **Choice** ([`Policy`]): power of two choices on requests in flight
+//!   (default), round robin, or consistent hashing of `X-Session-ID` / `user`.
+//! - **Failures**: connect and first-byte timeouts; another instance is tried
+//!   after a connection failure, a timeout or a 5xx/429 that came before any
+//!   byte reached the client; a per-instance circuit breaker ([`breaker`]).
+//! - **Streams** pass through event by event, with an idle timeout and no
+//!   total timeout; a client that goes away drops the upstream request, which
+//!   cancels it in the engine.
+//! - **Usage** per instance and per key ([`usage`]), flushed to the store and
+//!   rendered for Prometheus.
+
+pub mod breaker;
+pub mod config;
+mod error;
+mod keys;
+pub mod pool;
+mod proxy;
+pub mod usage;
+
+pub use config::{Policy, RouterConfig};
+pub use error::RouterError;
+pub use usage::{SubjectUsage, UsageFigures};
+
+use axum::routing::{get, post};
+use gpufleet_control::{Fleet, TrafficSource};
+use gpufleet_domain::InstanceId;
+use gpufleet_store::InstanceFilter;
+use std::sync::Arc;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+/// The router's state. Cheap to clone.
+#[derive(Clone)]
+pub struct RouterState {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub fleet: Fleet,
+    pub config: RouterConfig,
+    pub pools: Arc<pool::Pools>,
+    pub keys: keys::KeyCache,
+    pub usage: Arc<usage::Usage>,
+    pub http: proxy::Upstream,
+}
+
+/// Requests in flight per instance, for draining.
+struct Traffic(Arc<pool::Pools>);
+
+impl TrafficSource for Traffic {
+    fn in_flight(&self, id: InstanceId) -> u64 {
+        self.0.in_flight(id)
+    }
+}
+
+impl RouterState {
+    /// Load the instances, follow the fleet's changes, flush usage
+    /// periodically (and once more when `shutdown` is cancelled), and make
+    /// draining wait for this router's requests in flight.
+    pub async fn start(
+        fleet: Fleet,
+        config: RouterConfig,
+        shutdown: CancellationToken,
+    ) -> Result<RouterState, RouterError> {
+        let usage = Arc::new(usage::Usage::default());
+        let pools = Arc::new(pool::Pools::new(
+            &config,
+            fleet.config().engine.port,
+            usage.clone(),
+        ));
+        let http = proxy::upstream_client(&config);
+        // Subscribe before listing, so no change falls between the two.
+        let changes = fleet.subscribe();
+        pools.reset(&fleet.list_instances(&all_live()).await?);
+        let state = RouterState {
+            inner: Arc::new(Inner {
+                keys: keys::KeyCache::new(
+                    fleet.store().clone(),
+                    config.api_key_cache_ttl(),
+                    usage.clone(),
+                ),
+                fleet: fleet.clone(),
+                config,
+                pools: pools.clone(),
+                usage,
+                http,
+            }),
+        };
+        fleet.set_traffic_source(Arc::new(Traffic(pools)));
+        tokio::spawn(follow(state.clone(), changes, shutdown.clone()));
+        tokio::spawn(flush_usage_periodically(state.clone(), shutdown));
+        Ok(state)
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.inner.config
+    }
+
+    /// Usage counted since this process started, per instance and per key.
+    pub fn usage(&self) -> UsageFigures {
+        self.inner.usage.figures()
+    }
+
+    /// Prometheus text of the router: the usage counters of [`Self::usage`],
+    /// plus `gpufleet_router_in_flight` and `gpufleet_router_circuit_open`
+    /// per live instance. For the control plane's `/metrics`.
+    pub fn render_prometheus(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = self.usage().render_prometheus();
+        let mut backends = self.inner.pools.backends();
+        backends.sort_by_key(|(b, _)| b.id);
+        let _ = writeln!(out, "# HELP gpufleet_router_in_flight Requests in flight through the router (per instance).");
+        let _ = writeln!(out, "# TYPE gpufleet_router_in_flight gauge");
+        for (b, _) in &backends {
+            let _ = writeln!(
+                out,
+                "gpufleet_router_in_flight{{instance_id=\"{}\",model=\"{}\"}} {}",
+                b.id,
+                b.model,
+                b.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP gpufleet_router_circuit_open 1 while the instance's circuit breaker keeps requests away.");
+        let _ = writeln!(out, "# TYPE gpufleet_router_circuit_open gauge");
+        for (b, _) in &backends {
+            let open = !matches!(b.breaker.phase(), breaker::Phase::Closed);
+            let _ = writeln!(
+                out,
+                "gpufleet_router_circuit_open{{instance_id=\"{}\",model=\"{}\"}} {}",
+                b.id,
+                b.model,
+                u8::from(open)
+            );
+        }
+        out
+    }
+
+    /// Requests in flight to an instance through this router.
+    pub fn in_flight(&self, id: InstanceId) -> u64 {
+        self.inner.pools.in_flight(id)
+    }
+
+    /// Add the usage counted since the last flush to the database.
+    pub async fn flush_usage(&self) -> Result<(), RouterError> {
+        Ok(self.inner.usage.flush(self.inner.fleet.store()).await?)
+    }
+}
+
+fn all_live() -> InstanceFilter {
+    InstanceFilter {
+        statuses: vec![],
+        include_archived: false,
+        provider: None,
+        limit: None,
+    }
+}
+
+/// Keep the pools current from the fleet's changes; re-list after missing some.
+async fn follow(
+    state: RouterState,
+    mut changes: tokio::sync::broadcast::Receiver<gpufleet_control::InstanceChange>,
+    shutdown: CancellationToken,
+) {
+    let pools = &state.inner.pools;
+    loop {
+        let change = tokio::select! {
+            () = shutdown.cancelled() => return,
+            c = changes.recv() => c,
+        };
+        match change {
+            Ok(c) => {
+                if pools.apply(&c.instance) {
+                    tracing::debug!(instance_id = %c.instance.id, status = %c.instance.status, "router backends changed");
+                }
+            }
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "router missed instance changes; re-listing");
+                match state.inner.fleet.list_instances(&all_live()).await {
+                    Ok(list) => pools.reset(&list),
+                    Err(e) => tracing::warn!(error = %e, "router could not re-list instances"),
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn flush_usage_periodically(state: RouterState, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(state.inner.config.usage_flush_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            () = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        if let Err(e) = state.flush_usage().await {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "usage flush failed; retrying at the next one"
+            );
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// The OpenAI-compatible routes: `GET /v1/models`, `POST /v1/chat/completions`,
+/// `POST /v1/completions`.
+pub fn router(state: RouterState) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/models", get(proxy::models))
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/completions", post(proxy::completions))
+        .with_state(state)
+}

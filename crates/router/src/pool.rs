@@ -1,0 +1,481 @@
+//! The instances requests may go to, kept in memory: filled from
+//! `Fleet::list_instances` at start and kept current from the fleet's change
+//! stream (no database read per request), plus the choice of one instance per
+//! request under the configured [`Policy`].
+
+use crate::breaker::Breaker;
+use crate::config::{Policy, RouterConfig};
+use crate::usage::{Counters, Usage};
+use gpufleet_domain::{InstanceId, InstanceStatus};
+use gpufleet_store::InstanceRecord;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+/// Points per instance on the hash ring: enough for an even spread over a
+/// handful of instances, few enough to rebuild the ring on every change.
+const VNODES: u64 = 64;
+
+/// One instance's engine.
+#[derive(Debug)]
+pub struct Backend {
+    pub id: InstanceId,
+    pub model: String,
+    /// `http://<ip>:<engine port>`
+    pub base_url: String,
+    /// `<ip>:<engine port>`, for request URIs.
+    pub authority: Option<hyper::http::uri::Authority>,
+    pub in_flight: AtomicU64,
+    pub breaker: Breaker,
+    pub usage: Arc<Counters>,
+}
+
+/// Requests in flight to one backend; decremented on drop, whatever happens
+/// to the request (finished, failed, client gone).
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    pub fn new(b: Arc<Backend>) -> Self {
+        b.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(b)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The ready instances of one model, with their hash ring.
+#[derive(Debug, Default)]
+pub struct ModelPool {
+    pub backends: Vec<Arc<Backend>>,
+    /// (point, index in `backends`), sorted by point.
+    ring: Vec<(u64, usize)>,
+}
+
+impl ModelPool {
+    pub fn new(mut backends: Vec<Arc<Backend>>) -> Self {
+        backends.sort_by_key(|b| b.id);
+        let mut ring = Vec::with_capacity(backends.len() * VNODES as usize);
+        for (i, b) in backends.iter().enumerate() {
+            let id = b.id.to_string();
+            for v in 0..VNODES {
+                ring.push((hash_parts(id.as_bytes(), v), i));
+            }
+        }
+        ring.sort_unstable();
+        Self { backends, ring }
+    }
+
+    /// Choose a backend not in `exclude` whose circuit lets a request
+    /// through, and take that right. `None`: no candidate left.
+    pub fn pick(
+        &self,
+        policy: Policy,
+        session: Option<&str>,
+        exclude: &[InstanceId],
+        rr: &AtomicUsize,
+        now: Instant,
+    ) -> Option<Arc<Backend>> {
+        let mut tried: Vec<InstanceId> = Vec::new();
+        loop {
+            let ok = |b: &Arc<Backend>| {
+                !exclude.contains(&b.id) && !tried.contains(&b.id) && b.breaker.available(now)
+            };
+            let chosen = match (policy, session) {
+                (Policy::SessionAffinity, Some(key)) => self.by_hash(key, ok),
+                (Policy::RoundRobin, _) => {
+                    let c: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| ok(b)).collect();
+                    (!c.is_empty()).then(|| c[rr.fetch_add(1, Ordering::Relaxed) % c.len()].clone())
+                }
+                _ => self.two_choices(ok),
+            }?;
+            if chosen.breaker.acquire(now) {
+                return Some(chosen);
+            }
+            // Lost a race for the half-open probe: try another.
+            tried.push(chosen.id);
+        }
+    }
+
+    fn two_choices(&self, ok: impl Fn(&Arc<Backend>) -> bool) -> Option<Arc<Backend>> {
+        let c: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| ok(b)).collect();
+        match c.len() {
+            0 => None,
+            1 => Some(c[0].clone()),
+            n => {
+                let i = rand::random_range(0..n);
+                let mut j = rand::random_range(0..n - 1);
+                if j >= i {
+                    j += 1;
+                }
+                let (a, b) = (c[i], c[j]);
+                let la = a.in_flight.load(Ordering::Relaxed);
+                let lb = b.in_flight.load(Ordering::Relaxed);
+                Some(if lb < la { b.clone() } else { a.clone() })
+            }
+        }
+    }
+
+    /// The first acceptable backend clockwise from the key's point.
+    fn by_hash(&self, key: &str, ok: impl Fn(&Arc<Backend>) -> bool) -> Option<Arc<Backend>> {
+        if self.ring.is_empty() {
+            return None;
+        }
+        let h = hash_parts(key.as_bytes(), u64::MAX);
+        let start = self.ring.partition_point(|(p, _)| *p < h);
+        let n = self.ring.len();
+        let mut seen = vec![false; self.backends.len()];
+        for k in 0..n {
+            let (_, i) = self.ring[(start + k) % n];
+            if seen[i] {
+                continue;
+            }
+            seen[i] = true;
+            if ok(&self.backends[i]) {
+                return Some(self.backends[i].clone());
+            }
+        }
+        None
+    }
+}
+
+/// FNV-1a over `bytes` and `salt`, then a SplitMix64 finaliser: stable across
+/// processes and versions (unlike std's randomly keyed hasher).
+pub fn hash_parts(bytes: &[u8], salt: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes.iter().copied().chain(salt.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// What the router knows of one live instance.
+struct Known {
+    backend: Arc<Backend>,
+    status: InstanceStatus,
+    generation: i64,
+}
+
+/// Routable instances by model (a snapshot swapped on change), and every
+/// live instance for in-flight counts.
+pub struct Pools {
+    table: RwLock<Arc<HashMap<String, Arc<ModelPool>>>>,
+    known: Mutex<HashMap<InstanceId, Known>>,
+    /// Models with instances on their way up (for "none ready yet" errors).
+    starting: RwLock<Arc<HashMap<String, usize>>>,
+    pub rr: AtomicUsize,
+    engine_port: u16,
+    breaker_threshold: u32,
+    breaker_cooldown: std::time::Duration,
+    usage: Arc<Usage>,
+}
+
+fn is_gone(s: InstanceStatus) -> bool {
+    matches!(
+        s,
+        InstanceStatus::Terminated | InstanceStatus::Archived | InstanceStatus::Failed
+    )
+}
+
+impl Pools {
+    pub fn new(config: &RouterConfig, engine_port: u16, usage: Arc<Usage>) -> Self {
+        Self {
+            table: RwLock::new(Arc::new(HashMap::new())),
+            known: Mutex::new(HashMap::new()),
+            starting: RwLock::new(Arc::new(HashMap::new())),
+            rr: AtomicUsize::new(0),
+            engine_port,
+            breaker_threshold: config.breaker_failure_threshold,
+            breaker_cooldown: config.breaker_cooldown(),
+            usage,
+        }
+    }
+
+    /// The ready instances of `model`.
+    pub fn model(&self, model: &str) -> Option<Arc<ModelPool>> {
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .cloned()
+    }
+
+    /// Models with at least one ready instance, sorted.
+    pub fn models(&self) -> Vec<String> {
+        let t = self.table.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut v: Vec<String> = t.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Instances of `model` not ready yet (provisioning .. starting, unhealthy).
+    pub fn starting(&self, model: &str) -> usize {
+        self.starting
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn in_flight(&self, id: InstanceId) -> u64 {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|k| k.backend.in_flight.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Every live instance's backend (for figures).
+    pub fn backends(&self) -> Vec<(Arc<Backend>, InstanceStatus)> {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|k| (k.backend.clone(), k.status))
+            .collect()
+    }
+
+    /// Take in one instance as stored; older generations than already seen
+    /// are ignored. Returns whether anything changed.
+    pub fn apply(&self, rec: &InstanceRecord) -> bool {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = self.apply_locked(&mut known, rec);
+        if changed {
+            self.rebuild(&known);
+        }
+        changed
+    }
+
+    /// Replace everything with `list` (start, or after missing changes).
+    pub fn reset(&self, list: &[InstanceRecord]) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let listed: std::collections::HashSet<InstanceId> = list.iter().map(|r| r.id).collect();
+        known.retain(|id, _| listed.contains(id));
+        for rec in list {
+            self.apply_locked(&mut known, rec);
+        }
+        self.rebuild(&known);
+    }
+
+    fn apply_locked(&self, known: &mut HashMap<InstanceId, Known>, rec: &InstanceRecord) -> bool {
+        if let Some(k) = known.get(&rec.id) {
+            if rec.generation < k.generation {
+                return false;
+            }
+        }
+        if is_gone(rec.status) {
+            return known.remove(&rec.id).is_some();
+        }
+        let base_url = rec
+            .ip
+            .map(|ip| format!("http://{}", SocketAddr::new(ip, self.engine_port)))
+            .unwrap_or_default();
+        let model = rec.model.as_str();
+        match known.get_mut(&rec.id) {
+            Some(k) if k.backend.base_url == base_url && k.backend.model == model => {
+                let changed = k.status != rec.status;
+                k.status = rec.status;
+                k.generation = rec.generation;
+                changed
+            }
+            _ => {
+                let authority = rec.ip.and_then(|ip| {
+                    SocketAddr::new(ip, self.engine_port)
+                        .to_string()
+                        .parse()
+                        .ok()
+                });
+                let backend = Arc::new(Backend {
+                    id: rec.id,
+                    model: model.to_string(),
+                    base_url,
+                    authority,
+                    in_flight: AtomicU64::new(0),
+                    breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
+                    usage: self.usage.instance(rec.id, model),
+                });
+                known.insert(
+                    rec.id,
+                    Known {
+                        backend,
+                        status: rec.status,
+                        generation: rec.generation,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    fn rebuild(&self, known: &HashMap<InstanceId, Known>) {
+        let mut by_model: HashMap<String, Vec<Arc<Backend>>> = HashMap::new();
+        let mut starting: HashMap<String, usize> = HashMap::new();
+        for k in known.values() {
+            if k.status == InstanceStatus::Ready && !k.backend.base_url.is_empty() {
+                by_model
+                    .entry(k.backend.model.clone())
+                    .or_default()
+                    .push(k.backend.clone());
+            } else if !matches!(
+                k.status,
+                InstanceStatus::Draining | InstanceStatus::Terminating
+            ) {
+                *starting.entry(k.backend.model.clone()).or_default() += 1;
+            }
+        }
+        let table: HashMap<String, Arc<ModelPool>> = by_model
+            .into_iter()
+            .map(|(m, b)| (m, Arc::new(ModelPool::new(b))))
+            .collect();
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        *self.starting.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(starting);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn backend(n: u128) -> Arc<Backend> {
+        Arc::new(Backend {
+            id: InstanceId::from_uuid(uuid::Uuid::from_u128(n)),
+            model: "m".into(),
+            base_url: format!("http://127.0.0.{n}:8000"),
+            authority: format!("127.0.0.{n}:8000").parse().ok(),
+            in_flight: AtomicU64::new(0),
+            breaker: Breaker::new(1, Duration::from_secs(60)),
+            usage: Arc::new(Counters::default()),
+        })
+    }
+
+    fn pool(n: u128) -> ModelPool {
+        ModelPool::new((1..=n).map(backend).collect())
+    }
+
+    const STABLE_HASH: u64 = 1_266_339_298_380_122_106;
+
+    #[test]
+    fn hashing_is_stable() {
+        // Fixed values: a change here moves every session to another instance.
+        assert_eq!(hash_parts(b"", 0), hash_parts(b"", 0));
+        assert_eq!(hash_parts(b"session-1", u64::MAX), STABLE_HASH);
+        assert_ne!(hash_parts(b"a", 0), hash_parts(b"b", 0));
+        assert_ne!(hash_parts(b"a", 0), hash_parts(b"a", 1));
+    }
+
+    #[test]
+    fn round_robin_visits_each_in_turn() {
+        let p = pool(3);
+        let rr = AtomicUsize::new(0);
+        let now = Instant::now();
+        let picks: Vec<InstanceId> = (0..6)
+            .map(|_| p.pick(Policy::RoundRobin, None, &[], &rr, now).unwrap().id)
+            .collect();
+        assert_eq!(picks[0..3], picks[3..6]);
+        let mut first: Vec<_> = picks[0..3].to_vec();
+        first.sort();
+        first.dedup();
+        assert_eq!(first.len(), 3);
+    }
+
+    #[test]
+    fn two_choices_prefers_the_less_loaded() {
+        let p = pool(2);
+        p.backends[0].in_flight.store(10, Ordering::Relaxed);
+        let rr = AtomicUsize::new(0);
+        let now = Instant::now();
+        for _ in 0..50 {
+            let b = p
+                .pick(Policy::LeastOutstanding, None, &[], &rr, now)
+                .unwrap();
+            assert_eq!(b.id, p.backends[1].id);
+        }
+        // With many backends, the most loaded one is never picked.
+        let p = pool(8);
+        p.backends[3].in_flight.store(100, Ordering::Relaxed);
+        for _ in 0..200 {
+            let b = p
+                .pick(Policy::LeastOutstanding, None, &[], &rr, now)
+                .unwrap();
+            assert_ne!(b.id, p.backends[3].id);
+        }
+    }
+
+    #[test]
+    fn exclusions_and_open_circuits_are_skipped() {
+        let p = pool(3);
+        let rr = AtomicUsize::new(0);
+        let now = Instant::now();
+        p.backends[0].breaker.failure(now); // threshold 1: open
+        let ex = [p.backends[1].id];
+        for policy in [
+            Policy::LeastOutstanding,
+            Policy::RoundRobin,
+            Policy::SessionAffinity,
+        ] {
+            for s in 0..20 {
+                let key = format!("s{s}");
+                let b = p.pick(policy, Some(&key), &ex, &rr, now).unwrap();
+                assert_eq!(b.id, p.backends[2].id, "{policy:?}");
+            }
+        }
+        let all = [p.backends[1].id, p.backends[2].id];
+        assert!(p
+            .pick(Policy::LeastOutstanding, None, &all, &rr, now)
+            .is_none());
+    }
+
+    #[test]
+    fn affinity_is_sticky_and_moves_little_when_an_instance_leaves() {
+        let rr = AtomicUsize::new(0);
+        let now = Instant::now();
+        let p4 = pool(4);
+        let keys: Vec<String> = (0..400).map(|i| format!("user-{i}")).collect();
+        let before: Vec<InstanceId> = keys
+            .iter()
+            .map(|k| {
+                p4.pick(Policy::SessionAffinity, Some(k), &[], &rr, now)
+                    .unwrap()
+                    .id
+            })
+            .collect();
+        // Sticky: the same answer every time.
+        for (k, want) in keys.iter().zip(&before) {
+            let got = p4
+                .pick(Policy::SessionAffinity, Some(k), &[], &rr, now)
+                .unwrap();
+            assert_eq!(got.id, *want);
+        }
+        // Spread: every instance gets a fair share.
+        for b in &p4.backends {
+            let n = before.iter().filter(|id| **id == b.id).count();
+            assert!(
+                (40..=180).contains(&n),
+                "{n} of 400 keys on one of 4 instances"
+            );
+        }
+        // Remove one: only its keys move.
+        let p3 = ModelPool::new(p4.backends[..3].to_vec());
+        let gone = p4.backends[3].id;
+        for (k, was) in keys.iter().zip(&before) {
+            let now_on = p3
+                .pick(Policy::SessionAffinity, Some(k), &[], &rr, now)
+                .unwrap()
+                .id;
+            if *was != gone {
+                assert_eq!(now_on, *was, "key {k} moved although its instance stayed");
+            }
+        }
+    }
+}

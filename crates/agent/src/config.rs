@@ -9,6 +9,7 @@ use gpufleet_domain::InstanceId;
 use gpufleet_proto::AgentBootstrap;
 
 use crate::error::AgentError;
+use crate::gpu::GpuMode;
 
 /// Arguments of `gpufleet agent`.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,6 +33,11 @@ pub struct AgentArgs {
     /// Heartbeat period, overriding what the control plane asks for.
     #[arg(long)]
     pub heartbeat_interval_ms: Option<u64>,
+    /// Where GPU figures come from: `auto` (NVML when the NVIDIA driver loads
+    /// and reports a GPU, else simulated per the bootstrap), `nvml` (fail
+    /// without it) or `simulated`.
+    #[arg(long, value_enum, default_value_t = GpuMode::Auto)]
+    pub gpu: GpuMode,
 }
 
 /// Heartbeat period used until the control plane says otherwise.

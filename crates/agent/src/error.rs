@@ -44,6 +44,8 @@ pub enum AgentError {
     },
     #[error("cannot build the HTTP client")]
     HttpClient(#[source] reqwest::Error),
+    #[error("--gpu nvml: NVML is unavailable: {0}\nhint: install the NVIDIA driver, or run with --gpu auto or --gpu simulated")]
+    Nvml(String),
     #[error("agent HTTP server failed")]
     Serve(#[source] std::io::Error),
 }

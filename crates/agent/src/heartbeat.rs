@@ -13,6 +13,7 @@ use crate::client::{chain, CallError, ControlPlane};
 use crate::engine::probe::EngineProbe;
 use crate::engine::EngineState;
 use crate::gpu::{EngineLoad, GpuSampler};
+use crate::metrics::AgentStats;
 use crate::session::Session;
 use crate::system::SystemSampler;
 
@@ -31,6 +32,8 @@ pub struct HeartbeatLoop {
     pub engine: watch::Receiver<EngineState>,
     pub probe: EngineProbe,
     pub started: Instant,
+    /// Heartbeat counters and the latest GPU sample, for `/metrics`.
+    pub stats: Arc<AgentStats>,
 }
 
 impl HeartbeatLoop {
@@ -57,6 +60,7 @@ impl HeartbeatLoop {
             seq += 1;
             match self.client.heartbeat(&token, &hb).await {
                 Ok(ack) => {
+                    self.stats.sent();
                     if let Some(ack) = ack {
                         self.session
                             .set_heartbeat_interval_ms(ack.heartbeat_interval_ms);
@@ -67,10 +71,12 @@ impl HeartbeatLoop {
                     next = tick + self.session.heartbeat_interval();
                 }
                 Err(CallError::Unauthorized) => {
+                    self.stats.failed();
                     tracing::error!(%instance_id, "CONTROL PLANE REJECTED THE AGENT TOKEN (401); registering again");
                     self.session.reject(&token);
                 }
                 Err(e) => {
+                    self.stats.failed();
                     tracing::warn!(%instance_id, seq = hb.seq, error = %chain(&e), "heartbeat failed; will retry next tick")
                 }
             }
@@ -90,6 +96,7 @@ impl HeartbeatLoop {
             requests_waiting: gauges.requests_waiting,
         };
         let gpus = self.gpus.sample(&load, elapsed);
+        self.stats.set_gpus(&gpus);
         let system = {
             let sampler = self.system.clone();
             tokio::task::spawn_blocking(move || {

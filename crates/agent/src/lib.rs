@@ -4,7 +4,9 @@
 //! with the control plane (or reuses the token stored in its data directory),
 //! launches and supervises the inference engine, sends a heartbeat with
 //! host, GPU and engine figures every `heartbeat_interval_ms`, reports
-//! engine events, and serves `/healthz`, `/readyz` and `/info`.
+//! engine events, and serves `/healthz`, `/readyz`, `/info` and `/metrics`
+//! (DCGM-exporter and node-exporter names; see [`metrics`]). GPU figures come
+//! from NVML or are simulated, per `--gpu` ([`gpu::select`]).
 //!
 //! Nothing that happens after start-up stops the agent: a control plane
 //! that is down or rejects the token, an engine that crashes, are logged and
@@ -24,6 +26,8 @@ mod error;
 mod events;
 pub mod gpu;
 mod heartbeat;
+pub mod metrics;
+pub mod nvml;
 mod scrape;
 mod server;
 mod session;
@@ -47,7 +51,7 @@ pub use engine::{
     ProcessLauncher,
 };
 pub use error::AgentError;
-pub use gpu::{EngineLoad, GpuSampler, SimulatedGpus};
+pub use gpu::{EngineLoad, GpuMode, GpuSampler, SimulatedGpus};
 
 use crate::config::{load_bootstrap, DataDir};
 use crate::engine::probe::EngineProbe;
@@ -106,7 +110,11 @@ pub async fn run_with(
     let session = Session::new(args.heartbeat_interval_ms);
     let (events, event_rx) = EventReporter::new(instance_id);
     let (engine_tx, engine_rx) = watch::channel(EngineState::default());
-    let gpus = SimulatedGpus::new(bootstrap.gpu.clone(), seed_of(instance_id));
+    let gpus = gpu::select(args.gpu, &bootstrap.gpu, seed_of(instance_id), || {
+        nvml::RealNvml::init().map(|n| Box::new(n) as Box<dyn nvml::NvmlBackend>)
+    })?;
+    let stats = Arc::new(metrics::AgentStats::default());
+    let hostname = sysinfo::System::host_name().unwrap_or_default();
     let probe = EngineProbe::new(args.bind, bootstrap.engine.port(), bootstrap.model.clone());
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -116,6 +124,9 @@ pub async fn run_with(
         gpu_source: gpus.source(),
         started,
         engine: engine_rx.clone(),
+        stats: stats.clone(),
+        host: Arc::new(Mutex::new(metrics::HostCollector::new())),
+        hostname: hostname.clone(),
     });
     let server = {
         let cancel = cancel.clone();
@@ -133,7 +144,7 @@ pub async fn run_with(
                 instance_id,
                 bootstrap_secret: bootstrap.bootstrap_secret.clone(),
                 agent_version: VERSION.to_string(),
-                hostname: sysinfo::System::host_name().unwrap_or_default(),
+                hostname,
             },
             events: events.clone(),
             instance_id,
@@ -153,10 +164,11 @@ pub async fn run_with(
             session: session.clone(),
             client,
             system: Arc::new(Mutex::new(SystemSampler::new(data_dir.path()))),
-            gpus: Box::new(gpus),
+            gpus,
             engine: engine_rx,
             probe: probe.clone(),
             started,
+            stats,
         }
         .run(cancel.clone()),
     );

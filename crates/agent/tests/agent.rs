@@ -15,8 +15,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use gpufleet_agent::{
-    AgentArgs, AgentError, EngineLauncher, EngineProcess, ExitInfo, LaunchError, LaunchRequest,
-    RestartPolicy,
+    AgentArgs, AgentError, EngineLauncher, EngineProcess, ExitInfo, GpuMode, LaunchError,
+    LaunchRequest, RestartPolicy,
 };
 use gpufleet_domain::{GpuSpec, InstanceId};
 use gpufleet_proto::{
@@ -303,6 +303,7 @@ impl Setup {
             data_dir: self.data_dir(),
             engine_program: None,
             heartbeat_interval_ms: None,
+            gpu: GpuMode::Simulated,
         }
     }
 
@@ -488,6 +489,56 @@ async fn registers_heartbeats_serves_and_reuses_its_token() {
     assert_eq!(info.engine_status, EngineStatus::Ready);
     assert_eq!(info.gpu_source, GpuSource::Simulated);
     assert_eq!(info.model.as_str(), "org/sim-model");
+    assert!(hbs.iter().all(|h| h.gpu_source == GpuSource::Simulated));
+
+    // `/metrics`: DCGM and node-exporter names, the agent's counters; promtool-clean.
+    let resp = http
+        .get(setup.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = resp.text().await.expect("text");
+    for gpu in 0..last.gpus.len() {
+        let prefix = format!(
+            "DCGM_FI_DEV_GPU_UTIL{{gpu=\"{gpu}\",UUID=\"\",device=\"nvidia{gpu}\",modelName="
+        );
+        assert!(
+            text.lines().any(|l| l.starts_with(&prefix)),
+            "{prefix}\n{text}"
+        );
+    }
+    for family in [
+        "DCGM_FI_DEV_FB_USED{",
+        "DCGM_FI_DEV_FB_FREE{",
+        "DCGM_FI_DEV_GPU_TEMP{",
+        "DCGM_FI_DEV_POWER_USAGE{",
+        "DCGM_FI_DEV_SM_CLOCK{",
+        "node_load1 ",
+        "node_memory_MemTotal_bytes ",
+        "node_memory_MemAvailable_bytes ",
+        "node_filesystem_size_bytes{",
+        "node_network_receive_bytes_total{",
+        "gpufleet_agent_engine_status{status=\"ready\"} 1",
+        "gpufleet_agent_engine_restarts_total 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(family)),
+            "{family}\n{text}"
+        );
+    }
+    let sent: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("gpufleet_agent_heartbeats_sent_total "))
+        .expect("heartbeats sent")
+        .parse()
+        .expect("number");
+    assert!(sent >= 3.0, "{text}");
+    promtool_check(&text);
 
     agent.shutdown().await;
     assert!(
@@ -785,4 +836,37 @@ async fn a_rejected_token_leads_to_registration_retries_without_crashing() {
     assert_eq!(stored.trim(), "token-2");
     agent.shutdown().await;
     cp.stop().await;
+}
+
+/// `promtool check metrics` on `text`; panics unless it passes or reports only
+/// the camel case of the upstream DCGM/node-exporter names, and when promtool
+/// is missing (CI installs Debian's `prometheus`).
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool must be installed (apt-get install prometheus)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = match out.status.code() {
+        Some(0) => true,
+        Some(3) => said.lines().all(gpufleet_agent::metrics::is_upstream_lint),
+        _ => false,
+    };
+    assert!(ok, "promtool check metrics failed:\n{said}\n---\n{text}");
 }

@@ -131,6 +131,18 @@ pub struct GpuSample {
     pub temp_c: f64,
     pub power_w: f64,
     pub power_limit_w: f64,
+    /// Streaming-multiprocessor clock (NVML `nvmlDeviceGetClockInfo(SM)`), MHz.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sm_clock_mhz: Option<u32>,
+    /// Uncorrected (double-bit) ECC errors since the driver loaded (NVML's
+    /// volatile counter); `None` where ECC is off or unsupported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ecc_uncorrected: Option<u64>,
+    /// Why the clocks are held down right now, in snake case (`gpu_idle`,
+    /// `sw_power_cap`, `hw_slowdown`, `sw_thermal_slowdown`, ...); empty when
+    /// nothing holds them or the reasons are unknown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub throttle_reasons: Vec<String>,
 }
 
 /// The engine at one instant, with the vLLM gauges the agent scraped.
@@ -226,5 +238,30 @@ mod tests {
         assert_eq!(j["kind"], "sim");
         assert_eq!(serde_json::from_value::<EngineSpec>(j).unwrap(), e);
         assert_eq!(e.port(), 8000);
+    }
+
+    #[test]
+    fn gpu_sample_figures_are_additive() {
+        // An older agent's sample (no clock, ECC or throttle reasons) still parses.
+        let old = serde_json::json!({
+            "index": 0, "name": "NVIDIA L4", "uuid": null, "util_pct": 5.0,
+            "mem_used_mib": 1, "mem_total_mib": 2, "temp_c": 40.0,
+            "power_w": 20.0, "power_limit_w": 72.0
+        });
+        let s: GpuSample = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!((s.sm_clock_mhz, s.ecc_uncorrected), (None, None));
+        assert!(s.throttle_reasons.is_empty());
+        // ...and unknown figures are left out, so the JSON is what it was.
+        assert_eq!(serde_json::to_value(&s).unwrap(), old);
+        let full = GpuSample {
+            sm_clock_mhz: Some(1980),
+            ecc_uncorrected: Some(0),
+            throttle_reasons: vec!["sw_power_cap".into()],
+            ..s
+        };
+        let j = serde_json::to_value(&full).unwrap();
+        assert_eq!(j["sm_clock_mhz"], 1980);
+        assert_eq!(j["throttle_reasons"][0], "sw_power_cap");
+        assert_eq!(serde_json::from_value::<GpuSample>(j).unwrap(), full);
     }
 }

@@ -35,9 +35,11 @@ pub async fn register(
     request_body = Heartbeat,
     responses(
         (status = 200, description = "Received (`applied` false when stale)", body = HeartbeatAck),
-        (status = 400, description = "Malformed body", body = ErrorBody),
+        (status = 400, description = "Malformed body, or impossible figures (`field` names one, e.g. `gpus[0].util_pct`); nothing stored", body = ErrorBody),
         (status = 401, description = "Missing or unknown agent token", body = ErrorBody),
         (status = 403, description = "The heartbeat names another instance", body = ErrorBody),
+        (status = 413, description = "Body over 256 KiB", body = ErrorBody),
+        (status = 503, description = "Too many heartbeats queued; retry", body = ErrorBody),
     ),
     security(("agent_token" = []))
 )]

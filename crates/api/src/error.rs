@@ -82,6 +82,11 @@ impl ApiError {
         )
     }
 
+    /// 503 `unavailable`: overloaded or briefly unable; retry.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
     /// 500 with a generic message; the caller has logged the cause.
     pub fn internal() -> Self {
         Self::new(
@@ -136,6 +141,11 @@ impl From<ControlError> for ApiError {
                     e.to_string(),
                 )
             }
+            ControlError::InvalidHeartbeat(rejected) => {
+                let message = rejected.to_string();
+                Self::invalid(rejected.field, message)
+            }
+            ControlError::Unavailable { message } => Self::unavailable(message),
             ControlError::Store(source) => {
                 tracing::error!(
                     error = &source as &dyn std::error::Error,
@@ -204,6 +214,22 @@ mod tests {
         }
         let api = ApiError::from(ControlError::invalid("model", "unknown"));
         assert_eq!(api.field(), Some("model"));
+        let api = ApiError::from(ControlError::Unavailable {
+            message: "queue full; retry".into(),
+        });
+        assert_eq!(
+            (api.status(), api.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        );
+        let api = ApiError::from(ControlError::InvalidHeartbeat(
+            gpufleet_control::validate::HeartbeatRejected {
+                field: "gpus[0].util_pct".into(),
+                message: "must be at most 100".into(),
+            },
+        ));
+        assert_eq!(api.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(api.field(), Some("gpus[0].util_pct"));
+        assert!(api.body().error.message.contains("gpus[0].util_pct"));
     }
 
     #[test]

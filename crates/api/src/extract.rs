@@ -12,6 +12,9 @@ use serde::de::DeserializeOwned;
 
 /// Largest accepted request body.
 pub const BODY_LIMIT_BYTES: usize = 1024 * 1024;
+/// Largest accepted body on the agent routes (`/internal/`): a heartbeat of
+/// eight GPUs is about 3 KiB.
+pub const AGENT_BODY_LIMIT_BYTES: usize = 256 * 1024;
 
 /// A JSON body. Needs `Content-Type: application/json` (or `+json`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -28,9 +31,14 @@ where
         if !is_json(req.headers()) {
             return Err(ApiError::unsupported_media_type());
         }
+        let limit = if req.uri().path().starts_with("/internal/") {
+            AGENT_BODY_LIMIT_BYTES
+        } else {
+            BODY_LIMIT_BYTES
+        };
         let bytes = Bytes::from_request(req, state)
             .await
-            .map_err(bytes_rejection)?;
+            .map_err(|r| bytes_rejection(r, limit))?;
         decode_json(&bytes).map(ApiJson)
     }
 }
@@ -52,9 +60,9 @@ fn is_json(headers: &HeaderMap) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-fn bytes_rejection(r: BytesRejection) -> ApiError {
+fn bytes_rejection(r: BytesRejection, limit: usize) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::payload_too_large(BODY_LIMIT_BYTES)
+        ApiError::payload_too_large(limit)
     } else {
         ApiError::bad_request(format!(
             "could not read the request body: {}",

@@ -4,13 +4,15 @@ use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiQuery, InstanceIdPath};
 use crate::views::{
     CreateInstancesBody, CreatedInstances, ErrorBody, InstanceList, InstanceMetrics, InstanceView,
-    Timeline, TimelineEntryView,
+    MetricSeriesView, Timeline, TimelineEntryView,
 };
 use crate::SharedState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use chrono::{DateTime, Utc};
 use gpufleet_control::CreateInstances;
+use gpufleet_domain::metrics::{parse_step, Step};
 use gpufleet_domain::{InstanceStatus, ModelName, ProviderName};
 use gpufleet_store::InstanceFilter;
 use serde::Deserialize;
@@ -267,15 +269,26 @@ pub async fn timeline(
 pub struct MetricsParams {
     /// At most this many recent samples (default 60, max 1000).
     pub limit: Option<i64>,
+    /// Start of the history window, RFC 3339 (default: `to` − 1 h).
+    pub from: Option<String>,
+    /// End of the history window, RFC 3339 (default: now).
+    pub to: Option<String>,
+    /// Bucket width: 5s, 10s, 15s, 30s, 1m, 2m, 5m, 10m, 15m, 30m, 1h, 2h, 3h,
+    /// 6h, 12h or 1d (default: the finest giving at most 1,500 buckets).
+    pub step: Option<String>,
 }
 
-/// Recent heartbeat samples (oldest first) and the latest one.
+/// Recent heartbeat samples (oldest first) and the latest one; with any of
+/// `from`, `to`, `step`, also `series`: the history over the window (5
+/// minutes to 30 days, at most 1,500 buckets) in aligned buckets, per GPU
+/// where it applies, read from raw samples, 1-minute or 1-hour rollups
+/// (whichever fits the step and still holds the window).
 #[utoipa::path(
     get, path = "/api/v1/instances/{id}/metrics", tag = "instances",
     params(("id" = String, Path, description = "Instance id"), MetricsParams),
     responses(
-        (status = 200, description = "Samples", body = InstanceMetrics),
-        (status = 400, description = "Malformed id or query", body = ErrorBody),
+        (status = 200, description = "Samples (and series)", body = InstanceMetrics),
+        (status = 400, description = "Malformed id or query; `field` names `from`, `to`, `step` or `limit`", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
     ),
@@ -290,8 +303,49 @@ pub async fn metrics(
         params.limit.unwrap_or(METRICS_DEFAULT_LIMIT),
         METRICS_MAX_LIMIT,
     )?;
+    let window = history_window(&params)?;
     let newest_first = state.fleet.instance_samples(id, limit).await?;
-    Ok(Json(InstanceMetrics::from_newest_first(id, &newest_first)))
+    let mut metrics = InstanceMetrics::from_newest_first(id, &newest_first);
+    if let Some((from, to, step)) = window {
+        let series = state.fleet.metric_series(id, from, to, step).await?;
+        metrics.series = Some(MetricSeriesView::from(&series));
+    }
+    Ok(Json(metrics))
+}
+
+type Window = (DateTime<Utc>, DateTime<Utc>, Option<Step>);
+
+/// The history window asked for, if any of `from`, `to`, `step` is given.
+/// Parsing happens here; the limits are checked by the Fleet.
+fn history_window(p: &MetricsParams) -> Result<Option<Window>, ApiError> {
+    if p.from.is_none() && p.to.is_none() && p.step.is_none() {
+        return Ok(None);
+    }
+    let time = |field: &'static str, raw: &str| {
+        DateTime::parse_from_rfc3339(raw.trim())
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| {
+                ApiError::invalid(
+                    field,
+                    format!("invalid {field}: {raw:?} is not an RFC 3339 time ({e}), e.g. 2025-01-31T12:00:00Z"),
+                )
+            })
+    };
+    let to = match &p.to {
+        Some(raw) => time("to", raw)?,
+        None => Utc::now(),
+    };
+    let from = match &p.from {
+        Some(raw) => time("from", raw)?,
+        None => to - chrono::Duration::hours(1),
+    };
+    let step = p
+        .step
+        .as_deref()
+        .map(parse_step)
+        .transpose()
+        .map_err(|e| ApiError::invalid("step", format!("invalid step: {e}")))?;
+    Ok(Some((from, to, step)))
 }
 
 #[cfg(test)]

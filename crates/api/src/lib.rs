@@ -7,23 +7,26 @@
 //!
 //! Routes:
 //! - `/healthz` (no auth)
+//! - `/metrics` (no auth, like a node exporter): Prometheus text format
 //! - `/api/v1/...` (admin bearer token): instances, catalog, models, the SSE
 //!   stream, task statuses, the OpenAPI document
 //! - `/internal/v1/agent/...` (agent bootstrap secret, then agent token)
 
 mod agent;
+pub mod api_keys;
 mod auth;
 mod catalog;
 mod error;
 mod events;
 mod extract;
 mod instances;
+mod observability;
 mod openapi;
 mod system;
 pub mod views;
 
 pub use error::ApiError;
-pub use extract::BODY_LIMIT_BYTES;
+pub use extract::{AGENT_BODY_LIMIT_BYTES, BODY_LIMIT_BYTES};
 pub use openapi::ApiDoc;
 
 use axum::extract::DefaultBodyLimit;
@@ -82,6 +85,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/events", get(events::stream))
         .route("/system/tasks", get(system::tasks))
         .route("/openapi.json", get(openapi::document))
+        .route("/metrics/fleet", get(observability::fleet))
+        .route("/prometheus/targets", get(observability::targets))
+        .route("/api-keys", post(api_keys::create).get(api_keys::list))
+        .route("/api-keys/{id}", axum::routing::delete(api_keys::revoke))
+        .route("/usage", get(api_keys::usage))
         // route_layer: unknown /api/ paths are 404, not 401.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -91,15 +99,19 @@ pub fn router(state: ApiState) -> Router {
     let agent = Router::new()
         .route(paths::REGISTER, post(agent::register))
         .route(paths::HEARTBEAT, post(agent::heartbeat))
-        .route(paths::EVENTS, post(agent::events));
+        .route(paths::EVENTS, post(agent::events))
+        .layer(DefaultBodyLimit::max(AGENT_BODY_LIMIT_BYTES));
 
     Router::new()
         .route("/healthz", get(system::healthz))
+        .route("/metrics", get(observability::prometheus))
         .nest("/api/v1", api)
         .merge(agent)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES))
+        .layer(middleware::from_fn(observability::track))
+        .layer(Extension(observability::HttpMetrics::new()))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -126,6 +138,12 @@ pub async fn serve(
         tracing::info!("HTTP server shutting down");
         streams.cancel();
     };
+    // No Nagle delay on small writes (SSE events, streamed completions).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(signal)
         .await

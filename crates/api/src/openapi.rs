@@ -1,7 +1,7 @@
 //! `GET /api/v1/openapi.json`: the OpenAPI 3.1 document of every public route.
 
 use crate::views::ErrorBody;
-use crate::{agent, catalog, events, instances, system};
+use crate::{agent, api_keys, catalog, events, instances, observability, system};
 use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::OpenApi as OpenApiDoc;
@@ -27,10 +27,17 @@ use utoipa::{Modify, OpenApi};
         events::stream,
         system::tasks,
         system::healthz,
+        api_keys::create,
+        api_keys::list,
+        api_keys::revoke,
+        api_keys::usage,
         document,
         agent::register,
         agent::heartbeat,
         agent::events,
+        observability::fleet,
+        observability::targets,
+        observability::prometheus,
     ),
     modifiers(&SecuritySchemes),
     tags(
@@ -38,6 +45,8 @@ use utoipa::{Modify, OpenApi};
         (name = "catalog", description = "Providers, instance types and models"),
         (name = "events", description = "Live instance changes (SSE)"),
         (name = "system", description = "Health and background tasks"),
+        (name = "metrics", description = "Fleet figures and Prometheus service discovery"),
+        (name = "api-keys", description = "Keys of the OpenAI-compatible endpoint (/v1/...) and their usage"),
         (name = "agent", description = "Called by the worker agents, not by users"),
     )
 )]
@@ -104,7 +113,13 @@ mod tests {
             "/api/v1/events",
             "/api/v1/system/tasks",
             "/api/v1/openapi.json",
+            "/api/v1/api-keys",
+            "/api/v1/api-keys/{id}",
+            "/api/v1/usage",
             "/healthz",
+            "/metrics",
+            "/api/v1/metrics/fleet",
+            "/api/v1/prometheus/targets",
             gpufleet_proto::paths::REGISTER,
             gpufleet_proto::paths::HEARTBEAT,
             gpufleet_proto::paths::EVENTS,

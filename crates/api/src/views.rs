@@ -108,6 +108,10 @@ pub struct InstanceMetrics {
     pub latest: Option<SampleView>,
     /// Recent samples, oldest first.
     pub samples: Vec<SampleView>,
+    /// History over a window, in aligned buckets: present when the query
+    /// gave `from`, `to` or `step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub series: Option<MetricSeriesView>,
 }
 
 /// `GET /api/v1/providers` entry.
@@ -242,6 +246,7 @@ impl InstanceMetrics {
             instance_id,
             latest,
             samples,
+            series: None,
         }
     }
 }
@@ -257,4 +262,370 @@ pub struct TaskList {
 pub struct Health {
     /// Always `ok` when the process serves requests.
     pub status: String,
+}
+
+// ---------------------------------------------------------------------------
+// Metric history, fleet figures and Prometheus service discovery.
+
+/// One instance's history over `[from, to)`. Every series has one value per
+/// entry of `timestamps` (`null` where the bucket holds no sample), so they
+/// plot as they are. Averages over each bucket unless named `_max`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MetricSeriesView {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// Bucket width actually used, e.g. `5s`, `1m` (the tier's resolution
+    /// when coarser than the step asked for).
+    pub step: String,
+    /// Where the figures came from: `raw`, `minute` or `hour`.
+    pub tier: String,
+    /// Bucket starts (`floor(t / step) * step`), ascending.
+    pub timestamps: Vec<DateTime<Utc>>,
+    /// Heartbeats behind each bucket (0: none).
+    pub samples: Vec<i64>,
+    pub cpu_pct: Vec<Option<f64>>,
+    pub cpu_pct_max: Vec<Option<f64>>,
+    pub load1: Vec<Option<f64>>,
+    /// Host memory used, percent of total.
+    pub mem_pct: Vec<Option<f64>>,
+    /// Disk used (the agent's data filesystem), percent of total.
+    pub disk_pct: Vec<Option<f64>>,
+    pub net_rx_bps: Vec<Option<f64>>,
+    pub net_tx_bps: Vec<Option<f64>>,
+    pub requests_running: Vec<Option<f64>>,
+    pub requests_waiting: Vec<Option<f64>>,
+    /// KV-cache usage, 0–1.
+    pub kv_cache_usage: Vec<Option<f64>>,
+    pub kv_cache_usage_max: Vec<Option<f64>>,
+    pub prompt_tokens_per_s: Vec<Option<f64>>,
+    pub generation_tokens_per_s: Vec<Option<f64>>,
+    /// Mean time to first token, in seconds.
+    pub ttft_s: Vec<Option<f64>>,
+    pub ttft_s_max: Vec<Option<f64>>,
+    /// One entry per GPU index, ascending.
+    pub gpus: Vec<GpuSeriesView>,
+}
+
+/// One GPU's history, aligned with [`MetricSeriesView::timestamps`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GpuSeriesView {
+    pub index: u32,
+    pub util_pct: Vec<Option<f64>>,
+    pub util_pct_max: Vec<Option<f64>>,
+    pub vram_used_mib: Vec<Option<f64>>,
+    pub vram_total_mib: Vec<Option<f64>>,
+    pub temp_c: Vec<Option<f64>>,
+    pub temp_c_max: Vec<Option<f64>>,
+    pub power_w: Vec<Option<f64>>,
+    pub power_w_max: Vec<Option<f64>>,
+    pub power_limit_w: Vec<Option<f64>>,
+}
+
+fn pct(used: f64, total: f64) -> Option<f64> {
+    (total > 0.0).then(|| used / total * 100.0)
+}
+
+/// Bucket starts covering `[from, to)` in steps of `step_ms`.
+fn bucket_starts(from: DateTime<Utc>, to: DateTime<Utc>, step_ms: i64) -> Vec<i64> {
+    let step_ms = step_ms.max(1);
+    let end = to.timestamp_millis();
+    let mut b = from.timestamp_millis().div_euclid(step_ms) * step_ms;
+    let mut out = Vec::new();
+    while b < end {
+        out.push(b);
+        b += step_ms;
+    }
+    out
+}
+
+fn ms_time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// Places values at their bucket's index.
+struct Aligner {
+    start: i64,
+    step: i64,
+    len: usize,
+}
+
+impl Aligner {
+    fn index(&self, bucket: DateTime<Utc>) -> Option<usize> {
+        let off = bucket.timestamp_millis() - self.start;
+        if off < 0 || off % self.step != 0 {
+            return None;
+        }
+        let i = (off / self.step) as usize;
+        (i < self.len).then_some(i)
+    }
+    fn empty(&self) -> Vec<Option<f64>> {
+        vec![None; self.len]
+    }
+}
+
+impl From<&gpufleet_store::MetricSeries> for MetricSeriesView {
+    fn from(m: &gpufleet_store::MetricSeries) -> Self {
+        let step = m.step.as_millis();
+        let starts = bucket_starts(m.from, m.to, step);
+        let a = Aligner {
+            start: starts.first().copied().unwrap_or(0),
+            step,
+            len: starts.len(),
+        };
+        let mut v = MetricSeriesView {
+            from: m.from,
+            to: m.to,
+            step: m.step.to_string(),
+            tier: m.tier.as_str().to_string(),
+            timestamps: starts.iter().map(|b| ms_time(*b)).collect(),
+            samples: vec![0; a.len],
+            cpu_pct: a.empty(),
+            cpu_pct_max: a.empty(),
+            load1: a.empty(),
+            mem_pct: a.empty(),
+            disk_pct: a.empty(),
+            net_rx_bps: a.empty(),
+            net_tx_bps: a.empty(),
+            requests_running: a.empty(),
+            requests_waiting: a.empty(),
+            kv_cache_usage: a.empty(),
+            kv_cache_usage_max: a.empty(),
+            prompt_tokens_per_s: a.empty(),
+            generation_tokens_per_s: a.empty(),
+            ttft_s: a.empty(),
+            ttft_s_max: a.empty(),
+            gpus: Vec::new(),
+        };
+        for p in &m.points {
+            let Some(i) = a.index(p.bucket) else { continue };
+            v.samples[i] = p.samples;
+            v.cpu_pct[i] = Some(p.cpu_pct_avg);
+            v.cpu_pct_max[i] = Some(p.cpu_pct_max);
+            v.load1[i] = Some(p.load1_avg);
+            v.mem_pct[i] = pct(p.mem_used_bytes_avg, p.mem_total_bytes);
+            v.disk_pct[i] = pct(p.disk_used_bytes_avg, p.disk_total_bytes);
+            v.net_rx_bps[i] = Some(p.net_rx_bps_avg);
+            v.net_tx_bps[i] = Some(p.net_tx_bps_avg);
+            v.requests_running[i] = Some(p.requests_running_avg);
+            v.requests_waiting[i] = Some(p.requests_waiting_avg);
+            v.kv_cache_usage[i] = p.kv_cache_usage_avg;
+            v.kv_cache_usage_max[i] = p.kv_cache_usage_max;
+            v.prompt_tokens_per_s[i] = p.prompt_tokens_per_s_avg;
+            v.generation_tokens_per_s[i] = p.generation_tokens_per_s_avg;
+            v.ttft_s[i] = p.ttft_mean_s_avg;
+            v.ttft_s_max[i] = p.ttft_mean_s_max;
+        }
+        for g in &m.gpus {
+            let mut s = GpuSeriesView {
+                index: g.gpu_index,
+                util_pct: a.empty(),
+                util_pct_max: a.empty(),
+                vram_used_mib: a.empty(),
+                vram_total_mib: a.empty(),
+                temp_c: a.empty(),
+                temp_c_max: a.empty(),
+                power_w: a.empty(),
+                power_w_max: a.empty(),
+                power_limit_w: a.empty(),
+            };
+            for p in &g.points {
+                let Some(i) = a.index(p.bucket) else { continue };
+                s.util_pct[i] = Some(p.util_pct_avg);
+                s.util_pct_max[i] = Some(p.util_pct_max);
+                s.vram_used_mib[i] = Some(p.mem_used_mib_avg);
+                s.vram_total_mib[i] = Some(p.mem_total_mib);
+                s.temp_c[i] = Some(p.temp_c_avg);
+                s.temp_c_max[i] = Some(p.temp_c_max);
+                s.power_w[i] = Some(p.power_w_avg);
+                s.power_w_max[i] = Some(p.power_w_max);
+                s.power_limit_w[i] = Some(p.power_limit_w);
+            }
+            v.gpus.push(s);
+        }
+        v
+    }
+}
+
+/// `GET /api/v1/metrics/fleet` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FleetMetricsView {
+    pub now: FleetNowView,
+    pub series: FleetSeriesView,
+}
+
+/// The fleet now: non-terminal instances by status, the GPUs of those with
+/// a fresh heartbeat, and what the billable instances cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FleetNowView {
+    /// Heartbeats at or after this count as fresh.
+    pub fresh_after: DateTime<Utc>,
+    pub instances: i64,
+    pub reporting_instances: i64,
+    pub gpus: i64,
+    pub mean_gpu_util_pct: Option<f64>,
+    pub vram_used_mib: f64,
+    pub vram_total_mib: f64,
+    pub power_w: f64,
+    pub power_limit_w: f64,
+    /// Every non-terminal status, zeros included.
+    pub by_status: Vec<FleetStatusView>,
+    /// Instances being paid for (failed ones until their machine is cleaned up).
+    pub billable_instances: i64,
+    /// What they cost per hour, per currency, from the providers' catalogs.
+    pub price_per_hour: Vec<PriceView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FleetStatusView {
+    pub status: InstanceStatus,
+    pub instances: i64,
+    pub reporting_instances: i64,
+    pub gpus: i64,
+    pub mean_gpu_util_pct: Option<f64>,
+    pub vram_used_mib: f64,
+    pub vram_total_mib: f64,
+    pub power_w: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PriceView {
+    pub currency: String,
+    pub amount: f64,
+}
+
+/// Fleet totals over the window, aligned like [`MetricSeriesView`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FleetSeriesView {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub step: String,
+    pub tier: String,
+    pub timestamps: Vec<DateTime<Utc>>,
+    /// Instances with a GPU sample in the bucket.
+    pub instances: Vec<Option<i64>>,
+    pub gpus: Vec<Option<i64>>,
+    pub mean_gpu_util_pct: Vec<Option<f64>>,
+    pub vram_used_mib: Vec<Option<f64>>,
+    pub vram_total_mib: Vec<Option<f64>>,
+    pub power_w: Vec<Option<f64>>,
+}
+
+impl From<&gpufleet_control::history::FleetMetrics> for FleetMetricsView {
+    fn from(f: &gpufleet_control::history::FleetMetrics) -> Self {
+        let n = &f.now;
+        let now = FleetNowView {
+            fresh_after: n.fresh_after,
+            instances: n.instances,
+            reporting_instances: n.reporting_instances,
+            gpus: n.gpus,
+            mean_gpu_util_pct: n.mean_gpu_util_pct,
+            vram_used_mib: n.vram_used_mib,
+            vram_total_mib: n.vram_total_mib,
+            power_w: n.power_w,
+            power_limit_w: n.power_limit_w,
+            by_status: n
+                .by_status
+                .iter()
+                .map(|s| FleetStatusView {
+                    status: s.status,
+                    instances: s.instances,
+                    reporting_instances: s.reporting_instances,
+                    gpus: s.gpus,
+                    mean_gpu_util_pct: s.mean_gpu_util_pct,
+                    vram_used_mib: s.vram_used_mib,
+                    vram_total_mib: s.vram_total_mib,
+                    power_w: s.power_w,
+                })
+                .collect(),
+            billable_instances: f.billable_instances,
+            price_per_hour: f
+                .price_per_hour
+                .iter()
+                .map(|(currency, amount)| PriceView {
+                    currency: currency.clone(),
+                    amount: *amount,
+                })
+                .collect(),
+        };
+        let s = &f.series;
+        let step = s.step.as_millis();
+        let starts = bucket_starts(s.from, s.to, step);
+        let a = Aligner {
+            start: starts.first().copied().unwrap_or(0),
+            step,
+            len: starts.len(),
+        };
+        let mut series = FleetSeriesView {
+            from: s.from,
+            to: s.to,
+            step: s.step.to_string(),
+            tier: s.tier.as_str().to_string(),
+            timestamps: starts.iter().map(|b| ms_time(*b)).collect(),
+            instances: vec![None; a.len],
+            gpus: vec![None; a.len],
+            mean_gpu_util_pct: a.empty(),
+            vram_used_mib: a.empty(),
+            vram_total_mib: a.empty(),
+            power_w: a.empty(),
+        };
+        for p in &s.points {
+            let Some(i) = a.index(p.bucket) else { continue };
+            series.instances[i] = Some(p.instances);
+            series.gpus[i] = Some(p.gpus);
+            series.mean_gpu_util_pct[i] = Some(p.mean_gpu_util_pct);
+            series.vram_used_mib[i] = Some(p.vram_used_mib);
+            series.vram_total_mib[i] = Some(p.vram_total_mib);
+            series.power_w[i] = Some(p.power_w);
+        }
+        FleetMetricsView { now, series }
+    }
+}
+
+/// One entry of `GET /api/v1/prometheus/targets` (Prometheus HTTP service
+/// discovery): an agent of a ready instance and its labels
+/// (`gpufleet_instance_id`, `gpufleet_provider`, `gpufleet_instance_type`,
+/// `gpufleet_model`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ScrapeTargetGroup {
+    /// `ip:agent_port`.
+    pub targets: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl From<&gpufleet_control::history::ScrapeTarget> for ScrapeTargetGroup {
+    fn from(t: &gpufleet_control::history::ScrapeTarget) -> Self {
+        let labels = [
+            ("gpufleet_instance_id", t.instance_id.to_string()),
+            ("gpufleet_provider", t.provider.to_string()),
+            ("gpufleet_instance_type", t.instance_type.clone()),
+            ("gpufleet_model", t.model.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        ScrapeTargetGroup {
+            targets: vec![t.address.to_string()],
+            labels,
+        }
+    }
+}
+
+#[cfg(test)]
+mod metric_view_tests {
+    use super::*;
+
+    #[test]
+    fn buckets_cover_the_window() {
+        let t = |ms| ms_time(ms);
+        assert_eq!(bucket_starts(t(0), t(60_000), 5_000).len(), 12);
+        assert_eq!(bucket_starts(t(1), t(60_001), 5_000).len(), 13);
+        let a = Aligner {
+            start: 0,
+            step: 5_000,
+            len: 12,
+        };
+        assert_eq!(a.index(t(10_000)), Some(2));
+        assert_eq!(a.index(t(60_000)), None);
+        assert_eq!(a.index(t(10_001)), None);
+    }
 }

@@ -1,5 +1,6 @@
 //! Control-plane settings (one section of `gpufleet up`'s config file).
 
+use gpufleet_domain::metrics::RetentionConfig;
 use gpufleet_domain::ModelName;
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +43,35 @@ pub struct ControlConfig {
     pub engine: EngineConfig,
     /// Models instances may serve.
     pub models: Vec<ModelSpec>,
+    /// How long metric history is kept per tier (`[control.retention]`).
+    pub retention: RetentionConfig,
+    /// How often the metrics rollup (and retention) runs, in milliseconds.
+    pub metrics_rollup_interval_ms: u64,
+    /// Batched heartbeat ingestion (`[control.ingest]`).
+    pub ingest: IngestConfig,
+}
+
+/// The heartbeat writer: heartbeats queue in a bounded channel and are
+/// written in batches (one transaction each).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Most heartbeats written in one transaction.
+    pub batch_max: usize,
+    /// Longest a heartbeat waits for others to join its batch, in milliseconds.
+    pub linger_ms: u64,
+    /// Heartbeats queued at most; past it agents get 503 and retry.
+    pub queue_capacity: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            batch_max: 256,
+            linger_ms: 2,
+            queue_capacity: 8192,
+        }
+    }
 }
 
 impl Default for ControlConfig {
@@ -63,6 +93,9 @@ impl Default for ControlConfig {
             agent_port: gpufleet_proto::DEFAULT_AGENT_PORT,
             engine: EngineConfig::default(),
             models: ModelSpec::defaults(),
+            retention: RetentionConfig::default(),
+            metrics_rollup_interval_ms: 10_000,
+            ingest: IngestConfig::default(),
         }
     }
 }

@@ -3,6 +3,9 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -56,6 +59,38 @@ pub struct TaskStatus {
 pub struct Tasks {
     notifies: Arc<Mutex<BTreeMap<&'static str, Arc<Notify>>>>,
     statuses: Arc<Mutex<BTreeMap<&'static str, TaskStatus>>>,
+    metrics: TaskMetrics,
+}
+
+/// Prometheus figures of the reconcilers, by `task` (registered by
+/// [`crate::telemetry::Telemetry`]).
+#[derive(Clone, Debug)]
+pub struct TaskMetrics {
+    pub runs: Family<TaskLabels, Counter>,
+    /// Errors reported, summed over activations.
+    pub errors: Family<TaskLabels, Counter>,
+    pub duration: crate::telemetry::HistogramFamily<TaskLabels>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct TaskLabels {
+    pub task: &'static str,
+}
+
+impl Default for TaskMetrics {
+    fn default() -> Self {
+        fn buckets() -> Histogram {
+            // 100 µs .. ~105 s.
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                0.0001, 4.0, 11,
+            ))
+        }
+        Self {
+            runs: Family::default(),
+            errors: Family::default(),
+            duration: Family::new_with_constructor(buckets),
+        }
+    }
 }
 
 impl Tasks {
@@ -75,6 +110,10 @@ impl Tasks {
 
     pub fn statuses(&self) -> Vec<TaskStatus> {
         self.lock_statuses().values().cloned().collect()
+    }
+
+    pub fn metrics(&self) -> &TaskMetrics {
+        &self.metrics
     }
 
     fn lock_notifies(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Arc<Notify>>> {
@@ -132,6 +171,18 @@ impl Tasks {
                     let started = Instant::now();
                     let report = r.activate().await;
                     let took = started.elapsed();
+                    let labels = TaskLabels { task: name };
+                    tasks.metrics.runs.get_or_create(&labels).inc();
+                    tasks
+                        .metrics
+                        .errors
+                        .get_or_create(&labels)
+                        .inc_by(report.errors.len() as u64);
+                    tasks
+                        .metrics
+                        .duration
+                        .get_or_create(&labels)
+                        .observe(took.as_secs_f64());
                     if !report.errors.is_empty() {
                         tracing::debug!(task = name, errors = ?report.errors, "reconciler reported errors");
                     }

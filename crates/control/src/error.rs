@@ -32,6 +32,13 @@ pub enum ControlError {
     },
     #[error("storage failure")]
     Store(#[from] StoreError),
+    /// A heartbeat with impossible figures; names the field (e.g. `gpus[0].util_pct`).
+    #[error(transparent)]
+    InvalidHeartbeat(#[from] crate::validate::HeartbeatRejected),
+    /// Overloaded or briefly unable to serve (e.g. the heartbeat queue is
+    /// full); the client should retry.
+    #[error("{message}")]
+    Unavailable { message: String },
 }
 
 impl ControlError {

@@ -23,7 +23,7 @@ use gpufleet_store::{
     RegisterOutcome, SampleRecord, Store, StoreError, TimelineEvent, TimelineKind,
 };
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +58,16 @@ pub(crate) struct Inner {
     /// Instances whose provider create call is in flight in this process.
     pub creating: Mutex<HashSet<InstanceId>>,
     pub http: reqwest::Client,
+    /// Prometheus metrics recorded as things happen.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// The batching heartbeat writer.
+    pub writer: crate::ingest::HeartbeatWriter,
+    /// What heartbeat validation knows of each instance's GPU count.
+    pub gpu_counts: crate::ingest::GpuCounts,
+    /// Verified agent tokens and published instance records, for the heartbeat path.
+    pub hot: Arc<crate::ingest::HotCache>,
+    /// Requests in flight per instance (the router), when one is set.
+    pub traffic: RwLock<Option<Arc<dyn crate::TrafficSource>>>,
 }
 
 /// Names of the reconcilers, for waking them.
@@ -68,6 +78,7 @@ pub(crate) mod task {
     pub const TERMINATOR: &str = "terminator";
     pub const FAILED_CLEANUP: &str = "failed_cleanup";
     pub const ORPHANS: &str = "orphan_reaper";
+    pub const METRICS_ROLLUP: &str = "metrics_rollup";
 }
 
 /// How many times a command retries a compare-and-swap that lost a race.
@@ -82,6 +93,14 @@ impl Fleet {
     ) -> Result<Fleet, ControlError> {
         let cluster_id = store.cluster_id().await?;
         let bootstrap_key = store.secret_key().await?;
+        let tasks = Tasks::default();
+        let telemetry = Arc::new(crate::telemetry::Telemetry::new(&tasks));
+        let providers = crate::metered::MeteredProvider::wrap_all(&providers, &telemetry);
+        let writer =
+            crate::ingest::HeartbeatWriter::spawn(store.clone(), &config.ingest, telemetry.clone());
+        let bus = Bus::new(4096);
+        let hot = Arc::new(crate::ingest::HotCache::default());
+        hot.clone().follow(bus.subscribe());
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.probe_timeout_ms))
             .build()
@@ -91,12 +110,17 @@ impl Fleet {
                 store,
                 providers,
                 config,
-                bus: Bus::new(4096),
-                tasks: Tasks::default(),
+                bus,
+                tasks,
                 cluster_id,
                 bootstrap_key,
                 creating: Mutex::new(HashSet::new()),
                 http,
+                traffic: RwLock::new(None),
+                telemetry,
+                writer,
+                gpu_counts: Default::default(),
+                hot,
             }),
         })
     }
@@ -124,8 +148,32 @@ impl Fleet {
                 Arc::new(reconcilers::OrphanReaper::new(self.clone())),
                 period * 10,
             ),
+            (
+                Arc::new(reconcilers::MetricsRollup::new(self.clone())),
+                Duration::from_millis(self.inner.config.metrics_rollup_interval_ms.max(10)),
+            ),
         ];
         self.inner.tasks.spawn_all(list, shutdown)
+    }
+
+    /// Let draining wait for the requests `source` counts in flight (rather
+    /// than for the engine's last reported running and waiting requests).
+    pub fn set_traffic_source(&self, source: Arc<dyn crate::TrafficSource>) {
+        *self
+            .inner
+            .traffic
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(source);
+    }
+
+    /// Requests in flight to `id` per the traffic source; `None` without one.
+    pub(crate) fn traffic_in_flight(&self, id: InstanceId) -> Option<u64> {
+        self.inner
+            .traffic
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|t| t.in_flight(id))
     }
 
     pub fn config(&self) -> &ControlConfig {
@@ -139,6 +187,18 @@ impl Fleet {
     }
     pub(crate) fn tasks(&self) -> &Tasks {
         &self.inner.tasks
+    }
+    pub(crate) fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.inner.telemetry
+    }
+    pub(crate) fn writer(&self) -> &crate::ingest::HeartbeatWriter {
+        &self.inner.writer
+    }
+    pub(crate) fn gpu_counts(&self) -> &crate::ingest::GpuCounts {
+        &self.inner.gpu_counts
+    }
+    pub(crate) fn hot(&self) -> &crate::ingest::HotCache {
+        &self.inner.hot
     }
 
     pub(crate) fn provider(&self, name: &ProviderName) -> Option<&Arc<dyn Provider>> {
@@ -496,9 +556,7 @@ impl Fleet {
 
     /// The instance an agent token belongs to; `Unauthorized` if none.
     pub async fn authenticate_agent(&self, token: &str) -> Result<InstanceId, ControlError> {
-        self.inner
-            .store
-            .instance_for_token(&secrets::digest(token))
+        self.agent_for_token(&secrets::digest(token))
             .await?
             .ok_or_else(|| ControlError::Unauthorized {
                 message: "unknown or revoked agent token".into(),
@@ -506,11 +564,13 @@ impl Fleet {
     }
 
     /// Apply a heartbeat from the agent of `agent` (authenticated). `Forbidden`
-    /// if the heartbeat names another instance.
+    /// if the heartbeat names another instance; `InvalidHeartbeat` (nothing
+    /// stored) for impossible figures ([`crate::validate::validate_heartbeat`]);
+    /// `Unavailable` when the batching writer's queue is full.
     pub async fn ingest_heartbeat(
         &self,
         agent: InstanceId,
-        hb: Heartbeat,
+        mut hb: Heartbeat,
     ) -> Result<HeartbeatAck, ControlError> {
         if hb.instance_id != agent {
             return Err(ControlError::Forbidden {
@@ -521,7 +581,7 @@ impl Fleet {
             });
         }
         let now = Utc::now();
-        let outcome = self.inner.store.record_heartbeat(&hb, now).await?;
+        let outcome = self.write_heartbeat(agent, &mut hb, now).await?;
         let applied = outcome == HeartbeatOutcome::Applied;
         if applied {
             self.after_heartbeat(agent, &hb, now).await?;
@@ -538,7 +598,11 @@ impl Fleet {
         hb: &Heartbeat,
         now: DateTime<Utc>,
     ) -> Result<(), ControlError> {
+        if self.routine_heartbeat(id, hb) {
+            return Ok(());
+        }
         let rec = self.get_instance(id).await?;
+        self.hot().remember(&rec);
         // Late-heartbeat recovery: failed for startup_timeout, cleanup not begun.
         if rec.status == InstanceStatus::Failed
             && rec.status_reason == Some(gpufleet_domain::FailureReason::StartupTimeout)

@@ -426,6 +426,9 @@ pub fn heartbeat(id: InstanceId, seq: u64) -> gpufleet_proto::Heartbeat {
             temp_c: 50.0,
             power_w: 40.0,
             power_limit_w: 72.0,
+            sm_clock_mhz: None,
+            ecc_uncorrected: None,
+            throttle_reasons: Vec::new(),
         }],
         engine: EngineSample {
             status: EngineStatus::Starting,

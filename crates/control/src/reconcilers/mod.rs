@@ -10,12 +10,14 @@
 //! | [`Terminator`] | `draining`, `terminating` | drain, provider delete until confirmed gone |
 //! | [`FailedCleanup`] | `failed` past the grace period | delete the machine so nothing is left running |
 //! | [`OrphanReaper`] | the providers' machines tagged with our cluster | delete machines no live instance owns |
+//! | [`MetricsRollup`] | metric history | raw → 1-minute → 1-hour rollups, retention per tier |
 
 mod boot;
 mod cleanup;
 mod health;
 mod orphans;
 mod provisioner;
+mod rollup;
 mod terminator;
 
 pub use boot::BootWatcher;
@@ -23,6 +25,7 @@ pub use cleanup::FailedCleanup;
 pub use health::Health;
 pub use orphans::OrphanReaper;
 pub use provisioner::Provisioner;
+pub use rollup::MetricsRollup;
 pub use terminator::Terminator;
 
 use crate::driver::TaskReport;

@@ -42,15 +42,19 @@ impl Terminator {
         let fleet = &self.fleet;
         let deadline = rec.status_changed_at
             + chrono::Duration::seconds(fleet.config().drain_timeout_secs as i64);
-        let in_flight = match fleet.store().recent_samples(rec.id, 1).await {
-            Ok(s) => s
-                .first()
-                .map(|s| s.engine.requests_running + s.engine.requests_waiting)
-                .unwrap_or(0.0),
-            Err(e) => {
-                report.error(format!("{}: {e}", rec.id));
-                return report;
-            }
+        let in_flight = match fleet.traffic_in_flight(rec.id) {
+            // The router's own count: exact and current.
+            Some(n) => n as f64,
+            None => match fleet.store().recent_samples(rec.id, 1).await {
+                Ok(s) => s
+                    .first()
+                    .map(|s| s.engine.requests_running + s.engine.requests_waiting)
+                    .unwrap_or(0.0),
+                Err(e) => {
+                    report.error(format!("{}: {e}", rec.id));
+                    return report;
+                }
+            },
         };
         let why = if in_flight <= 0.0 {
             "no requests in flight".to_string()

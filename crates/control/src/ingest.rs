@@ -1,0 +1,447 @@
+//! Heartbeat ingestion: validation, then the batching writer.
+//!
+//! Request handlers hand each validated heartbeat to [`HeartbeatWriter`]: a
+//! task fed by a bounded channel that writes whatever is queued (up to
+//! `ingest.batch_max`, waiting at most `ingest.linger_ms` for company) in one
+//! store transaction ([`Store::record_heartbeats`]) and answers each caller
+//! on its own oneshot, so every agent still learns whether its heartbeat was
+//! applied. A full queue answers `Unavailable` at once (HTTP 503; agents
+//! retry) rather than letting requests pile up.
+
+use crate::bus::InstanceChange;
+use crate::config::IngestConfig;
+use crate::fleet::Fleet;
+use crate::telemetry::Telemetry;
+use crate::validate::{validate_heartbeat, GpuCountContext};
+use crate::ControlError;
+use chrono::{DateTime, Utc};
+use gpufleet_domain::InstanceId;
+use gpufleet_domain::InstanceStatus;
+use gpufleet_proto::EngineStatus;
+use gpufleet_proto::Heartbeat;
+use gpufleet_store::{HeartbeatOutcome, InstanceRecord, Store};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::broadcast;
+use tokio::sync::{mpsc, oneshot};
+
+/// The batch a heartbeat was in could not be written (logged once, by the writer).
+#[derive(Debug, Clone, Copy)]
+struct WriteFailed;
+
+struct Job {
+    hb: Heartbeat,
+    received_at: DateTime<Utc>,
+    reply: oneshot::Sender<Result<HeartbeatOutcome, WriteFailed>>,
+}
+
+/// Feeds the writer task; cheap to clone. The task ends when every handle is dropped.
+#[derive(Clone)]
+pub(crate) struct HeartbeatWriter {
+    tx: mpsc::Sender<Job>,
+}
+
+impl HeartbeatWriter {
+    /// Start the writer task (needs a Tokio runtime).
+    pub(crate) fn spawn(store: Store, config: &IngestConfig, telemetry: Arc<Telemetry>) -> Self {
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let batch_max = config.batch_max.max(1);
+        let linger = Duration::from_millis(config.linger_ms);
+        // Its own thread and runtime: a busy API (thousands of ready tasks)
+        // must not delay the wake-ups between the batch's statements.
+        let thread = std::thread::Builder::new()
+            .name("heartbeat-writer".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(run(rx, store, batch_max, linger, telemetry)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the heartbeat writer's runtime")
+                    }
+                }
+            });
+        if let Err(e) = thread {
+            tracing::error!(error = %e, "cannot start the heartbeat writer thread");
+        }
+        HeartbeatWriter { tx }
+    }
+
+    /// Queue `hb` and wait for its outcome.
+    pub(crate) async fn write(
+        &self,
+        hb: Heartbeat,
+        received_at: DateTime<Utc>,
+    ) -> Result<HeartbeatOutcome, ControlError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .try_send(Job {
+                hb,
+                received_at,
+                reply,
+            })
+            .map_err(|e| ControlError::Unavailable {
+                message: match e {
+                    mpsc::error::TrySendError::Full(_) => {
+                        "too many heartbeats queued; retry shortly".into()
+                    }
+                    mpsc::error::TrySendError::Closed(_) => {
+                        "the control plane is shutting down; retry shortly".into()
+                    }
+                },
+            })?;
+        match answer.await {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(WriteFailed)) | Err(_) => Err(ControlError::Unavailable {
+                message: "heartbeats could not be stored; retry shortly".into(),
+            }),
+        }
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Job>,
+    store: Store,
+    batch_max: usize,
+    linger: Duration,
+    telemetry: Arc<Telemetry>,
+) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(batch_max);
+    while rx.recv_many(&mut jobs, batch_max).await > 0 {
+        if jobs.len() < batch_max && !linger.is_zero() {
+            // Give concurrent heartbeats a moment to join this batch.
+            let deadline = tokio::time::Instant::now() + linger;
+            while jobs.len() < batch_max {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(j)) => jobs.push(j),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        flush(&store, &mut jobs, &telemetry).await;
+    }
+}
+
+async fn flush(store: &Store, jobs: &mut Vec<Job>, telemetry: &Telemetry) {
+    let (batch, replies): (Vec<_>, Vec<_>) = jobs
+        .drain(..)
+        .map(|j| ((j.hb, j.received_at), j.reply))
+        .unzip();
+    telemetry.ingest_batch_size.observe(batch.len() as f64);
+    match store.record_heartbeats(&batch).await {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                // The caller may have gone away (client disconnected): fine.
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(e) => {
+            // Handled here: logged once; each caller answers 503.
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                heartbeats = batch.len(),
+                "writing a batch of heartbeats failed"
+            );
+            for reply in replies {
+                let _ = reply.send(Err(WriteFailed));
+            }
+        }
+    }
+}
+
+/// What heartbeat validation remembers per instance: its catalog GPU count
+/// and the GPU count of its last applied heartbeat.
+#[derive(Default)]
+pub(crate) struct GpuCounts {
+    known: Mutex<HashMap<InstanceId, GpuCountContext>>,
+}
+
+impl GpuCounts {
+    fn get(&self, id: InstanceId) -> Option<GpuCountContext> {
+        self.lock().get(&id).copied()
+    }
+    fn put(&self, id: InstanceId, ctx: GpuCountContext) {
+        self.lock().insert(id, ctx);
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, GpuCountContext>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How long a verified agent token is trusted without asking the store.
+/// Tokens are revoked when their instance terminates or is cleaned up; the
+/// cache drops an instance's tokens when the bus says so, and this bounds
+/// the rare race where a heartbeat re-caches a token just before revocation.
+pub(crate) const TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The hot path's memory: verified agent tokens, and each instance's last
+/// published record (from the bus), so that a routine heartbeat costs no
+/// store reads beyond its batched write.
+#[derive(Default)]
+pub(crate) struct HotCache {
+    tokens: Mutex<HashMap<String, (InstanceId, std::time::Instant)>>,
+    records: Mutex<HashMap<InstanceId, InstanceRecord>>,
+}
+
+impl HotCache {
+    fn tokens(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (InstanceId, std::time::Instant)>> {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, InstanceRecord>> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keep `rec` unless a newer generation is already there.
+    pub(crate) fn remember(&self, rec: &InstanceRecord) {
+        let mut records = self.records();
+        match records.get(&rec.id) {
+            Some(known) if known.generation > rec.generation => {}
+            _ => {
+                records.insert(rec.id, rec.clone());
+            }
+        }
+    }
+
+    /// Follow the bus: every published change updates the cache; an
+    /// instance whose tokens are (about to be) revoked loses its cached
+    /// tokens; a lagging receiver forgets everything.
+    pub(crate) fn follow(self: Arc<Self>, mut rx: broadcast::Receiver<InstanceChange>) {
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(change) => {
+                        let rec = &change.instance;
+                        if rec.status.is_terminal()
+                            || rec.status == InstanceStatus::Terminating
+                            || rec.cleanup_started_at.is_some()
+                        {
+                            self.tokens().retain(|_, (id, _)| *id != rec.id);
+                        }
+                        if rec.status == InstanceStatus::Archived {
+                            self.records().remove(&rec.id);
+                        } else {
+                            self.remember(rec);
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.records().clear();
+                        self.tokens().clear();
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+    }
+}
+
+/// Nothing in [`Fleet`]'s post-heartbeat logic applies to `rec` for `hb`
+/// (see `after_heartbeat`): not a startup-timeout failure awaiting recovery,
+/// engine milestone already recorded, nothing to wake.
+fn routine(rec: &InstanceRecord, hb: &Heartbeat) -> bool {
+    let recoverable = rec.status == InstanceStatus::Failed
+        && rec.status_reason == Some(gpufleet_domain::FailureReason::StartupTimeout)
+        && rec.cleanup_started_at.is_none();
+    let engine_up = matches!(
+        hb.engine.status,
+        EngineStatus::Starting | EngineStatus::Ready
+    );
+    let milestone = engine_up && !rec.milestones.engine_started && !rec.status.is_terminal();
+    let wake_health = hb.engine.status == EngineStatus::Ready
+        && matches!(
+            rec.status,
+            InstanceStatus::Starting | InstanceStatus::Unhealthy
+        );
+    !recoverable && !milestone && !wake_health && rec.status != InstanceStatus::Booting
+}
+
+impl Fleet {
+    /// Validate `hb` (see [`validate_heartbeat`]) and write it through the
+    /// batching writer.
+    pub(crate) async fn write_heartbeat(
+        &self,
+        id: InstanceId,
+        hb: &mut Heartbeat,
+        received_at: DateTime<Utc>,
+    ) -> Result<HeartbeatOutcome, ControlError> {
+        let telemetry = self.telemetry();
+        telemetry.observe_lag(hb.sent_at, received_at);
+        let ctx = self.gpu_context(id).await?;
+        if let Err(e) = validate_heartbeat(hb, ctx) {
+            telemetry.heartbeat("rejected");
+            tracing::debug!(instance_id = %id, field = %e.field, "heartbeat rejected: {}", e.message);
+            return Err(e.into());
+        }
+        let outcome = match self.writer().write(hb.clone(), received_at).await {
+            Ok(o) => o,
+            Err(e) => {
+                telemetry.heartbeat("unavailable");
+                return Err(e);
+            }
+        };
+        telemetry.heartbeat(match outcome {
+            HeartbeatOutcome::Applied => "applied",
+            HeartbeatOutcome::Stale => "stale",
+            HeartbeatOutcome::UnknownInstance | HeartbeatOutcome::Invalid => "rejected",
+        });
+        match outcome {
+            HeartbeatOutcome::Applied => {
+                self.gpu_counts().put(
+                    id,
+                    GpuCountContext {
+                        previous: Some(hb.gpus.len()),
+                        ..ctx
+                    },
+                );
+            }
+            HeartbeatOutcome::UnknownInstance => {
+                return Err(ControlError::not_found("instance", id));
+            }
+            // Validation lets nothing through that the store cannot hold.
+            HeartbeatOutcome::Invalid => {
+                return Err(ControlError::invalid(
+                    "heartbeat",
+                    "holds a value that cannot be stored",
+                ));
+            }
+            HeartbeatOutcome::Stale => {}
+        }
+        Ok(outcome)
+    }
+
+    /// The instance an agent token belongs to: from the cache (verified in
+    /// the last [`TOKEN_TTL`]), else from the store.
+    pub(crate) async fn agent_for_token(
+        &self,
+        digest: &str,
+    ) -> Result<Option<InstanceId>, ControlError> {
+        let hot = self.hot();
+        if let Some((id, at)) = hot.tokens().get(digest) {
+            if at.elapsed() < TOKEN_TTL {
+                return Ok(Some(*id));
+            }
+        }
+        let found = self.store().instance_for_token(digest).await?;
+        if let Some(id) = found {
+            // Not for an instance whose tokens are being revoked.
+            let ending = hot.records().get(&id).is_some_and(|r| {
+                r.status.is_terminal()
+                    || r.status == InstanceStatus::Terminating
+                    || r.cleanup_started_at.is_some()
+            });
+            if !ending {
+                hot.tokens()
+                    .insert(digest.to_string(), (id, std::time::Instant::now()));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Whether the post-heartbeat logic has nothing to do for `hb`, judged
+    /// from the instance's last published record (no store read).
+    pub(crate) fn routine_heartbeat(&self, id: InstanceId, hb: &Heartbeat) -> bool {
+        self.hot()
+            .records()
+            .get(&id)
+            .is_some_and(|rec| routine(rec, hb))
+    }
+
+    /// The instance's catalog GPU count and last GPU count, read once and
+    /// then kept up to date in memory.
+    async fn gpu_context(&self, id: InstanceId) -> Result<GpuCountContext, ControlError> {
+        if let Some(ctx) = self.gpu_counts().get(id) {
+            return Ok(ctx);
+        }
+        let rec = self.get_instance(id).await?;
+        let catalog = match self.provider(&rec.provider) {
+            Some(p) => match p.catalog().await {
+                Ok(c) => c.instance_type(&rec.instance_type).map(|t| t.gpu.count),
+                // Not worth refusing heartbeats over; the next miss asks again.
+                Err(_) => return self.previous_only(id).await,
+            },
+            None => None,
+        };
+        let previous = self
+            .store()
+            .recent_samples(id, 1)
+            .await?
+            .first()
+            .map(|s| s.gpus.len());
+        let ctx = GpuCountContext { catalog, previous };
+        self.gpu_counts().put(id, ctx);
+        Ok(ctx)
+    }
+
+    async fn previous_only(&self, id: InstanceId) -> Result<GpuCountContext, ControlError> {
+        let previous = self
+            .store()
+            .recent_samples(id, 1)
+            .await?
+            .first()
+            .map(|s| s.gpus.len());
+        Ok(GpuCountContext {
+            catalog: None,
+            previous,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb() -> Heartbeat {
+        serde_json::from_value(serde_json::json!({
+            "instance_id": InstanceId::new(),
+            "seq": 1,
+            "sent_at": Utc::now(),
+            "agent_version": "t",
+            "agent_uptime_secs": 1,
+            "system": {"cpu_pct": 0.0, "load1": 0.0, "load5": 0.0, "load15": 0.0,
+                "mem_used_bytes": 0, "mem_total_bytes": 0, "disk_used_bytes": 0,
+                "disk_total_bytes": 0, "net_rx_bps": 0.0, "net_tx_bps": 0.0},
+            "gpu_source": "simulated",
+            "gpus": [],
+            "engine": {"status": "starting", "requests_running": 0.0,
+                "requests_waiting": 0.0, "restarts": 0}
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_unavailable_at_once() {
+        // A writer whose task has not taken anything yet: one slot.
+        let (tx, mut rx) = mpsc::channel(1);
+        let writer = HeartbeatWriter { tx };
+        let first = tokio::spawn({
+            let w = writer.clone();
+            async move { w.write(hb(), Utc::now()).await }
+        });
+        // Wait until the first heartbeat sits in the queue.
+        while writer.tx.capacity() > 0 {
+            tokio::task::yield_now().await;
+        }
+        match writer.write(hb(), Utc::now()).await {
+            Err(ControlError::Unavailable { message }) => assert!(message.contains("retry")),
+            other => panic!("{other:?}"),
+        }
+        // The queued one gets its answer once the writer replies.
+        let job = rx.recv().await.unwrap();
+        job.reply.send(Ok(HeartbeatOutcome::Stale)).unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), HeartbeatOutcome::Stale);
+        // A writer that failed the batch: 503 too.
+        let second = tokio::spawn({
+            let w = writer.clone();
+            async move { w.write(hb(), Utc::now()).await }
+        });
+        let job = rx.recv().await.unwrap();
+        job.reply.send(Err(WriteFailed)).unwrap();
+        assert!(matches!(
+            second.await.unwrap(),
+            Err(ControlError::Unavailable { .. })
+        ));
+    }
+}

@@ -1,0 +1,632 @@
+//! `gpufleet bench heartbeats`: a load generator for heartbeat ingestion.
+//!
+//! It runs a real control plane in this process (store, Fleet with its
+//! reconcilers, the HTTP API on 127.0.0.1:0) over an in-memory `bench`
+//! provider whose machines are 127.0.0.1 and whose "agents" answer
+//! `/readyz`, so instances go through the real life cycle to `ready`. Each
+//! simulated agent registers over HTTP with the bootstrap secret its
+//! machine was handed and then posts heartbeats with its own agent token to
+//! `/internal/v1/agent/heartbeat`: the real path (auth, validation, the
+//! batching writer, one transaction per batch). The load generator and the
+//! server share this machine's cores, so the figures are a lower bound for a
+//! control plane on its own host. (Against a separate `--server` it cannot
+//! run: agent tokens come only from bootstrap secrets that the control
+//! plane hands to its provider's machines.)
+//!
+//! It prints the achieved rate of applied heartbeats and the client-side
+//! latency percentiles; with `--query-check` it also writes 24 hours of
+//! history for one instance, rolls it up and times 24-hour metric queries
+//! through the API.
+
+use anyhow::{bail, Context};
+use async_trait::async_trait;
+use chrono::Utc;
+use gpufleet_control::{ControlConfig, CreateInstances, Fleet};
+use gpufleet_domain::metrics::Tier;
+use gpufleet_domain::{
+    GpuSpec, InstanceId, InstanceStatus, InstanceType, ProviderInstanceId, ProviderName, Zone,
+};
+use gpufleet_proto::{
+    paths, EngineSample, EngineStatus, GpuSample, GpuSource, Heartbeat, RegisterRequest,
+    RegisterResponse, SystemSample,
+};
+use gpufleet_providers::{
+    Catalog, CreateRequest, Machine, MachineState, Provider, ProviderError, ProviderRegistry,
+};
+use gpufleet_store::{InstanceFilter, Store};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Arguments of `gpufleet bench heartbeats`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HeartbeatsArgs {
+    /// Simulated agents (one instance each).
+    #[arg(long, default_value_t = 500)]
+    pub agents: u32,
+    /// Target heartbeats per second, all agents together.
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// How long to send, e.g. `30s`, `2m`.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Database URL [default: a fresh SQLite file in a temporary directory].
+    /// A postgres:// URL measures PostgreSQL (use an empty database).
+    #[arg(long)]
+    pub database: Option<String>,
+    /// GPUs per simulated instance.
+    #[arg(long, default_value_t = 1)]
+    pub gpus: u32,
+    /// Also write 24 hours of history for one instance and time 24-hour
+    /// metric queries through the API.
+    #[arg(long)]
+    pub query_check: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?}: expected a duration like 30s or 2m");
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    match unit {
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(bad()),
+    }
+}
+
+const PROVIDER: &str = "bench";
+const TYPE: &str = "bench-gpu";
+const ADMIN_TOKEN: &str = "bench-admin-token";
+
+/// Machines in memory on 127.0.0.1; remembers each instance's bootstrap secret.
+struct BenchProvider {
+    name: ProviderName,
+    gpus: u32,
+    machines: Mutex<HashMap<String, Machine>>,
+    secrets: Mutex<HashMap<InstanceId, String>>,
+}
+
+impl BenchProvider {
+    fn secrets(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, String>> {
+        self.secrets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn machines(&self) -> std::sync::MutexGuard<'_, HashMap<String, Machine>> {
+        self.machines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl Provider for BenchProvider {
+    fn name(&self) -> &ProviderName {
+        &self.name
+    }
+    async fn create(&self, req: &CreateRequest) -> Result<Machine, ProviderError> {
+        self.secrets()
+            .insert(req.instance_id, req.bootstrap.bootstrap_secret.clone());
+        Ok(self
+            .machines()
+            .entry(req.idempotency_key.clone())
+            .or_insert_with(|| Machine {
+                id: ProviderInstanceId::new(format!("bench-{}", req.instance_id)),
+                state: MachineState::Running,
+                ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                zone: req.zone.clone(),
+                instance_type: req.instance_type.clone(),
+                tags: req.tags.clone(),
+                created_at: Utc::now(),
+            })
+            .clone())
+    }
+    async fn get(&self, id: &ProviderInstanceId) -> Result<Machine, ProviderError> {
+        self.machines()
+            .values()
+            .find(|m| &m.id == id)
+            .cloned()
+            .ok_or_else(|| ProviderError::NotFound { id: id.clone() })
+    }
+    async fn terminate(&self, id: &ProviderInstanceId) -> Result<(), ProviderError> {
+        self.machines().retain(|_, m| &m.id != id);
+        Ok(())
+    }
+    async fn list(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Machine>, ProviderError> {
+        Ok(self
+            .machines()
+            .values()
+            .filter(|m| tags.iter().all(|(k, v)| m.tags.get(k) == Some(v)))
+            .cloned()
+            .collect())
+    }
+    async fn catalog(&self) -> Result<Catalog, ProviderError> {
+        Ok(Catalog {
+            zones: vec![Zone {
+                name: "local".into(),
+                description: "this machine".into(),
+            }],
+            instance_types: vec![InstanceType {
+                name: TYPE.into(),
+                gpu: GpuSpec {
+                    model: "NVIDIA L4".into(),
+                    count: self.gpus,
+                    vram_mib: 23_034,
+                    power_limit_w: 72.0,
+                },
+                vcpus: 8,
+                ram_mib: 32_768,
+                price_per_hour: 0.75,
+                currency: "EUR".into(),
+                zones: vec!["local".into()],
+            }],
+        })
+    }
+}
+
+/// `/readyz` → 200, for every simulated agent (they all share 127.0.0.1).
+async fn serve_readyz(stop: CancellationToken) -> anyhow::Result<u16> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let app = axum::Router::new().route("/readyz", axum::routing::get(|| async { "ready" }));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+    });
+    Ok(port)
+}
+
+fn heartbeat(id: InstanceId, seq: u64, gpus: u32, phase: f64) -> Heartbeat {
+    let util = 50.0 + 40.0 * phase.sin();
+    Heartbeat {
+        instance_id: id,
+        seq,
+        sent_at: Utc::now(),
+        agent_version: "bench".into(),
+        agent_uptime_secs: seq / 1000,
+        system: SystemSample {
+            cpu_pct: 20.0 + 10.0 * phase.cos().abs(),
+            load1: 1.0,
+            load5: 1.0,
+            load15: 1.0,
+            mem_used_bytes: 8 << 30,
+            mem_total_bytes: 32 << 30,
+            disk_used_bytes: 50 << 30,
+            disk_total_bytes: 200 << 30,
+            net_rx_bps: 1e6,
+            net_tx_bps: 2e6,
+        },
+        gpu_source: GpuSource::Simulated,
+        gpus: (0..gpus)
+            .map(|index| GpuSample {
+                index,
+                name: "NVIDIA L4".into(),
+                uuid: None,
+                util_pct: util,
+                mem_used_mib: 18_000,
+                mem_total_mib: 23_034,
+                temp_c: 40.0 + util / 4.0,
+                power_w: 20.0 + util / 2.0,
+                power_limit_w: 72.0,
+                sm_clock_mhz: None,
+                ecc_uncorrected: None,
+                throttle_reasons: Vec::new(),
+            })
+            .collect(),
+        engine: EngineSample {
+            status: EngineStatus::Ready,
+            requests_running: 4.0,
+            requests_waiting: 1.0,
+            restarts: 0,
+            kv_cache_usage: Some(0.4),
+            prompt_tokens_per_s: Some(900.0),
+            generation_tokens_per_s: Some(300.0),
+            ttft_mean_s: Some(0.12),
+        },
+    }
+}
+
+/// Per-agent tallies.
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    applied: u64,
+    not_applied: u64,
+    errors: BTreeMap<String, u64>,
+}
+
+fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+struct Server {
+    base: String,
+    fleet: Fleet,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    reconcilers: tokio::task::JoinHandle<()>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn start_server(
+    args: &HeartbeatsArgs,
+    provider: Arc<BenchProvider>,
+) -> anyhow::Result<Server> {
+    let (url, dir) = match &args.database {
+        Some(u) => (u.clone(), None),
+        None => {
+            let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
+            (
+                format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()),
+                Some(dir),
+            )
+        }
+    };
+    let store = Store::connect(&url)
+        .await
+        .context("cannot open the database")?;
+    let stop = CancellationToken::new();
+    let agent_port = serve_readyz(stop.clone()).await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let config = ControlConfig {
+        agent_control_url: base.clone(),
+        agent_port,
+        max_instances_per_request: args.agents.max(1),
+        ..ControlConfig::default()
+    };
+    let mut providers = ProviderRegistry::new();
+    providers.register(provider);
+    let fleet = Fleet::new(store, providers, config)
+        .await
+        .context("cannot start the control plane")?;
+    let reconcilers = fleet.start(stop.clone());
+    let router = gpufleet_api::router(gpufleet_api::ApiState::new(fleet.clone(), ADMIN_TOKEN));
+    let server = tokio::spawn(gpufleet_api::serve(
+        listener,
+        router,
+        stop.clone().cancelled_owned(),
+    ));
+    Ok(Server {
+        base,
+        fleet,
+        stop,
+        server,
+        reconcilers,
+        _dir: dir,
+    })
+}
+
+async fn create(fleet: &Fleet, count: u32) -> anyhow::Result<Vec<InstanceId>> {
+    Ok(fleet
+        .create_instances(CreateInstances {
+            provider: PROVIDER.parse().expect("valid provider name"),
+            zone: None,
+            instance_type: TYPE.into(),
+            model: "gpufleet/sim-small".parse().expect("valid model name"),
+            count,
+        })
+        .await?
+        .iter()
+        .map(|r| r.id)
+        .collect())
+}
+
+pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
+    if args.agents == 0 || args.rate.is_nan() || args.rate <= 0.0 {
+        bail!("--agents and --rate must be positive");
+    }
+    let provider = Arc::new(BenchProvider {
+        name: PROVIDER.parse().expect("valid provider name"),
+        gpus: args.gpus,
+        machines: Mutex::new(HashMap::new()),
+        secrets: Mutex::new(HashMap::new()),
+    });
+    let srv = start_server(&args, provider.clone()).await?;
+    let backend = match srv.fleet.store().backend() {
+        gpufleet_store::Backend::Sqlite => "SQLite",
+        gpufleet_store::Backend::Postgres => "PostgreSQL",
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+
+    // History first: rollups only ever move forward from their watermark,
+    // so a backfill must land before live heartbeats move it past the past.
+    let history = if args.query_check {
+        Some(seed_history(&srv, args.gpus).await?)
+    } else {
+        None
+    };
+
+    // Instances, their machines and agent tokens.
+    let ids = create(&srv.fleet, args.agents).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while provider.secrets().len() < ids.len() {
+        if Instant::now() > deadline {
+            bail!("the provisioner did not create every machine within 2 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let secrets = provider.secrets().clone();
+    let mut agents: Vec<(InstanceId, String)> = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(64) {
+        let regs = chunk.iter().map(|id| {
+            let client = client.clone();
+            let url = format!("{}{}", srv.base, paths::REGISTER);
+            let secret = secrets[id].clone();
+            async move {
+                let resp = client
+                    .post(url)
+                    .json(&RegisterRequest {
+                        instance_id: *id,
+                        bootstrap_secret: secret,
+                        agent_version: "bench".into(),
+                        hostname: "bench".into(),
+                    })
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                let reg: RegisterResponse = resp.json().await?;
+                Ok::<_, reqwest::Error>((*id, reg.token))
+            }
+        });
+        for r in futures::future::join_all(regs).await {
+            agents.push(r.context("agent registration failed")?);
+        }
+    }
+    // Heartbeats every 2 s (as agents do while they start) until the fleet
+    // is ready: the steady state the load runs in.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut warm_seq = 0;
+    let ready = loop {
+        warm_seq += 1;
+        for chunk in agents.chunks(64) {
+            let posts = chunk.iter().map(|(id, token)| {
+                client
+                    .post(format!("{}{}", srv.base, paths::HEARTBEAT))
+                    .bearer_auth(token)
+                    .json(&heartbeat(*id, warm_seq, args.gpus, 0.0))
+                    .send()
+            });
+            for r in futures::future::join_all(posts).await {
+                r?.error_for_status()?;
+            }
+        }
+        let ready = srv
+            .fleet
+            .list_instances(&InstanceFilter {
+                statuses: vec![InstanceStatus::Ready],
+                ..InstanceFilter::default()
+            })
+            .await?
+            .iter()
+            .filter(|r| ids.contains(&r.id))
+            .count();
+        if ready >= agents.len() || Instant::now() > deadline {
+            break ready;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    println!(
+        "backend {backend}; {} agents ({ready} ready), {} GPU(s) each; target {:.0} heartbeats/s for {}s",
+        agents.len(),
+        args.gpus,
+        args.rate,
+        args.duration.as_secs()
+    );
+
+    let all = load(&args, &srv.base, &client, &agents).await?;
+    let elapsed = args.duration.as_secs_f64();
+    let l = &all.latencies_us;
+    println!(
+        "applied {} heartbeats in {elapsed:.1}s: {:.0}/s sustained (target {:.0}/s); not applied {}; errors {:?}",
+        all.applied,
+        all.applied as f64 / elapsed,
+        args.rate,
+        all.not_applied,
+        all.errors
+    );
+    println!(
+        "ingestion latency (client side, request sent to commit acknowledged): \
+         p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile_ms(l, 0.50),
+        percentile_ms(l, 0.90),
+        percentile_ms(l, 0.99),
+        percentile_ms(l, 1.0)
+    );
+
+    if let Some(id) = history {
+        time_queries(&srv, &client, id).await?;
+    }
+    srv.stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), srv.server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), srv.reconcilers).await;
+    srv.fleet.store().close().await;
+    Ok(())
+}
+
+/// Every agent on its own period (start times spread evenly), each
+/// waiting for its answer before the next, like real agents. A late agent
+/// skips the beats it missed rather than bursting, so the achieved rate is
+/// what the server sustains.
+async fn load(
+    args: &HeartbeatsArgs,
+    base: &str,
+    client: &reqwest::Client,
+    agents: &[(InstanceId, String)],
+) -> anyhow::Result<Tally> {
+    let period = Duration::from_secs_f64(agents.len() as f64 / args.rate);
+    let start = tokio::time::Instant::now() + Duration::from_millis(200);
+    let end = start + args.duration;
+    let url = format!("{base}{}", paths::HEARTBEAT);
+    let n = agents.len();
+    let tasks: Vec<_> = agents
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, (id, token))| {
+            let client = client.clone();
+            let url = url.clone();
+            let gpus = args.gpus;
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                let offset = period.mul_f64(i as f64 / n as f64);
+                let mut tick = tokio::time::interval_at(start + offset, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                // Above every warm-up heartbeat's seq.
+                let mut seq = 1_000_000u64;
+                loop {
+                    if tick.tick().await >= end {
+                        break;
+                    }
+                    seq += 1;
+                    let hb = heartbeat(id, seq, gpus, seq as f64 / 10.0);
+                    let t0 = Instant::now();
+                    match client.post(&url).bearer_auth(&token).json(&hb).send().await {
+                        Ok(resp) if resp.status().is_success() => match resp.bytes().await {
+                            Ok(body) => {
+                                tally.latencies_us.push(t0.elapsed().as_micros() as u32);
+                                if body.windows(14).any(|w| w == b"\"applied\":true") {
+                                    tally.applied += 1;
+                                } else {
+                                    tally.not_applied += 1;
+                                }
+                            }
+                            Err(_) => *tally.errors.entry("body".into()).or_default() += 1,
+                        },
+                        Ok(resp) => {
+                            *tally
+                                .errors
+                                .entry(resp.status().as_u16().to_string())
+                                .or_default() += 1
+                        }
+                        Err(_) => *tally.errors.entry("transport".into()).or_default() += 1,
+                    }
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut all = Tally::default();
+    for t in tasks {
+        let t = t.await?;
+        all.latencies_us.extend(t.latencies_us);
+        all.applied += t.applied;
+        all.not_applied += t.not_applied;
+        for (k, v) in t.errors {
+            *all.errors.entry(k).or_default() += v;
+        }
+    }
+    all.latencies_us.sort_unstable();
+    Ok(all)
+}
+
+/// 24 hours of 5-second samples for a fresh instance, rolled up.
+async fn seed_history(srv: &Server, gpus: u32) -> anyhow::Result<InstanceId> {
+    let id = create(&srv.fleet, 1).await?[0];
+    let store = srv.fleet.store();
+    let now = Utc::now();
+    let first = now - chrono::Duration::hours(24);
+    let total: u64 = 24 * 3600 / 5;
+    let t0 = Instant::now();
+    let mut batch = Vec::with_capacity(256);
+    for i in 0..total {
+        let at = first + chrono::Duration::seconds(5 * i as i64);
+        batch.push((heartbeat(id, i + 1, gpus, i as f64 / 50.0), at));
+        if batch.len() == 256 || i + 1 == total {
+            store.record_heartbeats(&batch).await?;
+            batch.clear();
+        }
+    }
+    let up_to = now - chrono::Duration::seconds(10);
+    for tier in [Tier::Minute, Tier::Hour] {
+        for _ in 0..1000 {
+            if store.rollup(tier, up_to).await?.caught_up {
+                break;
+            }
+        }
+    }
+    println!(
+        "query check: wrote and rolled up {total} samples (24 h at 5 s) in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(id)
+}
+
+/// Time 24-hour (and 1-hour raw) queries of `id` through the API.
+async fn time_queries(
+    srv: &Server,
+    client: &reqwest::Client,
+    id: InstanceId,
+) -> anyhow::Result<()> {
+    let now = Utc::now();
+    let fmt = |t: chrono::DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (from, to) = (fmt(now - chrono::Duration::hours(24)), fmt(now));
+    for (what, query) in [
+        (
+            "24 h, default step (1m, minute tier)",
+            format!("from={from}&to={to}"),
+        ),
+        (
+            "24 h, step 5m (minute tier)",
+            format!("from={from}&to={to}&step=5m"),
+        ),
+        (
+            "24 h, step 1h (hour tier)",
+            format!("from={from}&to={to}&step=1h"),
+        ),
+        ("last 1 h, step 5s (raw tier)", "step=5s".to_string()),
+    ] {
+        let url = format!("{}/api/v1/instances/{id}/metrics?limit=1&{query}", srv.base);
+        let mut times = Vec::new();
+        let mut buckets = 0;
+        for _ in 0..20 {
+            let t = Instant::now();
+            let resp = client
+                .get(&url)
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await?
+                .error_for_status()?;
+            let m: gpufleet_api::views::InstanceMetrics = resp.json().await?;
+            times.push(t.elapsed().as_micros() as u32);
+            buckets = m
+                .series
+                .map(|s| s.samples.iter().filter(|n| **n > 0).count())
+                .unwrap_or(0);
+        }
+        times.sort_unstable();
+        println!(
+            "query {what}: {buckets} buckets with data; p50 {:.2} ms, max {:.2} ms (20 runs over HTTP, JSON decoded)",
+            percentile_ms(&times, 0.5),
+            percentile_ms(&times, 1.0)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("30").is_err());
+        assert!(parse_duration("1h").is_err());
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u32> = (1..=100).map(|i| i * 1000).collect();
+        assert_eq!(percentile_ms(&v, 0.5), 51.0);
+        assert_eq!(percentile_ms(&v, 1.0), 100.0);
+    }
+}

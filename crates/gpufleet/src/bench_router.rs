@@ -1,0 +1,553 @@
+//! `gpufleet bench router`: the OpenAI router's added latency and throughput,
+//! against calling the simulator directly and against nginx as a plain
+//! reverse proxy, on this machine.
+//!
+//! Set-up, all on 127.0.0.1 (loopback IPs), bounded in time and torn down at
+//! the end: a `gpufleet up` child on a temporary data directory with one Mock
+//! instance (its engine is `gpufleet sim`, set to zero latency through its
+//! admin endpoint), an API key, and, unless `--no-nginx`, an `nginx` child
+//! (non-daemon, generated config in the temporary directory) proxying to the
+//! same engine with upstream keep-alive.
+//!
+//! Each run: N keep-alive connections (one hyper HTTP/1.1 connection per
+//! task) send chat completions for `--secs` seconds after a short warm-up,
+//! closed-loop (as fast as answers come) or paced (`--rate` requests per
+//! second in all). Latency is request sent → last byte of the answer.
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RouterBenchArgs {
+    /// Measured seconds per run (after a warm-up of a fifth of it).
+    #[arg(long, default_value_t = 5)]
+    pub secs: u64,
+    /// Concurrent connections of the closed-loop runs.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    pub connections: Vec<usize>,
+    /// Requests per second of the paced runs (0: none).
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Connections of the paced runs.
+    #[arg(long, default_value_t = 50)]
+    pub rate_connections: usize,
+    /// Generated tokens per request.
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: u32,
+    /// Skip nginx.
+    #[arg(long)]
+    pub no_nginx: bool,
+    /// Only measure the simulator alone (non-streaming, closed loop).
+    #[arg(long)]
+    pub sim_only: bool,
+    /// Which answers to measure: `whole`, `stream` or both.
+    #[arg(long, value_delimiter = ',', default_value = "whole,stream")]
+    pub modes: Vec<String>,
+}
+
+/// Children and the temporary directory, cleaned up on drop.
+struct Setup {
+    dir: PathBuf,
+    up: Option<Child>,
+    nginx: Option<Child>,
+    machines: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        for child in [self.nginx.take(), self.up.take()].into_iter().flatten() {
+            stop_child(child);
+        }
+        // The Mock machines (agent + engine process groups) of our data dir.
+        if let Ok(rd) = std::fs::read_dir(&self.machines) {
+            for e in rd.flatten() {
+                let Ok(text) = std::fs::read_to_string(e.path().join("machine.json")) else {
+                    continue;
+                };
+                let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                    continue;
+                };
+                if let Some(pgid) = v.get("agent_pgid").and_then(Value::as_i64) {
+                    if pgid > 1 {
+                        let _ = nix::sys::signal::killpg(
+                            nix::unistd::Pid::from_raw(pgid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stop_child(mut child: Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Where to send requests, and how.
+#[derive(Clone)]
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    auth: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    Closed,
+    Paced { rate: u64 },
+}
+
+struct RunResult {
+    target: &'static str,
+    stream: bool,
+    conns: usize,
+    load: Load,
+    ok: u64,
+    errors: u64,
+    secs: f64,
+    lat_us: Vec<u32>,
+}
+
+impl RunResult {
+    fn rps(&self) -> f64 {
+        self.ok as f64 / self.secs
+    }
+    fn pct(&self, p: f64) -> f64 {
+        if self.lat_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.lat_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(self.lat_us[i]) / 1000.0
+    }
+}
+
+pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find this program")?;
+    let dir = std::env::temp_dir().join(format!("gpufleet-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut setup = Setup {
+        machines: dir.join("data/mock/machines"),
+        dir: dir.clone(),
+        up: None,
+        nginx: None,
+    };
+    let pool = format!(
+        "127.{}.{}.0/24",
+        rand::random_range(100..=250u8),
+        rand::random::<u8>()
+    );
+    let config = format!(
+        "[control]\nheartbeat_interval_ms = 1000\nreconcile_interval_ms = 200\n\
+         [control.engine]\nmodel_load_delay_ms = 0\n\
+         [mock]\nip_pool = \"{pool}\"\nip_delay_ms = 0\nboot_delay_ms = 0\n"
+    );
+    std::fs::write(dir.join("config.toml"), config)?;
+    eprintln!("starting gpufleet up in {}", dir.display());
+    let mut child = Command::new(&exe)
+        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(dir.join("up.log"))?))
+        .spawn()
+        .context("cannot start gpufleet up")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    setup.up = Some(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let up_addr: SocketAddr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| anyhow!("gpufleet up did not start; see {}/up.log", dir.display()))?;
+        if let Some(a) = line.strip_prefix("gpufleet listening on http://") {
+            break a.trim().parse()?;
+        }
+    };
+    let token = std::fs::read_to_string(dir.join("data/admin-token"))?
+        .trim()
+        .to_string();
+    let http = reqwest::Client::new();
+    let base = format!("http://{up_addr}");
+
+    // One instance, ready.
+    let created: Value = http
+        .post(format!("{base}/api/v1/instances"))
+        .bearer_auth(&token)
+        .json(&json!({"provider": "mock", "instance_type": "mock-l4-1", "model": "gpufleet/sim-small"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = created["instances"][0]["id"]
+        .as_str()
+        .context("instance id")?
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ip = loop {
+        let v: Value = http
+            .get(format!("{base}/api/v1/instances/{id}"))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        if v["status"] == "ready" {
+            break v["ip"].as_str().context("ip")?.to_string();
+        }
+        if Instant::now() > deadline {
+            bail!("instance not ready in 60 s: {v}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let engine: SocketAddr = format!("{ip}:{}", gpufleet_proto::DEFAULT_ENGINE_PORT).parse()?;
+    eprintln!("instance {id} ready; engine at {engine}");
+    // Zero latency.
+    let patched = http
+        .patch(format!("http://{engine}/admin/config"))
+        .json(
+            &json!({"ttft_ms": 0, "ttft_stddev_ms": 0, "itl_ms": 0, "itl_stddev_ms": 0,
+                      "max_num_seqs": 100000, "max_waiting": 100000, "failure_rate": 0.0}),
+        )
+        .send()
+        .await;
+    match patched {
+        Ok(r) if r.status().is_success() => {}
+        other => eprintln!("warning: could not set the simulator to zero latency: {other:?}"),
+    }
+    let key: Value = http
+        .post(format!("{base}/api/v1/api-keys"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "bench"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let key = key["key"].as_str().context("key")?.to_string();
+
+    let mut targets = vec![Target {
+        name: "direct",
+        addr: engine,
+        auth: None,
+    }];
+    if !args.sim_only {
+        targets.push(Target {
+            name: "router",
+            addr: up_addr,
+            auth: Some(format!("Bearer {key}")),
+        });
+        if !args.no_nginx {
+            let addr = start_nginx(&mut setup, engine)?;
+            targets.push(Target {
+                name: "nginx",
+                addr,
+                auth: None,
+            });
+        }
+    }
+
+    let measure = Duration::from_secs(args.secs.max(1));
+    let mut results = Vec::new();
+    let streams: Vec<bool> = if args.sim_only {
+        vec![false]
+    } else {
+        [("whole", false), ("stream", true)]
+            .into_iter()
+            .filter(|(m, _)| args.modes.iter().any(|x| x == m))
+            .map(|(_, s)| s)
+            .collect()
+    };
+    for stream in streams {
+        if args.rate > 0 && !args.sim_only {
+            for t in &targets {
+                let r = run_load(
+                    t,
+                    stream,
+                    args.rate_connections,
+                    Load::Paced { rate: args.rate },
+                    measure,
+                    args.max_tokens,
+                )
+                .await;
+                print_row(&r);
+                results.push(r);
+            }
+        }
+        for &conns in &args.connections {
+            for t in &targets {
+                let r = run_load(t, stream, conns, Load::Closed, measure, args.max_tokens).await;
+                print_row(&r);
+                results.push(r);
+            }
+        }
+    }
+    summarize(&results);
+    drop(setup);
+    Ok(())
+}
+
+fn start_nginx(setup: &mut Setup, engine: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .context("nginx not found (apt-get install -y nginx), or pass --no-nginx")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let d = setup.dir.join("nginx");
+    std::fs::create_dir_all(&d)?;
+    let p = d.display();
+    let conf = format!(
+        "worker_processes auto;\nworker_rlimit_nofile 16384;\nerror_log {p}/error.log warn;\npid {p}/nginx.pid;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
+         fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
+         upstream engine {{ server {engine}; keepalive 1024; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://engine;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n"
+    );
+    std::fs::write(d.join("nginx.conf"), conf)?;
+    let child = Command::new(bin)
+        .arg("-p")
+        .arg(&d)
+        .arg("-c")
+        .arg(d.join("nginx.conf"))
+        .args(["-g", "daemon off;"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(d.join("stderr.log"))?))
+        .spawn()
+        .context("cannot start nginx")?;
+    setup.nginx = Some(child);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "nginx did not listen on {addr}; see {}/error.log",
+                d.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("nginx {} on {addr} → {engine}", bin);
+    Ok(addr)
+}
+
+fn body(stream: bool, max_tokens: u32) -> Bytes {
+    Bytes::from(
+        json!({"model": "gpufleet/sim-small", "max_tokens": max_tokens, "stream": stream,
+               "messages": [{"role": "user", "content": "say something about GPUs"}]})
+        .to_string(),
+    )
+}
+
+async fn run_load(
+    t: &Target,
+    stream: bool,
+    conns: usize,
+    load: Load,
+    measure: Duration,
+    max_tokens: u32,
+) -> RunResult {
+    let warmup = measure / 5;
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let end = measure_from + measure;
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let body = body(stream, max_tokens);
+    let mut tasks = Vec::with_capacity(conns);
+    for i in 0..conns {
+        let t = t.clone();
+        let body = body.clone();
+        let (ok, errors) = (ok.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat: Vec<u32> = Vec::new();
+            let interval = match load {
+                Load::Paced { rate } => Some(Duration::from_secs_f64(conns as f64 / rate as f64)),
+                Load::Closed => None,
+            };
+            // Spread the paced connections' first sends over one interval.
+            let mut next = interval.map(|iv| start + iv.mul_f64(i as f64 / conns as f64));
+            'conn: while Instant::now() < end {
+                let Ok(mut sender) = connect(t.addr).await else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                loop {
+                    if let (Some(n), Some(iv)) = (next.as_mut(), interval) {
+                        tokio::time::sleep_until((*n).into()).await;
+                        *n += iv;
+                    }
+                    let sent = Instant::now();
+                    if sent >= end {
+                        break 'conn;
+                    }
+                    match one_request(&mut sender, &t, body.clone()).await {
+                        Ok(true) => {
+                            if sent >= measure_from {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                lat.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            }
+                        }
+                        Ok(false) => {
+                            if sent >= measure_from {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => {
+                            if sent >= measure_from {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            continue 'conn;
+                        }
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    let mut lat_us = Vec::new();
+    for task in tasks {
+        if let Ok(l) = task.await {
+            lat_us.extend(l);
+        }
+    }
+    lat_us.sort_unstable();
+    RunResult {
+        target: t.name,
+        stream,
+        conns,
+        load,
+        ok: ok.load(Ordering::Relaxed),
+        errors: errors.load(Ordering::Relaxed),
+        secs: measure.as_secs_f64(),
+        lat_us,
+    }
+}
+
+type Sender = http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// Sends one request and reads the whole answer; `Ok(false)`: not 200.
+async fn one_request(sender: &mut Sender, t: &Target, body: Bytes) -> anyhow::Result<bool> {
+    sender.ready().await?;
+    let mut req = hyper::Request::post("/v1/chat/completions")
+        .header(hyper::header::HOST, t.addr.to_string())
+        .header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(a) = &t.auth {
+        req = req.header(hyper::header::AUTHORIZATION, a.as_str());
+    }
+    let resp = sender.send_request(req.body(Full::new(body))?).await?;
+    let ok = resp.status() == hyper::StatusCode::OK;
+    let mut b = resp.into_body();
+    while let Some(frame) = b.frame().await {
+        frame?;
+    }
+    Ok(ok)
+}
+
+fn load_text(r: &RunResult) -> String {
+    match r.load {
+        Load::Closed => format!("closed, {} conns", r.conns),
+        Load::Paced { rate } => format!("{rate} req/s, {} conns", r.conns),
+    }
+}
+
+fn print_row(r: &RunResult) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:<7} {:<9} {:<22} {:>9.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  errors {}",
+        r.target,
+        if r.stream { "stream" } else { "whole" },
+        load_text(r),
+        r.rps(),
+        r.pct(0.50),
+        r.pct(0.99),
+        r.errors
+    );
+    let _ = out.flush();
+}
+
+fn summarize(results: &[RunResult]) {
+    let find = |name: &str, s: bool, c: usize, l: Load| {
+        results
+            .iter()
+            .find(|r| r.target == name && r.stream == s && r.conns == c && r.load == l)
+    };
+    println!("\nsummary (added latency = proxy minus direct; throughput ratio = router / nginx)");
+    for r in results.iter().filter(|r| r.target == "direct") {
+        let line = |name: &str| {
+            find(name, r.stream, r.conns, r.load).map(|p| {
+                format!(
+                    "{name}: {:+.3} ms p50, {:+.3} ms p99, {:.0} req/s",
+                    p.pct(0.5) - r.pct(0.5),
+                    p.pct(0.99) - r.pct(0.99),
+                    p.rps()
+                )
+            })
+        };
+        let ratio = match (
+            find("router", r.stream, r.conns, r.load),
+            find("nginx", r.stream, r.conns, r.load),
+        ) {
+            (Some(a), Some(b)) if r.load == Load::Closed => {
+                format!(
+                    ", router/nginx throughput {:.0} %",
+                    100.0 * a.rps() / b.rps()
+                )
+            }
+            _ => String::new(),
+        };
+        println!(
+            "  {:<6} {:<22} direct {:.0} req/s | {} | {}{}",
+            if r.stream { "stream" } else { "whole" },
+            load_text(r),
+            r.rps(),
+            line("router").unwrap_or_default(),
+            line("nginx").unwrap_or_default(),
+            ratio
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! `gpufleet up`'s configuration: a TOML file (every field has a default),
+//! then `GPUFLEET_*` environment variables for the top-level fields, then
+//! command-line flags. See `gpufleet.example.toml` at the repository root.
+
+use anyhow::Context;
+use gpufleet_control::ControlConfig;
+use gpufleet_providers::mock::MockConfig;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Default data directory when neither the file, `GPUFLEET_DATA_DIR` nor
+/// `--data-dir` names one.
+pub const DEFAULT_DATA_DIR: &str = ".gpufleet";
+/// Default address of the HTTP API.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Name of the admin token file inside the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// Everything `gpufleet up` runs with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpConfig {
+    /// Address the HTTP API (and the agent endpoints) listen on; port 0 picks
+    /// a free port. Env: `GPUFLEET_LISTEN`.
+    pub listen: SocketAddr,
+    /// Directory for the database, the admin token and the Mock provider's
+    /// machines (`<data_dir>/mock`). Env: `GPUFLEET_DATA_DIR`.
+    pub data_dir: PathBuf,
+    /// Database URL: `sqlite://...` or `postgres://...`. Empty: the SQLite
+    /// file `<data_dir>/gpufleet.db`. Env: `GPUFLEET_DATABASE_URL`.
+    pub database_url: String,
+    /// File holding the admin token (read, or created with a fresh token,
+    /// mode 0600). Empty: `<data_dir>/admin-token`. `GPUFLEET_ADMIN_TOKEN`,
+    /// when set, takes precedence over any file. Env: `GPUFLEET_ADMIN_TOKEN_FILE`.
+    pub admin_token_file: String,
+    /// Longest a SIGINT/SIGTERM shutdown may take before the process exits anyway.
+    pub shutdown_timeout_secs: u64,
+    /// The control plane: heartbeats, timeouts, retries, reconcile period,
+    /// engine and models.
+    pub control: ControlConfig,
+    /// The Mock provider (machines are local processes on loopback IPs).
+    pub mock: MockSection,
+    /// The OpenAI-compatible router (`/v1/...`): policy, timeouts, retries,
+    /// circuit breaker, API key cache, usage flushing.
+    pub router: gpufleet_router::RouterConfig,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address is valid"),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            database_url: String::new(),
+            admin_token_file: String::new(),
+            shutdown_timeout_secs: 10,
+            control: ControlConfig::default(),
+            mock: MockSection::default(),
+            router: gpufleet_router::RouterConfig::default(),
+        }
+    }
+}
+
+/// The Mock provider's settings (`[mock]`). Its data directory is
+/// `<data_dir>/mock` and its agent program is this very binary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MockSection {
+    /// Loopback addresses handed to machines, an IPv4 CIDR inside 127.0.0.0/8.
+    pub ip_pool: String,
+    /// Time from create until a machine's IP becomes visible, in milliseconds.
+    pub ip_delay_ms: u64,
+    /// Time from create until a machine's agent is started, in milliseconds.
+    pub boot_delay_ms: u64,
+    /// Time between SIGTERM and SIGKILL when a machine is terminated, in milliseconds.
+    pub terminate_grace_ms: u64,
+    /// Time between noticing a dead agent and starting it again, in milliseconds.
+    pub agent_restart_delay_ms: u64,
+}
+
+impl Default for MockSection {
+    fn default() -> Self {
+        let d = MockConfig::new("unused", "unused");
+        Self {
+            ip_pool: d.ip_pool,
+            ip_delay_ms: d.ip_delay_ms,
+            boot_delay_ms: d.boot_delay_ms,
+            terminate_grace_ms: d.terminate_grace_ms,
+            agent_restart_delay_ms: d.agent_restart_delay_ms,
+        }
+    }
+}
+
+impl MockSection {
+    /// The provider configuration for machines under `data_dir`, whose agent
+    /// is `agent_program agent --gpu simulated ...`: Mock machines simulate
+    /// the GPUs of their instance type even where this host has real ones.
+    pub fn to_mock_config(&self, data_dir: PathBuf, agent_program: PathBuf) -> MockConfig {
+        let mut c = MockConfig::new(data_dir, agent_program);
+        c.agent_args = vec![
+            "agent".to_string(),
+            "--gpu".to_string(),
+            "simulated".to_string(),
+        ];
+        c.ip_pool = self.ip_pool.clone();
+        c.ip_delay_ms = self.ip_delay_ms;
+        c.boot_delay_ms = self.boot_delay_ms;
+        c.terminate_grace_ms = self.terminate_grace_ms;
+        c.agent_restart_delay_ms = self.agent_restart_delay_ms;
+        c
+    }
+}
+
+/// Values given on the command line; they win over file and environment.
+#[derive(Debug, Clone, Default)]
+pub struct UpOverrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+}
+
+impl UpConfig {
+    /// Parses a config file's text.
+    pub fn from_toml(text: &str) -> Result<UpConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// File (if any), then `GPUFLEET_*` from `env`, then `flags`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+        flags: &UpOverrides,
+    ) -> anyhow::Result<UpConfig> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                UpConfig::from_toml(&text)
+                    .with_context(|| format!("invalid config file {}", path.display()))?
+            }
+            None => UpConfig::default(),
+        };
+        let env = |name: &str| env(name).filter(|v| !v.is_empty());
+        if let Some(v) = env("GPUFLEET_LISTEN") {
+            config.listen = v
+                .parse()
+                .with_context(|| format!("GPUFLEET_LISTEN={v:?} is not an address"))?;
+        }
+        if let Some(v) = env("GPUFLEET_DATA_DIR") {
+            config.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("GPUFLEET_DATABASE_URL") {
+            config.database_url = v;
+        }
+        if let Some(v) = env("GPUFLEET_ADMIN_TOKEN_FILE") {
+            config.admin_token_file = v;
+        }
+        if let Some(v) = flags.listen {
+            config.listen = v;
+        }
+        if let Some(v) = &flags.data_dir {
+            config.data_dir = v.clone();
+        }
+        if let Some(v) = &flags.database_url {
+            config.database_url = v.clone();
+        }
+        Ok(config)
+    }
+
+    /// The database URL in effect.
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("gpufleet.db").display()
+            )
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    /// The admin token file in effect.
+    pub fn admin_token_path(&self) -> PathBuf {
+        if self.admin_token_file.is_empty() {
+            self.data_dir.join(ADMIN_TOKEN_FILE)
+        } else {
+            PathBuf::from(&self.admin_token_file)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const EXAMPLE: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../gpufleet.example.toml"
+    ));
+
+    #[test]
+    fn the_example_config_parses_and_holds_the_defaults() {
+        let parsed = UpConfig::from_toml(EXAMPLE).expect("gpufleet.example.toml parses");
+        assert_eq!(parsed.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(parsed.data_dir, PathBuf::from(".gpufleet"));
+        assert_eq!(parsed.control.heartbeat_interval_ms, 5_000);
+        assert_eq!(parsed.mock.ip_pool, "127.77.0.0/16");
+        assert_eq!(
+            parsed.control.models.len(),
+            ControlConfig::default().models.len()
+        );
+        assert_eq!(
+            parsed,
+            UpConfig::default(),
+            "the example documents the defaults"
+        );
+    }
+
+    #[test]
+    fn an_empty_file_is_all_defaults_and_typos_are_rejected() {
+        assert_eq!(UpConfig::from_toml("").unwrap(), UpConfig::default());
+        let err = UpConfig::from_toml("listen_addr = \"1.2.3.4:5\"").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+        let err = UpConfig::from_toml("[mock]\nboot_delay = 5\n").unwrap_err();
+        assert!(err.to_string().contains("boot_delay"), "{err}");
+    }
+
+    #[test]
+    fn flags_beat_environment_beats_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\ndata_dir = \"/from/file\"\n[mock]\nboot_delay_ms = 7\n",
+        )
+        .unwrap();
+        let env: HashMap<&str, &str> = [
+            ("GPUFLEET_LISTEN", "127.0.0.1:2"),
+            ("GPUFLEET_DATA_DIR", "/from/env"),
+        ]
+        .into();
+        let lookup = |k: &str| env.get(k).map(|v| v.to_string());
+        let c = UpConfig::load(Some(&file), lookup, &UpOverrides::default()).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.data_dir, PathBuf::from("/from/env"));
+        assert_eq!(c.mock.boot_delay_ms, 7);
+        assert_eq!(c.database_url(), "sqlite:///from/env/gpufleet.db?mode=rwc");
+        let flags = UpOverrides {
+            listen: Some("127.0.0.1:3".parse().unwrap()),
+            data_dir: Some("/from/flag".into()),
+            database_url: Some("postgres://x".into()),
+        };
+        let c = UpConfig::load(Some(&file), lookup, &flags).unwrap();
+        assert_eq!(c.listen.port(), 3);
+        assert_eq!(c.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(c.database_url(), "postgres://x");
+        assert_eq!(
+            c.admin_token_path(),
+            PathBuf::from("/from/flag/admin-token")
+        );
+    }
+}

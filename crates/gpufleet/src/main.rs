@@ -1,0 +1,195 @@
+//! `gpufleet`: one binary for the control plane (`up`), the worker agent
+//! (`agent`), the engine simulator (`sim`) and the client commands.
+
+mod bench;
+mod bench_heartbeats;
+mod bench_router;
+mod client;
+mod config;
+mod signals;
+mod token;
+mod up;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gpufleet",
+    version,
+    about = "A control plane for GPU fleets serving LLMs"
+)]
+struct Cli {
+    /// Log filter, e.g. `info` or `gpufleet_control=debug` [default: $RUST_LOG, else info for
+    /// servers and warn for client commands].
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane, the API and the Mock provider in this process.
+    Up(up::UpArgs),
+    /// Run the worker agent of one instance (started by a provider).
+    Agent(AgentCmd),
+    /// Run the vLLM-compatible engine simulator (started by the agent).
+    Sim(SimCmd),
+    /// Create, list, inspect, terminate and archive instances.
+    Instances {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(subcommand)]
+        command: client::instances::InstancesCommand,
+    },
+    /// Providers and their instance types.
+    Providers {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(subcommand)]
+        command: client::catalog::ProvidersCommand,
+    },
+    /// Load generators (e.g. heartbeat ingestion).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+    /// A live terminal dashboard of the fleet (q quits).
+    Top {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(flatten)]
+        args: client::top::TopArgs,
+    },
+    /// Models instances may serve.
+    Models {
+        #[command(flatten)]
+        client: client::ClientOpts,
+    },
+    /// Keys of the OpenAI-compatible endpoint (/v1/...).
+    ApiKeys {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(subcommand)]
+        command: client::api_keys::ApiKeysCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentCmd {
+    #[command(flatten)]
+    args: gpufleet_agent::AgentArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct SimCmd {
+    #[command(flatten)]
+    args: gpufleet_sim::SimArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Up(_) | Command::Agent(_) | Command::Sim(_) => "info",
+        _ => "warn",
+    };
+    init_tracing(cli.log_level.as_deref(), default_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Up(args) => up::run(args).await,
+        Command::Agent(cmd) => {
+            gpufleet_agent::run(cmd.args, async {
+                signals::shutdown_signal().await;
+            })
+            .await?;
+            Ok(())
+        }
+        Command::Sim(cmd) => {
+            gpufleet_sim::run(cmd.args, async {
+                signals::shutdown_signal().await;
+            })
+            .await?;
+            Ok(())
+        }
+        Command::Instances { client, command } => {
+            client::instances::run(&client::Client::new(&client)?, command).await
+        }
+        Command::Providers { client, command } => {
+            client::catalog::providers(&client::Client::new(&client)?, command).await
+        }
+        Command::Bench { command } => bench::run(command).await,
+        Command::Top { client, args } => {
+            client::top::run(&client::Client::new(&client)?, args).await
+        }
+        Command::Models { client } => client::catalog::models(&client::Client::new(&client)?).await,
+        Command::ApiKeys { client, command } => {
+            client::api_keys::run(&client::Client::new(&client)?, command).await
+        }
+    }
+}
+
+/// Logs go to stderr (stdout carries command output and `up`'s address line).
+fn init_tracing(flag: Option<&str>, default_level: &str) {
+    let filter = flag
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new(default_level));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn client_options_go_anywhere_after_the_group() {
+        let cli = Cli::try_parse_from([
+            "gpufleet",
+            "instances",
+            "list",
+            "--json",
+            "--server",
+            "http://x:1",
+            "--status",
+            "ready",
+        ])
+        .unwrap();
+        let Command::Instances { client, .. } = cli.command else {
+            panic!("not instances")
+        };
+        assert!(client.json);
+        assert_eq!(client.server, "http://x:1");
+    }
+}

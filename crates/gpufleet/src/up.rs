@@ -1,0 +1,217 @@
+//! `gpufleet up`: the control plane, the HTTP API and the Mock provider in one
+//! process.
+//!
+//! Start-up order: data dir → admin token → store → Mock provider → listener
+//! (so port 0 works and the agents' control URL is known) → fleet and its
+//! reconcilers → API. Shutdown (SIGINT/SIGTERM) runs the other way: stop
+//! accepting, stop the reconcilers after the activation in hand, shut the Mock
+//! provider's supervisor down (its machines keep running and are re-adopted by
+//! the next `up`), close the store.
+
+use crate::config::{UpConfig, UpOverrides};
+use crate::signals;
+use crate::token;
+use anyhow::Context;
+use gpufleet_control::Fleet;
+use gpufleet_providers::mock::MockProvider;
+use gpufleet_providers::ProviderRegistry;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Arguments of `gpufleet up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Data directory (database, admin token, mock machines) [default: ./.gpufleet or $GPUFLEET_DATA_DIR].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080 or $GPUFLEET_LISTEN]; port 0 picks one.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Database URL [default: sqlite://<data-dir>/gpufleet.db?mode=rwc or $GPUFLEET_DATABASE_URL].
+    #[arg(long)]
+    pub database: Option<String>,
+    /// TOML config file (see gpufleet.example.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let flags = UpOverrides {
+        listen: args.listen,
+        data_dir: args.data_dir.clone(),
+        database_url: args.database.clone(),
+    };
+    let mut config = UpConfig::load(args.config.as_deref(), |k| std::env::var(k).ok(), &flags)?;
+
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    config.data_dir = config.data_dir.canonicalize().with_context(|| {
+        format!(
+            "cannot resolve data directory {}",
+            config.data_dir.display()
+        )
+    })?;
+
+    let token_path = config.admin_token_path();
+    let (admin_token, token_source) =
+        token::resolve(std::env::var("GPUFLEET_ADMIN_TOKEN").ok(), &token_path)?;
+
+    let db_url = config.database_url();
+    let store = gpufleet_store::Store::connect(&db_url)
+        .await
+        .with_context(|| format!("cannot open the database {}", redact_url(&db_url)))?;
+
+    let agent_program = std::env::current_exe().context("cannot find this program's path")?;
+    let mock_config = config
+        .mock
+        .to_mock_config(config.data_dir.join("mock"), agent_program);
+    let mock = MockProvider::open(mock_config).context("cannot open the Mock provider")?;
+    let mut providers = ProviderRegistry::new();
+    providers.register(mock.clone());
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    if config.control.agent_control_url.is_empty() {
+        config.control.agent_control_url = format!("http://{}", reachable(addr));
+    }
+
+    let fleet = Fleet::new(store.clone(), providers, config.control.clone())
+        .await
+        .context("cannot start the control plane")?;
+    let cancel = CancellationToken::new();
+    let reconcilers = fleet.start(cancel.child_token());
+    let openai = gpufleet_router::RouterState::start(
+        fleet.clone(),
+        config.router.clone(),
+        cancel.child_token(),
+    )
+    .await
+    .context("cannot start the OpenAI-compatible router")?;
+
+    let router = gpufleet_api::router(gpufleet_api::ApiState::new(fleet.clone(), admin_token))
+        .merge(gpufleet_console::router());
+    // The OpenAI-compatible endpoint: /v1/models, /v1/chat/completions, /v1/completions.
+    let router = router.merge(gpufleet_router::router(openai.clone()));
+    let server_stop = cancel.clone();
+    let mut server = tokio::spawn(async move {
+        gpufleet_api::serve(
+            listener,
+            router,
+            async move { server_stop.cancelled().await },
+        )
+        .await
+    });
+
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "gpufleet listening on http://{addr}")?;
+        writeln!(out, "admin token {token_source}")?;
+        out.flush()?;
+    }
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), database = %redact_url(&db_url),
+        agent_control_url = %config.control.agent_control_url, "gpufleet up");
+
+    let early_exit = tokio::select! {
+        sig = signals::shutdown_signal() => {
+            tracing::info!(signal = sig, "shutting down");
+            None
+        }
+        res = &mut server => Some(res),
+    };
+    cancel.cancel();
+
+    let deadline = Duration::from_secs(config.shutdown_timeout_secs.max(1));
+    let shutdown = async {
+        let server_result = match early_exit {
+            Some(res) => res,
+            None => server.await,
+        };
+        let _ = reconcilers.await;
+        mock.shutdown().await;
+        if let Err(e) = openai.flush_usage().await {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "last usage flush failed"
+            );
+        }
+        store.close().await;
+        server_result
+    };
+    match tokio::time::timeout(deadline, shutdown).await {
+        Ok(Ok(Ok(()))) => {
+            tracing::info!(
+                "stopped; mock machines keep running and are re-adopted by the next `gpufleet up`"
+            );
+            Ok(())
+        }
+        Ok(Ok(Err(e))) => Err(anyhow::Error::new(e).context("the HTTP server failed")),
+        Ok(Err(join)) => Err(anyhow::anyhow!("the HTTP server task panicked: {join}")),
+        Err(_) => {
+            tracing::warn!(
+                deadline_secs = deadline.as_secs(),
+                "shutdown took too long; exiting anyway"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// An address agents can connect to: the unspecified address becomes loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// The URL without a password, for logs.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agents_reach_an_unspecified_listener_on_loopback() {
+        assert_eq!(
+            reachable("0.0.0.0:80".parse().unwrap()).to_string(),
+            "127.0.0.1:80"
+        );
+        assert_eq!(
+            reachable("127.0.0.2:80".parse().unwrap()).to_string(),
+            "127.0.0.2:80"
+        );
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(redact_url("sqlite:///x.db"), "sqlite:///x.db");
+    }
+}

@@ -1,0 +1,183 @@
+//! The client commands against a running control plane.
+
+use crate::common::*;
+use gpufleet_api::views::InstanceList;
+use gpufleet_domain::InstanceStatus as S;
+use std::process::Output;
+
+/// Runs `gpufleet <args>` with a clean environment plus `env`.
+async fn gpufleet(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gpufleet"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("GPUFLEET_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args).envs(env.iter().copied()).kill_on_drop(true);
+    tokio::time::timeout(std::time::Duration::from_secs(120), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("gpufleet {args:?} did not finish within 120 s"))
+        .expect("run gpufleet")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_creates_waits_lists_and_explains_missing_tokens() {
+    let app = TestApp::spawn().await;
+    let server = app.base_url.as_str();
+    let env = [
+        ("GPUFLEET_ADMIN_TOKEN", app.token.as_str()),
+        ("GPUFLEET_SERVER", server),
+    ];
+
+    let out = gpufleet(
+        &[
+            "instances",
+            "create",
+            "--provider",
+            "mock",
+            "--type",
+            TYPE,
+            "--model",
+            MODEL,
+            "--wait",
+            "--timeout",
+            "90s",
+        ],
+        &env,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "create --wait failed: {}\n{}",
+        text(&out.stderr),
+        app.log_tail()
+    );
+    let list = app.list(false).await.unwrap();
+    assert_eq!(list.len(), 1, "one instance created");
+    assert_eq!(
+        list[0].status,
+        S::Ready,
+        "create --wait returned once ready"
+    );
+    let id = list[0].id.to_string();
+
+    let out = gpufleet(&["instances", "list"], &env).await;
+    assert!(out.status.success(), "list: {}", text(&out.stderr));
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("STATUS") && table.contains("MODEL"),
+        "table header: {table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.contains(&id))
+        .unwrap_or_else(|| panic!("{id} not in\n{table}"));
+    assert!(
+        row.contains("ready") && row.contains(TYPE) && row.contains("100%"),
+        "row: {row}"
+    );
+
+    let out = gpufleet(&["instances", "list", "--json"], &env).await;
+    assert!(out.status.success(), "list --json: {}", text(&out.stderr));
+    let parsed: InstanceList = serde_json::from_slice(&out.stdout).expect("list --json parses");
+    assert_eq!(parsed.instances[0].id.to_string(), id);
+
+    let out = gpufleet(&["instances", "get", &id, "--json"], &env).await;
+    assert!(out.status.success(), "get --json: {}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("get --json parses");
+    assert_eq!(v["status"], "ready");
+
+    let out = gpufleet(&["instances", "events", &id], &env).await;
+    assert!(out.status.success(), "events: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("provider.create"),
+        "timeline table: {}",
+        text(&out.stdout)
+    );
+
+    for args in [
+        &["providers", "list"][..],
+        &["providers", "types", "mock"],
+        &["models", "--json"],
+    ] {
+        let out = gpufleet(args, &env).await;
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+
+    let out = gpufleet(
+        &["instances", "terminate", &id, "--wait", "--timeout", "60s"],
+        &env,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "terminate --wait: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(app.get(list[0].id).await.unwrap().status, S::Terminated);
+
+    // No token anywhere: non-zero exit and a hint naming the fix.
+    let empty = tempfile::tempdir().unwrap();
+    let out = gpufleet(
+        &["instances", "list"],
+        &[
+            ("GPUFLEET_SERVER", server),
+            ("GPUFLEET_DATA_DIR", empty.path().to_str().unwrap()),
+        ],
+    )
+    .await;
+    assert!(!out.status.success(), "list without a token must fail");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("GPUFLEET_ADMIN_TOKEN") && err.contains("--token"),
+        "hint: {err}"
+    );
+    assert!(
+        err.contains(&empty.path().join("admin-token").display().to_string()),
+        "names the file: {err}"
+    );
+
+    // The token from the data directory works.
+    let dir = app.data_dir.to_str().unwrap();
+    let out = gpufleet(
+        &["instances", "list", "--data-dir", dir],
+        &[("GPUFLEET_SERVER", server)],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "token from --data-dir: {}",
+        text(&out.stderr)
+    );
+
+    // A wrong token and a dead server are explained.
+    let out = gpufleet(
+        &["instances", "list", "--token", "gfa_wrong"],
+        &[("GPUFLEET_SERVER", server)],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("401"), "{}", text(&out.stderr));
+    let out = gpufleet(
+        &[
+            "instances",
+            "list",
+            "--server",
+            "http://127.0.0.1:1",
+            "--token",
+            "x",
+        ],
+        &[],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("is `gpufleet up` running at http://127.0.0.1:1"),
+        "{}",
+        text(&out.stderr)
+    );
+}

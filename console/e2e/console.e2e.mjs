@@ -210,6 +210,9 @@ await step('the overview counts them', async () => {
   if (before.size === 0) await page.getByText('2 ready').waitFor()
   await page.getByText(/\d+ GPUs reporting/).waitFor()
   await page.waitForFunction(() => !document.body.innerText.includes('0 GPUs reporting'))
+  // Totals from GET /api/v1/metrics/fleet, price per hour included.
+  await page.getByText(/\d+ billable instances?/).waitFor()
+  await page.getByText('Mean GPU utilisation, last hour').waitFor()
   await shot('06-overview')
 })
 
@@ -222,11 +225,36 @@ await step('observability shows sparklines with heartbeat badges', async () => {
   await shot('07-observability')
 })
 
-await step('models lists the model as routable', async () => {
+await step('models lists the model as routable, with the router usage', async () => {
+  // Traffic through the OpenAI-compatible endpoint, with a fresh API key.
+  const created = await fetch(BASE + '/api/v1/api-keys', {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${TOKEN}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify({ name: 'console-e2e' }),
+  })
+  expect(created.ok, `POST /api/v1/api-keys: ${created.status}`)
+  const { key } = await created.json()
+  let sent = 0
+  for (let k = 0; k < 3; k++) {
+    const r = await fetch(BASE + '/v1/chat/completions', {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${key}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify({ model: MODEL, max_tokens: 4, messages: [{ role: 'user', content: 'one two three' }] }),
+    })
+    await r.arrayBuffer()
+    if (r.ok) sent++
+  }
+  expect(sent === 3, `3 chat completions answered (${sent})`)
   await nav('Models').click()
   await page.getByRole('heading', { name: 'Models' }).waitFor()
   const row = page.locator(`tr[data-model="${MODEL}"]`)
   await row.getByText('routable', { exact: true }).waitFor()
+  // The router flushes its counts every few seconds; the page polls.
+  await page.waitForFunction((m) => Number(document.querySelector(`tr[data-model="${m}"] td[data-col="requests"]`)?.textContent?.replace(/\D/g, '')) >= 3, MODEL)
+  await page.locator('[data-testid="usage-instances"] tbody tr').first().waitFor()
+  await page.locator('[data-testid="usage-keys"]').getByText('console-e2e').waitFor()
+  // A rate once two polls are apart.
+  await page.waitForFunction((m) => /\d/.test(document.querySelector(`tr[data-model="${m}"] td[data-col="rps"]`)?.textContent ?? ''), MODEL)
   await shot('08-models')
 })
 
@@ -258,8 +286,20 @@ await step('open one instance: summary, timeline and a non-empty chart', async (
   expect(drawn.painted > 50, 'the chart canvas has a drawn line')
   const charts = await page.locator('.chart-grid figure').count()
   expect(charts >= 9, `CPU, memory, disk, network, 4 GPU and engine charts (${charts})`)
-  await page.getByRole('radio', { name: '1 h' }).click()
-  await page.getByRole('radio', { name: '5 m' }).click()
+  // Every window is read from the history API with a step it accepts (a 400 would be a console error).
+  for (const [label, bucket] of [
+    ['1 h', '15 s'],
+    ['24 h', '5 min'],
+    ['7 d', '1 h'],
+    ['5 m', '5 s'],
+  ]) {
+    await page.getByRole('radio', { name: label }).click()
+    await page.locator('[data-testid="chart-note"]').getByText(`Averages over ${bucket} buckets`).waitFor()
+  }
+  await page.waitForFunction(() => {
+    const el = [...document.querySelectorAll('.chart-canvas')].find((c) => c.uplot)
+    return el && el.uplot.data[1].filter((v) => v !== null && v !== undefined).length >= 2
+  })
   await shot('09-instance-detail')
 })
 

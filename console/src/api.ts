@@ -129,6 +129,118 @@ export interface InstanceMetrics {
   instance_id: string
   latest: Sample | null
   samples: Sample[]
+  /** History in aligned buckets: present when the query gave from, to or step. */
+  series?: MetricSeries
+}
+
+type Col = (number | null)[]
+
+/** One instance's history over [from, to): every column has one value per timestamp (null: no sample in the bucket). */
+export interface MetricSeries {
+  from: string
+  to: string
+  /** Bucket width actually used, e.g. `5s`, `1m`. */
+  step: string
+  /** raw, minute or hour. */
+  tier: string
+  timestamps: string[]
+  samples: number[]
+  cpu_pct: Col
+  cpu_pct_max: Col
+  load1: Col
+  mem_pct: Col
+  disk_pct: Col
+  net_rx_bps: Col
+  net_tx_bps: Col
+  requests_running: Col
+  requests_waiting: Col
+  /** 0–1. */
+  kv_cache_usage: Col
+  kv_cache_usage_max: Col
+  prompt_tokens_per_s: Col
+  generation_tokens_per_s: Col
+  ttft_s: Col
+  ttft_s_max: Col
+  gpus: GpuSeries[]
+}
+
+export interface GpuSeries {
+  index: number
+  util_pct: Col
+  util_pct_max: Col
+  vram_used_mib: Col
+  vram_total_mib: Col
+  temp_c: Col
+  temp_c_max: Col
+  power_w: Col
+  power_w_max: Col
+  power_limit_w: Col
+}
+
+/** `GET /api/v1/metrics/fleet`. */
+export interface FleetMetrics {
+  now: FleetNow
+  series: FleetSeries
+}
+
+export interface FleetNow {
+  fresh_after: string
+  /** Non-terminal instances. */
+  instances: number
+  reporting_instances: number
+  /** GPUs of instances with a fresh heartbeat. */
+  gpus: number
+  mean_gpu_util_pct: number | null
+  vram_used_mib: number
+  vram_total_mib: number
+  power_w: number
+  power_limit_w: number
+  by_status: FleetStatus[]
+  billable_instances: number
+  price_per_hour: { currency: string; amount: number }[]
+}
+
+export interface FleetStatus {
+  status: Status
+  instances: number
+  reporting_instances: number
+  gpus: number
+  mean_gpu_util_pct: number | null
+  vram_used_mib: number
+  vram_total_mib: number
+  power_w: number
+}
+
+export interface FleetSeries {
+  from: string
+  to: string
+  step: string
+  tier: string
+  timestamps: string[]
+  instances: (number | null)[]
+  gpus: (number | null)[]
+  mean_gpu_util_pct: Col
+  vram_used_mib: Col
+  vram_total_mib: Col
+  power_w: Col
+}
+
+/** Running totals of one API key or instance (`GET /api/v1/usage`). */
+export interface Usage {
+  /** The API key id or instance id. */
+  id: string
+  /** The key's name (keys only). */
+  name: string | null
+  requests: number
+  errors: number
+  prompt_tokens: number
+  completion_tokens: number
+  updated_at: string
+}
+
+export interface UsageReport {
+  keys: Usage[]
+  instances: Usage[]
 }
 
 export interface Zone {
@@ -157,8 +269,6 @@ export interface Model {
   description: string
   min_vram_mib: number
   ready_instances: number
-  /** Requests per second, once the OpenAI router reports it. */
-  requests_per_second?: number
 }
 
 /** An error the API answered (`{"error": {code, message, field}}`), or a network failure (status 0). */
@@ -261,6 +371,14 @@ export const api = {
   timeline: (id: string, signal?: AbortSignal) => request<Timeline>('GET', `/api/v1/instances/${enc(id)}/events`, undefined, signal),
   metrics: (id: string, limit: number, signal?: AbortSignal) =>
     request<InstanceMetrics>('GET', `/api/v1/instances/${enc(id)}/metrics?limit=${limit}`, undefined, signal),
+  /** History over [from, to) in buckets of `step` (plus the newest sample). */
+  history: (id: string, from: number, to: number, step: string, signal?: AbortSignal) => {
+    const q = new URLSearchParams({ limit: '1', from: new Date(from).toISOString(), to: new Date(to).toISOString(), step })
+    return request<InstanceMetrics>('GET', `/api/v1/instances/${enc(id)}/metrics?${q}`, undefined, signal)
+  },
+  fleetMetrics: (window: string, signal?: AbortSignal) =>
+    request<FleetMetrics>('GET', `/api/v1/metrics/fleet?window=${enc(window)}`, undefined, signal),
+  usage: (signal?: AbortSignal) => request<UsageReport>('GET', '/api/v1/usage', undefined, signal),
   providers: (signal?: AbortSignal) => request<{ providers: Provider[] }>('GET', '/api/v1/providers', undefined, signal),
   instanceTypes: (provider: string, signal?: AbortSignal) =>
     request<{ provider: string; instance_types: InstanceType[] }>('GET', `/api/v1/providers/${enc(provider)}/instance-types`, undefined, signal),

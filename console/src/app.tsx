@@ -9,6 +9,7 @@ import { Observability } from './pages/Observability'
 import { Overview } from './pages/Overview'
 import { SignIn } from './pages/SignIn'
 import { startFleet, stopFleet, useFleet } from './store'
+import { forgetUsage } from './usage'
 
 /** The path after `#`, e.g. `/instances/i-...`. */
 function useHashPath(): string {
@@ -34,7 +35,10 @@ export function App() {
   useEffect(() => onUnauthorized(() => setSignedIn(false)), [])
   useEffect(() => {
     if (signedIn) startFleet()
-    else stopFleet()
+    else {
+      stopFleet()
+      forgetUsage()
+    }
   }, [signedIn])
 
   if (!signedIn) return <SignIn onSignedIn={() => setSignedIn(true)} />

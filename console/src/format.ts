@@ -87,3 +87,17 @@ export function costSoFar(i: Instance, t: InstanceType | undefined, now: number)
 export function shortId(id: string): string {
   return id.length > 12 ? `${id.slice(0, 2)}…${id.slice(-8)}` : id
 }
+
+/** 12,345 (grouped). */
+export function num(n: number): string {
+  return Number.isFinite(n) ? Math.round(n).toLocaleString() : '—'
+}
+
+/** A per-second rate: 0, 0.05, 1.2, 34. */
+export function perSec(n: number): string {
+  if (!Number.isFinite(n)) return '—'
+  if (n === 0) return '0'
+  if (n < 0.1) return n.toFixed(3)
+  if (n < 10) return n.toFixed(2)
+  return n.toFixed(0)
+}

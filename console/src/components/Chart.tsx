@@ -23,6 +23,12 @@ export interface ChartProps {
   /** A small chart without axes or legend. */
   spark?: boolean
   height?: number
+  /**
+   * Bucket width in x units (seconds) for bucketed data: a single empty
+   * bucket (heartbeat jitter) is bridged; longer runs of empty buckets stay
+   * gaps (the agent was silent).
+   */
+  step?: number
 }
 
 function pointCount(data: (number | null)[][]): number {
@@ -31,12 +37,26 @@ function pointCount(data: (number | null)[][]): number {
   return n
 }
 
-export function Chart({ title, series, data, fmt = (v) => v.toFixed(1), yRange, spark = false, height }: ChartProps) {
+function filled(col: ArrayLike<number | null | undefined>): number {
+  let n = 0
+  for (let i = 0; i < col.length; i++) if (col[i] !== null && col[i] !== undefined) n++
+  return n
+}
+
+export function Chart({ title, series, data, fmt = (v) => v.toFixed(1), yRange, spark = false, height, step }: ChartProps) {
   const box = useRef<HTMLDivElement>(null)
   const plot = useRef<uPlot | null>(null)
   const h = height ?? (spark ? 40 : 180)
   const points = pointCount(data)
-  const key = series.map((s) => s.label).join('|') + (spark ? ':s' : '')
+  const key = series.map((s) => s.label).join('|') + (spark ? ':s' : '') + (step ? `:${step}` : '')
+  // Gaps between points (canvas pixels) spanning one missing bucket are drawn over.
+  const gaps: uPlot.Series.GapsRefiner | undefined = step
+    ? (u, _si, _i0, _i1, nullGaps) => {
+        const x0 = u.scales.x.min ?? 0
+        const stepPx = Math.abs(u.valToPos(x0 + step, 'x', true) - u.valToPos(x0, 'x', true))
+        return nullGaps.filter(([a, b]) => b - a > 2.5 * stepPx)
+      }
+    : undefined
 
   useEffect(() => {
     const el = box.current
@@ -65,8 +85,9 @@ export function Chart({ title, series, data, fmt = (v) => v.toFixed(1), yRange, 
           stroke: s.color ?? PALETTE[i % PALETTE.length],
           fill: spark ? (s.color ?? PALETTE[i % PALETTE.length]) + '22' : undefined,
           width: spark ? 1.5 : 2,
-          // A lone sample is drawn as a dot; lines need two.
-          points: { show: (u: uPlot) => u.data[0].length < 3 },
+          // Lone samples are drawn as dots; lines need two.
+          points: { show: (u: uPlot, si: number) => filled(u.data[si]) < 3 },
+          gaps,
           // Without a cursor the legend shows the newest value.
           value: (u: uPlot, v: number | null, si: number, idx: number | null) => {
             if (idx === null) {
@@ -102,7 +123,7 @@ export function Chart({ title, series, data, fmt = (v) => v.toFixed(1), yRange, 
   return (
     <figure class={spark ? 'chart spark' : 'chart'} data-points={points} aria-label={title}>
       {!spark && <figcaption>{title}</figcaption>}
-      <div ref={box} class="chart-canvas" role="img" aria-label={`${title}: ${points ? `${data[0].length} samples` : 'no data'}`} />
+      <div ref={box} class="chart-canvas" role="img" aria-label={`${title}: ${points ? `${filled(data[1] ?? [])} ${step ? 'points' : 'samples'}` : 'no data'}`} />
       {points === 0 && !spark && <p class="chart-empty">No samples in this window yet.</p>}
     </figure>
   )

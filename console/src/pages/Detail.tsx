@@ -3,7 +3,7 @@ import { api, ApiError, STARTING, TERMINABLE, type Instance, type InstanceMetric
 import { Chart } from '../components/Chart'
 import { Confirm, Loading, Notice, StatusBadge, StatusCell } from '../components/ui'
 import { ago, costSoFar, dateTime, duration, money, shortDuration, time, uptime } from '../format'
-import { detailCharts, freshness, inWindow, WINDOWS, windowOf, type WindowKey } from '../metrics'
+import { detailCharts, FALLBACK_LIMIT, freshness, inWindow, seriesCharts, windowBounds, WINDOWS, windowOf, type WindowKey } from '../metrics'
 import { upsert, useCatalog, useFleet, usePoll, useTick } from '../store'
 
 export function Detail({ id }: { id: string }) {
@@ -15,6 +15,8 @@ export function Detail({ id }: { id: string }) {
   const [timeline, setTimeline] = useState<Timeline | null>(null)
   const [metrics, setMetrics] = useState<InstanceMetrics | null>(null)
   const [win, setWin] = useState<WindowKey>('5m')
+  // Where the history API does not answer, recent samples are cut to the window here.
+  const [noHistory, setNoHistory] = useState(false)
   const [error, setError] = useState<string | null>(null)
   const [confirm, setConfirm] = useState(false)
 
@@ -52,21 +54,34 @@ export function Detail({ id }: { id: string }) {
   )
 
   const w = windowOf(win)
+  // A terminated instance's window ends when it was terminated; a live one's now.
+  const endedAt = inst?.terminated_at ? Date.parse(inst.terminated_at) : null
   usePoll(
     async (signal) => {
       try {
-        const m = await api.metrics(id, w.limit, signal)
+        let m: InstanceMetrics
+        if (noHistory) {
+          m = await api.metrics(id, FALLBACK_LIMIT, signal)
+        } else {
+          const { from, to } = windowBounds(w, Math.min(Date.now(), endedAt ?? Infinity))
+          m = await api.history(id, from, to, w.stepText, signal)
+          if (!m.series) setNoHistory(true)
+        }
         setMetrics(m)
+        setError(null)
       } catch (e) {
         if (!signal.aborted) setError(e instanceof ApiError ? e.message : String(e))
       }
     },
     terminal ? 60000 : w.poll,
-    [id, win, terminal],
+    [id, win, terminal, endedAt, noHistory],
   )
 
-  const windowed = useMemo(() => (metrics ? inWindow(metrics.samples, w.ms, Date.now()) : []), [metrics, win])
-  const charts = useMemo(() => detailCharts(windowed), [windowed])
+  const charts = useMemo(
+    () => (!metrics ? [] : metrics.series ? seriesCharts(metrics.series) : detailCharts(inWindow(metrics.samples, w.ms, Date.now()))),
+    [metrics, win],
+  )
+  const hasData = metrics?.series ? metrics.series.samples.some((n) => n > 0) : !!metrics?.samples.length
 
   if (notFound && !inst) return <Notice tone="bad">No instance {id}. It may have been removed.</Notice>
   if (!inst) return <Loading what="the instance" />
@@ -75,8 +90,6 @@ export function Detail({ id }: { id: string }) {
   const cost = costSoFar(inst, type, now)
   const up = uptime(inst, now)
   const fresh = freshness(metrics?.latest?.at ?? inst.last_heartbeat_at, now)
-  const oldest = metrics?.samples[0]
-  const truncated = !!(metrics && oldest && metrics.samples.length >= w.limit && Date.parse(oldest.at) > now - w.ms)
 
   const terminate = async () => {
     setConfirm(false)
@@ -204,25 +217,26 @@ export function Detail({ id }: { id: string }) {
         <h2 id="charts-title">Metrics</h2>
         <div class="segmented" role="radiogroup" aria-label="Window">
           {WINDOWS.map((x) => (
-            <button type="button" role="radio" aria-checked={win === x.key} class={win === x.key ? 'seg on' : 'seg'} onClick={() => setWin(x.key)}>
+            <button type="button" role="radio" aria-checked={win === x.key} class={win === x.key ? 'seg on' : 'seg'} onClick={() => setWin(x.key as WindowKey)}>
               {x.label}
             </button>
           ))}
         </div>
       </div>
-      {truncated && (
-        <Notice>
-          Showing the newest {metrics!.samples.length} samples (since {time(oldest!.at)}). Longer history is not available yet.
-        </Notice>
+      {metrics?.series && (
+        <p class="muted small chart-note" data-testid="chart-note">
+          {seriesNote(metrics.series.step, metrics.series.tier)}
+          {terminal ? ` Up to ${time(metrics.series.to)}.` : ` Updated every ${w.poll / 1000} s.`}
+        </p>
       )}
       {!metrics ? (
         <Loading what="metrics" />
-      ) : metrics.samples.length === 0 ? (
+      ) : !hasData && !metrics.latest ? (
         <p class="muted">{STARTING.includes(inst.status) ? 'Metrics appear once the agent sends its first heartbeat.' : 'No samples recorded.'}</p>
       ) : (
         <div class="chart-grid" aria-labelledby="charts-title">
           {charts.map((c) => (
-            <Chart key={c.id} title={c.title} series={c.labels.map((label) => ({ label }))} data={c.data} fmt={c.fmt} yRange={c.yRange} />
+            <Chart key={c.id} title={c.title} series={c.labels.map((label) => ({ label }))} data={c.data} fmt={c.fmt} yRange={c.yRange} step={c.step} />
           ))}
         </div>
       )}
@@ -237,6 +251,13 @@ export function Detail({ id }: { id: string }) {
       </Confirm>
     </section>
   )
+}
+
+/** What one point of the charts is, in words. */
+function seriesNote(step: string, tier: string): string {
+  const width = step.replace(/^(\d+)([smhd])$/, (_m, n, u) => `${n} ${u === 's' ? 's' : u === 'm' ? 'min' : u === 'h' ? 'h' : 'd'}`)
+  const source = tier === 'minute' ? ' from 1-minute rollups (the current minute appears once it is rolled up)' : tier === 'hour' ? ' from 1-hour rollups (the current hour appears once it is rolled up)' : ''
+  return `Averages over ${width} buckets${source}.`
 }
 
 function TimelineView({ t }: { t: Timeline }) {

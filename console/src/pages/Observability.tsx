@@ -1,9 +1,9 @@
 import { useMemo, useState } from 'preact/hooks'
-import { api, type Instance, type Sample } from '../api'
+import { api, type Instance, type InstanceMetrics } from '../api'
 import { Chart } from '../components/Chart'
 import { Empty, Loading, Notice, StatusBadge } from '../components/ui'
 import { ago, shortId } from '../format'
-import { freshness, inWindow, sparkCharts, WINDOWS, windowOf, type WindowKey } from '../metrics'
+import { FALLBACK_LIMIT, freshness, inWindow, sparkCharts, sparkSeriesCharts, windowBounds, WINDOWS, windowOf, type WindowKey } from '../metrics'
 import { useFleet, usePoll, useTick } from '../store'
 
 const WATCHED = ['starting', 'ready', 'unhealthy', 'draining']
@@ -21,7 +21,7 @@ export function Observability() {
         <h1 id="obs-title">Observability</h1>
         <div class="segmented" role="radiogroup" aria-label="Window">
           {WINDOWS.filter((w) => w.key !== '7d').map((x) => (
-            <button type="button" role="radio" aria-checked={win === x.key} class={win === x.key ? 'seg on' : 'seg'} onClick={() => setWin(x.key)}>
+            <button type="button" role="radio" aria-checked={win === x.key} class={win === x.key ? 'seg on' : 'seg'} onClick={() => setWin(x.key as WindowKey)}>
               {x.label}
             </button>
           ))}
@@ -45,18 +45,29 @@ export function Observability() {
 function ObsCard({ i, win }: { i: Instance; win: WindowKey }) {
   const now = useTick(2000)
   const w = windowOf(win)
-  const [samples, setSamples] = useState<Sample[] | null>(null)
+  const [metrics, setMetrics] = useState<InstanceMetrics | null>(null)
+  // Where the history API does not answer, recent samples are cut to the window here.
+  const [noHistory, setNoHistory] = useState(false)
   usePoll(
     async (signal) => {
-      const m = await api.metrics(i.id, Math.min(w.limit, 600), signal)
-      if (!signal.aborted) setSamples(m.samples)
+      let m: InstanceMetrics
+      if (noHistory) {
+        m = await api.metrics(i.id, FALLBACK_LIMIT, signal)
+      } else {
+        const { from, to } = windowBounds(w, Date.now())
+        m = await api.history(i.id, from, to, w.stepText, signal)
+        if (!m.series) setNoHistory(true)
+      }
+      if (!signal.aborted) setMetrics(m)
     },
     Math.max(w.poll, 3000),
-    [i.id, win],
+    [i.id, win, noHistory],
   )
-  const windowed = useMemo(() => (samples ? inWindow(samples, w.ms, Date.now()) : []), [samples, win])
-  const charts = useMemo(() => sparkCharts(windowed), [windowed])
-  const latest = samples?.[samples.length - 1]
+  const charts = useMemo(
+    () => (!metrics ? [] : metrics.series ? sparkSeriesCharts(metrics.series) : sparkCharts(inWindow(metrics.samples, w.ms, Date.now()))),
+    [metrics, win],
+  )
+  const latest = metrics?.latest
   const fresh = freshness(latest?.at ?? i.last_heartbeat_at, now)
   const last = (c: (typeof charts)[number]) => {
     const col = c.data[1]
@@ -80,7 +91,7 @@ function ObsCard({ i, win }: { i: Instance; win: WindowKey }) {
           ♥ {fresh.label} · {ago(latest?.at ?? i.last_heartbeat_at, now)}
         </span>
       </header>
-      {!samples ? (
+      {!metrics ? (
         <Loading what="samples" />
       ) : (
         <div class="spark-grid">
@@ -89,7 +100,7 @@ function ObsCard({ i, win }: { i: Instance; win: WindowKey }) {
               <div class="spark-label">
                 <span>{c.title}</span> <strong>{last(c)}</strong>
               </div>
-              <Chart spark title={`${c.title} of ${i.id}`} series={[{ label: c.title }]} data={c.data} fmt={c.fmt} yRange={c.yRange} />
+              <Chart spark title={`${c.title} of ${i.id}`} series={[{ label: c.title }]} data={c.data} fmt={c.fmt} yRange={c.yRange} step={c.step} />
             </div>
           ))}
         </div>

@@ -86,7 +86,7 @@ export function Chart({ title, series, data, fmt = (v) => v.toFixed(1), yRange, 
           fill: spark ? (s.color ?? PALETTE[i % PALETTE.length]) + '22' : undefined,
           width: spark ? 1.5 : 2,
           // Lone samples are drawn as dots; lines need two.
-          points: { show: (u: uPlot, si: number) => filled(u.data[si]) < 3 },
+          points: { show: (u: uPlot, si: number) => filled(u.data[si]) < 3, size: spark ? 3 : 5 },
           gaps,
           // Without a cursor the legend shows the newest value.
           value: (u: uPlot, v: number | null, si: number, idx: number | null) => {

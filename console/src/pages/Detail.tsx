@@ -68,7 +68,6 @@ export function Detail({ id }: { id: string }) {
           if (!m.series) setNoHistory(true)
         }
         setMetrics(m)
-        setError(null)
       } catch (e) {
         if (!signal.aborted) setError(e instanceof ApiError ? e.message : String(e))
       }

@@ -89,7 +89,6 @@ export function Models() {
               <thead>
                 <tr>
                   <th scope="col">Model</th>
-                  <th scope="col">Description</th>
                   <th scope="col" class="num">Min. VRAM</th>
                   <th scope="col">Routable</th>
                   <th scope="col" class="num">Ready instances</th>
@@ -97,8 +96,9 @@ export function Models() {
                   <th scope="col" class="num">Tokens/s</th>
                   <th scope="col" class="num">Requests</th>
                   <th scope="col" class="num">Errors</th>
-                  <th scope="col" class="num">Prompt tokens</th>
-                  <th scope="col" class="num">Completion tokens</th>
+                  <th scope="col" class="num">
+                    Tokens <span class="th-sub">prompt / completion</span>
+                  </th>
                 </tr>
               </thead>
               <tbody>
@@ -106,8 +106,10 @@ export function Models() {
                   const t = modelTotals(m.name)
                   return (
                     <tr data-model={m.name}>
-                      <td class="mono">{m.name}</td>
-                      <td>{m.description}</td>
+                      <td>
+                        <span class="mono">{m.name}</span>
+                        {m.description && <span class="model-desc">{m.description}</span>}
+                      </td>
                       <td class="num">{m.min_vram_mib ? mib(m.min_vram_mib) : '—'}</td>
                       <td>{m.ready_instances > 0 ? <span class="badge badge-ok">routable</span> : <span class="badge badge-muted">no ready instance</span>}</td>
                       <td class="num">{m.ready_instances}</td>
@@ -123,8 +125,9 @@ export function Models() {
                       <td class="num" data-col="errors">
                         {num(t.errors)}
                       </td>
-                      <td class="num">{num(t.prompt)}</td>
-                      <td class="num">{num(t.completion)}</td>
+                      <td class="num">
+                        {num(t.prompt)} / {num(t.completion)}
+                      </td>
                     </tr>
                   )
                 })}

@@ -14,6 +14,7 @@ use crate::engine::probe::EngineProbe;
 use crate::engine::EngineState;
 use crate::gpu::{EngineLoad, GpuSampler};
 use crate::metrics::AgentStats;
+use crate::scrape::{EngineGauges, EngineRates};
 use crate::session::Session;
 use crate::system::SystemSampler;
 
@@ -34,6 +35,8 @@ pub struct HeartbeatLoop {
     pub started: Instant,
     /// Heartbeat counters and the latest GPU sample, for `/metrics`.
     pub stats: Arc<AgentStats>,
+    /// The engine's counters at the previous heartbeat, for rates.
+    pub last_counters: Option<(Instant, EngineGauges)>,
 }
 
 impl HeartbeatLoop {
@@ -90,6 +93,12 @@ impl HeartbeatLoop {
             EngineStatus::Stopped | EngineStatus::Crashed => None,
         }
         .unwrap_or_default();
+        let now = Instant::now();
+        let rates = match &self.last_counters {
+            Some((at, prev)) => EngineRates::between(prev, &gauges, (now - *at).as_secs_f64()),
+            None => EngineRates::default(),
+        };
+        self.last_counters = Some((now, gauges));
         let load = EngineLoad {
             loaded: engine.status == EngineStatus::Ready,
             requests_running: gauges.requests_running,
@@ -119,10 +128,10 @@ impl HeartbeatLoop {
                 requests_running: gauges.requests_running,
                 requests_waiting: gauges.requests_waiting,
                 restarts: engine.restarts,
-                kv_cache_usage: None,
-                prompt_tokens_per_s: None,
-                generation_tokens_per_s: None,
-                ttft_mean_s: None,
+                kv_cache_usage: gauges.kv_cache_usage,
+                prompt_tokens_per_s: rates.prompt_tokens_per_s,
+                generation_tokens_per_s: rates.generation_tokens_per_s,
+                ttft_mean_s: rates.ttft_mean_s,
             },
         }
     }

@@ -169,6 +169,7 @@ pub async fn run_with(
             probe: probe.clone(),
             started,
             stats,
+            last_counters: None,
         }
         .run(cancel.clone()),
     );

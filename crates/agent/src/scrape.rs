@@ -7,6 +7,51 @@ pub struct EngineGauges {
     pub requests_waiting: f64,
     /// 0–1, from `vllm:kv_cache_usage_perc` or the older `vllm:gpu_cache_usage_perc`.
     pub kv_cache_usage: Option<f64>,
+    /// Counters, turned into per-interval rates by [`EngineRates`].
+    pub prompt_tokens_total: Option<f64>,
+    pub generation_tokens_total: Option<f64>,
+    pub ttft_sum: Option<f64>,
+    pub ttft_count: Option<f64>,
+}
+
+/// Rates over the interval between two scrapes of the engine's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineRates {
+    pub prompt_tokens_per_s: Option<f64>,
+    pub generation_tokens_per_s: Option<f64>,
+    /// Mean time to first token of the requests that got their first token in the interval.
+    pub ttft_mean_s: Option<f64>,
+}
+
+impl EngineRates {
+    /// Rates from `prev` to `now`, `secs` apart. A counter that went down
+    /// (engine restart) gives no rate for that interval.
+    pub fn between(prev: &EngineGauges, now: &EngineGauges, secs: f64) -> EngineRates {
+        let delta = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b >= a => Some(b - a),
+            _ => None,
+        };
+        let rate = |d: Option<f64>| d.filter(|_| secs > 0.0).map(|d| d / secs);
+        let ttft = match (
+            delta(prev.ttft_sum, now.ttft_sum),
+            delta(prev.ttft_count, now.ttft_count),
+        ) {
+            (Some(sum), Some(count)) if count > 0.0 => Some(sum / count),
+            _ => None,
+        };
+        EngineRates {
+            prompt_tokens_per_s: rate(delta(prev.prompt_tokens_total, now.prompt_tokens_total)),
+            generation_tokens_per_s: rate(delta(
+                prev.generation_tokens_total,
+                now.generation_tokens_total,
+            )),
+            ttft_mean_s: ttft,
+        }
+    }
+}
+
+fn add(slot: &mut Option<f64>, value: f64) {
+    *slot = Some(slot.unwrap_or(0.0) + value);
 }
 
 /// Splits a sample line into its metric name and value, ignoring labels
@@ -63,6 +108,10 @@ pub fn parse(text: &str) -> EngineGauges {
             "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
                 g.kv_cache_usage = Some(g.kv_cache_usage.unwrap_or(0.0).max(value));
             }
+            "vllm:prompt_tokens_total" => add(&mut g.prompt_tokens_total, value),
+            "vllm:generation_tokens_total" => add(&mut g.generation_tokens_total, value),
+            "vllm:time_to_first_token_seconds_sum" => add(&mut g.ttft_sum, value),
+            "vllm:time_to_first_token_seconds_count" => add(&mut g.ttft_count, value),
             _ => {}
         }
     }
@@ -72,6 +121,28 @@ pub fn parse(text: &str) -> EngineGauges {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_become_rates_and_resets_give_none() {
+        let text = |p: f64, g: f64, s: f64, c: f64| {
+            format!(
+                "vllm:prompt_tokens_total{{model_name=\"m\"}} {p}\n\
+                 vllm:generation_tokens_total{{model_name=\"m\"}} {g}\n\
+                 vllm:time_to_first_token_seconds_sum{{model_name=\"m\"}} {s}\n\
+                 vllm:time_to_first_token_seconds_count{{model_name=\"m\"}} {c}\n"
+            )
+        };
+        let a = parse(&text(100.0, 1000.0, 1.0, 10.0));
+        let b = parse(&text(300.0, 2000.0, 1.5, 15.0));
+        let r = EngineRates::between(&a, &b, 2.0);
+        assert_eq!(r.prompt_tokens_per_s, Some(100.0));
+        assert_eq!(r.generation_tokens_per_s, Some(500.0));
+        assert_eq!(r.ttft_mean_s, Some(0.1));
+        let restarted = parse(&text(5.0, 10.0, 0.0, 0.0));
+        let r = EngineRates::between(&b, &restarted, 2.0);
+        assert_eq!(r, EngineRates::default());
+        assert_eq!(EngineRates::between(&a, &a, 2.0).ttft_mean_s, None);
+    }
 
     #[test]
     fn reads_gauges_ignoring_labels() {

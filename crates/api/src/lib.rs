@@ -45,14 +45,27 @@ pub struct ApiState {
     /// The token `/api/` callers present as `Authorization: Bearer <token>`.
     /// An empty token admits nobody.
     pub admin_token: String,
+    /// More metric families for `/metrics` in the Prometheus text format
+    /// (e.g. the OpenAI router's usage), appended to the control plane's own.
+    pub extra_metrics: Option<ExtraMetrics>,
 }
+
+/// A source of extra `/metrics` text (Prometheus text format 0.0.4).
+pub type ExtraMetrics = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
 
 impl ApiState {
     pub fn new(fleet: Fleet, admin_token: impl Into<String>) -> Self {
         Self {
             fleet,
             admin_token: admin_token.into(),
+            extra_metrics: None,
         }
+    }
+
+    /// Append `source`'s families to `/metrics` (text format only).
+    pub fn with_extra_metrics(mut self, source: ExtraMetrics) -> Self {
+        self.extra_metrics = Some(source);
+        self
     }
 }
 

@@ -114,7 +114,12 @@ pub async fn prometheus(
     let (body, content_type) = if wants_openmetrics {
         (text, OPENMETRICS)
     } else {
-        (to_prometheus_text(&text), PROMETHEUS_TEXT)
+        let mut body = to_prometheus_text(&text);
+        // Extra sources speak the classic text format only.
+        if let Some(extra) = &state.extra_metrics {
+            body.push_str(&extra());
+        }
+        (body, PROMETHEUS_TEXT)
     };
     Ok((
         [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],

@@ -95,8 +95,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     .await
     .context("cannot start the OpenAI-compatible router")?;
 
-    let router = gpufleet_api::router(gpufleet_api::ApiState::new(fleet.clone(), admin_token))
-        .merge(gpufleet_console::router());
+    let router_metrics = openai.clone();
+    let router = gpufleet_api::router(
+        gpufleet_api::ApiState::new(fleet.clone(), admin_token).with_extra_metrics(
+            std::sync::Arc::new(move || router_metrics.render_prometheus()),
+        ),
+    )
+    .merge(gpufleet_console::router());
     // The OpenAI-compatible endpoint: /v1/models, /v1/chat/completions, /v1/completions.
     let router = router.merge(gpufleet_router::router(openai.clone()));
     let server_stop = cancel.clone();

@@ -207,6 +207,7 @@ impl TestApp {
         let app = router(ApiState {
             fleet: fleet.clone(),
             admin_token: ADMIN_TOKEN.to_string(),
+            extra_metrics: None,
         });
         let server = tokio::spawn(serve(listener, app, stop.clone().cancelled_owned()));
 

@@ -31,7 +31,7 @@ fn text(b: &[u8]) -> String {
 }
 
 /// `promtool check metrics`: passes, or lints only the upstream camel case.
-fn promtool_check(exposition: &str) {
+pub(crate) fn promtool_check(exposition: &str) {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let mut child = Command::new("promtool")

@@ -350,6 +350,27 @@ async fn an_openai_client_talks_to_the_fleet() {
         .map(|u| u["completion_tokens"].as_u64().unwrap())
         .sum();
     assert!(per_instance >= 5 + 8 + 6 + 3, "{report}");
+
+    // The same figures on the control plane's /metrics, a valid exposition.
+    let exposition = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .expect("/metrics body");
+    let line = exposition
+        .lines()
+        .find(|l| {
+            l.starts_with("gpufleet_router_key_requests_total{")
+                && l.contains(&format!("api_key_id=\"{key_id}\""))
+        })
+        .unwrap_or_else(|| panic!("no router usage for the key in /metrics:\n{exposition}"));
+    let requests: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(requests >= 7.0, "{line}");
+    crate::metrics_cli::promtool_check(&exposition);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

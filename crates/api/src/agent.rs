@@ -48,13 +48,7 @@ pub async fn heartbeat(
     AgentAuth(agent): AgentAuth,
     ApiJson(hb): ApiJson<Heartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
-    // An agent token speaks for its own instance only (Fleet checks it too).
-    if hb.instance_id != agent {
-        return Err(ApiError::forbidden(format!(
-            "this agent token belongs to instance {agent}, not {}",
-            hb.instance_id
-        )));
-    }
+    // An agent token speaks for its own instance only: Fleet answers 403.
     Ok(Json(state.fleet.ingest_heartbeat(agent, hb).await?))
 }
 

@@ -2,13 +2,12 @@
 //! recorded once as waiting, not as a failure) and fails instances that miss
 //! their startup deadline.
 
-use super::{apply, call_entry, instances_in, note, CONCURRENCY};
+use super::{apply, call_entry, fan_out, instances_in, note, CONCURRENCY};
 use crate::driver::{Reconciler, TaskReport};
 use crate::fleet::{task, Fleet};
-use crate::timeline;
+use crate::timeline::{self, EntryExt};
 use async_trait::async_trait;
 use chrono::Utc;
-use futures::StreamExt;
 use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, LifecycleEvent};
 use gpufleet_providers::ProviderError;
 use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
@@ -81,7 +80,7 @@ impl BootWatcher {
                             Outcome::Waiting,
                             format!("machine {mid} has no IP yet; waiting"),
                         )
-                        .duration_ms_opt(started);
+                        .duration(started.elapsed().as_millis() as i64);
                         note(fleet, &mut report, vec![e]).await;
                     }
                 }
@@ -106,16 +105,6 @@ impl BootWatcher {
             }
         }
         report
-    }
-}
-
-trait DurationFrom {
-    fn duration_ms_opt(self, started: Instant) -> Self;
-}
-impl DurationFrom for gpufleet_store::NewTimelineEvent {
-    fn duration_ms_opt(mut self, started: Instant) -> Self {
-        self.duration_ms = Some(started.elapsed().as_millis() as i64);
-        self
     }
 }
 
@@ -150,15 +139,7 @@ impl Reconciler for BootWatcher {
                 booting.push(rec);
             }
         }
-        let reports: Vec<TaskReport> = futures::stream::iter(booting)
-            .map(|rec| self.watch(rec))
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-        for r in reports {
-            report.acted += r.acted;
-            report.errors.extend(r.errors);
-        }
+        fan_out(&mut report, booting, CONCURRENCY, |rec| self.watch(rec)).await;
         report
     }
 }

@@ -4,13 +4,12 @@
 //! (with its reason) and becomes archivable once the provider confirms.
 
 use super::terminator::{delete_machines, Deletion};
-use super::{instances_in, CONCURRENCY};
+use super::{fan_out, instances_in, CONCURRENCY};
 use crate::driver::{Reconciler, TaskReport};
 use crate::fleet::{task, Fleet};
 use crate::timeline;
 use async_trait::async_trait;
 use chrono::Utc;
-use futures::StreamExt;
 use gpufleet_domain::InstanceStatus;
 use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
 
@@ -112,15 +111,7 @@ impl Reconciler for FailedCleanup {
             .into_iter()
             .filter(|r| r.cleaned_up_at.is_none())
             .collect();
-        let reports: Vec<TaskReport> = futures::stream::iter(list)
-            .map(|rec| self.clean(rec))
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-        for r in reports {
-            report.acted += r.acted;
-            report.errors.extend(r.errors);
-        }
+        fan_out(&mut report, list, CONCURRENCY, |rec| self.clean(rec)).await;
         report
     }
 }

@@ -7,14 +7,13 @@
 //!   `agent_lost_after_secs` → `failed` (agent_lost); machine gone at the
 //!   provider → `failed` (provider_deleted).
 
-use super::{apply, call_entry, instances_in, CONCURRENCY};
+use super::{apply, call_entry, fan_out, instances_in, CONCURRENCY};
 use crate::driver::{Reconciler, TaskReport};
 use crate::fleet::{task, Fleet};
 use crate::timeline;
 use crate::timeline::EntryExt;
 use async_trait::async_trait;
 use chrono::Utc;
-use futures::StreamExt;
 use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, LifecycleEvent};
 use gpufleet_providers::ProviderError;
 use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
@@ -241,15 +240,7 @@ impl Reconciler for Health {
             &mut report,
         )
         .await;
-        let reports: Vec<TaskReport> = futures::stream::iter(list)
-            .map(|rec| self.check(rec))
-            .buffer_unordered(CONCURRENCY * 2)
-            .collect()
-            .await;
-        for r in reports {
-            report.acted += r.acted;
-            report.errors.extend(r.errors);
-        }
+        fan_out(&mut report, list, CONCURRENCY * 2, |rec| self.check(rec)).await;
         report
     }
 }

@@ -124,6 +124,29 @@ pub(crate) async fn apply(
     }
 }
 
+/// Run `work` on each item, at most `limit` at once, and fold their reports
+/// into `report`.
+pub(crate) async fn fan_out<T, F, Fut>(
+    report: &mut TaskReport,
+    items: Vec<T>,
+    limit: usize,
+    work: F,
+) where
+    F: FnMut(T) -> Fut,
+    Fut: std::future::Future<Output = TaskReport>,
+{
+    use futures::StreamExt;
+    let reports: Vec<TaskReport> = futures::stream::iter(items)
+        .map(work)
+        .buffer_unordered(limit)
+        .collect()
+        .await;
+    for r in reports {
+        report.acted += r.acted;
+        report.errors.extend(r.errors);
+    }
+}
+
 /// Append entries, folding errors into the report.
 pub(crate) async fn note(fleet: &Fleet, report: &mut TaskReport, entries: Vec<NewTimelineEvent>) {
     if let Err(e) = fleet.store().append_events(&entries).await {

@@ -6,13 +6,12 @@
 //! retry with the same idempotency key — the provider returns the machine it
 //! already made instead of a second one.
 
-use super::{apply, backoff_ms, call_entry, instances_in, note, CONCURRENCY};
+use super::{apply, backoff_ms, call_entry, fan_out, instances_in, note, CONCURRENCY};
 use crate::driver::{Reconciler, TaskReport};
 use crate::fleet::{task, Fleet};
 use crate::timeline::{self, EntryExt};
 use async_trait::async_trait;
 use chrono::Utc;
-use futures::StreamExt;
 use gpufleet_domain::{FailureReason, InstanceStatus, LifecycleEvent};
 use gpufleet_proto::AgentBootstrap;
 use gpufleet_providers::{tags, CreateRequest, ProviderError};
@@ -211,15 +210,7 @@ impl Reconciler for Provisioner {
             .into_iter()
             .filter(|r| r.next_attempt_at.is_none_or(|t| t <= now))
             .collect();
-        let reports: Vec<TaskReport> = futures::stream::iter(due)
-            .map(|rec| self.provision(rec))
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-        for r in reports {
-            report.acted += r.acted;
-            report.errors.extend(r.errors);
-        }
+        fan_out(&mut report, due, CONCURRENCY, |rec| self.provision(rec)).await;
         report
     }
 }

@@ -1,13 +1,12 @@
 //! Terminator: drains, then deletes machines of instances in `terminating`
 //! until the provider confirms they are gone → `terminated`.
 
-use super::{apply, call_entry, instances_in, note, CONCURRENCY};
+use super::{apply, call_entry, fan_out, instances_in, note, CONCURRENCY};
 use crate::driver::{Reconciler, TaskReport};
 use crate::fleet::{task, Fleet};
 use crate::timeline;
 use async_trait::async_trait;
 use chrono::Utc;
-use futures::StreamExt;
 use gpufleet_domain::{InstanceId, InstanceStatus, LifecycleEvent};
 use gpufleet_providers::{tags, Provider, ProviderError};
 use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
@@ -233,22 +232,14 @@ impl Reconciler for Terminator {
             &mut report,
         )
         .await;
-        let reports: Vec<TaskReport> = futures::stream::iter(list)
-            .map(|rec| async move {
-                match rec.status {
-                    InstanceStatus::Draining => self.drain(rec).await,
-                    _ => self.terminate(rec).await,
-                }
-            })
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-        let mut again = false;
-        for r in reports {
-            again |= r.acted > 0;
-            report.acted += r.acted;
-            report.errors.extend(r.errors);
-        }
+        fan_out(&mut report, list, CONCURRENCY, |rec| async move {
+            match rec.status {
+                InstanceStatus::Draining => self.drain(rec).await,
+                _ => self.terminate(rec).await,
+            }
+        })
+        .await;
+        let again = report.acted > 0;
         if again {
             // A drained instance can be deleted right away.
             self.fleet.tasks().wake(task::TERMINATOR);

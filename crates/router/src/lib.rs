@@ -25,6 +25,7 @@ mod error;
 mod keys;
 pub mod pool;
 mod proxy;
+mod stream_conn;
 pub mod usage;
 
 pub use config::{Policy, RouterConfig};
@@ -52,6 +53,8 @@ pub(crate) struct Inner {
     pub keys: keys::KeyCache,
     pub usage: Arc<usage::Usage>,
     pub http: proxy::Upstream,
+    /// Upstream connections of streamed answers.
+    pub streams: Arc<stream_conn::StreamConns>,
 }
 
 /// Requests in flight per instance, for draining.
@@ -94,6 +97,7 @@ impl RouterState {
                 pools: pools.clone(),
                 usage,
                 http,
+                streams: Arc::default(),
             }),
         };
         fleet.set_traffic_source(Arc::new(Traffic(pools)));
@@ -181,18 +185,37 @@ async fn follow(
             Ok(c) => {
                 if pools.apply(&c.instance) {
                     tracing::debug!(instance_id = %c.instance.id, status = %c.instance.status, "router backends changed");
+                    forget_gone_hosts(&state);
                 }
             }
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "router missed instance changes; re-listing");
                 match state.inner.fleet.list_instances(&all_live()).await {
-                    Ok(list) => pools.reset(&list),
+                    Ok(list) => {
+                        pools.reset(&list);
+                        forget_gone_hosts(&state);
+                    }
                     Err(e) => tracing::warn!(error = %e, "router could not re-list instances"),
                 }
             }
             Err(RecvError::Closed) => return,
         }
     }
+}
+
+/// Close the idle stream connections of instances no longer routed to.
+fn forget_gone_hosts(state: &RouterState) {
+    let live: std::collections::HashSet<String> = state
+        .inner
+        .pools
+        .backends()
+        .into_iter()
+        .filter_map(|(b, _)| b.authority.as_ref().map(|a| a.to_string()))
+        .collect();
+    state
+        .inner
+        .streams
+        .retain_hosts(&|host| live.contains(host));
 }
 
 async fn flush_usage_periodically(state: RouterState, shutdown: CancellationToken) {

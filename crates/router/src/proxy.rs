@@ -5,6 +5,7 @@
 use crate::error::RouterError;
 use crate::keys::AuthedKey;
 use crate::pool::{Backend, InFlight};
+use crate::stream_conn::{Conn, StreamConns};
 use crate::usage::{Counters, Tokens};
 use crate::{Inner, RouterState};
 use axum::body::Body;
@@ -212,26 +213,58 @@ async fn forward_as(
             attempt_failed(&b, &"instance without an address");
             continue;
         };
-        let uri = hyper::Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build();
-        let req = uri.map_err(|e| e.to_string()).and_then(|uri| {
-            hyper::Request::post(uri)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Full::new(body.clone()))
-                .map_err(|e| e.to_string())
-        });
-        let req = match req {
-            Ok(r) => r,
-            Err(e) => {
-                attempt_failed(&b, &e);
-                continue;
-            }
+        let sent = if stream {
+            // Streams: on a connection this task drives (see `stream_conn`).
+            let host = authority.as_str();
+            let make = || {
+                let mut r = hyper::Request::new(Full::new(body.clone()));
+                *r.method_mut() = hyper::Method::POST;
+                *r.uri_mut() = hyper::Uri::from_static(path);
+                let h = r.headers_mut();
+                if let Ok(v) = HeaderValue::from_str(host) {
+                    h.insert(header::HOST, v);
+                }
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            };
+            let send = inner.streams.send(host, cfg.connect_timeout(), make);
+            tokio::time::timeout(cfg.first_byte_timeout(), send)
+                .await
+                .map(|r| {
+                    r.map(|(resp, conn)| (resp, Some(conn)))
+                        .map_err(|e| (e.is_connect(), e.to_string()))
+                })
+        } else {
+            let uri = hyper::Uri::builder()
+                .scheme("http")
+                .authority(authority.clone())
+                .path_and_query(path)
+                .build();
+            let req = uri.map_err(|e| e.to_string()).and_then(|uri| {
+                hyper::Request::post(uri)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(body.clone()))
+                    .map_err(|e| e.to_string())
+            });
+            let req = match req {
+                Ok(r) => r,
+                Err(e) => {
+                    attempt_failed(&b, &e);
+                    continue;
+                }
+            };
+            let send = inner.http.request(req);
+            tokio::time::timeout(cfg.first_byte_timeout(), send)
+                .await
+                .map(|r| {
+                    r.map(|resp| (resp, None))
+                        .map_err(|e| (e.is_connect(), e.to_string()))
+                })
         };
-        let send = inner.http.request(req);
-        let resp = match tokio::time::timeout(cfg.first_byte_timeout(), send).await {
+        let (resp, conn) = match sent {
             Err(_) => {
                 attempt_failed(&b, &"no answer before the first-byte timeout");
                 last = Some(Last::Error(RouterError::Timeout {
@@ -239,9 +272,9 @@ async fn forward_as(
                 }));
                 continue;
             }
-            Ok(Err(e)) => {
+            Ok(Err((connect, e))) => {
                 attempt_failed(&b, &e);
-                last = Some(Last::Error(if e.is_connect() {
+                last = Some(Last::Error(if connect {
                     RouterError::Unreachable {
                         model: model.clone(),
                     }
@@ -256,6 +289,14 @@ async fn forward_as(
         };
         let status = resp.status();
         let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+        // A stream's own connection is driven by whoever reads the body:
+        // the `Tap` for a streamed answer, a task of its own otherwise.
+        let mut conn = conn;
+        if !(stream && status.is_success()) {
+            if let Some(c) = conn.take() {
+                tokio::spawn(c.into_closing());
+            }
+        }
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             if status.is_server_error() {
                 attempt_failed(&b, &format!("answered {status}"));
@@ -273,6 +314,7 @@ async fn forward_as(
         if stream && status.is_success() {
             let tap = Tap {
                 upstream: resp.into_body(),
+                conn: conn.map(|c| (c, inner.streams.clone(), authority.to_string())),
                 deadline: Box::pin(tokio::time::sleep(cfg.idle_timeout())),
                 last_data: Instant::now(),
                 buf: BytesMut::new(),
@@ -510,6 +552,9 @@ fn event_usage(ev: &[u8]) -> Option<(Tokens, bool)> {
 /// A streamed answer on its way to the client.
 struct Tap {
     upstream: Incoming,
+    /// The upstream connection this task drives, its pool and host; back
+    /// to the pool when the stream ends cleanly.
+    conn: Option<(Conn, Arc<StreamConns>, String)>,
     /// Fires at the idle timeout; re-armed lazily from `last_data`, so the
     /// timer is touched once per idle period, not once per chunk.
     deadline: Pin<Box<tokio::time::Sleep>>,
@@ -579,6 +624,15 @@ impl Stream for Tap {
         // together leave together.
         let mut got = false;
         loop {
+            // Let the connection read and decode what has arrived (it hands
+            // the body one frame at a time, so this alternates with taking
+            // frames until neither has more).
+            if let Some((c, _, _)) = t.conn.as_mut() {
+                if !c.drive(cx) {
+                    // Ended: the body reports how (end or error).
+                    t.conn = None;
+                }
+            }
             match Pin::new(&mut t.upstream).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
@@ -592,6 +646,9 @@ impl Stream for Tap {
                 }
                 Poll::Ready(None) => {
                     t.done = true;
+                    if let Some((c, conns, host)) = t.conn.take() {
+                        conns.put(&host, c);
+                    }
                     if t.buf.is_empty() {
                         return Poll::Ready(None);
                     }

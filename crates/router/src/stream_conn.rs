@@ -1,0 +1,331 @@
+//! Upstream connections for streamed answers, driven by the task that
+//! relays the stream.
+//!
+//! With a pooled client, each upstream connection runs in a task of its
+//! own: every event of a stream is decoded there, handed across a channel to
+//! the task writing to the client, and written alone (one `writev` per
+//! event, two task wake-ups per event). Here the relaying task owns the
+//! connection (hyper's `client::conn::http1`) and polls it itself, so every
+//! event that has arrived is decoded and taken in one go and leaves in one
+//! write, without waiting for anything that has not arrived. Idle
+//! connections are kept per instance address and reused (HTTP/1.1
+//! keep-alive); a connection whose stream did not end cleanly (client gone,
+//! error) is dropped, which closes it, which cancels the request upstream.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// Idle connections kept per instance address.
+const MAX_IDLE_PER_HOST: usize = 1024;
+
+/// One upstream HTTP/1.1 connection: its request half and the connection
+/// itself, which whoever holds it must poll.
+pub(crate) struct Conn {
+    sender: http1::SendRequest<Full<Bytes>>,
+    conn: http1::Connection<TokioIo<TcpStream>, Full<Bytes>>,
+}
+
+impl Conn {
+    /// Let the connection read, decode and write what it can. `false` once
+    /// it has ended (closed by either side, or failed).
+    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        Pin::new(&mut self.conn).poll(cx).is_pending()
+    }
+
+    /// The connection alone, to be driven until it ends: without its
+    /// request half it closes once the answer in flight has been read.
+    pub(crate) fn into_closing(self) -> impl Future<Output = ()> + Send {
+        drop(self.sender);
+        let conn = self.conn;
+        async move {
+            let _ = conn.await;
+        }
+    }
+
+    /// Whether an idle connection is still usable (the instance may have
+    /// closed it meanwhile).
+    fn alive(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.drive(&mut cx) && !self.sender.is_closed()
+    }
+}
+
+/// Why no answer came back on a connection.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SendError {
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+    #[error("the connection closed before an answer")]
+    Closed,
+}
+
+impl SendError {
+    pub(crate) fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_) | SendError::ConnectTimeout)
+    }
+}
+
+/// Idle upstream connections, by `host:port`.
+#[derive(Default)]
+pub(crate) struct StreamConns {
+    idle: Mutex<HashMap<String, Vec<Conn>>>,
+}
+
+impl StreamConns {
+    fn idle(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Conn>>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used live idle connection to `host`.
+    fn take(&self, host: &str) -> Option<Conn> {
+        let mut idle = self.idle();
+        let list = idle.get_mut(host)?;
+        while let Some(mut c) = list.pop() {
+            if c.alive() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Keep `conn` for the next stream to `host`.
+    pub(crate) fn put(&self, host: &str, mut conn: Conn) {
+        if !conn.alive() {
+            return;
+        }
+        let mut idle = self.idle();
+        let list = idle.entry(host.to_string()).or_default();
+        if list.len() < MAX_IDLE_PER_HOST {
+            list.push(conn);
+        }
+    }
+
+    /// Forget the idle connections of hosts not in `keep` (instances gone).
+    pub(crate) fn retain_hosts(&self, keep: &dyn Fn(&str) -> bool) {
+        self.idle().retain(|host, _| keep(host));
+    }
+
+    /// Send `make()`'s request to `host` on an idle connection or a new one,
+    /// driving the connection until the answer's head arrives. A reused
+    /// connection that fails before answering is replaced by a new one once
+    /// (it may have been closed while idle).
+    pub(crate) async fn send(
+        &self,
+        host: &str,
+        connect_timeout: Duration,
+        make: impl Fn() -> hyper::Request<Full<Bytes>>,
+    ) -> Result<(hyper::Response<Incoming>, Conn), SendError> {
+        if let Some(mut conn) = self.take(host) {
+            if let Ok(resp) = send_on(&mut conn, make()).await {
+                return Ok((resp, conn));
+            }
+        }
+        let mut conn = connect(host, connect_timeout).await?;
+        let resp = send_on(&mut conn, make()).await?;
+        Ok((resp, conn))
+    }
+}
+
+async fn connect(host: &str, timeout: Duration) -> Result<Conn, SendError> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(host))
+        .await
+        .map_err(|_| SendError::ConnectTimeout)?
+        .map_err(SendError::Connect)?;
+    tcp.set_nodelay(true).map_err(SendError::Connect)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
+    Ok(Conn { sender, conn })
+}
+
+/// Send `req` on `conn`, polling the connection until the answer's head
+/// arrives (or the connection ends).
+async fn send_on(
+    conn: &mut Conn,
+    req: hyper::Request<Full<Bytes>>,
+) -> Result<hyper::Response<Incoming>, SendError> {
+    let Conn { sender, conn } = conn;
+    let mut open = true;
+    // Ready once the connection (which must be polled for it) is idle.
+    std::future::poll_fn(|cx| {
+        if open {
+            open = Pin::new(&mut *conn).poll(cx).is_pending();
+        }
+        match sender.poll_ready(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map_err(SendError::Http)),
+            Poll::Pending if open => Poll::Pending,
+            Poll::Pending => Poll::Ready(Err(SendError::Closed)),
+        }
+    })
+    .await?;
+    let mut answer = std::pin::pin!(sender.send_request(req));
+    std::future::poll_fn(|cx| {
+        if open {
+            open = Pin::new(&mut *conn).poll(cx).is_pending();
+        }
+        match answer.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(r.map_err(SendError::Http)),
+            Poll::Pending if open => Poll::Pending,
+            Poll::Pending => Poll::Ready(Err(SendError::Closed)),
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Sets its flag when the server drops the stream it belongs to.
+    struct Dropped(Arc<AtomicBool>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A server whose `/three` streams three chunks and whose `/forever`
+    /// streams one and then nothing; counts accepted connections.
+    async fn server() -> (String, Arc<AtomicUsize>, Arc<AtomicBool>) {
+        use axum::serve::ListenerExt;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicBool::new(false));
+        let d = dropped.clone();
+        let app = axum::Router::new()
+            .route(
+                "/three",
+                axum::routing::post(|| async {
+                    let chunks = ["a\n\n", "b\n\n", "c\n\n"]
+                        .map(|c| Ok::<_, std::io::Error>(Bytes::from_static(c.as_bytes())));
+                    axum::body::Body::from_stream(futures::stream::iter(chunks))
+                }),
+            )
+            .route(
+                "/forever",
+                axum::routing::post(move || {
+                    let guard = Dropped(d.clone());
+                    async move {
+                        let first = futures::stream::once(async {
+                            Ok::<_, std::io::Error>(Bytes::from_static(b"a\n\n"))
+                        });
+                        let rest = futures::stream::pending().map(move |x: Bytes| {
+                            let _keep = &guard;
+                            Ok(x)
+                        });
+                        axum::body::Body::from_stream(first.chain(rest))
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let count = accepted.clone();
+        let listener = listener.tap_io(move |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (host, accepted, dropped)
+    }
+
+    fn request(host: &str, path: &'static str) -> hyper::Request<Full<Bytes>> {
+        let mut r = hyper::Request::new(Full::new(Bytes::from_static(b"{}")));
+        *r.method_mut() = hyper::Method::POST;
+        *r.uri_mut() = hyper::Uri::from_static(path);
+        r.headers_mut()
+            .insert(hyper::header::HOST, host.parse().unwrap());
+        r
+    }
+
+    /// Read the whole body, driving the connection as the relay does.
+    async fn read_driven(resp: hyper::Response<Incoming>, conn: &mut Conn) -> Vec<u8> {
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        loop {
+            let frame = std::future::poll_fn(|cx| {
+                conn.drive(cx);
+                Pin::new(&mut body).poll_frame(cx)
+            })
+            .await;
+            match frame {
+                Some(f) => out.extend_from_slice(&f.unwrap().into_data().unwrap()),
+                None => return out,
+            }
+        }
+    }
+
+    use futures::StreamExt;
+    use hyper::body::Body as _;
+
+    #[tokio::test]
+    async fn streams_reuse_one_connection_and_a_dropped_one_closes() {
+        let (host, accepted, dropped) = server().await;
+        let conns = StreamConns::default();
+        let timeout = Duration::from_secs(5);
+        for _ in 0..3 {
+            let (resp, mut conn) = conns
+                .send(&host, timeout, || request(&host, "/three"))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(read_driven(resp, &mut conn).await, b"a\n\nb\n\nc\n\n");
+            conns.put(&host, conn);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "keep-alive reuse");
+
+        // A stream abandoned midway: its connection is dropped, not kept,
+        // and the server sees the request go away.
+        let (resp, mut conn) = conns
+            .send(&host, timeout, || request(&host, "/forever"))
+            .await
+            .unwrap();
+        let mut body = resp.into_body();
+        let first = std::future::poll_fn(|cx| {
+            conn.drive(cx);
+            Pin::new(&mut body).poll_frame(cx)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"a\n\n"));
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the idle one was reused"
+        );
+        drop(body);
+        drop(conn);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "server never saw the close"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Nothing idle left: the next stream opens a new connection.
+        let (resp, mut conn) = conns
+            .send(&host, timeout, || request(&host, "/three"))
+            .await
+            .unwrap();
+        assert_eq!(read_driven(resp, &mut conn).await, b"a\n\nb\n\nc\n\n");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // Forgetting a host closes its idle connections.
+        conns.put(&host, conn);
+        conns.retain_hosts(&|_| false);
+        assert!(conns.take(&host).is_none());
+    }
+}

@@ -62,14 +62,21 @@ pub struct IngestConfig {
     pub linger_ms: u64,
     /// Heartbeats queued at most; past it agents get 503 and retry.
     pub queue_capacity: usize,
+    /// Staged heartbeats are moved to the indexed sample tables once this
+    /// many have accumulated...
+    pub compact_heartbeats: usize,
+    /// ...or once the oldest has been staged this long, in milliseconds.
+    pub compact_interval_ms: u64,
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
         Self {
-            batch_max: 256,
-            linger_ms: 2,
+            batch_max: 1024,
+            linger_ms: 0,
             queue_capacity: 8192,
+            compact_heartbeats: 16384,
+            compact_interval_ms: 5000,
         }
     }
 }

@@ -6,7 +6,11 @@
 //! store transaction ([`Store::record_heartbeats`]) and answers each caller
 //! on its own oneshot, so every agent still learns whether its heartbeat was
 //! applied. A full queue answers `Unavailable` at once (HTTP 503; agents
-//! retry) rather than letting requests pile up.
+//! retry) rather than letting requests pile up. Batches land in the store's
+//! staging tables; the same task moves them to the indexed sample tables
+//! (`Store::compact_staging_part`), one staging partition at a time, each
+//! once per `compact_interval_ms` (back to back once `compact_heartbeats`
+//! are staged).
 
 use crate::bus::InstanceChange;
 use crate::config::IngestConfig;
@@ -19,7 +23,7 @@ use gpufleet_domain::InstanceId;
 use gpufleet_domain::InstanceStatus;
 use gpufleet_proto::EngineStatus;
 use gpufleet_proto::Heartbeat;
-use gpufleet_store::{HeartbeatOutcome, InstanceRecord, Store};
+use gpufleet_store::{HeartbeatOutcome, IngestSession, InstanceRecord, Store, STAGING_PARTS};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,8 +50,14 @@ impl HeartbeatWriter {
     /// Start the writer task (needs a Tokio runtime).
     pub(crate) fn spawn(store: Store, config: &IngestConfig, telemetry: Arc<Telemetry>) -> Self {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
-        let batch_max = config.batch_max.max(1);
-        let linger = Duration::from_millis(config.linger_ms);
+        let writer = Writer {
+            session: IngestSession::new(store),
+            batch_max: config.batch_max.max(1),
+            linger: Duration::from_millis(config.linger_ms),
+            compact_heartbeats: config.compact_heartbeats.max(1),
+            compact_interval: Duration::from_millis(config.compact_interval_ms),
+            telemetry,
+        };
         // Its own thread and runtime: a busy API (thousands of ready tasks)
         // must not delay the wake-ups between the batch's statements.
         let thread = std::thread::Builder::new()
@@ -57,7 +67,7 @@ impl HeartbeatWriter {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(run(rx, store, batch_max, linger, telemetry)),
+                    Ok(rt) => rt.block_on(writer.run(rx)),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot start the heartbeat writer's runtime")
                     }
@@ -101,51 +111,164 @@ impl HeartbeatWriter {
     }
 }
 
-async fn run(
-    mut rx: mpsc::Receiver<Job>,
-    store: Store,
+/// The writer task's settings and store.
+struct Writer {
+    session: IngestSession,
     batch_max: usize,
     linger: Duration,
+    compact_heartbeats: usize,
+    compact_interval: Duration,
     telemetry: Arc<Telemetry>,
-) {
-    let mut jobs: Vec<Job> = Vec::with_capacity(batch_max);
-    while rx.recv_many(&mut jobs, batch_max).await > 0 {
-        if jobs.len() < batch_max && !linger.is_zero() {
-            // Give concurrent heartbeats a moment to join this batch.
-            let deadline = tokio::time::Instant::now() + linger;
-            while jobs.len() < batch_max {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(j)) => jobs.push(j),
-                    Ok(None) | Err(_) => break,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        // Whatever a previous run left staged (what fails stays counted).
+        for part in 0..STAGING_PARTS {
+            self.compact(part).await;
+        }
+        let mut staged = self
+            .session
+            .store()
+            .staged_heartbeats()
+            .await
+            .unwrap_or(0)
+            .max(0) as u64;
+        // One partition moves at a time, round robin, each once per
+        // `compact_interval` (sooner when `compact_heartbeats` are staged):
+        // short write locks, yet each instance's rows still move together.
+        let tick = self.compact_interval / STAGING_PARTS as u32;
+        let mut next_part: i64 = 0;
+        let mut next_due = tokio::time::Instant::now() + tick;
+        let mut jobs: Vec<Job> = Vec::with_capacity(self.batch_max);
+        loop {
+            let received = if staged > 0 {
+                // Wake up to compact even if no heartbeat comes.
+                match tokio::time::timeout_at(next_due, rx.recv_many(&mut jobs, self.batch_max))
+                    .await
+                {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(_) => 0,
+                }
+            } else {
+                match rx.recv_many(&mut jobs, self.batch_max).await {
+                    0 => break,
+                    n => n,
+                }
+            };
+            if received > 0 {
+                if jobs.len() < self.batch_max && !self.linger.is_zero() {
+                    // Give concurrent heartbeats a moment to join this batch.
+                    let deadline = tokio::time::Instant::now() + self.linger;
+                    while jobs.len() < self.batch_max {
+                        match tokio::time::timeout_at(deadline, rx.recv()).await {
+                            Ok(Some(j)) => jobs.push(j),
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                }
+                let applied = self.flush(&mut jobs).await as u64;
+                if staged == 0 && applied > 0 {
+                    // Nothing was staged: the schedule starts now.
+                    next_due = tokio::time::Instant::now() + tick;
+                }
+                staged += applied;
+            }
+            let now = tokio::time::Instant::now();
+            if staged > 0 && (now >= next_due || staged >= self.compact_heartbeats as u64) {
+                // A failed move stays staged (readers see it) and is
+                // retried on the partition's next turn.
+                if let Some(moved) = self.compact(next_part).await {
+                    staged = staged.saturating_sub(moved);
+                }
+                next_part = (next_part + 1) % STAGING_PARTS;
+                next_due = now + tick;
+                if next_part == 0 && staged > 0 && staged < self.compact_heartbeats as u64 {
+                    // A full round moved what it found; the count is an
+                    // estimate (a failed batch, a restart), so re-read it.
+                    if let Ok(n) = self.session.store().staged_heartbeats().await {
+                        staged = n.max(0) as u64;
+                    }
                 }
             }
         }
-        flush(&store, &mut jobs, &telemetry).await;
-    }
-}
-
-async fn flush(store: &Store, jobs: &mut Vec<Job>, telemetry: &Telemetry) {
-    let (batch, replies): (Vec<_>, Vec<_>) = jobs
-        .drain(..)
-        .map(|j| ((j.hb, j.received_at), j.reply))
-        .unzip();
-    telemetry.ingest_batch_size.observe(batch.len() as f64);
-    match store.record_heartbeats(&batch).await {
-        Ok(outcomes) => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                // The caller may have gone away (client disconnected): fine.
-                let _ = reply.send(Ok(outcome));
+        if staged > 0 {
+            for part in 0..STAGING_PARTS {
+                self.compact(part).await;
             }
         }
-        Err(e) => {
-            // Handled here: logged once; each caller answers 503.
-            tracing::error!(
-                error = &e as &dyn std::error::Error,
-                heartbeats = batch.len(),
-                "writing a batch of heartbeats failed"
-            );
-            for reply in replies {
-                let _ = reply.send(Err(WriteFailed));
+    }
+
+    /// Move partition `part`'s staged samples to the indexed tables; how
+    /// many heartbeats moved, `None` if it failed.
+    async fn compact(&mut self, part: i64) -> Option<u64> {
+        let started = std::time::Instant::now();
+        match self.session.compact_staging_part(part).await {
+            Ok(moved) => {
+                if moved > 0 {
+                    self.telemetry
+                        .ingest_compaction_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                tracing::trace!(
+                    part,
+                    moved,
+                    us = started.elapsed().as_micros() as u64,
+                    "staged heartbeats compacted"
+                );
+                Some(moved)
+            }
+            // Shutting down: the rows stay staged for the next start.
+            Err(e) if e.is_closed() => None,
+            Err(e) => {
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    part,
+                    "moving staged heartbeats failed; retrying later"
+                );
+                None
+            }
+        }
+    }
+
+    /// Write `jobs` in one transaction and answer each; how many were applied.
+    async fn flush(&mut self, jobs: &mut Vec<Job>) -> usize {
+        let (batch, replies): (Vec<_>, Vec<_>) = jobs
+            .drain(..)
+            .map(|j| ((j.hb, j.received_at), j.reply))
+            .unzip();
+        self.telemetry.ingest_batch_size.observe(batch.len() as f64);
+        let started = std::time::Instant::now();
+        let result = self.session.record_heartbeats(&batch).await;
+        tracing::trace!(
+            heartbeats = batch.len(),
+            us = started.elapsed().as_micros() as u64,
+            "heartbeat batch written"
+        );
+        match result {
+            Ok(outcomes) => {
+                let applied = outcomes
+                    .iter()
+                    .filter(|o| **o == HeartbeatOutcome::Applied)
+                    .count();
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    // The caller may have gone away (client disconnected): fine.
+                    let _ = reply.send(Ok(outcome));
+                }
+                applied
+            }
+            Err(e) => {
+                // Handled here: logged once; each caller answers 503.
+                tracing::error!(
+                    error = &e as &dyn std::error::Error,
+                    heartbeats = batch.len(),
+                    "writing a batch of heartbeats failed"
+                );
+                for reply in replies {
+                    let _ = reply.send(Err(WriteFailed));
+                }
+                0
             }
         }
     }

@@ -92,6 +92,8 @@ pub struct Telemetry {
     pub heartbeats: Family<OutcomeLabels, Counter>,
     /// Heartbeats per write transaction.
     pub ingest_batch_size: Histogram,
+    /// Duration of moving staged heartbeats to the indexed tables.
+    pub ingest_compaction_seconds: Histogram,
     pub provider_call_duration: HistogramFamily<ProviderOpLabels>,
     pub provider_call_errors: Family<ProviderErrorLabels, Counter>,
 }
@@ -118,6 +120,14 @@ impl Telemetry {
             "gpufleet_heartbeat_batch_size",
             "Heartbeats written per store transaction",
             ingest_batch_size.clone(),
+        );
+        let ingest_compaction_seconds =
+            Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]);
+        registry.register_with_unit(
+            "gpufleet_heartbeat_compaction_duration",
+            "Time to move staged heartbeat samples to the indexed sample tables",
+            Unit::Seconds,
+            ingest_compaction_seconds.clone(),
         );
         let provider_call_duration: HistogramFamily<ProviderOpLabels> =
             Family::new_with_constructor(call_histogram);
@@ -155,6 +165,7 @@ impl Telemetry {
             heartbeat_lag,
             heartbeats,
             ingest_batch_size,
+            ingest_compaction_seconds,
             provider_call_duration,
             provider_call_errors,
         }

@@ -120,6 +120,10 @@ impl Store {
                             if !memory {
                                 conn.execute("PRAGMA journal_mode = WAL").await?;
                                 conn.execute("PRAGMA synchronous = NORMAL").await?;
+                                // No checkpoint inside a commit (it would
+                                // stall that writer for the copy and the
+                                // fsync): `checkpoints` does it beside them.
+                                conn.execute("PRAGMA wal_autocheckpoint = 0").await?;
                                 // Heartbeats land on every instance's index
                                 // pages: keep them cached (the default 2 MiB
                                 // thrashes past a few hundred instances).
@@ -134,6 +138,9 @@ impl Store {
                     .connect(&url)
                     .await
                     .map_err(StoreError::Connect)?;
+                if !memory {
+                    tokio::spawn(checkpoints(pool.clone()));
+                }
                 (Backend::Sqlite, pool)
             }
         };
@@ -144,6 +151,33 @@ impl Store {
         migrator.run(&pool).await.map_err(StoreError::Migrate)?;
         tracing::info!(?backend, "store connected, migrations applied");
         Ok(Store { pool, backend })
+    }
+}
+
+/// How often the SQLite WAL is checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Copy the WAL into the database file every [`CHECKPOINT_EVERY`], on a
+/// pooled connection of its own, until the pool closes. PASSIVE: it never
+/// waits for (or blocks) readers and writers; the WAL restarts from its
+/// beginning once a checkpoint has caught up.
+async fn checkpoints(pool: sqlx::AnyPool) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&pool)
+            .await
+        {
+            if pool.is_closed() {
+                return;
+            }
+            tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+        }
     }
 }
 

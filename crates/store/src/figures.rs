@@ -11,6 +11,8 @@
 //! `SUM`/`AVG` of a BIGINT is NUMERIC, which the Any driver cannot decode, so
 //! integer columns are cast first.
 
+use crate::Backend;
+
 /// How a figure is aggregated over a bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Agg {
@@ -177,8 +179,17 @@ pub(crate) fn select_list(aggs: &[(String, String)]) -> String {
 }
 
 /// `(a, b, c), (…)` with `$N` placeholders numbered from `first`, `rows` rows
-/// of `cols` columns.
-pub(crate) fn values_placeholders(rows: usize, cols: usize, first: usize) -> String {
+/// of `cols` columns. On SQLite they are anonymous `?` (bound in order, so
+/// `first` must be 1 there): binding a numbered `$N` costs SQLite a walk of
+/// the statement's parameter list (`sqlite3_bind_parameter_name`), which
+/// makes a statement's binding cost grow with the square of its parameters.
+pub(crate) fn values_placeholders(
+    backend: Backend,
+    rows: usize,
+    cols: usize,
+    first: usize,
+) -> String {
+    debug_assert!(backend == Backend::Postgres || first == 1);
     let mut s = String::with_capacity(rows * cols * 6);
     let mut n = first;
     for r in 0..rows {
@@ -190,8 +201,13 @@ pub(crate) fn values_placeholders(rows: usize, cols: usize, first: usize) -> Str
             if c > 0 {
                 s.push_str(", ");
             }
-            s.push('$');
-            s.push_str(&n.to_string());
+            match backend {
+                Backend::Sqlite => s.push('?'),
+                Backend::Postgres => {
+                    s.push('$');
+                    s.push_str(&n.to_string());
+                }
+            }
             n += 1;
         }
         s.push(')');
@@ -199,15 +215,22 @@ pub(crate) fn values_placeholders(rows: usize, cols: usize, first: usize) -> Str
     s
 }
 
+/// `count` placeholders from `$1` (PostgreSQL) or `?` (SQLite), comma-separated.
+pub(crate) fn list_placeholders(backend: Backend, count: usize) -> String {
+    (1..=count)
+        .map(|i| match backend {
+            Backend::Sqlite => "?".to_string(),
+            Backend::Postgres => format!("${i}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Rows per multi-row statement, largest first. A batch is split greedily
 /// into these sizes so each table sees at most this many distinct statement
-/// texts (each is prepared once per connection and cached). Kept small:
-/// binding one `$N` argument costs SQLite a walk of the statement's
-/// parameter list (`sqlite3_bind_parameter_name`), so a statement's binding
-/// cost grows with the square of its parameters: 32 rows × 23 columns binds
-/// about 8 times cheaper per row than 256 rows did (measured: binding was
-/// most of the heartbeat path's CPU).
-pub(crate) const CHUNK_SIZES: [usize; 4] = [32, 8, 2, 1];
+/// texts (each is prepared once per connection and cached). PostgreSQL takes
+/// at most 65,535 parameters per statement: 64 rows × 23 columns is far below.
+pub(crate) const CHUNK_SIZES: [usize; 4] = [64, 16, 4, 1];
 
 /// Split `len` items into consecutive chunk lengths from [`CHUNK_SIZES`].
 pub(crate) fn chunk_lengths(mut len: usize) -> Vec<usize> {
@@ -232,12 +255,21 @@ mod tests {
             assert_eq!(c.iter().sum::<usize>(), len);
             assert!(c.windows(2).all(|w| w[0] >= w[1]));
         }
-        assert_eq!(chunk_lengths(75), vec![32, 32, 8, 2, 1]);
+        assert_eq!(chunk_lengths(150), vec![64, 64, 16, 4, 1, 1]);
     }
 
     #[test]
     fn placeholders_are_numbered() {
-        assert_eq!(values_placeholders(2, 2, 3), "($3, $4), ($5, $6)");
+        assert_eq!(
+            values_placeholders(Backend::Postgres, 2, 2, 3),
+            "($3, $4), ($5, $6)"
+        );
+        assert_eq!(
+            values_placeholders(Backend::Sqlite, 2, 2, 1),
+            "(?, ?), (?, ?)"
+        );
+        assert_eq!(list_placeholders(Backend::Postgres, 3), "$1, $2, $3");
+        assert_eq!(list_placeholders(Backend::Sqlite, 2), "?, ?");
     }
 
     #[test]

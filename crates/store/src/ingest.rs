@@ -2,33 +2,28 @@
 //!
 //! One transaction per batch: lock the batch's instance rows, decide per
 //! heartbeat (seq guard, in seq order per instance), then one multi-row
-//! UPDATE of the heartbeat columns and multi-row INSERTs of the samples.
+//! UPDATE of the heartbeat columns and multi-row INSERTs of the samples into
+//! the staging tables (see [`crate::staging`]).
 
-use crate::figures::{chunk_lengths, values_placeholders};
+use crate::figures::{chunk_lengths, list_placeholders, values_placeholders};
 use crate::rows::{bind_opt_f64, millis, serde_enum_text, to_i64};
+use crate::staging::{staging_part, Raw, GPU_NCOLS, SAMPLE_NCOLS};
 use crate::{Backend, HeartbeatOutcome, Store, StoreError};
 use chrono::{DateTime, Utc};
 use gpufleet_proto::Heartbeat;
+use sqlx::AnyConnection;
 use std::collections::HashMap;
 
 /// Instance ids per `SELECT ... WHERE id IN (...)`.
 const ID_CHUNK: usize = 500;
-
-/// Columns of one `samples` row, in [`SAMPLE_COLUMNS`] order.
-const SAMPLE_COLUMNS: &str = "instance_id, seq, at, sent_at, cpu_pct, load1, load5, load15, \
-     mem_used_bytes, mem_total_bytes, disk_used_bytes, disk_total_bytes, net_rx_bps, net_tx_bps, \
-     gpu_source, engine_status, requests_running, requests_waiting, engine_restarts, \
-     kv_cache_usage, prompt_tokens_per_s, generation_tokens_per_s, ttft_mean_s";
-const SAMPLE_NCOLS: usize = 23;
-const GPU_COLUMNS: &str = "instance_id, seq, at, gpu_index, name, uuid, util_pct, mem_used_mib, \
-     mem_total_mib, temp_c, power_w, power_limit_w";
-const GPU_NCOLS: usize = 12;
 
 /// A heartbeat converted to column values (before any SQL runs).
 struct Prepared<'a> {
     /// Position in the caller's batch.
     idx: usize,
     id: String,
+    /// Staging partition of `id`.
+    part: i64,
     seq: i64,
     at: i64,
     sent_at: i64,
@@ -110,9 +105,11 @@ fn prepare(idx: usize, hb: &Heartbeat, received_at: DateTime<Utc>) -> Option<Pre
     };
     let (seq, mem_used, mem_total, disk_used, disk_total, gpus, gpu_source, engine_status) =
         ints().ok()?;
+    let id = hb.instance_id.to_string();
     Some(Prepared {
         idx,
-        id: hb.instance_id.to_string(),
+        part: staging_part(&id),
+        id,
         seq,
         at: millis(received_at),
         sent_at: millis(hb.sent_at),
@@ -140,6 +137,16 @@ impl Store {
         &self,
         batch: &[(Heartbeat, DateTime<Utc>)],
     ) -> Result<Vec<HeartbeatOutcome>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        self.record_heartbeats_on(&mut conn, batch).await
+    }
+
+    /// [`Store::record_heartbeats`] on `conn`.
+    pub(crate) async fn record_heartbeats_on(
+        &self,
+        conn: &mut AnyConnection,
+        batch: &[(Heartbeat, DateTime<Utc>)],
+    ) -> Result<Vec<HeartbeatOutcome>, StoreError> {
         let mut outcomes = vec![HeartbeatOutcome::Invalid; batch.len()];
         let mut prepared: Vec<Prepared<'_>> = batch
             .iter()
@@ -154,7 +161,7 @@ impl Store {
         let mut ids: Vec<&str> = prepared.iter().map(|p| p.id.as_str()).collect();
         ids.dedup();
 
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_write_on(conn).await?;
         // The stored last seq of each instance, rows locked (SQLite: the
         // IMMEDIATE transaction already holds the write lock).
         let lock = match self.backend {
@@ -165,10 +172,7 @@ impl Store {
         for chunk in ids.chunks(ID_CHUNK) {
             let sql = format!(
                 "SELECT id, last_heartbeat_seq FROM instances WHERE id IN ({}){lock}",
-                (1..=chunk.len())
-                    .map(|i| format!("${i}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                list_placeholders(self.backend, chunk.len())
             );
             let mut q = sqlx::query_as::<_, (String, Option<i64>)>(&sql);
             for id in chunk {
@@ -230,7 +234,7 @@ impl Store {
                  FROM (VALUES {}) AS v \
                  WHERE instances.id = v.column1 AND (instances.last_heartbeat_seq IS NULL \
                  OR instances.last_heartbeat_seq < v.column2)",
-                values_placeholders(n, 4, 1)
+                values_placeholders(self.backend, n, 4, 1)
             );
             let mut q = sqlx::query(&sql);
             for p in chunk {
@@ -248,14 +252,17 @@ impl Store {
             let (chunk, tail) = rest.split_at(n);
             rest = tail;
             let sql = format!(
-                "INSERT INTO samples ({SAMPLE_COLUMNS}) VALUES {}",
-                values_placeholders(n, SAMPLE_NCOLS, 1)
+                "INSERT INTO {} (part, {}) VALUES {}",
+                Raw::System.staging(),
+                Raw::System.columns(),
+                values_placeholders(self.backend, n, SAMPLE_NCOLS + 1, 1)
             );
             let mut q = sqlx::query(&sql);
             for p in chunk {
                 let s = &p.hb.system;
                 let e = &p.hb.engine;
                 q = q
+                    .bind(p.part)
                     .bind(p.id.as_str())
                     .bind(p.seq)
                     .bind(p.at)
@@ -292,14 +299,17 @@ impl Store {
             let (chunk, tail) = rest.split_at(n);
             rest = tail;
             let sql = format!(
-                "INSERT INTO gpu_samples ({GPU_COLUMNS}) VALUES {}",
-                values_placeholders(n, GPU_NCOLS, 1)
+                "INSERT INTO {} (part, {}) VALUES {}",
+                Raw::Gpu.staging(),
+                Raw::Gpu.columns(),
+                values_placeholders(self.backend, n, GPU_NCOLS + 1, 1)
             );
             let mut q = sqlx::query(&sql);
             for (p, g) in chunk {
                 let gs = &p.hb.gpus[*g];
                 let (index, used, total) = p.gpus[*g];
                 q = q
+                    .bind(p.part)
                     .bind(p.id.as_str())
                     .bind(p.seq)
                     .bind(p.at)

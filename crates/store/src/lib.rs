@@ -28,6 +28,7 @@ mod rollup;
 mod rows;
 mod samples;
 mod series;
+mod staging;
 mod timeline;
 
 pub use api_keys::{
@@ -39,6 +40,7 @@ pub use series::{
     FleetNow, FleetPoint, FleetSeries, FleetStatusFigures, GpuPoint, GpuSeries, MetricSeries,
     SystemPoint,
 };
+pub use staging::{IngestSession, STAGING_PARTS};
 
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{
@@ -75,6 +77,13 @@ pub enum StoreError {
     /// rollup of the raw tier).
     #[error("invalid metrics query: {what}")]
     InvalidQuery { what: String },
+}
+
+impl StoreError {
+    /// The store was closed ([`Store::close`]): the process is shutting down.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, StoreError::Query(sqlx::Error::PoolClosed))
+    }
 }
 
 /// Which engine is behind the store.
@@ -367,6 +376,18 @@ impl Store {
     /// A transaction that will write. On SQLite it takes the write lock up
     /// front (`BEGIN IMMEDIATE`): a deferred transaction that reads first
     /// fails with `SQLITE_BUSY` when it upgrades after another writer committed.
+    /// [`Store::begin_write`] on a connection of the caller's.
+    pub(crate) async fn begin_write_on<'c>(
+        &self,
+        conn: &'c mut sqlx::AnyConnection,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>, StoreError> {
+        use sqlx::Connection;
+        Ok(match self.backend {
+            Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => conn.begin().await?,
+        })
+    }
+
     pub(crate) async fn begin_write(
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {

@@ -10,6 +10,7 @@
 
 use crate::figures::{aggregates, select_list, Source, GPU, SYSTEM};
 use crate::rows::millis;
+use crate::staging::{raw_rows, Raw};
 use crate::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use gpufleet_domain::metrics::{RetentionConfig, Tier};
@@ -117,6 +118,7 @@ fn upsert_sql(dest: &str, src: &str, source: Source, bucket_ms: i64, gpu: bool) 
     let figures = if gpu { GPU } else { SYSTEM };
     let aggs = aggregates(figures, source);
     let t = source.time_col();
+    let cond = format!("{t} >= $1 AND {t} < $2");
     let (key, key_sel, group) = if gpu {
         (
             "instance_id, bucket, gpu_index",
@@ -142,10 +144,14 @@ fn upsert_sql(dest: &str, src: &str, source: Source, bucket_ms: i64, gpu: bool) 
         .join(", ");
     format!(
         "INSERT INTO {dest} ({key}, {cols}) \
-         SELECT {key_sel}, {sel} FROM {src} WHERE {t} >= $1 AND {t} < $2 \
+         SELECT {key_sel}, {sel} FROM {rows} WHERE {cond} \
          GROUP BY {group} \
          ON CONFLICT ({key}) DO UPDATE SET {updates}",
-        sel = select_list(&aggs)
+        sel = select_list(&aggs),
+        rows = match source {
+            Source::Raw => raw_rows(if gpu { Raw::Gpu } else { Raw::System }, &cond, "raw", None,),
+            Source::Rollup => src.to_string(),
+        },
     )
 }
 
@@ -199,8 +205,13 @@ impl Store {
         let wm = watermark(&mut tx, tier).await?;
         let t = tb.source.time_col();
         // Skip empty stretches: start at the first source row at or after the watermark.
+        let cond = format!("{t} >= $1");
+        let rows_from = match tb.source {
+            Source::Raw => raw_rows(Raw::System, &cond, "raw", None),
+            Source::Rollup => tb.src.to_string(),
+        };
         let first: Option<i64> =
-            sqlx::query_scalar(&format!("SELECT MIN({t}) FROM {} WHERE {t} >= $1", tb.src))
+            sqlx::query_scalar(&format!("SELECT MIN({t}) FROM {rows_from} WHERE {cond}"))
                 .bind(wm.unwrap_or(i64::MIN))
                 .fetch_one(&mut *tx)
                 .await?;
@@ -278,7 +289,23 @@ impl Store {
             complete: true,
             ..RetentionReport::default()
         };
-        let jobs: [(&str, &str, &str, i64, &mut u64); 6] = [
+        // Raw rows not moved out of staging yet count as raw rows.
+        let (mut staged_gpu, mut staged) = (0, 0);
+        let jobs: [(&str, &str, &str, i64, &mut u64); 8] = [
+            (
+                "gpu_samples_staging",
+                "part, at, instance_id, seq, gpu_index",
+                "at",
+                raw_cut,
+                &mut staged_gpu,
+            ),
+            (
+                "samples_staging",
+                "part, at, instance_id, seq",
+                "at",
+                raw_cut,
+                &mut staged,
+            ),
             // GPU rows first: their samples rows would cascade to them anyway.
             (
                 "gpu_samples",
@@ -352,6 +379,8 @@ impl Store {
             }
         }
         report.complete = complete;
+        report.raw_gpu_samples += staged_gpu;
+        report.raw_samples += staged;
         if report
             != (RetentionReport {
                 complete: true,

@@ -2,6 +2,7 @@
 //! `samples` / `gpu_samples` tables they feed.
 
 use crate::rows::{bind_opt_f64, millis, serde_enum_text, to_i64, RowReader};
+use crate::staging::{raw_rows, staging_part, Raw, SAMPLE_COLUMNS};
 use crate::{HeartbeatOutcome, SampleRecord, Store, StoreError};
 use chrono::{DateTime, Utc};
 use gpufleet_domain::InstanceId;
@@ -13,6 +14,8 @@ impl Store {
     /// heartbeat columns (last seq, last time = `received_at`, engine status) and
     /// store the sample (system + per-GPU + engine; its `at` is `received_at`).
     /// Otherwise `Stale`, nothing written. `NotFound` if the instance does not exist.
+    /// The sample goes straight to the indexed tables (the batched path,
+    /// [`Store::record_heartbeats`], stages instead).
     pub async fn record_heartbeat(
         &self,
         hb: &Heartbeat,
@@ -132,13 +135,22 @@ impl Store {
         id: InstanceId,
         limit: i64,
     ) -> Result<Vec<SampleRecord>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT instance_id, seq, at, cpu_pct, load1, load5, load15, mem_used_bytes, \
-             mem_total_bytes, disk_used_bytes, disk_total_bytes, net_rx_bps, net_tx_bps, \
-             gpu_source, engine_status, requests_running, requests_waiting, engine_restarts, \
-             kv_cache_usage, prompt_tokens_per_s, generation_tokens_per_s, ttft_mean_s \
-             FROM samples WHERE instance_id = $1 ORDER BY seq DESC LIMIT $2",
-        )
+        // The newest `limit` of each raw table, then of both.
+        let id_text = id.to_string();
+        let newest = |table: &str, part: &str| {
+            format!(
+                "SELECT * FROM (SELECT {SAMPLE_COLUMNS} FROM {table} WHERE {part}instance_id = $1 \
+                 ORDER BY seq DESC LIMIT $2) AS {table}"
+            )
+        };
+        let rows = sqlx::query(&format!(
+            "{} UNION ALL {} ORDER BY seq DESC LIMIT $2",
+            newest(Raw::System.table(), ""),
+            newest(
+                Raw::System.staging(),
+                &format!("part = {} AND ", staging_part(&id_text))
+            )
+        ))
         .bind(id.to_string())
         .bind(limit.max(0))
         .fetch_all(&self.pool)
@@ -181,11 +193,16 @@ impl Store {
         let (Some(newest), Some(oldest)) = (samples.first(), samples.last()) else {
             return Ok(samples);
         };
-        let gpu_rows = sqlx::query(
+        let gpu_rows = sqlx::query(&format!(
             "SELECT seq, gpu_index, name, uuid, util_pct, mem_used_mib, mem_total_mib, temp_c, \
-             power_w, power_limit_w FROM gpu_samples \
-             WHERE instance_id = $1 AND seq >= $2 AND seq <= $3 ORDER BY seq, gpu_index",
-        )
+             power_w, power_limit_w FROM {cond_rows} ORDER BY seq, gpu_index",
+            cond_rows = raw_rows(
+                Raw::Gpu,
+                "instance_id = $1 AND seq >= $2 AND seq <= $3",
+                "raw",
+                Some(&id_text),
+            )
+        ))
         .bind(id.to_string())
         .bind(oldest.seq)
         .bind(newest.seq)

@@ -3,6 +3,7 @@
 use crate::figures::{aggregates, select_list, GPU, SYSTEM};
 use crate::rollup::tier_tables;
 use crate::rows::{corrupt, millis, RowReader};
+use crate::staging::{tier_rows, Raw};
 use crate::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use gpufleet_domain::metrics::{Step, Tier, MAX_POINTS};
@@ -253,12 +254,15 @@ impl Store {
         let Some((f, t)) = window(from, to, step)? else {
             return Ok(series);
         };
-        let (table, gpu_table, source) = tier_tables(tier);
+        let (_, _, source) = tier_tables(tier);
         let tc = source.time_col();
+        let cond = format!("instance_id = $1 AND {tc} >= $2 AND {tc} < $3");
+        let id_text = id.to_string();
         let sql = format!(
-            "SELECT ({tc} / $4) * $4 AS b, {} FROM {table} \
-             WHERE instance_id = $1 AND {tc} >= $2 AND {tc} < $3 GROUP BY b ORDER BY b",
-            select_list(&aggregates(SYSTEM, source))
+            "SELECT ({tc} / $4) * $4 AS b, {} FROM {} \
+             WHERE {cond} GROUP BY b ORDER BY b",
+            select_list(&aggregates(SYSTEM, source)),
+            tier_rows(tier, Raw::System, &cond, Some(&id_text)),
         );
         let rows = sqlx::query(&sql)
             .bind(id.to_string())
@@ -273,10 +277,10 @@ impl Store {
             .collect::<Result<_, _>>()?;
 
         let sql = format!(
-            "SELECT gpu_index, ({tc} / $4) * $4 AS b, {} FROM {gpu_table} \
-             WHERE instance_id = $1 AND {tc} >= $2 AND {tc} < $3 \
-             GROUP BY gpu_index, b ORDER BY gpu_index, b",
-            select_list(&aggregates(GPU, source))
+            "SELECT gpu_index, ({tc} / $4) * $4 AS b, {} FROM {} \
+             WHERE {cond} GROUP BY gpu_index, b ORDER BY gpu_index, b",
+            select_list(&aggregates(GPU, source)),
+            tier_rows(tier, Raw::Gpu, &cond, Some(&id_text)),
         );
         let rows = sqlx::query(&sql)
             .bind(id.to_string())
@@ -318,20 +322,28 @@ impl Store {
         .bind(fresh)
         .fetch_all(&self.pool)
         .await?;
-        let gpus = sqlx::query(&format!(
-            "SELECT i.status AS status, COUNT(*) AS gpus, \
-             SUM(g.util_pct) AS util_sum, \
-             SUM(CAST(g.mem_used_mib AS DOUBLE PRECISION)) AS vram_used, \
-             SUM(CAST(g.mem_total_mib AS DOUBLE PRECISION)) AS vram_total, \
-             SUM(g.power_w) AS power, SUM(g.power_limit_w) AS power_limit \
-             FROM instances i JOIN gpu_samples g \
-             ON g.instance_id = i.id AND g.seq = i.last_heartbeat_seq \
-             WHERE i.status NOT IN ({terminal}) AND i.last_heartbeat_at >= $1 \
-             GROUP BY i.status"
-        ))
-        .bind(fresh)
-        .fetch_all(&self.pool)
-        .await?;
+        // Each instance's latest GPU rows are in exactly one of the two raw
+        // tables: one query per table (a join on their union would defeat
+        // the indexes), summed below.
+        let mut gpus = Vec::new();
+        for table in [Raw::Gpu.table(), Raw::Gpu.staging()] {
+            gpus.extend(
+                sqlx::query(&format!(
+                    "SELECT i.status AS status, COUNT(*) AS gpus, \
+                     SUM(g.util_pct) AS util_sum, \
+                     SUM(CAST(g.mem_used_mib AS DOUBLE PRECISION)) AS vram_used, \
+                     SUM(CAST(g.mem_total_mib AS DOUBLE PRECISION)) AS vram_total, \
+                     SUM(g.power_w) AS power, SUM(g.power_limit_w) AS power_limit \
+                     FROM instances i JOIN {table} g \
+                     ON g.instance_id = i.id AND g.seq = i.last_heartbeat_seq \
+                     WHERE i.status NOT IN ({terminal}) AND i.last_heartbeat_at >= $1 \
+                     GROUP BY i.status"
+                ))
+                .bind(fresh)
+                .fetch_all(&self.pool)
+                .await?,
+            );
+        }
 
         let mut by_status: Vec<FleetStatusFigures> = InstanceStatus::ALL
             .into_iter()
@@ -376,23 +388,30 @@ impl Store {
             now.reporting_instances += f.reporting_instances;
         }
         let mut util_sum = 0.0;
+        let mut util_by_status = vec![0.0; by_status.len()];
         for row in &gpus {
             let r = RowReader::new(row, "fleet GPU figures");
             let i = slot(&mut by_status, &r)?;
             let f = &mut by_status[i];
             let n: i64 = r.get("gpus")?;
             let util: f64 = r.get::<Option<f64>>("util_sum")?.unwrap_or(0.0);
-            f.gpus = n;
-            f.mean_gpu_util_pct = (n > 0).then(|| util / n as f64);
-            f.vram_used_mib = r.get::<Option<f64>>("vram_used")?.unwrap_or(0.0);
-            f.vram_total_mib = r.get::<Option<f64>>("vram_total")?.unwrap_or(0.0);
-            f.power_w = r.get::<Option<f64>>("power")?.unwrap_or(0.0);
+            let vram_used = r.get::<Option<f64>>("vram_used")?.unwrap_or(0.0);
+            let vram_total = r.get::<Option<f64>>("vram_total")?.unwrap_or(0.0);
+            let power = r.get::<Option<f64>>("power")?.unwrap_or(0.0);
+            f.gpus += n;
+            util_by_status[i] += util;
+            f.vram_used_mib += vram_used;
+            f.vram_total_mib += vram_total;
+            f.power_w += power;
             now.gpus += n;
             util_sum += util;
-            now.vram_used_mib += f.vram_used_mib;
-            now.vram_total_mib += f.vram_total_mib;
-            now.power_w += f.power_w;
+            now.vram_used_mib += vram_used;
+            now.vram_total_mib += vram_total;
+            now.power_w += power;
             now.power_limit_w += r.get::<Option<f64>>("power_limit")?.unwrap_or(0.0);
+        }
+        for (f, util) in by_status.iter_mut().zip(util_by_status) {
+            f.mean_gpu_util_pct = (f.gpus > 0).then(|| util / f.gpus as f64);
         }
         now.mean_gpu_util_pct = (now.gpus > 0).then(|| util_sum / now.gpus as f64);
         now.by_status = by_status;
@@ -421,16 +440,18 @@ impl Store {
         let Some((f, t)) = window(from, to, step)? else {
             return Ok(series);
         };
-        let (_, gpu_table, source) = tier_tables(tier);
+        let (_, _, source) = tier_tables(tier);
         let tc = source.time_col();
+        let cond = format!("{tc} >= $1 AND {tc} < $2");
         let sql = format!(
             "SELECT b, COUNT(DISTINCT instance_id) AS instances, COUNT(*) AS gpus, \
              AVG(util_avg) AS util, SUM(mem_used_avg) AS vram_used, \
              SUM(mem_total) AS vram_total, SUM(power_avg) AS power \
-             FROM (SELECT instance_id, gpu_index, ({tc} / $3) * $3 AS b, {} FROM {gpu_table} \
-                   WHERE {tc} >= $1 AND {tc} < $2 GROUP BY instance_id, gpu_index, b) per_gpu \
+             FROM (SELECT instance_id, gpu_index, ({tc} / $3) * $3 AS b, {} FROM {} \
+                   WHERE {cond} GROUP BY instance_id, gpu_index, b) per_gpu \
              GROUP BY b ORDER BY b",
-            select_list(&aggregates(GPU, source))
+            select_list(&aggregates(GPU, source)),
+            tier_rows(tier, Raw::Gpu, &cond, None),
         );
         let rows = sqlx::query(&sql)
             .bind(lower_bound(tier, f))

@@ -929,9 +929,15 @@ async fn load(s: &Store, id: InstanceId, start_ms: i64, end_ms: i64, every_ms: i
         .enumerate()
         .map(|(i, ms)| (figure_hb(id, (HOUR0 + ms) as u64, i as f64, gpus), at(ms)))
         .collect();
-    for chunk in batch.chunks(50) {
+    let chunks = batch.chunks(50).count();
+    for (i, chunk) in batch.chunks(50).enumerate() {
         let out = s.record_heartbeats(chunk).await.unwrap();
         assert!(out.iter().all(|o| *o == HeartbeatOutcome::Applied));
+        // Readers see staged and compacted rows alike: a longer load leaves
+        // its last chunk staged, so the cases read both tables.
+        if i + 1 < chunks || chunks == 1 {
+            assert!(s.compact_staging().await.unwrap() >= chunk.len() as u64);
+        }
     }
 }
 
@@ -1042,6 +1048,7 @@ pub async fn batch_ingestion_orders_and_guards(ctx: Ctx) {
     let out = s.record_heartbeats(&big).await.unwrap();
     assert!(out.iter().all(|o| *o == Applied));
     assert_eq!(s.recent_samples(b.id, 1000).await.unwrap().len(), 702);
+    assert!(s.compact_staging().await.unwrap() >= 700);
     let raw = raw_pool(&ctx.url).await;
     let gpu_rows: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM gpu_samples WHERE instance_id = $1")
@@ -1529,4 +1536,117 @@ pub async fn out_of_range_values_round_trip(ctx: Ctx) {
     assert_close!(rolled.gpus[0].points[0].mem_used_mib_avg, i64::MAX as f64);
     let now = s.fleet_now(at(0)).await.unwrap();
     assert_eq!(now.gpus, 1);
+}
+
+/// Everything a reader can ask of raw samples, for comparing before and
+/// after a compaction.
+async fn raw_views(
+    s: &Store,
+    ids: &[InstanceId],
+) -> (
+    Vec<Vec<gpufleet_store::SampleRecord>>,
+    Vec<gpufleet_store::MetricSeries>,
+    gpufleet_store::FleetNow,
+    gpufleet_store::FleetSeries,
+) {
+    let mut recent = Vec::new();
+    let mut series = Vec::new();
+    for id in ids {
+        recent.push(s.recent_samples(*id, 100).await.unwrap());
+        series.push(
+            s.metric_series(
+                *id,
+                at(0),
+                at(300_000),
+                Step::from_millis(10_000).unwrap(),
+                Tier::Raw,
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let now = s.fleet_now(at(0)).await.unwrap();
+    let fleet = s
+        .fleet_series(at(0), at(300_000), Step::MINUTE, Tier::Raw)
+        .await
+        .unwrap();
+    (recent, series, now, fleet)
+}
+
+pub async fn staged_samples_read_the_same_before_and_after_compaction(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = insert_one(s, 0).await;
+    let b = insert_one(s, 1).await;
+    set_status(s, &a, InstanceStatus::Ready).await;
+    set_status(s, &b, InstanceStatus::Ready).await;
+    let ids = [a.id, b.id];
+    // Nothing staged yet; compacting nothing is fine.
+    assert_eq!(s.staged_heartbeats().await.unwrap(), 0);
+    assert_eq!(s.compact_staging().await.unwrap(), 0);
+
+    // A first batch (staged), then a single heartbeat (written directly).
+    let mut batch = Vec::new();
+    for seq in 1..=6u64 {
+        batch.push((figure_hb(a.id, seq, seq as f64, 2), at(seq as i64 * 15_000)));
+        batch.push((
+            figure_hb(b.id, seq, 2.0 * seq as f64, 1),
+            at(seq as i64 * 15_000 + 1),
+        ));
+    }
+    s.record_heartbeats(&batch).await.unwrap();
+    assert_eq!(s.staged_heartbeats().await.unwrap(), 12);
+    s.record_heartbeat(&figure_hb(a.id, 7, 7.0, 2), at(105_000))
+        .await
+        .unwrap();
+    let before = raw_views(s, &ids).await;
+    assert_eq!(before.0[0].len(), 7, "staged and direct samples of a");
+    assert_eq!(before.0[0][0].seq, 7);
+    assert_eq!(
+        before.0[0][1].gpus.len(),
+        2,
+        "GPU rows come from staging too"
+    );
+    assert_eq!(before.2.gpus, 3, "latest GPUs of both instances");
+    assert!(!before.1[0].points.is_empty());
+
+    assert_eq!(s.compact_staging().await.unwrap(), 12);
+    assert_eq!(s.staged_heartbeats().await.unwrap(), 0);
+    assert_eq!(raw_views(s, &ids).await, before);
+
+    // Newer heartbeats staged on top of compacted ones: readers merge both,
+    // and the seq guard still holds across the two tables.
+    let out = s
+        .record_heartbeats(&[
+            (figure_hb(a.id, 8, 8.0, 2), at(120_000)),
+            (figure_hb(a.id, 7, 0.0, 2), at(121_000)),
+            (figure_hb(b.id, 7, 14.0, 1), at(122_000)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![
+            HeartbeatOutcome::Applied,
+            HeartbeatOutcome::Stale,
+            HeartbeatOutcome::Applied
+        ]
+    );
+    let mixed = raw_views(s, &ids).await;
+    assert_eq!(mixed.0[0].len(), 8);
+    assert_eq!(mixed.0[0][0].seq, 8);
+    assert_eq!(mixed.0[1][0].seq, 7);
+    // Minute rollups read both tables; compacting changes nothing.
+    rollup_all(s, Tier::Minute, at(180_000)).await;
+    let rolled = s
+        .metric_series(a.id, at(0), at(180_000), Step::MINUTE, Tier::Minute)
+        .await
+        .unwrap();
+    let raw = s
+        .metric_series(a.id, at(0), at(180_000), Step::MINUTE, Tier::Raw)
+        .await
+        .unwrap();
+    assert_eq!(rolled.points.len(), raw.points.len());
+    assert_eq!(rolled.points.iter().map(|p| p.samples).sum::<i64>(), 8);
+    assert_eq!(s.compact_staging().await.unwrap(), 2);
+    assert_eq!(raw_views(s, &ids).await, mixed);
 }

@@ -59,6 +59,7 @@ store_tests!(
     retention_deletes_only_old_rows,
     fleet_now_and_series,
     out_of_range_values_round_trip,
+    staged_samples_read_the_same_before_and_after_compaction,
 );
 
 macro_rules! api_key_store_tests {

@@ -38,8 +38,6 @@ use gpufleet_providers::ProviderError;
 use gpufleet_store::{InstanceFilter, InstanceRecord, NewTimelineEvent, Outcome, TimelineKind};
 use std::time::Instant;
 
-/// Most instances one activation handles.
-pub(crate) const BATCH: i64 = 500;
 /// Provider calls in flight at once within one activation.
 pub(crate) const CONCURRENCY: usize = 16;
 
@@ -52,7 +50,9 @@ pub(crate) async fn instances_in(
         statuses: statuses.to_vec(),
         include_archived: false,
         provider: None,
-        limit: Some(BATCH),
+        // Every one: a cap here would starve the oldest instances whenever
+        // more than the cap share these statuses (the list is newest first).
+        limit: None,
     };
     match fleet.store().list_instances(&filter).await {
         Ok(list) => {

@@ -20,6 +20,7 @@
 
 use anyhow::{bail, Context};
 use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::Utc;
 use gpufleet_control::{ControlConfig, CreateInstances, Fleet};
 use gpufleet_domain::metrics::Tier;
@@ -34,8 +35,10 @@ use gpufleet_providers::{
     Catalog, CreateRequest, Machine, MachineState, Provider, ProviderError, ProviderRegistry,
 };
 use gpufleet_store::{InstanceFilter, Store};
+use http_body_util::{BodyExt, Full};
+use hyper::header::HeaderValue;
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -246,6 +249,7 @@ fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
 
 struct Server {
     base: String,
+    addr: SocketAddr,
     fleet: Fleet,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -273,7 +277,8 @@ async fn start_server(
     let stop = CancellationToken::new();
     let agent_port = serve_readyz(stop.clone()).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
+    let addr = listener.local_addr()?;
+    let base = format!("http://{addr}");
     let config = ControlConfig {
         agent_control_url: base.clone(),
         agent_port,
@@ -294,6 +299,7 @@ async fn start_server(
     ));
     Ok(Server {
         base,
+        addr,
         fleet,
         stop,
         server,
@@ -421,7 +427,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         args.duration.as_secs()
     );
 
-    let all = load(&args, &srv.base, &client, &agents).await?;
+    let all = load(&args, srv.addr, &agents).await?;
     let elapsed = args.duration.as_secs_f64();
     let l = &all.latencies_us;
     println!(
@@ -454,59 +460,87 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
 /// Every agent on its own period (start times spread evenly), each
 /// waiting for its answer before the next, like real agents. A late agent
 /// skips the beats it missed rather than bursting, so the achieved rate is
-/// what the server sustains.
+/// what the server sustains. Each agent keeps its own HTTP/1.1 connection
+/// (as a real agent does) through hyper's connection API: the load
+/// generator shares the cores with the server, so it spends as little as
+/// it can per request (no pool, no URL parsing); each heartbeat is still
+/// built and serialized afresh.
 async fn load(
     args: &HeartbeatsArgs,
-    base: &str,
-    client: &reqwest::Client,
+    addr: SocketAddr,
     agents: &[(InstanceId, String)],
 ) -> anyhow::Result<Tally> {
     let period = Duration::from_secs_f64(agents.len() as f64 / args.rate);
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
     let end = start + args.duration;
-    let url = format!("{base}{}", paths::HEARTBEAT);
     let n = agents.len();
+    let host = HeaderValue::from_str(&addr.to_string())?;
     let tasks: Vec<_> = agents
         .iter()
         .cloned()
         .enumerate()
         .map(|(i, (id, token))| {
-            let client = client.clone();
-            let url = url.clone();
             let gpus = args.gpus;
+            let host = host.clone();
             tokio::spawn(async move {
                 let mut tally = Tally::default();
+                let Ok(auth) = HeaderValue::from_str(&format!("Bearer {token}")) else {
+                    *tally.errors.entry("token".into()).or_default() += 1;
+                    return tally;
+                };
                 let offset = period.mul_f64(i as f64 / n as f64);
                 let mut tick = tokio::time::interval_at(start + offset, period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 // Above every warm-up heartbeat's seq.
                 let mut seq = 1_000_000u64;
+                let mut conn: Option<crate::bench_router::Sender> = None;
                 loop {
                     if tick.tick().await >= end {
                         break;
                     }
                     seq += 1;
                     let hb = heartbeat(id, seq, gpus, seq as f64 / 10.0);
-                    let t0 = Instant::now();
-                    match client.post(&url).bearer_auth(&token).json(&hb).send().await {
-                        Ok(resp) if resp.status().is_success() => match resp.bytes().await {
-                            Ok(body) => {
-                                tally.latencies_us.push(t0.elapsed().as_micros() as u32);
-                                if body.windows(14).any(|w| w == b"\"applied\":true") {
-                                    tally.applied += 1;
-                                } else {
-                                    tally.not_applied += 1;
-                                }
-                            }
-                            Err(_) => *tally.errors.entry("body".into()).or_default() += 1,
-                        },
-                        Ok(resp) => {
-                            *tally
-                                .errors
-                                .entry(resp.status().as_u16().to_string())
-                                .or_default() += 1
+                    let body = match serde_json::to_vec(&hb) {
+                        Ok(b) => Bytes::from(b),
+                        Err(_) => {
+                            *tally.errors.entry("encode".into()).or_default() += 1;
+                            continue;
                         }
-                        Err(_) => *tally.errors.entry("transport".into()).or_default() += 1,
+                    };
+                    let t0 = Instant::now();
+                    if conn.is_none() {
+                        conn = crate::bench_router::connect(addr).await.ok();
+                    }
+                    let Some(sender) = conn.as_mut() else {
+                        *tally.errors.entry("connect".into()).or_default() += 1;
+                        continue;
+                    };
+                    let mut req = hyper::Request::new(Full::new(body));
+                    *req.method_mut() = hyper::Method::POST;
+                    *req.uri_mut() = hyper::Uri::from_static(paths::HEARTBEAT);
+                    let h = req.headers_mut();
+                    h.insert(hyper::header::HOST, host.clone());
+                    h.insert(hyper::header::AUTHORIZATION, auth.clone());
+                    h.insert(
+                        hyper::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    match post(sender, req).await {
+                        Ok((status, body)) if status.is_success() => {
+                            tally.latencies_us.push(t0.elapsed().as_micros() as u32);
+                            if body.windows(14).any(|w| w == b"\"applied\":true") {
+                                tally.applied += 1;
+                            } else {
+                                tally.not_applied += 1;
+                            }
+                        }
+                        Ok((status, _)) => {
+                            *tally.errors.entry(status.as_u16().to_string()).or_default() += 1
+                        }
+                        Err(_) => {
+                            *tally.errors.entry("transport".into()).or_default() += 1;
+                            conn = None;
+                        }
                     }
                 }
                 tally
@@ -525,6 +559,18 @@ async fn load(
     }
     all.latencies_us.sort_unstable();
     Ok(all)
+}
+
+/// Send `req` on the agent's connection; the status and the whole body.
+async fn post(
+    sender: &mut crate::bench_router::Sender,
+    req: hyper::Request<Full<Bytes>>,
+) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
+    sender.ready().await?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, body))
 }
 
 /// 24 hours of 5-second samples for a fresh instance, rolled up.

@@ -459,9 +459,10 @@ async fn run_load(
     }
 }
 
-type Sender = http1::SendRequest<Full<Bytes>>;
+/// One HTTP/1.1 connection's request half (the connection runs in its own task).
+pub(crate) type Sender = http1::SendRequest<Full<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
+pub(crate) async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;

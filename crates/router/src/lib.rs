@@ -52,8 +52,7 @@ pub(crate) struct Inner {
     pub pools: Arc<pool::Pools>,
     pub keys: keys::KeyCache,
     pub usage: Arc<usage::Usage>,
-    pub http: proxy::Upstream,
-    /// Upstream connections of streamed answers.
+    /// Upstream connections (keep-alive, per instance).
     pub streams: Arc<stream_conn::StreamConns>,
 }
 
@@ -81,7 +80,6 @@ impl RouterState {
             fleet.config().engine.port,
             usage.clone(),
         ));
-        let http = proxy::upstream_client(&config);
         // Subscribe before listing, so no change falls between the two.
         let changes = fleet.subscribe();
         pools.reset(&fleet.list_instances(&all_live()).await?);
@@ -96,7 +94,6 @@ impl RouterState {
                 config,
                 pools: pools.clone(),
                 usage,
-                http,
                 streams: Arc::default(),
             }),
         };

@@ -15,12 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::json;
@@ -34,18 +31,6 @@ use std::time::{Duration, Instant};
 pub const INSTANCE_HEADER: &str = "x-gpufleet-instance";
 /// Request header whose value pins a session to an instance.
 pub const SESSION_HEADER: &str = "x-session-id";
-
-/// The HTTP client of the engines: pooled keep-alive HTTP/1.1 connections.
-pub(crate) type Upstream = Client<HttpConnector, Full<Bytes>>;
-
-pub(crate) fn upstream_client(cfg: &crate::RouterConfig) -> Upstream {
-    let mut c = HttpConnector::new();
-    c.set_connect_timeout(Some(cfg.connect_timeout()));
-    c.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(c)
-}
 
 /// The `Authorization: Bearer <key>` value, if well-formed.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -213,57 +198,26 @@ async fn forward_as(
             attempt_failed(&b, &"instance without an address");
             continue;
         };
-        let sent = if stream {
-            // Streams: on a connection this task drives (see `stream_conn`).
-            let host = authority.as_str();
-            let make = || {
-                let mut r = hyper::Request::new(Full::new(body.clone()));
-                *r.method_mut() = hyper::Method::POST;
-                *r.uri_mut() = hyper::Uri::from_static(path);
-                let h = r.headers_mut();
-                if let Ok(v) = HeaderValue::from_str(host) {
-                    h.insert(header::HOST, v);
-                }
-                h.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                r
-            };
-            let send = inner.streams.send(host, cfg.connect_timeout(), make);
-            tokio::time::timeout(cfg.first_byte_timeout(), send)
-                .await
-                .map(|r| {
-                    r.map(|(resp, conn)| (resp, Some(conn)))
-                        .map_err(|e| (e.is_connect(), e.to_string()))
-                })
-        } else {
-            let uri = hyper::Uri::builder()
-                .scheme("http")
-                .authority(authority.clone())
-                .path_and_query(path)
-                .build();
-            let req = uri.map_err(|e| e.to_string()).and_then(|uri| {
-                hyper::Request::post(uri)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(Full::new(body.clone()))
-                    .map_err(|e| e.to_string())
-            });
-            let req = match req {
-                Ok(r) => r,
-                Err(e) => {
-                    attempt_failed(&b, &e);
-                    continue;
-                }
-            };
-            let send = inner.http.request(req);
-            tokio::time::timeout(cfg.first_byte_timeout(), send)
-                .await
-                .map(|r| {
-                    r.map(|resp| (resp, None))
-                        .map_err(|e| (e.is_connect(), e.to_string()))
-                })
+        // On a connection this task drives (see `stream_conn`).
+        let host = authority.as_str();
+        let make = || {
+            let mut r = hyper::Request::new(Full::new(body.clone()));
+            *r.method_mut() = hyper::Method::POST;
+            *r.uri_mut() = hyper::Uri::from_static(path);
+            let h = r.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(host) {
+                h.insert(header::HOST, v);
+            }
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
         };
+        let send = inner.streams.send(host, cfg.connect_timeout(), make);
+        let sent = tokio::time::timeout(cfg.first_byte_timeout(), send)
+            .await
+            .map(|r| r.map_err(|e| (e.is_connect(), e.to_string())));
         let (resp, conn) = match sent {
             Err(_) => {
                 attempt_failed(&b, &"no answer before the first-byte timeout");
@@ -289,14 +243,13 @@ async fn forward_as(
         };
         let status = resp.status();
         let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-        // A stream's own connection is driven by whoever reads the body:
-        // the `Tap` for a streamed answer, a task of its own otherwise.
-        let mut conn = conn;
-        if !(stream && status.is_success()) {
-            if let Some(c) = conn.take() {
-                tokio::spawn(c.into_closing());
-            }
-        }
+        // The connection is driven by whoever reads the body: `read_all`
+        // for a whole answer, the `Tap` for a streamed one.
+        let reader = Reader {
+            conn,
+            conns: &inner.streams,
+            host,
+        };
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             if status.is_server_error() {
                 attempt_failed(&b, &format!("answered {status}"));
@@ -306,7 +259,10 @@ async fn forward_as(
                 b.breaker.success();
                 tracing::debug!(instance_id = %b.id, "instance busy (429); trying another");
             }
-            let bytes = read_all(resp, cfg.idle_timeout()).await.unwrap_or_default();
+            let bytes = reader
+                .read_all(resp, cfg.idle_timeout())
+                .await
+                .unwrap_or_default();
             last = Some(Last::Answer(status, content_type, bytes, b.id));
             continue;
         }
@@ -314,7 +270,7 @@ async fn forward_as(
         if stream && status.is_success() {
             let tap = Tap {
                 upstream: resp.into_body(),
-                conn: conn.map(|c| (c, inner.streams.clone(), authority.to_string())),
+                conn: Some((reader.conn, inner.streams.clone(), host.to_string())),
                 deadline: Box::pin(tokio::time::sleep(cfg.idle_timeout())),
                 last_data: Instant::now(),
                 buf: BytesMut::new(),
@@ -337,7 +293,7 @@ async fn forward_as(
             insert_instance(h, &b);
             return Ok(out);
         }
-        match read_all(resp, cfg.idle_timeout()).await {
+        match reader.read_all(resp, cfg.idle_timeout()).await {
             Ok(bytes) => {
                 if status.is_success() {
                     if let Some(t) = usage_of(&bytes) {
@@ -452,33 +408,58 @@ impl BodyError {
     }
 }
 
-async fn read_all(resp: hyper::Response<Incoming>, idle: Duration) -> Result<Bytes, BodyError> {
-    let mut body = resp.into_body();
-    let mut first: Option<Bytes> = None;
-    let mut buf = BytesMut::new();
-    loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
-            Err(_) => return Err(BodyError::Idle),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(BodyError::Broken(e)),
-            Ok(Some(Ok(f))) => f,
-        };
-        let Ok(c) = frame.into_data() else { continue };
-        match first.take() {
-            // The usual case, one chunk: no copy.
-            None if buf.is_empty() => first = Some(c),
-            prev => {
-                if let Some(p) = prev {
-                    buf.extend_from_slice(&p);
+/// Reads an answer's body, driving its connection, which goes back to the
+/// pool once the body has ended cleanly.
+struct Reader<'a> {
+    conn: Conn,
+    conns: &'a StreamConns,
+    host: &'a str,
+}
+
+impl Reader<'_> {
+    async fn read_all(
+        self,
+        resp: hyper::Response<Incoming>,
+        idle: Duration,
+    ) -> Result<Bytes, BodyError> {
+        let mut conn = Some(self.conn);
+        let mut body = resp.into_body();
+        let mut first: Option<Bytes> = None;
+        let mut buf = BytesMut::new();
+        loop {
+            let next = std::future::poll_fn(|cx| {
+                if conn.as_mut().is_some_and(|c| !c.drive(cx)) {
+                    // Ended: the body reports how.
+                    conn = None;
                 }
-                buf.extend_from_slice(&c);
+                Pin::new(&mut body).poll_frame(cx)
+            });
+            let frame = match tokio::time::timeout(idle, next).await {
+                Err(_) => return Err(BodyError::Idle),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(BodyError::Broken(e)),
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(c) = frame.into_data() else { continue };
+            match first.take() {
+                // The usual case, one chunk: no copy.
+                None if buf.is_empty() => first = Some(c),
+                prev => {
+                    if let Some(p) = prev {
+                        buf.extend_from_slice(&p);
+                    }
+                    buf.extend_from_slice(&c);
+                }
             }
         }
+        if let Some(c) = conn {
+            self.conns.put(self.host, c);
+        }
+        Ok(match first {
+            Some(b) => b,
+            None => buf.freeze(),
+        })
     }
-    Ok(match first {
-        Some(b) => b,
-        None => buf.freeze(),
-    })
 }
 
 #[derive(Deserialize)]

@@ -1,13 +1,14 @@
-//! Upstream connections for streamed answers, driven by the task that
-//! relays the stream.
+//! Upstream connections to the engines, driven by the task that relays the
+//! answer.
 //!
 //! With a pooled client, each upstream connection runs in a task of its
 //! own: every event of a stream is decoded there, handed across a channel to
 //! the task writing to the client, and written alone (one `writev` per
-//! event, two task wake-ups per event). Here the relaying task owns the
-//! connection (hyper's `client::conn::http1`) and polls it itself, so every
-//! event that has arrived is decoded and taken in one go and leaves in one
-//! write, without waiting for anything that has not arrived. Idle
+//! event, two task wake-ups per event; a whole answer pays the hand-offs
+//! too). Here the relaying task owns the connection (hyper's
+//! `client::conn::http1`) and polls it itself, so every event that has
+//! arrived is decoded and taken in one go and leaves in one write, without
+//! waiting for anything that has not arrived. Idle
 //! connections are kept per instance address and reused (HTTP/1.1
 //! keep-alive); a connection whose stream did not end cleanly (client gone,
 //! error) is dropped, which closes it, which cancels the request upstream.
@@ -40,16 +41,6 @@ impl Conn {
     /// it has ended (closed by either side, or failed).
     pub(crate) fn drive(&mut self, cx: &mut Context<'_>) -> bool {
         Pin::new(&mut self.conn).poll(cx).is_pending()
-    }
-
-    /// The connection alone, to be driven until it ends: without its
-    /// request half it closes once the answer in flight has been read.
-    pub(crate) fn into_closing(self) -> impl Future<Output = ()> + Send {
-        drop(self.sender);
-        let conn = self.conn;
-        async move {
-            let _ = conn.await;
-        }
     }
 
     /// Whether an idle connection is still usable (the instance may have

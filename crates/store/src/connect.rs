@@ -117,6 +117,9 @@ impl Store {
                             )
                             .await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
+                            // Sorts and temporary B-trees in memory, not in
+                            // temporary files.
+                            conn.execute("PRAGMA temp_store = MEMORY").await?;
                             if !memory {
                                 conn.execute("PRAGMA journal_mode = WAL").await?;
                                 conn.execute("PRAGMA synchronous = NORMAL").await?;

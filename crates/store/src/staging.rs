@@ -76,12 +76,6 @@ impl Raw {
             Raw::Gpu => GPU_COLUMNS,
         }
     }
-    fn order(self) -> &'static str {
-        match self {
-            Raw::System => "instance_id, seq",
-            Raw::Gpu => "instance_id, seq, gpu_index",
-        }
-    }
 }
 
 /// A derived table of the raw rows (both tables) that match `cond`, named
@@ -127,7 +121,7 @@ impl Store {
     }
 
     /// Move the staged samples of partition `part` (`0..STAGING_PARTS`) to
-    /// `samples` / `gpu_samples`, sorted by instance, in one transaction;
+    /// `samples` / `gpu_samples` in one transaction;
     /// returns how many heartbeats moved. Readers see each row exactly once
     /// throughout. On PostgreSQL the staging tables are locked for the move,
     /// so heartbeats written by another control plane meanwhile wait rather
@@ -153,13 +147,14 @@ impl Store {
         for kind in [Raw::System, Raw::Gpu] {
             let cols = kind.columns();
             // A row already there (cannot happen under the seq guard) is
-            // skipped rather than failing every later move.
+            // skipped rather than failing every later move. No ORDER BY:
+            // the pages a move dirties are those of the keys it inserts,
+            // whatever their order (and a sort spilled to temporary files).
             let done = sqlx::query(&format!(
-                "INSERT INTO {t} ({cols}) SELECT {cols} FROM {s} WHERE part = $1 ORDER BY {o} \
+                "INSERT INTO {t} ({cols}) SELECT {cols} FROM {s} WHERE part = $1 \
                  ON CONFLICT DO NOTHING",
                 t = kind.table(),
                 s = kind.staging(),
-                o = kind.order(),
             ))
             .bind(part)
             .execute(&mut *tx)

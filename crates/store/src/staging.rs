@@ -189,7 +189,7 @@ impl Store {
 /// SQLite), and a connection that stays with it keeps the pages it writes
 /// (each instance's newest index pages) in its page cache, where the pool
 /// would hand it a different connection, with a cold cache, each time.
-/// Taken from the pool on first use; given back after any error.
+/// Taken from the pool on first use; closed after any error.
 pub struct IngestSession {
     store: Store,
     conn: Option<PoolConnection<Any>>,
@@ -202,7 +202,17 @@ impl IngestSession {
 
     async fn conn(&mut self) -> Result<&mut PoolConnection<Any>, StoreError> {
         if self.conn.is_none() {
-            self.conn = Some(self.store.pool.acquire().await?);
+            let mut conn = self.store.pool.acquire().await?;
+            if self.store.backend == Backend::Postgres {
+                // Telemetry: a commit need not wait for its WAL flush (a
+                // crash of the server may lose the last fraction of a
+                // second of heartbeats, never consistency). The connection
+                // never goes back to the pool (see `reset`).
+                sqlx::query("SET synchronous_commit = off")
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("just set"))
     }
@@ -215,7 +225,7 @@ impl IngestSession {
         let store = self.store.clone();
         let result = store.record_heartbeats_on(self.conn().await?, batch).await;
         if result.is_err() {
-            self.conn = None;
+            self.reset();
         }
         result
     }
@@ -227,9 +237,17 @@ impl IngestSession {
             .compact_staging_part_on(self.conn().await?, part)
             .await;
         if result.is_err() {
-            self.conn = None;
+            self.reset();
         }
         result
+    }
+
+    /// After an error: close the connection (it carries session settings
+    /// other users of the pool must not inherit); the next call opens one.
+    fn reset(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            drop(conn.detach());
+        }
     }
 
     /// The session's store.

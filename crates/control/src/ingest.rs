@@ -124,16 +124,7 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         // Whatever a previous run left staged (what fails stays counted).
-        for part in 0..STAGING_PARTS {
-            self.compact(part).await;
-        }
-        let mut staged = self
-            .session
-            .store()
-            .staged_heartbeats()
-            .await
-            .unwrap_or(0)
-            .max(0) as u64;
+        let mut staged = self.compact_all().await;
         // One partition moves at a time, round robin, each once per
         // `compact_interval` (sooner when `compact_heartbeats` are staged):
         // short write locks, yet each instance's rows still move together.
@@ -184,20 +175,29 @@ impl Writer {
                 }
                 next_part = (next_part + 1) % STAGING_PARTS;
                 next_due = now + tick;
-                if next_part == 0 && staged > 0 && staged < self.compact_heartbeats as u64 {
-                    // A full round moved what it found; the count is an
-                    // estimate (a failed batch, a restart), so re-read it.
-                    if let Ok(n) = self.session.store().staged_heartbeats().await {
-                        staged = n.max(0) as u64;
-                    }
+                if next_part == 0 {
+                    // A full round: the count is ours; what others staged
+                    // (another writer, a direct store call) shows here.
+                    staged = self.staged().await.unwrap_or(staged);
                 }
             }
         }
         if staged > 0 {
-            for part in 0..STAGING_PARTS {
-                self.compact(part).await;
-            }
+            self.compact_all().await;
         }
+    }
+
+    /// Move every partition; how many heartbeats are still staged after.
+    async fn compact_all(&mut self) -> u64 {
+        for part in 0..STAGING_PARTS {
+            self.compact(part).await;
+        }
+        self.staged().await.unwrap_or(0)
+    }
+
+    async fn staged(&self) -> Option<u64> {
+        let n = self.session.store().staged_heartbeats().await.ok()?;
+        Some(n.max(0) as u64)
     }
 
     /// Move partition `part`'s staged samples to the indexed tables; how

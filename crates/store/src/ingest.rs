@@ -6,7 +6,7 @@
 //! the staging tables (see [`crate::staging`]).
 
 use crate::figures::{chunk_lengths, list_placeholders, values_placeholders};
-use crate::rows::{bind_opt_f64, millis, serde_enum_text, to_i64};
+use crate::rows::{bind_opt_f64, millis, serde_enum_text, to_i64, unencodable};
 use crate::staging::{staging_part, Raw, GPU_NCOLS, SAMPLE_NCOLS};
 use crate::{Backend, HeartbeatOutcome, Store, StoreError};
 use chrono::{DateTime, Utc};
@@ -45,7 +45,12 @@ fn finite_opt(v: Option<f64>) -> bool {
     v.is_none_or(f64::is_finite)
 }
 
-fn prepare(idx: usize, hb: &Heartbeat, received_at: DateTime<Utc>) -> Option<Prepared<'_>> {
+/// Convert `hb` to column values; an error names what cannot be stored.
+fn prepare(
+    idx: usize,
+    hb: &Heartbeat,
+    received_at: DateTime<Utc>,
+) -> Result<Prepared<'_>, StoreError> {
     let s = &hb.system;
     let e = &hb.engine;
     let floats_ok = [
@@ -74,57 +79,66 @@ fn prepare(idx: usize, hb: &Heartbeat, received_at: DateTime<Utc>) -> Option<Pre
                 .all(finite)
         });
     if !floats_ok {
-        return None;
+        return Err(unencodable("a heartbeat figure that is NaN or infinite"));
     }
     // Two GPUs of one heartbeat under one index would collide on the key.
     let mut indexes: Vec<u32> = hb.gpus.iter().map(|g| g.index).collect();
     indexes.sort_unstable();
     if indexes.windows(2).any(|w| w[0] == w[1]) {
-        return None;
+        return Err(unencodable("two GPUs under one index"));
     }
-    let ints = || -> Result<_, StoreError> {
-        Ok((
-            to_i64(hb.seq, "heartbeat seq")?,
-            to_i64(s.mem_used_bytes, "mem_used_bytes")?,
-            to_i64(s.mem_total_bytes, "mem_total_bytes")?,
-            to_i64(s.disk_used_bytes, "disk_used_bytes")?,
-            to_i64(s.disk_total_bytes, "disk_total_bytes")?,
-            hb.gpus
-                .iter()
-                .map(|g| {
-                    Ok((
-                        i64::from(g.index),
-                        to_i64(g.mem_used_mib, "gpu mem_used_mib")?,
-                        to_i64(g.mem_total_mib, "gpu mem_total_mib")?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?,
-            serde_enum_text(&hb.gpu_source)?,
-            serde_enum_text(&e.status)?,
-        ))
-    };
-    let (seq, mem_used, mem_total, disk_used, disk_total, gpus, gpu_source, engine_status) =
-        ints().ok()?;
     let id = hb.instance_id.to_string();
-    Some(Prepared {
+    Ok(Prepared {
         idx,
         part: staging_part(&id),
         id,
-        seq,
+        seq: to_i64(hb.seq, "heartbeat seq")?,
         at: millis(received_at),
         sent_at: millis(hb.sent_at),
         hb,
-        mem_used,
-        mem_total,
-        disk_used,
-        disk_total,
-        gpu_source,
-        engine_status,
-        gpus,
+        mem_used: to_i64(s.mem_used_bytes, "mem_used_bytes")?,
+        mem_total: to_i64(s.mem_total_bytes, "mem_total_bytes")?,
+        disk_used: to_i64(s.disk_used_bytes, "disk_used_bytes")?,
+        disk_total: to_i64(s.disk_total_bytes, "disk_total_bytes")?,
+        gpu_source: serde_enum_text(&hb.gpu_source)?,
+        engine_status: serde_enum_text(&e.status)?,
+        gpus: hb
+            .gpus
+            .iter()
+            .map(|g| {
+                Ok((
+                    i64::from(g.index),
+                    to_i64(g.mem_used_mib, "gpu mem_used_mib")?,
+                    to_i64(g.mem_total_mib, "gpu mem_total_mib")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?,
     })
 }
 
 impl Store {
+    /// Apply one heartbeat if `hb.seq` is above the last applied one (the
+    /// batched path with a batch of one). `Stale` otherwise, nothing
+    /// written; `NotFound` if the instance does not exist; a value that
+    /// cannot be stored is an error naming it.
+    pub async fn record_heartbeat(
+        &self,
+        hb: &Heartbeat,
+        received_at: DateTime<Utc>,
+    ) -> Result<HeartbeatOutcome, StoreError> {
+        prepare(0, hb, received_at)?;
+        let outcome = self.record_heartbeats(&[(hb.clone(), received_at)]).await?;
+        match outcome.first() {
+            Some(HeartbeatOutcome::UnknownInstance) => {
+                Err(StoreError::NotFound { id: hb.instance_id })
+            }
+            Some(o @ (HeartbeatOutcome::Applied | HeartbeatOutcome::Stale)) => Ok(*o),
+            Some(HeartbeatOutcome::Invalid) | None => {
+                Err(unencodable("a heartbeat the store refused"))
+            }
+        }
+    }
+
     /// Apply a batch of heartbeats (each with the time the control plane
     /// received it) in one transaction, with the same per-instance seq guard
     /// as [`Store::record_heartbeat`]: heartbeats of one instance are taken
@@ -151,7 +165,7 @@ impl Store {
         let mut prepared: Vec<Prepared<'_>> = batch
             .iter()
             .enumerate()
-            .filter_map(|(i, (hb, at))| prepare(i, hb, *at))
+            .filter_map(|(i, (hb, at))| prepare(i, hb, *at).ok())
             .collect();
         if prepared.is_empty() {
             return Ok(outcomes);

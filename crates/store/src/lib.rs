@@ -40,7 +40,7 @@ pub use series::{
     FleetNow, FleetPoint, FleetSeries, FleetStatusFigures, GpuPoint, GpuSeries, MetricSeries,
     SystemPoint,
 };
-pub use staging::{IngestSession, STAGING_PARTS};
+pub use staging::{staging_part, IngestSession, STAGING_PARTS};
 
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{

@@ -41,7 +41,7 @@ pub const STAGING_PARTS: i64 = 32;
 
 /// The staging partition of an instance: FNV-1a of its id (stable across
 /// processes and versions: it is stored).
-pub(crate) fn staging_part(instance_id: &str) -> i64 {
+pub fn staging_part(instance_id: &str) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in instance_id.bytes() {
         h ^= u64::from(b);
@@ -78,6 +78,13 @@ impl Raw {
     }
 }
 
+/// `part = P AND ` for the staging rows of `instance`, or nothing.
+pub(crate) fn part_filter(instance: Option<&str>) -> String {
+    instance
+        .map(|id| format!("part = {} AND ", staging_part(id)))
+        .unwrap_or_default()
+}
+
 /// A derived table of the raw rows (both tables) that match `cond`, named
 /// `alias`: `(SELECT cols FROM t WHERE cond UNION ALL SELECT cols FROM
 /// t_staging WHERE [part = P AND] cond) AS alias`. The condition is applied
@@ -86,9 +93,7 @@ impl Raw {
 /// the staging arm reads its partition only.
 pub(crate) fn raw_rows(kind: Raw, cond: &str, alias: &str, instance: Option<&str>) -> String {
     let cols = kind.columns();
-    let part = instance
-        .map(|id| format!("part = {} AND ", staging_part(id)))
-        .unwrap_or_default();
+    let part = part_filter(instance);
     format!(
         "(SELECT {cols} FROM {t} WHERE {cond} \
          UNION ALL SELECT {cols} FROM {s} WHERE {part}{cond}) AS {alias}",

@@ -1584,7 +1584,7 @@ pub async fn staged_samples_read_the_same_before_and_after_compaction(ctx: Ctx) 
     assert_eq!(s.staged_heartbeats().await.unwrap(), 0);
     assert_eq!(s.compact_staging().await.unwrap(), 0);
 
-    // A first batch (staged), then a single heartbeat (written directly).
+    // A first batch, then a single heartbeat: both staged.
     let mut batch = Vec::new();
     for seq in 1..=6u64 {
         batch.push((figure_hb(a.id, seq, seq as f64, 2), at(seq as i64 * 15_000)));
@@ -1599,7 +1599,7 @@ pub async fn staged_samples_read_the_same_before_and_after_compaction(ctx: Ctx) 
         .await
         .unwrap();
     let before = raw_views(s, &ids).await;
-    assert_eq!(before.0[0].len(), 7, "staged and direct samples of a");
+    assert_eq!(before.0[0].len(), 7, "both calls' samples of a");
     assert_eq!(before.0[0][0].seq, 7);
     assert_eq!(
         before.0[0][1].gpus.len(),
@@ -1610,12 +1610,12 @@ pub async fn staged_samples_read_the_same_before_and_after_compaction(ctx: Ctx) 
     assert!(!before.1[0].points.is_empty());
 
     // One partition at a time: only its instances' rows move.
-    let part_of = |id: InstanceId| staging_part_of(&id.to_string());
+    let part_of = |id: InstanceId| gpufleet_store::staging_part(&id.to_string());
     let moved = s.compact_staging_part(part_of(a.id)).await.unwrap();
     if part_of(a.id) == part_of(b.id) {
-        assert_eq!(moved, 12);
+        assert_eq!(moved, 13);
     } else {
-        assert_eq!(moved, 6, "a's six staged heartbeats, not b's");
+        assert_eq!(moved, 7, "a's seven staged heartbeats, not b's");
         assert_eq!(s.staged_heartbeats().await.unwrap(), 6);
     }
     assert_eq!(
@@ -1663,15 +1663,4 @@ pub async fn staged_samples_read_the_same_before_and_after_compaction(ctx: Ctx) 
     assert_eq!(rolled.points.iter().map(|p| p.samples).sum::<i64>(), 8);
     assert_eq!(s.compact_staging().await.unwrap(), 2);
     assert_eq!(raw_views(s, &ids).await, mixed);
-}
-
-/// The store's partition function, restated (it is stored, so it must not
-/// change): FNV-1a of the id, modulo the partition count.
-fn staging_part_of(id: &str) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % gpufleet_store::STAGING_PARTS as u64) as i64
 }

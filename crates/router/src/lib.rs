@@ -25,7 +25,7 @@ mod error;
 mod keys;
 pub mod pool;
 mod proxy;
-mod stream_conn;
+mod upstream;
 pub mod usage;
 
 pub use config::{Policy, RouterConfig};
@@ -53,7 +53,7 @@ pub(crate) struct Inner {
     pub keys: keys::KeyCache,
     pub usage: Arc<usage::Usage>,
     /// Upstream connections (keep-alive, per instance).
-    pub streams: Arc<stream_conn::StreamConns>,
+    pub upstream: Arc<upstream::UpstreamConns>,
 }
 
 /// Requests in flight per instance, for draining.
@@ -94,7 +94,7 @@ impl RouterState {
                 config,
                 pools: pools.clone(),
                 usage,
-                streams: Arc::default(),
+                upstream: Arc::default(),
             }),
         };
         fleet.set_traffic_source(Arc::new(Traffic(pools)));
@@ -211,7 +211,7 @@ fn forget_gone_hosts(state: &RouterState) {
         .collect();
     state
         .inner
-        .streams
+        .upstream
         .retain_hosts(&|host| live.contains(host));
 }
 

@@ -5,7 +5,7 @@
 use crate::error::RouterError;
 use crate::keys::AuthedKey;
 use crate::pool::{Backend, InFlight};
-use crate::stream_conn::{Conn, StreamConns};
+use crate::upstream::{Conn, UpstreamConns};
 use crate::usage::{Counters, Tokens};
 use crate::{Inner, RouterState};
 use axum::body::Body;
@@ -198,7 +198,7 @@ async fn forward_as(
             attempt_failed(&b, &"instance without an address");
             continue;
         };
-        // On a connection this task drives (see `stream_conn`).
+        // On a connection this task drives (see `upstream`).
         let host = authority.as_str();
         let make = || {
             let mut r = hyper::Request::new(Full::new(body.clone()));
@@ -214,11 +214,8 @@ async fn forward_as(
             );
             r
         };
-        let send = inner.streams.send(host, cfg.connect_timeout(), make);
-        let sent = tokio::time::timeout(cfg.first_byte_timeout(), send)
-            .await
-            .map(|r| r.map_err(|e| (e.is_connect(), e.to_string())));
-        let (resp, conn) = match sent {
+        let send = inner.upstream.send(host, cfg.connect_timeout(), make);
+        let (resp, conn) = match tokio::time::timeout(cfg.first_byte_timeout(), send).await {
             Err(_) => {
                 attempt_failed(&b, &"no answer before the first-byte timeout");
                 last = Some(Last::Error(RouterError::Timeout {
@@ -226,9 +223,9 @@ async fn forward_as(
                 }));
                 continue;
             }
-            Ok(Err((connect, e))) => {
+            Ok(Err(e)) => {
                 attempt_failed(&b, &e);
-                last = Some(Last::Error(if connect {
+                last = Some(Last::Error(if e.is_connect() {
                     RouterError::Unreachable {
                         model: model.clone(),
                     }
@@ -247,7 +244,7 @@ async fn forward_as(
         // for a whole answer, the `Tap` for a streamed one.
         let reader = Reader {
             conn,
-            conns: &inner.streams,
+            conns: &inner.upstream,
             host,
         };
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
@@ -270,7 +267,7 @@ async fn forward_as(
         if stream && status.is_success() {
             let tap = Tap {
                 upstream: resp.into_body(),
-                conn: Some((reader.conn, inner.streams.clone(), host.to_string())),
+                conn: Some((reader.conn, inner.upstream.clone(), host.to_string())),
                 deadline: Box::pin(tokio::time::sleep(cfg.idle_timeout())),
                 last_data: Instant::now(),
                 buf: BytesMut::new(),
@@ -412,7 +409,7 @@ impl BodyError {
 /// pool once the body has ended cleanly.
 struct Reader<'a> {
     conn: Conn,
-    conns: &'a StreamConns,
+    conns: &'a UpstreamConns,
     host: &'a str,
 }
 
@@ -535,7 +532,7 @@ struct Tap {
     upstream: Incoming,
     /// The upstream connection this task drives, its pool and host; back
     /// to the pool when the stream ends cleanly.
-    conn: Option<(Conn, Arc<StreamConns>, String)>,
+    conn: Option<(Conn, Arc<UpstreamConns>, String)>,
     /// Fires at the idle timeout; re-armed lazily from `last_data`, so the
     /// timer is touched once per idle period, not once per chunk.
     deadline: Pin<Box<tokio::time::Sleep>>,

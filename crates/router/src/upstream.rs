@@ -72,11 +72,11 @@ impl SendError {
 
 /// Idle upstream connections, by `host:port`.
 #[derive(Default)]
-pub(crate) struct StreamConns {
+pub(crate) struct UpstreamConns {
     idle: Mutex<HashMap<String, Vec<Conn>>>,
 }
 
-impl StreamConns {
+impl UpstreamConns {
     fn idle(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Conn>>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -263,7 +263,7 @@ mod tests {
     #[tokio::test]
     async fn streams_reuse_one_connection_and_a_dropped_one_closes() {
         let (host, accepted, dropped) = server().await;
-        let conns = StreamConns::default();
+        let conns = UpstreamConns::default();
         let timeout = Duration::from_secs(5);
         for _ in 0..3 {
             let (resp, mut conn) = conns

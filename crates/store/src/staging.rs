@@ -23,7 +23,7 @@ use crate::rollup::tier_tables;
 use crate::{Backend, Store, StoreError};
 use gpufleet_domain::metrics::Tier;
 use sqlx::pool::PoolConnection;
-use sqlx::{Any, AnyConnection};
+use sqlx::{Any, AnyConnection, ConnectOptions, Connection};
 
 /// Columns of a `samples` (and `samples_staging`) row.
 pub(crate) const SAMPLE_COLUMNS: &str = "instance_id, seq, at, sent_at, cpu_pct, load1, load5, \
@@ -126,11 +126,16 @@ impl Store {
     }
 
     /// Move the staged samples of partition `part` (`0..STAGING_PARTS`) to
-    /// `samples` / `gpu_samples` in one transaction;
-    /// returns how many heartbeats moved. Readers see each row exactly once
-    /// throughout. On PostgreSQL the staging tables are locked for the move,
-    /// so heartbeats written by another control plane meanwhile wait rather
-    /// than slip between the copy and the delete.
+    /// `samples` / `gpu_samples` atomically; returns how many heartbeats
+    /// moved. Readers see each row exactly once throughout.
+    ///
+    /// On PostgreSQL the move is one statement (data-modifying CTEs share
+    /// one snapshot): it deletes exactly the staged rows it inserts, so
+    /// heartbeats staged meanwhile (by this control plane's writer or
+    /// another's) neither wait for it nor slip between copy and delete;
+    /// they stay for the next move. Two concurrent moves of one partition
+    /// do not both move a row: the second's DELETE skips rows the first
+    /// deleted. On SQLite (one writer at a time) it is one transaction.
     pub async fn compact_staging_part(&self, part: i64) -> Result<u64, StoreError> {
         let mut conn = self.pool.acquire().await?;
         self.compact_staging_part_on(&mut conn, part).await
@@ -141,20 +146,36 @@ impl Store {
         conn: &mut AnyConnection,
         part: i64,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.begin_write_on(conn).await?;
+        // A row already there (cannot happen under the seq guard) is
+        // skipped rather than failing every later move. No ORDER BY: the
+        // pages a move dirties are those of the keys it inserts, whatever
+        // their order (and a sort spilled to temporary files).
         if self.backend == Backend::Postgres {
-            sqlx::query("LOCK TABLE samples_staging, gpu_samples_staging IN EXCLUSIVE MODE")
-                .execute(&mut *tx)
-                .await?;
+            let (sys, gpu) = (Raw::System, Raw::Gpu);
+            // The GPU rows' foreign key to their samples is checked at the
+            // end of the statement, when both inserts are done.
+            let done = sqlx::query(&format!(
+                "WITH ms AS (DELETE FROM {ss} WHERE part = $1 RETURNING {sc}), \
+                 mg AS (DELETE FROM {gs} WHERE part = $1 RETURNING {gc}), \
+                 ig AS (INSERT INTO {gt} ({gc}) SELECT {gc} FROM mg ON CONFLICT DO NOTHING) \
+                 INSERT INTO {st} ({sc}) SELECT {sc} FROM ms ON CONFLICT DO NOTHING",
+                ss = sys.staging(),
+                st = sys.table(),
+                sc = sys.columns(),
+                gs = gpu.staging(),
+                gt = gpu.table(),
+                gc = gpu.columns(),
+            ))
+            .bind(part)
+            .execute(&mut *conn)
+            .await?;
+            return Ok(done.rows_affected());
         }
+        let mut tx = self.begin_write_on(conn).await?;
         let mut moved = 0;
         // Samples before their GPU rows (a GPU row references its sample).
         for kind in [Raw::System, Raw::Gpu] {
             let cols = kind.columns();
-            // A row already there (cannot happen under the seq guard) is
-            // skipped rather than failing every later move. No ORDER BY:
-            // the pages a move dirties are those of the keys it inserts,
-            // whatever their order (and a sort spilled to temporary files).
             let done = sqlx::query(&format!(
                 "INSERT INTO {t} ({cols}) SELECT {cols} FROM {s} WHERE part = $1 \
                  ON CONFLICT DO NOTHING",
@@ -194,10 +215,30 @@ impl Store {
 /// SQLite), and a connection that stays with it keeps the pages it writes
 /// (each instance's newest index pages) in its page cache, where the pool
 /// would hand it a different connection, with a cold cache, each time.
-/// Taken from the pool on first use; closed after any error.
+///
+/// On SQLite it is taken from the pool, and given back after each call
+/// when the pool has a single connection (an in-memory database). On PostgreSQL it is a connection of its own, opened where
+/// the session is first used: its socket belongs to the runtime of the task
+/// that uses it (the writer runs its own), not to whichever runtime opened
+/// a pooled one, and its session settings never reach the pool.
+/// Opened on first use; closed after any error, and by [`IngestSession::close`].
 pub struct IngestSession {
     store: Store,
-    conn: Option<PoolConnection<Any>>,
+    conn: Option<SessionConn>,
+}
+
+enum SessionConn {
+    Pooled(PoolConnection<Any>),
+    Own(AnyConnection),
+}
+
+impl SessionConn {
+    fn get(&mut self) -> &mut AnyConnection {
+        match self {
+            SessionConn::Pooled(c) => c,
+            SessionConn::Own(c) => c,
+        }
+    }
 }
 
 impl IngestSession {
@@ -205,21 +246,30 @@ impl IngestSession {
         IngestSession { store, conn: None }
     }
 
-    async fn conn(&mut self) -> Result<&mut PoolConnection<Any>, StoreError> {
+    async fn conn(&mut self) -> Result<&mut AnyConnection, StoreError> {
         if self.conn.is_none() {
-            let mut conn = self.store.pool.acquire().await?;
-            if self.store.backend == Backend::Postgres {
-                // Telemetry: a commit need not wait for its WAL flush (a
-                // crash of the server may lose the last fraction of a
-                // second of heartbeats, never consistency). The connection
-                // never goes back to the pool (see `reset`).
-                sqlx::query("SET synchronous_commit = off")
-                    .execute(&mut *conn)
-                    .await?;
-            }
+            let conn = match self.store.backend {
+                Backend::Sqlite => SessionConn::Pooled(self.store.pool.acquire().await?),
+                Backend::Postgres => {
+                    let mut conn = self
+                        .store
+                        .pool
+                        .connect_options()
+                        .connect()
+                        .await
+                        .map_err(StoreError::Connect)?;
+                    // Telemetry: a commit need not wait for its WAL flush (a
+                    // crash of the server may lose the last fraction of a
+                    // second of heartbeats, never consistency).
+                    sqlx::query("SET synchronous_commit = off")
+                        .execute(&mut conn)
+                        .await?;
+                    SessionConn::Own(conn)
+                }
+            };
             self.conn = Some(conn);
         }
-        Ok(self.conn.as_mut().expect("just set"))
+        Ok(self.conn.as_mut().expect("just set").get())
     }
 
     /// [`Store::record_heartbeats`] on the session's connection.
@@ -229,9 +279,7 @@ impl IngestSession {
     ) -> Result<Vec<crate::HeartbeatOutcome>, StoreError> {
         let store = self.store.clone();
         let result = store.record_heartbeats_on(self.conn().await?, batch).await;
-        if result.is_err() {
-            self.reset();
-        }
+        self.after(result.is_err());
         result
     }
 
@@ -241,17 +289,39 @@ impl IngestSession {
         let result = store
             .compact_staging_part_on(self.conn().await?, part)
             .await;
-        if result.is_err() {
-            self.reset();
-        }
+        self.after(result.is_err());
         result
     }
 
-    /// After an error: close the connection (it carries session settings
-    /// other users of the pool must not inherit); the next call opens one.
+    fn after(&mut self, failed: bool) {
+        if failed {
+            self.reset();
+        } else if self.store.pool.options().get_max_connections() <= 1 {
+            // The pool's only connection: others need it between calls.
+            self.conn = None;
+        }
+    }
+
+    /// After an error: drop the connection (it may be mid-transaction or
+    /// broken); the next call opens one.
     fn reset(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            drop(conn.detach());
+        match self.conn.take() {
+            Some(SessionConn::Pooled(c)) => drop(c.detach()),
+            Some(SessionConn::Own(c)) => drop(c),
+            None => {}
+        }
+    }
+
+    /// Close the session's connection cleanly (a pooled one goes back).
+    pub async fn close(&mut self) {
+        match self.conn.take() {
+            Some(SessionConn::Own(c)) => {
+                if let Err(e) = c.close().await {
+                    tracing::debug!(error = %e, "closing the ingest connection failed");
+                }
+            }
+            Some(SessionConn::Pooled(c)) => drop(c),
+            None => {}
         }
     }
 

@@ -49,6 +49,21 @@ async fn in_memory_database_keeps_its_data() {
 }
 
 #[tokio::test]
+async fn ingest_session_shares_an_in_memory_database() {
+    // Its single connection: the session gives it back after each call.
+    let store = Store::connect("sqlite::memory:").await.unwrap();
+    let mut session = gpufleet_store::IngestSession::new(store.clone());
+    session.compact_staging_part(0).await.unwrap();
+    let staged = tokio::time::timeout(std::time::Duration::from_secs(5), store.staged_heartbeats())
+        .await
+        .expect("the pool's only connection came back")
+        .unwrap();
+    assert_eq!(staged, 0);
+    session.close().await;
+    store.close().await;
+}
+
+#[tokio::test]
 async fn unsupported_urls_are_refused() {
     for url in ["mysql://root@localhost/db", "", "http://example.com"] {
         match Store::connect(url).await {

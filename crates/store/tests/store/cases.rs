@@ -1664,3 +1664,91 @@ pub async fn staged_samples_read_the_same_before_and_after_compaction(ctx: Ctx) 
     assert_eq!(s.compact_staging().await.unwrap(), 2);
     assert_eq!(raw_views(s, &ids).await, mixed);
 }
+
+/// The heartbeat writer's session: its own connection on PostgreSQL, a
+/// pooled one on SQLite; writes and moves like the store's own calls, and
+/// after `close` the store still works.
+pub async fn ingest_session_writes_moves_and_closes(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = insert_one(s, 0).await;
+    set_status(s, &a, InstanceStatus::Ready).await;
+    let mut session = gpufleet_store::IngestSession::new(s.clone());
+    let batch: Vec<_> = (1..=4u64)
+        .map(|seq| (figure_hb(a.id, seq, seq as f64, 1), at(seq as i64 * 15_000)))
+        .collect();
+    let out = session.record_heartbeats(&batch).await.unwrap();
+    assert_eq!(out.len(), 4);
+    assert_eq!(
+        s.staged_heartbeats().await.unwrap(),
+        4,
+        "visible to the pool"
+    );
+    let part = gpufleet_store::staging_part(&a.id.to_string());
+    assert_eq!(session.compact_staging_part(part).await.unwrap(), 4);
+    assert_eq!(s.staged_heartbeats().await.unwrap(), 0);
+    // A stale seq is still guarded on the session's connection.
+    let out = session
+        .record_heartbeats(&[(figure_hb(a.id, 2, 0.0, 1), at(90_000))])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![HeartbeatOutcome::Stale]);
+    session.close().await;
+    assert_eq!(s.recent_samples(a.id, 10).await.unwrap().len(), 4);
+    // Closed sessions open a connection again on use.
+    session
+        .record_heartbeats(&[(figure_hb(a.id, 5, 5.0, 1), at(95_000))])
+        .await
+        .unwrap();
+    session.close().await;
+    assert_eq!(s.recent_samples(a.id, 10).await.unwrap().len(), 5);
+}
+
+/// Moves running while heartbeats are staged from other connections lose
+/// and duplicate nothing: every heartbeat ends up in `samples` exactly once.
+pub async fn moves_beside_concurrent_staging_keep_every_heartbeat(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = insert_one(s, 0).await;
+    let b = insert_one(s, 1).await;
+    set_status(s, &a, InstanceStatus::Ready).await;
+    set_status(s, &b, InstanceStatus::Ready).await;
+    let per_instance = 60u64;
+    let writers: Vec<_> = [a.id, b.id]
+        .into_iter()
+        .map(|id| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for seq in 1..=per_instance {
+                    let out = s
+                        .record_heartbeats(&[(figure_hb(id, seq, 1.0, 2), at(seq as i64 * 1_000))])
+                        .await
+                        .unwrap();
+                    assert_eq!(out, vec![HeartbeatOutcome::Applied]);
+                }
+            })
+        })
+        .collect();
+    let mover = {
+        let s = s.clone();
+        let parts = [a.id, b.id].map(|id| gpufleet_store::staging_part(&id.to_string()));
+        tokio::spawn(async move {
+            let mut moved = 0;
+            for round in 0..40 {
+                moved += s.compact_staging_part(parts[round % 2]).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            moved
+        })
+    };
+    for w in writers {
+        w.await.unwrap();
+    }
+    let moved_during = mover.await.unwrap();
+    let moved_after = s.compact_staging().await.unwrap();
+    assert_eq!(moved_during + moved_after, 2 * per_instance);
+    assert_eq!(s.staged_heartbeats().await.unwrap(), 0);
+    for id in [a.id, b.id] {
+        let samples = s.recent_samples(id, 1000).await.unwrap();
+        assert_eq!(samples.len() as u64, per_instance, "{id}");
+        assert!(samples.iter().all(|x| x.gpus.len() == 2));
+    }
+}

@@ -60,6 +60,8 @@ store_tests!(
     fleet_now_and_series,
     out_of_range_values_round_trip,
     staged_samples_read_the_same_before_and_after_compaction,
+    ingest_session_writes_moves_and_closes,
+    moves_beside_concurrent_staging_keep_every_heartbeat,
 );
 
 macro_rules! api_key_store_tests {

@@ -156,6 +156,14 @@ impl Fleet {
         self.inner.tasks.spawn_all(list, shutdown)
     }
 
+    /// Stop ingesting heartbeats: those queued are written, staged samples
+    /// moved to the indexed tables, the writer's connection closed. Later
+    /// heartbeats are answered `Unavailable`. Call once the HTTP server has
+    /// stopped and before closing the store.
+    pub async fn stop_ingest(&self) {
+        self.inner.writer.stop().await;
+    }
+
     /// Let draining wait for the requests `source` counts in flight (rather
     /// than for the engine's last reported running and waiting requests).
     pub fn set_traffic_source(&self, source: Arc<dyn crate::TrafficSource>) {

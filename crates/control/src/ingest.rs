@@ -7,10 +7,12 @@
 //! on its own oneshot, so every agent still learns whether its heartbeat was
 //! applied. A full queue answers `Unavailable` at once (HTTP 503; agents
 //! retry) rather than letting requests pile up. Batches land in the store's
-//! staging tables; the same task moves them to the indexed sample tables
-//! (`Store::compact_staging_part`), one staging partition at a time, each
-//! once per `compact_interval_ms` (back to back once `compact_heartbeats`
-//! are staged).
+//! staging tables; a mover task beside the writer moves them to the indexed
+//! sample tables (`Store::compact_staging_part`), one staging partition at
+//! a time, each once per `compact_interval_ms` (back to back once
+//! `compact_heartbeats` are staged). On SQLite the two share the writer's
+//! connection and take turns; on PostgreSQL the mover has its own, so
+//! batches are not held up by moves. Both run on the writer's own thread.
 
 use crate::bus::InstanceChange;
 use crate::config::IngestConfig;
@@ -23,12 +25,16 @@ use gpufleet_domain::InstanceId;
 use gpufleet_domain::InstanceStatus;
 use gpufleet_proto::EngineStatus;
 use gpufleet_proto::Heartbeat;
-use gpufleet_store::{HeartbeatOutcome, IngestSession, InstanceRecord, Store, STAGING_PARTS};
+use gpufleet_store::{
+    Backend, HeartbeatOutcome, IngestSession, InstanceRecord, Store, STAGING_PARTS,
+};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::broadcast;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio_util::sync::CancellationToken;
 
 /// The batch a heartbeat was in could not be written (logged once, by the writer).
 #[derive(Debug, Clone, Copy)]
@@ -40,18 +46,25 @@ struct Job {
     reply: oneshot::Sender<Result<HeartbeatOutcome, WriteFailed>>,
 }
 
-/// Feeds the writer task; cheap to clone. The task ends when every handle is dropped.
+/// Feeds the writer task; cheap to clone. The task ends when every handle
+/// is dropped, or at [`HeartbeatWriter::stop`].
 #[derive(Clone)]
 pub(crate) struct HeartbeatWriter {
     tx: mpsc::Sender<Job>,
+    stop: CancellationToken,
+    /// Becomes true (or loses its sender) when the writer has finished.
+    done: watch::Receiver<bool>,
 }
 
 impl HeartbeatWriter {
     /// Start the writer task (needs a Tokio runtime).
     pub(crate) fn spawn(store: Store, config: &IngestConfig, telemetry: Arc<Telemetry>) -> Self {
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let stop = CancellationToken::new();
+        let (done_tx, done) = watch::channel(false);
         let writer = Writer {
-            session: IngestSession::new(store),
+            stop: stop.clone(),
+            session: Arc::new(tokio::sync::Mutex::new(IngestSession::new(store))),
             batch_max: config.batch_max.max(1),
             linger: Duration::from_millis(config.linger_ms),
             compact_heartbeats: config.compact_heartbeats.max(1),
@@ -67,7 +80,10 @@ impl HeartbeatWriter {
                     .enable_all()
                     .build()
                 {
-                    Ok(rt) => rt.block_on(writer.run(rx)),
+                    Ok(rt) => {
+                        rt.block_on(writer.run(rx));
+                        let _ = done_tx.send(true);
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot start the heartbeat writer's runtime")
                     }
@@ -76,7 +92,16 @@ impl HeartbeatWriter {
         if let Err(e) = thread {
             tracing::error!(error = %e, "cannot start the heartbeat writer thread");
         }
-        HeartbeatWriter { tx }
+        HeartbeatWriter { tx, stop, done }
+    }
+
+    /// Stop taking heartbeats, write those queued, move what is staged,
+    /// close the writer's connection; returns when it has.
+    pub(crate) async fn stop(&self) {
+        self.stop.cancel();
+        let mut done = self.done.clone();
+        // An error: the writer is gone already (its sender dropped).
+        let _ = done.wait_for(|d| *d).await;
     }
 
     /// Queue `hb` and wait for its outcome.
@@ -111,9 +136,24 @@ impl HeartbeatWriter {
     }
 }
 
+/// A connection to the store shared by the writer and the mover (SQLite:
+/// one writer at a time anyway, and one connection keeps the pages both
+/// write in its cache), or each's own (PostgreSQL: a move is one statement
+/// that staging need not wait for).
+type Session = Arc<tokio::sync::Mutex<IngestSession>>;
+
+/// Heartbeats staged and not moved yet (an estimate: re-read from the store
+/// after each full round of moves), and a wake-up for the mover.
+#[derive(Default)]
+struct Staged {
+    count: AtomicU64,
+    added: Notify,
+}
+
 /// The writer task's settings and store.
 struct Writer {
-    session: IngestSession,
+    stop: CancellationToken,
+    session: Session,
     batch_max: usize,
     linger: Duration,
     compact_heartbeats: usize,
@@ -122,125 +162,79 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+        let store = self.session.lock().await.store().clone();
+        let staged = Arc::new(Staged::default());
         // Whatever a previous run left staged (what fails stays counted).
-        let mut staged = self.compact_all().await;
-        // One partition moves at a time, round robin, each once per
-        // `compact_interval` (sooner when `compact_heartbeats` are staged):
-        // short write locks, yet each instance's rows still move together.
-        let tick = self.compact_interval / STAGING_PARTS as u32;
-        let mut next_part: i64 = 0;
-        let mut next_due = tokio::time::Instant::now() + tick;
+        let left = compact_all(&self.session, &self.telemetry).await;
+        staged.count.store(left, Ordering::Relaxed);
+        let mover_session = match store.backend() {
+            Backend::Sqlite => self.session.clone(),
+            Backend::Postgres => Arc::new(tokio::sync::Mutex::new(IngestSession::new(store))),
+        };
+        let mover_stop = CancellationToken::new();
+        let mover = tokio::spawn(
+            Mover {
+                session: mover_session.clone(),
+                staged: staged.clone(),
+                compact_heartbeats: self.compact_heartbeats.max(1) as u64,
+                compact_interval: self.compact_interval,
+                telemetry: self.telemetry.clone(),
+            }
+            .run(mover_stop.clone()),
+        );
+
         let mut jobs: Vec<Job> = Vec::with_capacity(self.batch_max);
+        let mut stopping = false;
         loop {
-            let received = if staged > 0 {
-                // Wake up to compact even if no heartbeat comes.
-                match tokio::time::timeout_at(next_due, rx.recv_many(&mut jobs, self.batch_max))
-                    .await
-                {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(_) => 0,
+            let received = tokio::select! {
+                biased;
+                _ = self.stop.cancelled(), if !stopping => {
+                    // Take no more; what is queued is still received below.
+                    rx.close();
+                    stopping = true;
+                    continue;
                 }
-            } else {
-                match rx.recv_many(&mut jobs, self.batch_max).await {
-                    0 => break,
-                    n => n,
-                }
+                n = rx.recv_many(&mut jobs, self.batch_max) => n,
             };
-            if received > 0 {
-                if jobs.len() < self.batch_max && !self.linger.is_zero() {
-                    // Give concurrent heartbeats a moment to join this batch.
-                    let deadline = tokio::time::Instant::now() + self.linger;
-                    while jobs.len() < self.batch_max {
-                        match tokio::time::timeout_at(deadline, rx.recv()).await {
-                            Ok(Some(j)) => jobs.push(j),
-                            Ok(None) | Err(_) => break,
-                        }
+            if received == 0 {
+                // Every sender is gone (or stopped) and nothing is queued.
+                break;
+            }
+            if jobs.len() < self.batch_max && !self.linger.is_zero() {
+                // Give concurrent heartbeats a moment to join this batch.
+                let deadline = tokio::time::Instant::now() + self.linger;
+                while jobs.len() < self.batch_max {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(j)) => jobs.push(j),
+                        Ok(None) | Err(_) => break,
                     }
                 }
-                let applied = self.flush(&mut jobs).await as u64;
-                if staged == 0 && applied > 0 {
-                    // Nothing was staged: the schedule starts now.
-                    next_due = tokio::time::Instant::now() + tick;
-                }
-                staged += applied;
             }
-            let now = tokio::time::Instant::now();
-            if staged > 0 && (now >= next_due || staged >= self.compact_heartbeats as u64) {
-                // A failed move stays staged (readers see it) and is
-                // retried on the partition's next turn.
-                if let Some(moved) = self.compact(next_part).await {
-                    staged = staged.saturating_sub(moved);
-                }
-                next_part = (next_part + 1) % STAGING_PARTS;
-                next_due = now + tick;
-                if next_part == 0 {
-                    // A full round: the count is ours; what others staged
-                    // (another writer, a direct store call) shows here.
-                    staged = self.staged().await.unwrap_or(staged);
-                }
+            let applied = self.flush(&mut jobs).await as u64;
+            if applied > 0 {
+                staged.count.fetch_add(applied, Ordering::Relaxed);
+                staged.added.notify_one();
             }
         }
-        if staged > 0 {
-            self.compact_all().await;
+        mover_stop.cancel();
+        let _ = mover.await;
+        if staged.count.load(Ordering::Relaxed) > 0 {
+            compact_all(&self.session, &self.telemetry).await;
         }
-    }
-
-    /// Move every partition; how many heartbeats are still staged after.
-    async fn compact_all(&mut self) -> u64 {
-        for part in 0..STAGING_PARTS {
-            self.compact(part).await;
-        }
-        self.staged().await.unwrap_or(0)
-    }
-
-    async fn staged(&self) -> Option<u64> {
-        let n = self.session.store().staged_heartbeats().await.ok()?;
-        Some(n.max(0) as u64)
-    }
-
-    /// Move partition `part`'s staged samples to the indexed tables; how
-    /// many heartbeats moved, `None` if it failed.
-    async fn compact(&mut self, part: i64) -> Option<u64> {
-        let started = std::time::Instant::now();
-        match self.session.compact_staging_part(part).await {
-            Ok(moved) => {
-                if moved > 0 {
-                    self.telemetry
-                        .ingest_compaction_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                }
-                tracing::trace!(
-                    part,
-                    moved,
-                    us = started.elapsed().as_micros() as u64,
-                    "staged heartbeats compacted"
-                );
-                Some(moved)
-            }
-            // Shutting down: the rows stay staged for the next start.
-            Err(e) if e.is_closed() => None,
-            Err(e) => {
-                tracing::error!(
-                    error = &e as &dyn std::error::Error,
-                    part,
-                    "moving staged heartbeats failed; retrying later"
-                );
-                None
-            }
-        }
+        self.session.lock().await.close().await;
+        mover_session.lock().await.close().await;
     }
 
     /// Write `jobs` in one transaction and answer each; how many were applied.
-    async fn flush(&mut self, jobs: &mut Vec<Job>) -> usize {
+    async fn flush(&self, jobs: &mut Vec<Job>) -> usize {
         let (batch, replies): (Vec<_>, Vec<_>) = jobs
             .drain(..)
             .map(|j| ((j.hb, j.received_at), j.reply))
             .unzip();
         self.telemetry.ingest_batch_size.observe(batch.len() as f64);
         let started = std::time::Instant::now();
-        let result = self.session.record_heartbeats(&batch).await;
+        let result = self.session.lock().await.record_heartbeats(&batch).await;
         tracing::trace!(
             heartbeats = batch.len(),
             us = started.elapsed().as_micros() as u64,
@@ -270,6 +264,108 @@ impl Writer {
                 }
                 0
             }
+        }
+    }
+}
+
+/// Moves staged heartbeats to the indexed tables, one partition at a time,
+/// round robin, each once per `compact_interval` (back to back while
+/// `compact_heartbeats` or more are staged): short moves, yet each
+/// instance's rows still move together.
+struct Mover {
+    session: Session,
+    staged: Arc<Staged>,
+    compact_heartbeats: u64,
+    compact_interval: Duration,
+    telemetry: Arc<Telemetry>,
+}
+
+impl Mover {
+    async fn run(self, stop: CancellationToken) {
+        let tick = self.compact_interval / STAGING_PARTS as u32;
+        let mut next_part: i64 = 0;
+        let mut due = tokio::time::Instant::now() + tick;
+        loop {
+            // Wait for the next move: due and something staged, or a backlog.
+            loop {
+                let n = self.staged.count.load(Ordering::Relaxed);
+                let now = tokio::time::Instant::now();
+                if n >= self.compact_heartbeats || (n > 0 && now >= due) {
+                    break;
+                }
+                let idle = n == 0;
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = self.staged.added.notified() => {
+                        if idle {
+                            // Nothing was staged: the schedule starts now.
+                            due = tokio::time::Instant::now() + tick;
+                        }
+                    }
+                    _ = tokio::time::sleep_until(due), if !idle => {}
+                }
+            }
+            // A failed move stays staged (readers see it) and is retried
+            // on the partition's next turn.
+            if let Some(moved) = compact(&self.session, &self.telemetry, next_part).await {
+                let _ = self
+                    .staged
+                    .count
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_sub(moved))
+                    });
+            }
+            next_part = (next_part + 1) % STAGING_PARTS;
+            due = tokio::time::Instant::now() + tick;
+            if next_part == 0 {
+                // A full round: what others staged (another control plane,
+                // a direct store call) shows here.
+                if let Ok(n) = self.session.lock().await.store().staged_heartbeats().await {
+                    self.staged.count.store(n.max(0) as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// Move every partition; how many heartbeats are still staged after.
+async fn compact_all(session: &Session, telemetry: &Telemetry) -> u64 {
+    for part in 0..STAGING_PARTS {
+        compact(session, telemetry, part).await;
+    }
+    let n = session.lock().await.store().staged_heartbeats().await;
+    n.map(|n| n.max(0) as u64).unwrap_or(0)
+}
+
+/// Move partition `part`'s staged samples to the indexed tables; how many
+/// heartbeats moved, `None` if it failed.
+async fn compact(session: &Session, telemetry: &Telemetry, part: i64) -> Option<u64> {
+    let mut session = session.lock().await;
+    let started = std::time::Instant::now();
+    match session.compact_staging_part(part).await {
+        Ok(moved) => {
+            if moved > 0 {
+                telemetry
+                    .ingest_compaction_seconds
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            tracing::trace!(
+                part,
+                moved,
+                us = started.elapsed().as_micros() as u64,
+                "staged heartbeats compacted"
+            );
+            Some(moved)
+        }
+        // Shutting down: the rows stay staged for the next start.
+        Err(e) if e.is_closed() => None,
+        Err(e) => {
+            tracing::error!(
+                error = &e as &dyn std::error::Error,
+                part,
+                "moving staged heartbeats failed; retrying later"
+            );
+            None
         }
     }
 }
@@ -538,7 +634,12 @@ mod tests {
     async fn a_full_queue_answers_unavailable_at_once() {
         // A writer whose task has not taken anything yet: one slot.
         let (tx, mut rx) = mpsc::channel(1);
-        let writer = HeartbeatWriter { tx };
+        let (_done_tx, done) = watch::channel(false);
+        let writer = HeartbeatWriter {
+            tx,
+            stop: CancellationToken::new(),
+            done,
+        };
         let first = tokio::spawn({
             let w = writer.clone();
             async move { w.write(hb(), Utc::now()).await }

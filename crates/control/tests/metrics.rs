@@ -244,3 +244,33 @@ async fn concurrent_heartbeats_are_batched_and_each_gets_its_outcome() {
         assert_eq!(rec.last_heartbeat_seq.map(|s| s % 100), Some(10));
     }
 }
+
+#[tokio::test]
+async fn stopping_ingest_moves_what_is_staged_and_refuses_later_heartbeats() {
+    // Moves only at shutdown: a long interval and a high threshold.
+    let mut cfg = fast_config();
+    cfg.ingest.compact_interval_ms = 3_600_000;
+    cfg.ingest.compact_heartbeats = 1_000_000;
+    let h = start(MemoryProvider::new(), cfg).await;
+    let id = create_one(&h.fleet).await;
+    for seq in 1..=5 {
+        let ack = h
+            .fleet
+            .ingest_heartbeat(id, heartbeat(id, seq, 20.0))
+            .await
+            .unwrap();
+        assert!(ack.applied);
+    }
+    let store = h.fleet.store();
+    assert_eq!(store.staged_heartbeats().await.unwrap(), 5);
+
+    h.fleet.stop_ingest().await;
+    assert_eq!(store.staged_heartbeats().await.unwrap(), 0);
+    assert_eq!(h.fleet.instance_samples(id, 10).await.unwrap().len(), 5);
+    match h.fleet.ingest_heartbeat(id, heartbeat(id, 6, 20.0)).await {
+        Err(ControlError::Unavailable { .. }) => {}
+        other => panic!("expected Unavailable after stop_ingest, got {other:?}"),
+    }
+    // Stopping twice is harmless.
+    h.fleet.stop_ingest().await;
+}

@@ -6,7 +6,8 @@
 //! reconcilers → API. Shutdown (SIGINT/SIGTERM) runs the other way: stop
 //! accepting, stop the reconcilers after the activation in hand, shut the Mock
 //! provider's supervisor down (its machines keep running and are re-adopted by
-//! the next `up`), close the store.
+//! the next `up`), flush the usage counters, stop the heartbeat writer (what
+//! is queued is written, staged samples moved), close the store.
 
 use crate::config::{UpConfig, UpOverrides};
 use crate::signals;
@@ -146,6 +147,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "last usage flush failed"
             );
         }
+        fleet.stop_ingest().await;
         store.close().await;
         server_result
     };

@@ -257,10 +257,14 @@ struct Server {
     _dir: Option<tempfile::TempDir>,
 }
 
+/// The control plane on a fresh database, and with `--query-check` the
+/// instance whose 24 hours of history were written before the reconcilers
+/// started (rollups only move forward from their watermark: a backfill
+/// racing the rollup reconciler would land behind it).
 async fn start_server(
     args: &HeartbeatsArgs,
     provider: Arc<BenchProvider>,
-) -> anyhow::Result<Server> {
+) -> anyhow::Result<(Server, Option<InstanceId>)> {
     let (url, dir) = match &args.database {
         Some(u) => (u.clone(), None),
         None => {
@@ -290,6 +294,11 @@ async fn start_server(
     let fleet = Fleet::new(store, providers, config)
         .await
         .context("cannot start the control plane")?;
+    let history = if args.query_check {
+        Some(seed_history(&fleet, args.gpus).await?)
+    } else {
+        None
+    };
     let reconcilers = fleet.start(stop.clone());
     let router = gpufleet_api::router(gpufleet_api::ApiState::new(fleet.clone(), ADMIN_TOKEN));
     let server = tokio::spawn(gpufleet_api::serve(
@@ -297,15 +306,18 @@ async fn start_server(
         router,
         stop.clone().cancelled_owned(),
     ));
-    Ok(Server {
-        base,
-        addr,
-        fleet,
-        stop,
-        server,
-        reconcilers,
-        _dir: dir,
-    })
+    Ok((
+        Server {
+            base,
+            addr,
+            fleet,
+            stop,
+            server,
+            reconcilers,
+            _dir: dir,
+        },
+        history,
+    ))
 }
 
 async fn create(fleet: &Fleet, count: u32) -> anyhow::Result<Vec<InstanceId>> {
@@ -333,7 +345,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         machines: Mutex::new(HashMap::new()),
         secrets: Mutex::new(HashMap::new()),
     });
-    let srv = start_server(&args, provider.clone()).await?;
+    let (srv, history) = start_server(&args, provider.clone()).await?;
     let backend = match srv.fleet.store().backend() {
         gpufleet_store::Backend::Sqlite => "SQLite",
         gpufleet_store::Backend::Postgres => "PostgreSQL",
@@ -342,18 +354,10 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(30))
         .build()?;
 
-    // History first: rollups only ever move forward from their watermark,
-    // so a backfill must land before live heartbeats move it past the past.
-    let history = if args.query_check {
-        Some(seed_history(&srv, args.gpus).await?)
-    } else {
-        None
-    };
-
     // Instances, their machines and agent tokens.
     let ids = create(&srv.fleet, args.agents).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while provider.secrets().len() < ids.len() {
+    while !ids.iter().all(|id| provider.secrets().contains_key(id)) {
         if Instant::now() > deadline {
             bail!("the provisioner did not create every machine within 2 minutes");
         }
@@ -453,6 +457,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
     srv.stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), srv.server).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), srv.reconcilers).await;
+    srv.fleet.stop_ingest().await;
     srv.fleet.store().close().await;
     Ok(())
 }
@@ -471,7 +476,8 @@ async fn load(
     agents: &[(InstanceId, String)],
 ) -> anyhow::Result<Tally> {
     let period = Duration::from_secs_f64(agents.len() as f64 / args.rate);
-    let start = tokio::time::Instant::now() + Duration::from_millis(200);
+    // Time for every agent to connect first.
+    let start = tokio::time::Instant::now() + Duration::from_millis(200 + agents.len() as u64);
     let end = start + args.duration;
     let n = agents.len();
     let host = HeaderValue::from_str(&addr.to_string())?;
@@ -493,7 +499,10 @@ async fn load(
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 // Above every warm-up heartbeat's seq.
                 let mut seq = 1_000_000u64;
-                let mut conn: Option<crate::bench_router::Sender> = None;
+                // Connected before the run (agents keep theirs open); a
+                // reconnect during the run is timed with its heartbeat.
+                let mut conn: Option<crate::bench_router::Sender> =
+                    crate::bench_router::connect(addr).await.ok();
                 loop {
                     if tick.tick().await >= end {
                         break;
@@ -574,9 +583,9 @@ async fn post(
 }
 
 /// 24 hours of 5-second samples for a fresh instance, rolled up.
-async fn seed_history(srv: &Server, gpus: u32) -> anyhow::Result<InstanceId> {
-    let id = create(&srv.fleet, 1).await?[0];
-    let store = srv.fleet.store();
+async fn seed_history(fleet: &Fleet, gpus: u32) -> anyhow::Result<InstanceId> {
+    let id = create(fleet, 1).await?[0];
+    let store = fleet.store();
     let now = Utc::now();
     let first = now - chrono::Duration::hours(24);
     let total: u64 = 24 * 3600 / 5;

@@ -599,6 +599,8 @@ async fn seed_history(fleet: &Fleet, gpus: u32) -> anyhow::Result<InstanceId> {
             batch.clear();
         }
     }
+    // Moved out of staging, as 24 hours of operation would have done.
+    store.compact_staging().await?;
     let up_to = now - chrono::Duration::seconds(10);
     for tier in [Tier::Minute, Tier::Hour] {
         for _ in 0..1000 {

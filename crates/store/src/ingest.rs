@@ -177,9 +177,12 @@ impl Store {
 
         let mut tx = self.begin_write_on(conn).await?;
         // The stored last seq of each instance, rows locked (SQLite: the
-        // IMMEDIATE transaction already holds the write lock).
+        // IMMEDIATE transaction already holds the write lock). NO KEY
+        // UPDATE: it still serializes writers of one instance, but not the
+        // foreign-key checks of a staging move (KEY SHARE on the same rows,
+        // taken in no particular order): FOR UPDATE deadlocked with them.
         let lock = match self.backend {
-            Backend::Postgres => " ORDER BY id FOR UPDATE",
+            Backend::Postgres => " ORDER BY id FOR NO KEY UPDATE",
             Backend::Sqlite => "",
         };
         let mut last: HashMap<String, Option<i64>> = HashMap::with_capacity(ids.len());

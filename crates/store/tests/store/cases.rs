@@ -1707,48 +1707,81 @@ pub async fn ingest_session_writes_moves_and_closes(ctx: Ctx) {
 /// and duplicate nothing: every heartbeat ends up in `samples` exactly once.
 pub async fn moves_beside_concurrent_staging_keep_every_heartbeat(ctx: Ctx) {
     let s = &ctx.store;
-    let a = insert_one(s, 0).await;
-    let b = insert_one(s, 1).await;
+    // Two instances of one partition: a move checks both instances' rows
+    // (PostgreSQL: foreign-key locks on both) while batches naming both
+    // lock them too; the two must not deadlock.
+    let part = |r: &InstanceRecord| gpufleet_store::staging_part(&r.id.to_string());
+    let mut made: Vec<InstanceRecord> = Vec::new();
+    let (a, b) = loop {
+        let r = insert_one(s, made.len() as i64).await;
+        if let Some(other) = made.iter().find(|m| part(m) == part(&r)) {
+            break (other.clone(), r);
+        }
+        made.push(r);
+    };
     set_status(s, &a, InstanceStatus::Ready).await;
     set_status(s, &b, InstanceStatus::Ready).await;
-    let per_instance = 60u64;
-    let writers: Vec<_> = [a.id, b.id]
+    // Two writers: one stages a before b in each batch, the other b
+    // before a (arrival order is the partition's row order). Seqs come
+    // from one counter; one that loses the race to a higher one is stale.
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let writers: Vec<_> = [(a.id, b.id), (b.id, a.id)]
         .into_iter()
-        .map(|id| {
+        .map(|(first, second)| {
             let s = s.clone();
+            let next = next.clone();
             tokio::spawn(async move {
-                for seq in 1..=per_instance {
+                let mut applied = std::collections::HashMap::<InstanceId, u64>::new();
+                for _ in 0..40 {
+                    let seq = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let t = seq as i64 * 1_000;
                     let out = s
-                        .record_heartbeats(&[(figure_hb(id, seq, 1.0, 2), at(seq as i64 * 1_000))])
+                        .record_heartbeats(&[
+                            (figure_hb(first, seq, 1.0, 2), at(t)),
+                            (figure_hb(second, seq, 1.0, 2), at(t + 1)),
+                        ])
                         .await
                         .unwrap();
-                    assert_eq!(out, vec![HeartbeatOutcome::Applied]);
+                    for (id, o) in [first, second].into_iter().zip(out) {
+                        if o == HeartbeatOutcome::Applied {
+                            *applied.entry(id).or_default() += 1;
+                        }
+                    }
                 }
+                applied
             })
         })
         .collect();
     let mover = {
         let s = s.clone();
-        let parts = [a.id, b.id].map(|id| gpufleet_store::staging_part(&id.to_string()));
+        let p = part(&a);
         tokio::spawn(async move {
             let mut moved = 0;
-            for round in 0..40 {
-                moved += s.compact_staging_part(parts[round % 2]).await.unwrap();
+            for _ in 0..40 {
+                moved += s.compact_staging_part(p).await.unwrap();
                 tokio::task::yield_now().await;
             }
             moved
         })
     };
+    let mut applied = std::collections::HashMap::<InstanceId, u64>::new();
     for w in writers {
-        w.await.unwrap();
+        for (id, n) in w.await.unwrap() {
+            *applied.entry(id).or_default() += n;
+        }
     }
     let moved_during = mover.await.unwrap();
     let moved_after = s.compact_staging().await.unwrap();
-    assert_eq!(moved_during + moved_after, 2 * per_instance);
+    assert!(applied[&a.id] > 0 && applied[&b.id] > 0);
+    assert_eq!(
+        moved_during + moved_after,
+        applied.values().sum::<u64>(),
+        "every applied heartbeat moved once"
+    );
     assert_eq!(s.staged_heartbeats().await.unwrap(), 0);
     for id in [a.id, b.id] {
         let samples = s.recent_samples(id, 1000).await.unwrap();
-        assert_eq!(samples.len() as u64, per_instance, "{id}");
+        assert_eq!(samples.len() as u64, applied[&id], "{id}");
         assert!(samples.iter().all(|x| x.gpus.len() == 2));
     }
 }

@@ -213,8 +213,13 @@ impl Writer {
             }
             let applied = self.flush(&mut jobs).await as u64;
             if applied > 0 {
-                staged.count.fetch_add(applied, Ordering::Relaxed);
-                staged.added.notify_one();
+                // The mover waits on its schedule; it needs waking only
+                // when it idles (nothing staged) or a backlog begins.
+                let before = staged.count.fetch_add(applied, Ordering::Relaxed);
+                let backlog = self.compact_heartbeats as u64;
+                if before == 0 || (before < backlog && before + applied >= backlog) {
+                    staged.added.notify_one();
+                }
             }
         }
         mover_stop.cancel();

@@ -499,8 +499,12 @@ async fn load(
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 // Above every warm-up heartbeat's seq.
                 let mut seq = 1_000_000u64;
-                // Connected before the run (agents keep theirs open); a
-                // reconnect during the run is timed with its heartbeat.
+                // Connected before the run (agents keep theirs open), one
+                // per millisecond (hundreds of connects at once overflow
+                // the accept queue: a 200 ms retransmit shows as the
+                // maximum); a reconnect during the run is timed with its
+                // heartbeat.
+                tokio::time::sleep(Duration::from_millis(i as u64)).await;
                 let mut conn: Option<crate::bench_router::Sender> =
                     crate::bench_router::connect(addr).await.ok();
                 loop {

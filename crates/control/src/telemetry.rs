@@ -14,8 +14,8 @@
 use crate::fleet::Fleet;
 use crate::ControlError;
 use chrono::{DateTime, Utc};
-use gpufleet_domain::InstanceStatus;
-use gpufleet_store::InstanceFilter;
+use gpufleet_domain::{InstanceId, InstanceStatus};
+use gpufleet_store::{InstanceFilter, SampleRecord};
 use prometheus_client::encoding::text::encode_registry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -23,7 +23,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU64;
 
 /// A float gauge.
@@ -274,18 +274,20 @@ impl Fleet {
         let power = Family::<GpuLabels, FloatGauge>::default();
         let power_limit = Family::<GpuLabels, FloatGauge>::default();
         let now = Utc::now();
+        // Each reporting instance's latest sample, in one read.
+        let mut latest: HashMap<InstanceId, SampleRecord> = self
+            .store()
+            .latest_samples(&REPORTING)
+            .await?
+            .into_iter()
+            .map(|s| (s.instance_id, s))
+            .collect();
         let reporting = instances
             .iter()
             .filter(|r| REPORTING.contains(&r.status) && r.last_heartbeat_seq.is_some())
             .take(MAX_EXPORTED_INSTANCES as usize);
         for r in reporting {
-            let Some(s) = self
-                .store()
-                .recent_samples(r.id, 1)
-                .await?
-                .into_iter()
-                .next()
-            else {
+            let Some(s) = latest.remove(&r.id) else {
                 continue;
             };
             let il = InstanceLabels {

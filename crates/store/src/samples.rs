@@ -2,9 +2,9 @@
 //! `samples` / `gpu_samples` tables they feed.
 
 use crate::rows::RowReader;
-use crate::staging::{part_filter, raw_rows, Raw, SAMPLE_COLUMNS};
+use crate::staging::{part_filter, raw_rows, Raw, GPU_COLUMNS, SAMPLE_COLUMNS};
 use crate::{SampleRecord, Store, StoreError};
-use gpufleet_domain::InstanceId;
+use gpufleet_domain::{InstanceId, InstanceStatus};
 use gpufleet_proto::{EngineSample, GpuSample, SystemSample};
 use std::collections::HashMap;
 
@@ -33,47 +33,15 @@ impl Store {
         .bind(limit.max(0))
         .fetch_all(&self.pool)
         .await?;
-        let mut samples = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let mut r = RowReader::new(row, format!("samples row of {id}"));
-            let seq: i64 = r.get("seq")?;
-            r.set_ctx(format!("samples row {id} seq {seq}"));
-            samples.push(SampleRecord {
-                instance_id: r.parsed("instance_id")?,
-                seq,
-                at: r.time("at")?,
-                system: SystemSample {
-                    cpu_pct: r.get("cpu_pct")?,
-                    load1: r.get("load1")?,
-                    load5: r.get("load5")?,
-                    load15: r.get("load15")?,
-                    mem_used_bytes: r.int("mem_used_bytes")?,
-                    mem_total_bytes: r.int("mem_total_bytes")?,
-                    disk_used_bytes: r.int("disk_used_bytes")?,
-                    disk_total_bytes: r.int("disk_total_bytes")?,
-                    net_rx_bps: r.get("net_rx_bps")?,
-                    net_tx_bps: r.get("net_tx_bps")?,
-                },
-                gpu_source: r.serde_enum("gpu_source")?,
-                gpus: Vec::new(),
-                engine: EngineSample {
-                    status: r.serde_enum("engine_status")?,
-                    requests_running: r.get("requests_running")?,
-                    requests_waiting: r.get("requests_waiting")?,
-                    restarts: r.int("engine_restarts")?,
-                    kv_cache_usage: r.get("kv_cache_usage")?,
-                    prompt_tokens_per_s: r.get("prompt_tokens_per_s")?,
-                    generation_tokens_per_s: r.get("generation_tokens_per_s")?,
-                    ttft_mean_s: r.get("ttft_mean_s")?,
-                },
-            });
-        }
+        let mut samples = rows
+            .iter()
+            .map(|row| sample_row(row, &id_text))
+            .collect::<Result<Vec<_>, _>>()?;
         let (Some(newest), Some(oldest)) = (samples.first(), samples.last()) else {
             return Ok(samples);
         };
         let gpu_rows = sqlx::query(&format!(
-            "SELECT seq, gpu_index, name, uuid, util_pct, mem_used_mib, mem_total_mib, temp_c, \
-             power_w, power_limit_w FROM {cond_rows} ORDER BY seq, gpu_index",
+            "SELECT {GPU_COLUMNS} FROM {cond_rows} ORDER BY seq, gpu_index",
             cond_rows = raw_rows(
                 Raw::Gpu,
                 "instance_id = $1 AND seq >= $2 AND seq <= $3",
@@ -88,23 +56,8 @@ impl Store {
         .await?;
         let mut by_seq: HashMap<i64, Vec<GpuSample>> = HashMap::new();
         for row in &gpu_rows {
-            let mut r = RowReader::new(row, format!("gpu_samples row of {id}"));
-            let seq: i64 = r.get("seq")?;
-            r.set_ctx(format!("gpu_samples row {id} seq {seq}"));
-            by_seq.entry(seq).or_default().push(GpuSample {
-                index: r.int("gpu_index")?,
-                name: r.get("name")?,
-                uuid: r.get("uuid")?,
-                util_pct: r.get("util_pct")?,
-                mem_used_mib: r.int("mem_used_mib")?,
-                mem_total_mib: r.int("mem_total_mib")?,
-                temp_c: r.get("temp_c")?,
-                power_w: r.get("power_w")?,
-                power_limit_w: r.get("power_limit_w")?,
-                sm_clock_mhz: None,
-                ecc_uncorrected: None,
-                throttle_reasons: Vec::new(),
-            });
+            let (_, seq, gpu) = gpu_row(row, &id_text)?;
+            by_seq.entry(seq).or_default().push(gpu);
         }
         for s in &mut samples {
             if let Some(gpus) = by_seq.remove(&s.seq) {
@@ -113,4 +66,120 @@ impl Store {
         }
         Ok(samples)
     }
+
+    /// The latest stored sample (with its GPUs) of every instance in one of
+    /// `statuses` that has heartbeats: the sample of its
+    /// `last_heartbeat_seq`. Four queries whatever the number of instances
+    /// (each raw table and its staging table, joined on `instances`).
+    pub async fn latest_samples(
+        &self,
+        statuses: &[InstanceStatus],
+    ) -> Result<Vec<SampleRecord>, StoreError> {
+        if statuses.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted = statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let prefixed = |cols: &str| {
+            cols.split(", ")
+                .map(|c| format!("r.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let joined = |table: &str, cols: &str, order: &str| {
+            format!(
+                "SELECT {} FROM instances i JOIN {table} r \
+                 ON r.instance_id = i.id AND r.seq = i.last_heartbeat_seq \
+                 WHERE i.status IN ({wanted}){order}",
+                prefixed(cols)
+            )
+        };
+        let mut samples = Vec::new();
+        for table in [Raw::System.table(), Raw::System.staging()] {
+            for row in sqlx::query(&joined(table, SAMPLE_COLUMNS, ""))
+                .fetch_all(&self.pool)
+                .await?
+            {
+                samples.push(sample_row(&row, "latest samples")?);
+            }
+        }
+        let mut gpus: HashMap<(String, i64), Vec<GpuSample>> = HashMap::new();
+        for table in [Raw::Gpu.table(), Raw::Gpu.staging()] {
+            for row in sqlx::query(&joined(table, GPU_COLUMNS, " ORDER BY r.gpu_index"))
+                .fetch_all(&self.pool)
+                .await?
+            {
+                let (id, seq, gpu) = gpu_row(&row, "latest samples")?;
+                gpus.entry((id, seq)).or_default().push(gpu);
+            }
+        }
+        for s in &mut samples {
+            if let Some(g) = gpus.remove(&(s.instance_id.to_string(), s.seq)) {
+                s.gpus = g;
+            }
+        }
+        Ok(samples)
+    }
+}
+
+/// A `samples` row ([`SAMPLE_COLUMNS`]); `whose` names it in errors.
+fn sample_row(row: &sqlx::any::AnyRow, whose: &str) -> Result<SampleRecord, StoreError> {
+    let mut r = RowReader::new(row, format!("samples row of {whose}"));
+    let seq: i64 = r.get("seq")?;
+    r.set_ctx(format!("samples row of {whose}, seq {seq}"));
+    Ok(SampleRecord {
+        instance_id: r.parsed("instance_id")?,
+        seq,
+        at: r.time("at")?,
+        system: SystemSample {
+            cpu_pct: r.get("cpu_pct")?,
+            load1: r.get("load1")?,
+            load5: r.get("load5")?,
+            load15: r.get("load15")?,
+            mem_used_bytes: r.int("mem_used_bytes")?,
+            mem_total_bytes: r.int("mem_total_bytes")?,
+            disk_used_bytes: r.int("disk_used_bytes")?,
+            disk_total_bytes: r.int("disk_total_bytes")?,
+            net_rx_bps: r.get("net_rx_bps")?,
+            net_tx_bps: r.get("net_tx_bps")?,
+        },
+        gpu_source: r.serde_enum("gpu_source")?,
+        gpus: Vec::new(),
+        engine: EngineSample {
+            status: r.serde_enum("engine_status")?,
+            requests_running: r.get("requests_running")?,
+            requests_waiting: r.get("requests_waiting")?,
+            restarts: r.int("engine_restarts")?,
+            kv_cache_usage: r.get("kv_cache_usage")?,
+            prompt_tokens_per_s: r.get("prompt_tokens_per_s")?,
+            generation_tokens_per_s: r.get("generation_tokens_per_s")?,
+            ttft_mean_s: r.get("ttft_mean_s")?,
+        },
+    })
+}
+
+/// A `gpu_samples` row ([`GPU_COLUMNS`]): its instance id, seq and GPU.
+fn gpu_row(row: &sqlx::any::AnyRow, whose: &str) -> Result<(String, i64, GpuSample), StoreError> {
+    let mut r = RowReader::new(row, format!("gpu_samples row of {whose}"));
+    let seq: i64 = r.get("seq")?;
+    let id: String = r.get("instance_id")?;
+    r.set_ctx(format!("gpu_samples row {id} seq {seq}"));
+    let gpu = GpuSample {
+        index: r.int("gpu_index")?,
+        name: r.get("name")?,
+        uuid: r.get("uuid")?,
+        util_pct: r.get("util_pct")?,
+        mem_used_mib: r.int("mem_used_mib")?,
+        mem_total_mib: r.int("mem_total_mib")?,
+        temp_c: r.get("temp_c")?,
+        power_w: r.get("power_w")?,
+        power_limit_w: r.get("power_limit_w")?,
+        sm_clock_mhz: None,
+        ecc_uncorrected: None,
+        throttle_reasons: Vec::new(),
+    };
+    Ok((id, seq, gpu))
 }

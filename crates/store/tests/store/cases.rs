@@ -1785,3 +1785,52 @@ pub async fn moves_beside_concurrent_staging_keep_every_heartbeat(ctx: Ctx) {
         assert!(samples.iter().all(|x| x.gpus.len() == 2));
     }
 }
+
+/// `latest_samples`: each wanted instance's sample of its last applied
+/// seq, with its GPUs, whether staged or moved; other statuses and
+/// instances without heartbeats are left out.
+pub async fn latest_samples_of_many_instances(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = insert_one(s, 0).await;
+    let b = insert_one(s, 1).await;
+    let c = insert_one(s, 2).await;
+    let quiet = insert_one(s, 3).await;
+    for r in [&a, &b, &quiet] {
+        set_status(s, r, InstanceStatus::Ready).await;
+    }
+    set_status(s, &c, InstanceStatus::Draining).await;
+    let mut batch = Vec::new();
+    for seq in 1..=3u64 {
+        batch.push((figure_hb(a.id, seq, seq as f64, 2), at(seq as i64 * 1_000)));
+        batch.push((
+            figure_hb(b.id, seq, 10.0 * seq as f64, 1),
+            at(seq as i64 * 1_000 + 1),
+        ));
+        batch.push((figure_hb(c.id, seq, 5.0, 1), at(seq as i64 * 1_000 + 2)));
+    }
+    s.record_heartbeats(&batch).await.unwrap();
+    // a's rows moved, b's still staged.
+    s.compact_staging_part(gpufleet_store::staging_part(&a.id.to_string()))
+        .await
+        .unwrap();
+    let mut latest = s.latest_samples(&[InstanceStatus::Ready]).await.unwrap();
+    latest.sort_by_key(|x| x.instance_id.to_string());
+    let mut want = vec![(a.id, 3.0, 2usize), (b.id, 30.0, 1usize)];
+    want.sort_by_key(|w| w.0.to_string());
+    assert_eq!(latest.len(), 2, "c is draining, quiet has no heartbeat");
+    for (got, (id, cpu, gpus)) in latest.iter().zip(want) {
+        assert_eq!(got.instance_id, id);
+        assert_eq!(got.seq, 3);
+        assert_eq!(got.system.cpu_pct, cpu);
+        assert_eq!(got.gpus.len(), gpus);
+        assert!(got.gpus.windows(2).all(|w| w[0].index < w[1].index));
+        // The same as the single-instance reader.
+        assert_eq!(&s.recent_samples(id, 1).await.unwrap()[0], got);
+    }
+    let both = s
+        .latest_samples(&[InstanceStatus::Ready, InstanceStatus::Draining])
+        .await
+        .unwrap();
+    assert_eq!(both.len(), 3);
+    assert!(s.latest_samples(&[]).await.unwrap().is_empty());
+}

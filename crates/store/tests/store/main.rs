@@ -62,6 +62,7 @@ store_tests!(
     staged_samples_read_the_same_before_and_after_compaction,
     ingest_session_writes_moves_and_closes,
     moves_beside_concurrent_staging_keep_every_heartbeat,
+    latest_samples_of_many_instances,
 );
 
 macro_rules! api_key_store_tests {

@@ -177,7 +177,7 @@ impl Writer {
             Mover {
                 session: mover_session.clone(),
                 staged: staged.clone(),
-                compact_heartbeats: self.compact_heartbeats.max(1) as u64,
+                compact_heartbeats: self.compact_heartbeats as u64,
                 compact_interval: self.compact_interval,
                 telemetry: self.telemetry.clone(),
             }

@@ -200,13 +200,14 @@ async fn forward_as(
         };
         // On a connection this task drives (see `upstream`).
         let host = authority.as_str();
+        let host_value = HeaderValue::from_str(host).ok();
         let make = || {
             let mut r = hyper::Request::new(Full::new(body.clone()));
             *r.method_mut() = hyper::Method::POST;
             *r.uri_mut() = hyper::Uri::from_static(path);
             let h = r.headers_mut();
-            if let Ok(v) = HeaderValue::from_str(host) {
-                h.insert(header::HOST, v);
+            if let Some(v) = &host_value {
+                h.insert(header::HOST, v.clone());
             }
             h.insert(
                 header::CONTENT_TYPE,

@@ -150,29 +150,27 @@ async fn send_on(
     let Conn { sender, conn } = conn;
     let mut open = true;
     // Ready once the connection (which must be polled for it) is idle.
-    std::future::poll_fn(|cx| {
-        if open {
-            open = Pin::new(&mut *conn).poll(cx).is_pending();
-        }
-        match sender.poll_ready(cx) {
-            Poll::Ready(r) => Poll::Ready(r.map_err(SendError::Http)),
-            Poll::Pending if open => Poll::Pending,
-            Poll::Pending => Poll::Ready(Err(SendError::Closed)),
-        }
-    })
-    .await?;
+    std::future::poll_fn(|cx| driven(conn, &mut open, cx, |cx| sender.poll_ready(cx))).await?;
     let mut answer = std::pin::pin!(sender.send_request(req));
-    std::future::poll_fn(|cx| {
-        if open {
-            open = Pin::new(&mut *conn).poll(cx).is_pending();
-        }
-        match answer.as_mut().poll(cx) {
-            Poll::Ready(r) => Poll::Ready(r.map_err(SendError::Http)),
-            Poll::Pending if open => Poll::Pending,
-            Poll::Pending => Poll::Ready(Err(SendError::Closed)),
-        }
-    })
-    .await
+    std::future::poll_fn(|cx| driven(conn, &mut open, cx, |cx| answer.as_mut().poll(cx))).await
+}
+
+/// Drive `conn` (while `open`), then poll `inner`; once the connection has
+/// ended, what `inner` still waits for will never come: `Closed`.
+fn driven<T>(
+    conn: &mut http1::Connection<TokioIo<TcpStream>, Full<Bytes>>,
+    open: &mut bool,
+    cx: &mut Context<'_>,
+    inner: impl FnOnce(&mut Context<'_>) -> Poll<Result<T, hyper::Error>>,
+) -> Poll<Result<T, SendError>> {
+    if *open {
+        *open = Pin::new(&mut *conn).poll(cx).is_pending();
+    }
+    match inner(cx) {
+        Poll::Ready(r) => Poll::Ready(r.map_err(SendError::Http)),
+        Poll::Pending if *open => Poll::Pending,
+        Poll::Pending => Poll::Ready(Err(SendError::Closed)),
+    }
 }
 
 #[cfg(test)]

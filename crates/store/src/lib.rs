@@ -373,28 +373,30 @@ impl Store {
         self.backend
     }
 
-    /// A transaction that will write. On SQLite it takes the write lock up
+    /// How a write transaction begins. On SQLite it takes the write lock up
     /// front (`BEGIN IMMEDIATE`): a deferred transaction that reads first
     /// fails with `SQLITE_BUSY` when it upgrades after another writer committed.
+    fn begin_write_sql(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        }
+    }
+
+    /// A transaction that will write ([`Store::begin_write_sql`]).
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        Ok(self.pool.begin_with(self.begin_write_sql()).await?)
+    }
+
     /// [`Store::begin_write`] on a connection of the caller's.
     pub(crate) async fn begin_write_on<'c>(
         &self,
         conn: &'c mut sqlx::AnyConnection,
     ) -> Result<sqlx::Transaction<'c, sqlx::Any>, StoreError> {
         use sqlx::Connection;
-        Ok(match self.backend {
-            Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => conn.begin().await?,
-        })
-    }
-
-    pub(crate) async fn begin_write(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        Ok(match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        })
+        Ok(conn.begin_with(self.begin_write_sql()).await?)
     }
 
     /// Close every connection; the store is unusable afterwards. Waits for

@@ -374,6 +374,7 @@ impl Store {
         let cond = format!("instance_id = $1 AND {tc} >= $2 AND {tc} < $3");
         let id_text = id.to_string();
         let system_aggs = aggregates(SYSTEM, source);
+        let system_names = column_names(&["b"], &system_aggs);
         let system_sql = json_rows(
             self.backend,
             &format!(
@@ -381,10 +382,11 @@ impl Store {
                 select_list(&system_aggs),
                 tier_rows(tier, Raw::System, &cond, Some(&id_text)),
             ),
-            &column_names(&["b"], &system_aggs),
+            &system_names,
             "b",
         );
         let gpu_aggs = aggregates(GPU, source);
+        let gpu_names = column_names(&["gpu_index", "b"], &gpu_aggs);
         let gpu_sql = json_rows(
             self.backend,
             &format!(
@@ -393,7 +395,7 @@ impl Store {
                 select_list(&gpu_aggs),
                 tier_rows(tier, Raw::Gpu, &cond, Some(&id_text)),
             ),
-            &column_names(&["gpu_index", "b"], &gpu_aggs),
+            &gpu_names,
             "gpu_index, b",
         );
         let binds = (id_text.as_str(), lower_bound(tier, f), t, step.as_millis());
@@ -404,19 +406,17 @@ impl Store {
         )?;
 
         let what = format!("series of {id}");
-        let names = column_names(&["b"], &system_aggs);
         for values in parse_rows(&system_json, &what)? {
             series.points.push(system_point(&Cells {
-                names: &names,
+                names: &system_names,
                 values: &values,
                 what: &what,
             })?);
         }
         let what = format!("GPU series of {id}");
-        let names = column_names(&["gpu_index", "b"], &gpu_aggs);
         for values in parse_rows(&gpu_json, &what)? {
             let r = Cells {
-                names: &names,
+                names: &gpu_names,
                 values: &values,
                 what: &what,
             };

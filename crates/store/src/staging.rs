@@ -225,11 +225,12 @@ impl Store {
 /// would hand it a different connection, with a cold cache, each time.
 ///
 /// On SQLite it is taken from the pool, and given back after each call
-/// when the pool has a single connection (an in-memory database). On PostgreSQL it is a connection of its own, opened where
-/// the session is first used: its socket belongs to the runtime of the task
-/// that uses it (the writer runs its own), not to whichever runtime opened
-/// a pooled one, and its session settings never reach the pool.
-/// Opened on first use; closed after any error, and by [`IngestSession::close`].
+/// when the pool has a single connection (an in-memory database). On
+/// PostgreSQL it is a connection of its own, opened where the session is
+/// first used: its socket belongs to the runtime of the task that uses it
+/// (the writer runs its own), not to whichever runtime opened a pooled one,
+/// and its session settings never reach the pool. Opened on first use;
+/// closed after any error, and by [`IngestSession::close`].
 pub struct IngestSession {
     store: Store,
     conn: Option<SessionConn>,

@@ -54,6 +54,12 @@ pub struct RouterBenchArgs {
     /// Which answers to measure: `whole`, `stream` or both.
     #[arg(long, value_delimiter = ',', default_value = "whole,stream")]
     pub modes: Vec<String>,
+    /// Rounds per measurement. Each round runs every target once, one after
+    /// the other, so a slow spell of a shared machine hits them alike; the
+    /// summary gives the median over rounds (throughput ratio: the median
+    /// of the rounds' ratios).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
 }
 
 /// Children and the temporary directory, cleaned up on drop.
@@ -92,6 +98,18 @@ impl Drop for Setup {
     }
 }
 
+/// The process group of the one Mock machine under `machines`.
+fn machine_group(machines: &Path) -> anyhow::Result<Procs> {
+    for e in std::fs::read_dir(machines)?.flatten() {
+        let text = std::fs::read_to_string(e.path().join("machine.json"))?;
+        let v: Value = serde_json::from_str(&text)?;
+        if let Some(g) = v.get("agent_pgid").and_then(Value::as_u64) {
+            return Ok(Procs::Group(u32::try_from(g)?));
+        }
+    }
+    bail!("no Mock machine under {}", machines.display())
+}
+
 fn stop_child(mut child: Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -112,6 +130,54 @@ struct Target {
     name: &'static str,
     addr: SocketAddr,
     auth: Option<String>,
+    /// The proxy's processes, whose CPU time is charged to each request.
+    proxy: Option<Procs>,
+}
+
+/// Processes whose CPU time a run reads from `/proc`.
+#[derive(Clone, Copy)]
+enum Procs {
+    /// One process (all its threads).
+    Pid(u32),
+    /// A process and its children (nginx's master and workers).
+    WithChildren(u32),
+    /// A process group (a Mock machine: agent and engine).
+    Group(u32),
+}
+
+/// User plus system CPU seconds used so far by the processes of `p`.
+fn cpu_secs(p: Procs) -> f64 {
+    // /proc/<pid>/stat counts in USER_HZ, which Linux fixes at 100.
+    const TICKS_PER_SEC: f64 = 100.0;
+    let mut ticks = 0u64;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return f64::NAN;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split(' ').collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // rest[0] is field 3 (state): ppid 4, pgrp 5, utime 14, stime 15.
+        let (ppid, pgrp) = (num(1) as u32, num(2) as u32);
+        let counted = match p {
+            Procs::Pid(p) => pid == p,
+            Procs::WithChildren(p) => pid == p || ppid == p,
+            Procs::Group(g) => pgrp == g,
+        };
+        if counted {
+            ticks += num(11) + num(12);
+        }
+    }
+    ticks as f64 / TICKS_PER_SEC
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -121,6 +187,7 @@ enum Load {
 }
 
 struct RunResult {
+    round: usize,
     target: &'static str,
     stream: bool,
     conns: usize,
@@ -129,6 +196,9 @@ struct RunResult {
     errors: u64,
     secs: f64,
     lat_us: Vec<u32>,
+    /// CPU microseconds per answered request over the measured window:
+    /// the proxy (none for direct), the engine's machine, this load generator.
+    cpu_us: [f64; 3],
 }
 
 impl RunResult {
@@ -256,16 +326,19 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
         .await?;
     let key = key["key"].as_str().context("key")?.to_string();
 
+    let machine = machine_group(&setup.machines)?;
     let mut targets = vec![Target {
         name: "direct",
         addr: engine,
         auth: None,
+        proxy: None,
     }];
     if !args.sim_only {
         targets.push(Target {
             name: "router",
             addr: up_addr,
             auth: Some(format!("Bearer {key}")),
+            proxy: setup.up.as_ref().map(|c| Procs::Pid(c.id())),
         });
         if !args.no_nginx {
             let addr = start_nginx(&mut setup, engine)?;
@@ -273,6 +346,7 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
                 name: "nginx",
                 addr,
                 auth: None,
+                proxy: setup.nginx.as_ref().map(|c| Procs::WithChildren(c.id())),
             });
         }
     }
@@ -288,27 +362,22 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
             .map(|(_, s)| s)
             .collect()
     };
+    let rounds = args.rounds.max(1);
     for stream in streams {
+        let mut loads = Vec::new();
         if args.rate > 0 && !args.sim_only {
-            for t in &targets {
-                let r = run_load(
-                    t,
-                    stream,
-                    args.rate_connections,
-                    Load::Paced { rate: args.rate },
-                    measure,
-                    args.max_tokens,
-                )
-                .await;
-                print_row(&r);
-                results.push(r);
-            }
+            loads.push((args.rate_connections, Load::Paced { rate: args.rate }));
         }
-        for &conns in &args.connections {
-            for t in &targets {
-                let r = run_load(t, stream, conns, Load::Closed, measure, args.max_tokens).await;
-                print_row(&r);
-                results.push(r);
+        loads.extend(args.connections.iter().map(|&c| (c, Load::Closed)));
+        for (conns, load) in loads {
+            for round in 0..rounds {
+                for t in &targets {
+                    let mut r =
+                        run_load(t, machine, stream, conns, load, measure, args.max_tokens).await;
+                    r.round = round;
+                    print_row(&r);
+                    results.push(r);
+                }
             }
         }
     }
@@ -375,6 +444,7 @@ fn body(stream: bool, max_tokens: u32) -> Bytes {
 
 async fn run_load(
     t: &Target,
+    machine: Procs,
     stream: bool,
     conns: usize,
     load: Load,
@@ -388,6 +458,16 @@ async fn run_load(
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let body = body(stream, max_tokens);
+    // CPU time over the measured window, read beside the load.
+    let watched = [t.proxy, Some(machine), Some(Procs::Pid(std::process::id()))];
+    let cpu = tokio::spawn(async move {
+        let read = || watched.map(|p| p.map_or(f64::NAN, cpu_secs));
+        tokio::time::sleep_until(measure_from.into()).await;
+        let before = read();
+        tokio::time::sleep_until(end.into()).await;
+        let after = read();
+        [0, 1, 2].map(|i| after[i] - before[i])
+    });
     let mut tasks = Vec::with_capacity(conns);
     for i in 0..conns {
         let t = t.clone();
@@ -447,12 +527,16 @@ async fn run_load(
         }
     }
     lat_us.sort_unstable();
+    let ok = ok.load(Ordering::Relaxed);
+    let cpu_secs = cpu.await.unwrap_or([f64::NAN; 3]);
     RunResult {
+        cpu_us: cpu_secs.map(|c| 1e6 * c / ok.max(1) as f64),
+        round: 0,
         target: t.name,
         stream,
         conns,
         load,
-        ok: ok.load(Ordering::Relaxed),
+        ok,
         errors: errors.load(Ordering::Relaxed),
         secs: measure.as_secs_f64(),
         lat_us,
@@ -499,53 +583,100 @@ fn print_row(r: &RunResult) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{:<7} {:<9} {:<22} {:>9.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  errors {}",
+        "r{} {:<7} {:<9} {:<22} {:>9.0} req/s  p50 {:>8.3} ms  p99 {:>8.3} ms  errors {}  \
+         CPU µs/req: proxy {:.0}, engine {:.0}, client {:.0}",
+        r.round + 1,
         r.target,
         if r.stream { "stream" } else { "whole" },
         load_text(r),
         r.rps(),
         r.pct(0.50),
         r.pct(0.99),
-        r.errors
+        r.errors,
+        r.cpu_us[0],
+        r.cpu_us[1],
+        r.cpu_us[2],
     );
     let _ = out.flush();
 }
 
+/// The median of `v` (NaN if empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 fn summarize(results: &[RunResult]) {
-    let find = |name: &str, s: bool, c: usize, l: Load| {
+    // Medians over rounds of one target at one (mode, load, connections).
+    let runs = |name: &str, r: &RunResult| -> Vec<&RunResult> {
         results
             .iter()
-            .find(|r| r.target == name && r.stream == s && r.conns == c && r.load == l)
+            .filter(|x| {
+                x.target == name && x.stream == r.stream && x.conns == r.conns && x.load == r.load
+            })
+            .collect()
     };
-    println!("\nsummary (added latency = proxy minus direct; throughput ratio = router / nginx)");
-    for r in results.iter().filter(|r| r.target == "direct") {
+    let med = |rs: &[&RunResult], f: &dyn Fn(&RunResult) -> f64| -> f64 {
+        median(rs.iter().map(|r| f(r)).collect())
+    };
+    println!(
+        "\nsummary, medians over rounds (added latency = proxy minus direct; \
+         throughput ratio = router / nginx, per round)"
+    );
+    for r in results
+        .iter()
+        .filter(|r| r.target == "direct" && r.round == 0)
+    {
+        let direct = runs("direct", r);
+        let (d50, d99) = (
+            med(&direct, &|x| x.pct(0.5)),
+            med(&direct, &|x| x.pct(0.99)),
+        );
         let line = |name: &str| {
-            find(name, r.stream, r.conns, r.load).map(|p| {
+            let p = runs(name, r);
+            (!p.is_empty()).then(|| {
                 format!(
-                    "{name}: {:+.3} ms p50, {:+.3} ms p99, {:.0} req/s",
-                    p.pct(0.5) - r.pct(0.5),
-                    p.pct(0.99) - r.pct(0.99),
-                    p.rps()
+                    "{name}: {:+.3} ms p50, {:+.3} ms p99, {:.0} req/s, {:.0} µs CPU/req",
+                    med(&p, &|x| x.pct(0.5)) - d50,
+                    med(&p, &|x| x.pct(0.99)) - d99,
+                    med(&p, &|x| x.rps()),
+                    med(&p, &|x| x.cpu_us[0])
                 )
             })
         };
-        let ratio = match (
-            find("router", r.stream, r.conns, r.load),
-            find("nginx", r.stream, r.conns, r.load),
-        ) {
-            (Some(a), Some(b)) if r.load == Load::Closed => {
-                format!(
-                    ", router/nginx throughput {:.0} %",
-                    100.0 * a.rps() / b.rps()
-                )
-            }
-            _ => String::new(),
+        let ratios: Vec<f64> = runs("router", r)
+            .iter()
+            .filter_map(|a| {
+                runs("nginx", r)
+                    .into_iter()
+                    .find(|b| b.round == a.round)
+                    .map(|b| 100.0 * a.rps() / b.rps())
+            })
+            .collect();
+        let ratio = if r.load == Load::Closed && !ratios.is_empty() {
+            let each: Vec<String> = ratios.iter().map(|x| format!("{x:.0}")).collect();
+            format!(
+                ", router/nginx throughput {:.0} % (rounds: {} %)",
+                median(ratios.clone()),
+                each.join(", ")
+            )
+        } else {
+            String::new()
         };
         println!(
             "  {:<6} {:<22} direct {:.0} req/s | {} | {}{}",
             if r.stream { "stream" } else { "whole" },
             load_text(r),
-            r.rps(),
+            med(&direct, &|x| x.rps()),
             line("router").unwrap_or_default(),
             line("nginx").unwrap_or_default(),
             ratio

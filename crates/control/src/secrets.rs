@@ -12,7 +12,13 @@ pub fn generate(prefix: &str) -> String {
 
 /// The SHA-256 hex digest we store instead of a secret.
 pub fn digest(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
+    hex::encode(digest_bytes(secret))
+}
+
+/// The SHA-256 digest of a secret, as bytes: a cache key that keeps no
+/// secret in memory and costs no string (hex-encode it for [`digest`]).
+pub fn digest_bytes(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
 }
 
 /// Compare two strings in time independent of where they differ.

@@ -3,7 +3,7 @@
 
 use crate::error::RouterError;
 use crate::usage::{Counters, Usage};
-use gpufleet_control::secrets::digest;
+use gpufleet_control::secrets::digest_bytes;
 use gpufleet_store::{ApiKeyId, Store};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -38,7 +38,8 @@ pub struct KeyCache {
     store: Store,
     ttl: Duration,
     usage: Arc<Usage>,
-    entries: RwLock<HashMap<String, Entry>>,
+    /// By the key's SHA-256 digest.
+    entries: RwLock<HashMap<[u8; 32], Entry>>,
 }
 
 impl KeyCache {
@@ -53,7 +54,7 @@ impl KeyCache {
 
     /// The key whose secret is `secret`; `InvalidKey` if none or revoked.
     pub async fn verify(&self, secret: &str) -> Result<Arc<AuthedKey>, RouterError> {
-        let hash = digest(secret);
+        let hash = digest_bytes(secret);
         let now = Instant::now();
         if let Some(e) = self
             .entries
@@ -65,7 +66,7 @@ impl KeyCache {
                 return e.key.clone().ok_or(RouterError::InvalidKey);
             }
         }
-        let rec = self.store.api_key_by_hash(&hash).await?;
+        let rec = self.store.api_key_by_hash(&hex::encode(hash)).await?;
         let key = rec.filter(|r| r.revoked_at.is_none()).map(|r| {
             Arc::new(AuthedKey {
                 usage: self.usage.key(r.id, &r.name),

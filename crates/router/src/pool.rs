@@ -8,6 +8,8 @@ use crate::config::{Policy, RouterConfig};
 use crate::usage::{Counters, Usage};
 use gpufleet_domain::{InstanceId, InstanceStatus};
 use gpufleet_store::InstanceRecord;
+use hyper::http::uri::Authority;
+use hyper::http::HeaderValue;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -26,10 +28,42 @@ pub struct Backend {
     /// `http://<ip>:<engine port>`
     pub base_url: String,
     /// `<ip>:<engine port>`, for request URIs.
-    pub authority: Option<hyper::http::uri::Authority>,
+    pub authority: Option<Authority>,
     pub in_flight: AtomicU64,
     pub breaker: Breaker,
     pub usage: Arc<Counters>,
+    /// `id`, ready for the `x-gpufleet-instance` response header.
+    pub id_header: HeaderValue,
+    /// `authority`, ready for the upstream `Host` header.
+    pub host_header: Option<HeaderValue>,
+}
+
+impl Backend {
+    pub fn new(
+        id: InstanceId,
+        model: &str,
+        base_url: String,
+        authority: Option<Authority>,
+        breaker: Breaker,
+        usage: Arc<Counters>,
+    ) -> Self {
+        let id_header =
+            HeaderValue::from_str(&id.to_string()).expect("an instance id is a valid header value");
+        let host_header = authority
+            .as_ref()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        Self {
+            id,
+            model: model.to_string(),
+            base_url,
+            authority,
+            in_flight: AtomicU64::new(0),
+            breaker,
+            usage,
+            id_header,
+            host_header,
+        }
+    }
 }
 
 /// Requests in flight to one backend; decremented on drop, whatever happens
@@ -295,15 +329,14 @@ impl Pools {
                         .parse()
                         .ok()
                 });
-                let backend = Arc::new(Backend {
-                    id: rec.id,
-                    model: model.to_string(),
+                let backend = Arc::new(Backend::new(
+                    rec.id,
+                    model,
                     base_url,
                     authority,
-                    in_flight: AtomicU64::new(0),
-                    breaker: Breaker::new(self.breaker_threshold, self.breaker_cooldown),
-                    usage: self.usage.instance(rec.id, model),
-                });
+                    Breaker::new(self.breaker_threshold, self.breaker_cooldown),
+                    self.usage.instance(rec.id, model),
+                ));
                 known.insert(
                     rec.id,
                     Known {
@@ -348,15 +381,14 @@ mod tests {
     use std::time::Duration;
 
     fn backend(n: u128) -> Arc<Backend> {
-        Arc::new(Backend {
-            id: InstanceId::from_uuid(uuid::Uuid::from_u128(n)),
-            model: "m".into(),
-            base_url: format!("http://127.0.0.{n}:8000"),
-            authority: format!("127.0.0.{n}:8000").parse().ok(),
-            in_flight: AtomicU64::new(0),
-            breaker: Breaker::new(1, Duration::from_secs(60)),
-            usage: Arc::new(Counters::default()),
-        })
+        Arc::new(Backend::new(
+            InstanceId::from_uuid(uuid::Uuid::from_u128(n)),
+            "m",
+            format!("http://127.0.0.{n}:8000"),
+            format!("127.0.0.{n}:8000").parse().ok(),
+            Breaker::new(1, Duration::from_secs(60)),
+            Arc::new(Counters::default()),
+        ))
     }
 
     fn pool(n: u128) -> ModelPool {

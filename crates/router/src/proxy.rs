@@ -10,7 +10,7 @@ use crate::usage::{Counters, Tokens};
 use crate::{Inner, RouterState};
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::{Bytes, BytesMut};
@@ -28,9 +28,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Response header naming the instance that served the request.
-pub const INSTANCE_HEADER: &str = "x-gpufleet-instance";
+pub const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-gpufleet-instance");
 /// Request header whose value pins a session to an instance.
-pub const SESSION_HEADER: &str = "x-session-id";
+pub const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
 
 /// The `Authorization: Bearer <key>` value, if well-formed.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -200,7 +200,7 @@ async fn forward_as(
         };
         // On a connection this task drives (see `upstream`).
         let host = authority.as_str();
-        let host_value = HeaderValue::from_str(host).ok();
+        let host_value = &b.host_header;
         let make = || {
             let mut r = hyper::Request::new(Full::new(body.clone()));
             *r.method_mut() = hyper::Method::POST;
@@ -332,9 +332,7 @@ fn attempt_failed(b: &Backend, why: &dyn std::fmt::Display) {
 }
 
 fn insert_instance(h: &mut HeaderMap, b: &Backend) {
-    if let Ok(v) = HeaderValue::from_str(&b.id.to_string()) {
-        h.insert(INSTANCE_HEADER, v);
-    }
+    h.insert(INSTANCE_HEADER, b.id_header.clone());
 }
 
 fn whole_raw(status: StatusCode, ct: Option<HeaderValue>, bytes: Bytes) -> Response {

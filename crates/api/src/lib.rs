@@ -144,6 +144,29 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, router, None, shutdown).await
+}
+
+/// A request handler consulted before the router, for a hot path that
+/// should skip routing and the layers (the OpenAI-compatible proxy).
+pub trait FirstHandler: Send + Sync + 'static {
+    /// Whether this handler answers `req` (from its head alone).
+    fn takes(&self, req: &axum::extract::Request) -> bool;
+    /// Answer a request it [takes](Self::takes).
+    fn call(&self, req: axum::extract::Request) -> BoxedResponse;
+}
+
+/// The answer of a [`FirstHandler`].
+pub type BoxedResponse =
+    std::pin::Pin<Box<dyn Future<Output = axum::response::Response> + Send + 'static>>;
+
+/// [`serve`], with `first` offered every request before `router`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    first: Option<Arc<dyn FirstHandler>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let streams = CancellationToken::new();
     let router = router.layer(Extension(StreamsShutdown(streams.clone())));
     let signal = async move {
@@ -157,7 +180,100 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(signal)
-        .await
+    match first {
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(signal)
+                .await
+        }
+        Some(first) => {
+            let service = FirstThen {
+                first,
+                rest: router,
+            };
+            axum::serve(listener, tower::make::Shared::new(service))
+                .with_graceful_shutdown(signal)
+                .await
+        }
+    }
+}
+
+/// A [`FirstHandler`], then the router for what it hands back.
+#[derive(Clone)]
+struct FirstThen {
+    first: Arc<dyn FirstHandler>,
+    rest: Router,
+}
+
+type FirstThenFuture = futures::future::Either<
+    futures::future::Map<
+        BoxedResponse,
+        fn(axum::response::Response) -> Result<axum::response::Response, std::convert::Infallible>,
+    >,
+    axum::routing::future::RouteFuture<std::convert::Infallible>,
+>;
+
+impl tower::Service<axum::extract::Request> for FirstThen {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = FirstThenFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+        use futures::FutureExt as _;
+        if self.first.takes(&req) {
+            futures::future::Either::Left(self.first.call(req).map(Ok as fn(_) -> _))
+        } else {
+            futures::future::Either::Right(tower::Service::call(&mut self.rest, req))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The first handler answers what it takes; everything else reaches the
+    /// router, fallbacks included.
+    #[tokio::test]
+    async fn the_first_handler_takes_its_requests_and_hands_back_the_rest() {
+        let router = Router::new().route("/rest", get(|| async { "from the router" }));
+        struct First;
+        impl FirstHandler for First {
+            fn takes(&self, req: &axum::extract::Request) -> bool {
+                req.uri().path() == "/first"
+            }
+            fn call(&self, _req: axum::extract::Request) -> BoxedResponse {
+                Box::pin(async {
+                    axum::response::IntoResponse::into_response("from the first handler")
+                })
+            }
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let server = tokio::spawn(serve_with(
+            listener,
+            router,
+            Some(Arc::new(First)),
+            async move { s.cancelled().await },
+        ));
+        let client = reqwest::Client::new();
+        let get = |path: &str| client.get(format!("http://{addr}{path}")).send();
+        let r = get("/first").await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().await.unwrap(), "from the first handler");
+        let r = get("/rest").await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "from the router");
+        assert_eq!(get("/nowhere").await.unwrap().status(), 404);
+        stop.cancel();
+        server.await.unwrap().unwrap();
+    }
 }

@@ -105,13 +105,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     .merge(gpufleet_console::router());
     // The OpenAI-compatible endpoint: /v1/models, /v1/chat/completions, /v1/completions.
     let router = router.merge(gpufleet_router::router(openai.clone()));
+    // Completions skip routing and the API's layers (tracing, metrics):
+    // the proxy's own per-request work is all they need.
+    let first = std::sync::Arc::new(HotPath(openai.clone()));
     let server_stop = cancel.clone();
     let mut server = tokio::spawn(async move {
-        gpufleet_api::serve(
-            listener,
-            router,
-            async move { server_stop.cancelled().await },
-        )
+        gpufleet_api::serve_with(listener, router, Some(first), async move {
+            server_stop.cancelled().await
+        })
         .await
     });
 
@@ -194,6 +195,19 @@ fn redact_url(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    }
+}
+
+/// The OpenAI proxy's completions, ahead of the API's routing and layers.
+struct HotPath(gpufleet_router::RouterState);
+
+impl gpufleet_api::FirstHandler for HotPath {
+    fn takes(&self, req: &axum::extract::Request) -> bool {
+        self.0.hot_path_takes(req)
+    }
+
+    fn call(&self, req: axum::extract::Request) -> gpufleet_api::BoxedResponse {
+        self.0.hot_path(req)
     }
 }
 

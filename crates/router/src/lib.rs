@@ -235,6 +235,30 @@ async fn flush_usage_periodically(state: RouterState, shutdown: CancellationToke
     }
 }
 
+impl RouterState {
+    /// Whether [`Self::hot_path`] answers `req`: `POST /v1/chat/completions`
+    /// and `POST /v1/completions`.
+    pub fn hot_path_takes(&self, req: &axum::extract::Request) -> bool {
+        req.method() == axum::http::Method::POST
+            && matches!(req.uri().path(), "/v1/chat/completions" | "/v1/completions")
+    }
+
+    /// Answer a request [`Self::hot_path_takes`] straight from the proxy,
+    /// without routing or layers: the same handlers as [`router`]'s, which
+    /// still serves these routes where no hot path is installed.
+    pub fn hot_path(
+        &self,
+        req: axum::extract::Request,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = axum::response::Response> + Send>> {
+        let state = axum::extract::State(self.clone());
+        if req.uri().path() == "/v1/completions" {
+            Box::pin(proxy::completions(state, req))
+        } else {
+            Box::pin(proxy::chat_completions(state, req))
+        }
+    }
+}
+
 /// The OpenAI-compatible routes: `GET /v1/models`, `POST /v1/chat/completions`,
 /// `POST /v1/completions`.
 pub fn router(state: RouterState) -> axum::Router {

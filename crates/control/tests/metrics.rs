@@ -3,7 +3,7 @@
 
 mod common;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, DurationRound, Utc};
 use common::*;
 use gpufleet_control::{ControlConfig, ControlError, CreateInstances, Fleet};
 use gpufleet_domain::metrics::{RetentionConfig, Step, Tier};
@@ -84,7 +84,10 @@ async fn rollups_fill_the_coarser_tiers_and_retention_trims_raw() {
     let store = h.fleet.store();
     // Ten minutes of history 30 hours ago (past raw retention) and ten
     // minutes 2 hours ago, one heartbeat per 5 s, as if received then.
-    let now = Utc::now();
+    // On a minute boundary, so that every minute bucket holds twelve
+    // samples, both utilisations among them (from an unaligned start, the
+    // first bucket could hold one 20 % sample alone).
+    let now = Utc::now().duration_trunc(Duration::minutes(1)).unwrap();
     let mut batch: Vec<(Heartbeat, DateTime<Utc>)> = Vec::new();
     let mut seq = 0;
     for start in [now - Duration::hours(30), now - Duration::hours(2)] {
@@ -149,22 +152,27 @@ async fn rollups_fill_the_coarser_tiers_and_retention_trims_raw() {
         .await
         .unwrap();
     assert_eq!(s.tier, Tier::Hour);
-    // A 5 s step from 30 h ago: raw is gone there, so minute rollups.
+    // A 5 s step around 30 h ago: raw is gone there, so minute rollups.
     let s = h
         .fleet
-        .metric_series(id, old.0, old.0 + Duration::hours(1), Some(Step::MIN))
+        .metric_series(id, old.0, old.1, Some(Step::MIN))
         .await
         .unwrap();
     assert_eq!(s.tier, Tier::Minute);
     assert!(!s.points.is_empty());
 
-    let task = h
-        .fleet
-        .task_statuses()
-        .into_iter()
-        .find(|t| t.name == "metrics_rollup")
-        .expect("the rollup reconciler is registered");
-    assert!(task.runs > 0);
+    // The run that rolled up is counted once it has returned, which may be
+    // after its writes were read above.
+    eventually(30, "the rollup reconciler to count its run", || async {
+        let task = h
+            .fleet
+            .task_statuses()
+            .into_iter()
+            .find(|t| t.name == "metrics_rollup")
+            .expect("the rollup reconciler is registered");
+        (task.runs > 0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

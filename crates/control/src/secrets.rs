@@ -12,13 +12,18 @@ pub fn generate(prefix: &str) -> String {
 
 /// The SHA-256 hex digest we store instead of a secret.
 pub fn digest(secret: &str) -> String {
-    hex::encode(digest_bytes(secret))
+    digest_hex(&digest_bytes(secret))
 }
 
 /// The SHA-256 digest of a secret, as bytes: a cache key that keeps no
-/// secret in memory and costs no string (hex-encode it for [`digest`]).
+/// secret in memory and costs no string ([`digest_hex`] gives [`digest`]).
 pub fn digest_bytes(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
+}
+
+/// [`digest_bytes`]' digest as stored: hex.
+pub fn digest_hex(digest: &[u8; 32]) -> String {
+    hex::encode(digest)
 }
 
 /// Compare two strings in time independent of where they differ.

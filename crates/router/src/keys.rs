@@ -3,7 +3,7 @@
 
 use crate::error::RouterError;
 use crate::usage::{Counters, Usage};
-use gpufleet_control::secrets::digest_bytes;
+use gpufleet_control::secrets::{digest_bytes, digest_hex};
 use gpufleet_store::{ApiKeyId, Store};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -66,7 +66,7 @@ impl KeyCache {
                 return e.key.clone().ok_or(RouterError::InvalidKey);
             }
         }
-        let rec = self.store.api_key_by_hash(&hex::encode(hash)).await?;
+        let rec = self.store.api_key_by_hash(&digest_hex(&hash)).await?;
         let key = rec.filter(|r| r.revoked_at.is_none()).map(|r| {
             Arc::new(AuthedKey {
                 usage: self.usage.key(r.id, &r.name),

@@ -240,7 +240,10 @@ impl RouterState {
     /// and `POST /v1/completions`.
     pub fn hot_path_takes(&self, req: &axum::extract::Request) -> bool {
         req.method() == axum::http::Method::POST
-            && matches!(req.uri().path(), "/v1/chat/completions" | "/v1/completions")
+            && matches!(
+                req.uri().path(),
+                proxy::CHAT_COMPLETIONS | proxy::COMPLETIONS
+            )
     }
 
     /// Answer a request [`Self::hot_path_takes`] straight from the proxy,
@@ -251,7 +254,7 @@ impl RouterState {
         req: axum::extract::Request,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = axum::response::Response> + Send>> {
         let state = axum::extract::State(self.clone());
-        if req.uri().path() == "/v1/completions" {
+        if req.uri().path() == proxy::COMPLETIONS {
             Box::pin(proxy::completions(state, req))
         } else {
             Box::pin(proxy::chat_completions(state, req))
@@ -264,7 +267,7 @@ impl RouterState {
 pub fn router(state: RouterState) -> axum::Router {
     axum::Router::new()
         .route("/v1/models", get(proxy::models))
-        .route("/v1/chat/completions", post(proxy::chat_completions))
-        .route("/v1/completions", post(proxy::completions))
+        .route(proxy::CHAT_COMPLETIONS, post(proxy::chat_completions))
+        .route(proxy::COMPLETIONS, post(proxy::completions))
         .with_state(state)
 }

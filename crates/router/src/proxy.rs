@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 
 /// Response header naming the instance that served the request.
 pub const INSTANCE_HEADER: HeaderName = HeaderName::from_static("x-gpufleet-instance");
+/// The paths of the two completion endpoints, here and upstream alike.
+pub const CHAT_COMPLETIONS: &str = "/v1/chat/completions";
+pub const COMPLETIONS: &str = "/v1/completions";
 /// Request header whose value pins a session to an instance.
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("x-session-id");
 
@@ -63,11 +66,11 @@ pub(crate) async fn models(State(state): State<RouterState>, headers: HeaderMap)
 }
 
 pub(crate) async fn chat_completions(State(state): State<RouterState>, req: Request) -> Response {
-    forward(&state.inner, "/v1/chat/completions", req).await
+    forward(&state.inner, CHAT_COMPLETIONS, req).await
 }
 
 pub(crate) async fn completions(State(state): State<RouterState>, req: Request) -> Response {
-    forward(&state.inner, "/v1/completions", req).await
+    forward(&state.inner, COMPLETIONS, req).await
 }
 
 async fn forward(inner: &Inner, path: &'static str, req: Request) -> Response {
@@ -105,12 +108,7 @@ struct StreamOptions {
 enum Last {
     Error(RouterError),
     /// A 5xx/429 answer, passed on as it is when no attempt is left.
-    Answer(
-        StatusCode,
-        Option<HeaderValue>,
-        Bytes,
-        gpufleet_domain::InstanceId,
-    ),
+    Answer(StatusCode, Option<HeaderValue>, Bytes, Arc<Backend>),
 }
 
 async fn forward_as(
@@ -261,7 +259,7 @@ async fn forward_as(
                 .read_all(resp, cfg.idle_timeout())
                 .await
                 .unwrap_or_default();
-            last = Some(Last::Answer(status, content_type, bytes, b.id));
+            last = Some(Last::Answer(status, content_type, bytes, b.clone()));
             continue;
         }
         b.breaker.success();
@@ -315,13 +313,7 @@ async fn forward_as(
     match last {
         None => Err(RouterError::AllCircuitsOpen { model }),
         Some(Last::Error(e)) => Err(e),
-        Some(Last::Answer(status, ct, bytes, id)) => {
-            let mut r = whole_raw(status, ct, bytes);
-            if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
-                r.headers_mut().insert(INSTANCE_HEADER, v);
-            }
-            Ok(r)
-        }
+        Some(Last::Answer(status, ct, bytes, b)) => Ok(whole(status, ct, bytes, &b)),
     }
 }
 

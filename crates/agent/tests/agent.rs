@@ -278,6 +278,7 @@ impl Setup {
                 vram_mib: 24_576,
                 power_limit_w: 72.0,
             },
+            control_plane_ca_pem: None,
         };
         std::fs::write(
             dir.path().join("bootstrap.json"),

@@ -11,6 +11,14 @@ pub struct ControlConfig {
     /// URL agents use to reach the control plane. Empty: derived from the
     /// listen address at start-up.
     pub agent_control_url: String,
+    /// URL machines of cloud providers reach the control plane at (`gpufleet
+    /// up --public-url`), e.g. `https://fleet.example.com`. Empty: they use
+    /// `agent_control_url` too. Mock machines always use `agent_control_url`.
+    pub public_url: String,
+    /// PEM of the certificate `public_url` serves when no public authority
+    /// signed it: handed to agents, which pin it. Set at start-up, not in files.
+    #[serde(skip)]
+    pub public_ca_pem: Option<String>,
     /// How often agents heartbeat.
     pub heartbeat_interval_ms: u64,
     /// A ready instance whose last heartbeat is older than this many intervals
@@ -85,6 +93,8 @@ impl Default for ControlConfig {
     fn default() -> Self {
         Self {
             agent_control_url: String::new(),
+            public_url: String::new(),
+            public_ca_pem: None,
             heartbeat_interval_ms: 5_000,
             missed_heartbeats_unhealthy: 3,
             agent_lost_after_secs: 300,

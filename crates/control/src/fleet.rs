@@ -515,6 +515,14 @@ impl Fleet {
         &self.inner.config.models
     }
 
+    /// The memory a model's weights need, in MiB (0: unknown).
+    pub(crate) fn model_size_mib(&self, model: &ModelName) -> u64 {
+        self.models()
+            .iter()
+            .find(|m| m.name == *model)
+            .map_or(0, |m| m.min_vram_mib)
+    }
+
     /// Trade the one-time bootstrap secret for a per-instance token.
     pub async fn register_agent(
         &self,

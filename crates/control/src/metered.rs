@@ -6,7 +6,7 @@ use crate::telemetry::{label, ProviderErrorLabels, ProviderOpLabels, Telemetry};
 use async_trait::async_trait;
 use gpufleet_domain::{ProviderInstanceId, ProviderName};
 use gpufleet_providers::{
-    Catalog, CreateRequest, Machine, Provider, ProviderError, ProviderRegistry,
+    Catalog, CreateRequest, Machine, Provider, ProviderError, ProviderRegistry, Resource,
 };
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -110,5 +110,22 @@ impl Provider for MeteredProvider {
     }
     async fn catalog(&self) -> Result<Catalog, ProviderError> {
         self.timed("catalog", self.inner.catalog()).await
+    }
+    fn machines_on_this_host(&self) -> bool {
+        self.inner.machines_on_this_host()
+    }
+    fn engine(&self) -> Option<gpufleet_proto::EngineSpec> {
+        self.inner.engine()
+    }
+    async fn list_resources(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<Resource>, ProviderError> {
+        self.timed("list_resources", self.inner.list_resources(tags))
+            .await
+    }
+    async fn delete_resource(&self, resource: &Resource) -> Result<(), ProviderError> {
+        self.timed("delete_resource", self.inner.delete_resource(resource))
+            .await
     }
 }

@@ -40,6 +40,11 @@ pub struct AgentBootstrap {
     pub engine: EngineSpec,
     /// GPUs to simulate when no NVIDIA driver is present.
     pub gpu: GpuSpec,
+    /// PEM of the control plane's TLS certificate when it is not signed by a
+    /// public authority: the agent then trusts this certificate alone (it is
+    /// pinned). `None`: the system's roots (or plain HTTP on loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane_ca_pem: Option<String>,
 }
 
 /// Which inference engine to run and how.
@@ -54,12 +59,34 @@ pub enum EngineSpec {
     },
     /// A real vLLM server: `command` is run with `--model <model> --host <ip> --port <port>` appended.
     Vllm { port: u16, command: Vec<String> },
+    /// vLLM's OpenAI-compatible server in a container (the official image)
+    /// with every GPU of the machine, run by `runtime` (`docker`).
+    VllmContainer {
+        port: u16,
+        /// Image reference, e.g. `vllm/vllm-openai:v0.10.1`.
+        image: String,
+        /// Host directory for the model cache (the model volume), mounted
+        /// as the container's Hugging Face cache.
+        cache_dir: String,
+        /// Engine arguments appended after `--model/--host/--port`.
+        #[serde(default)]
+        args: Vec<String>,
+        /// Program that runs containers.
+        #[serde(default = "default_container_runtime")]
+        runtime: String,
+    },
+}
+
+fn default_container_runtime() -> String {
+    "docker".to_string()
 }
 
 impl EngineSpec {
     pub fn port(&self) -> u16 {
         match self {
-            Self::Sim { port, .. } | Self::Vllm { port, .. } => *port,
+            Self::Sim { port, .. } | Self::Vllm { port, .. } | Self::VllmContainer { port, .. } => {
+                *port
+            }
         }
     }
 }

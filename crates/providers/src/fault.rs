@@ -250,6 +250,21 @@ impl Provider for FaultyProvider {
         self.enter(Op::Catalog).await?;
         self.inner.catalog().await
     }
+    fn machines_on_this_host(&self) -> bool {
+        self.inner.machines_on_this_host()
+    }
+    fn engine(&self) -> Option<gpufleet_proto::EngineSpec> {
+        self.inner.engine()
+    }
+    async fn list_resources(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<crate::Resource>, ProviderError> {
+        self.inner.list_resources(tags).await
+    }
+    async fn delete_resource(&self, resource: &crate::Resource) -> Result<(), ProviderError> {
+        self.inner.delete_resource(resource).await
+    }
 }
 
 #[cfg(test)]
@@ -350,7 +365,9 @@ mod tests {
                     vram_mib: 1,
                     power_limit_w: 1.0,
                 },
+                control_plane_ca_pem: None,
             },
+            model_size_mib: 0,
         }
     }
 

@@ -12,13 +12,14 @@
 //! - `get` of a machine that no longer exists is `Err(NotFound)`;
 //!   `terminate` of one is `Ok(())` (idempotent).
 
+pub mod cloudinit;
 pub mod fault;
 pub mod mock;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{InstanceId, InstanceType, ProviderInstanceId, ProviderName, Zone};
-use gpufleet_proto::AgentBootstrap;
+use gpufleet_proto::{AgentBootstrap, EngineSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -83,6 +84,9 @@ pub struct CreateRequest {
     pub tags: BTreeMap<String, String>,
     /// What the machine needs to start its agent (cloud-init user data on clouds).
     pub bootstrap: AgentBootstrap,
+    /// Size of the model's weights in MiB as the model list knows it (0:
+    /// unknown); clouds size the model-cache volume from it.
+    pub model_size_mib: u64,
 }
 
 /// A machine's state as the provider reports it.
@@ -122,6 +126,30 @@ impl Catalog {
     }
 }
 
+/// What kind of billable resource, besides machines, a provider made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceKind {
+    /// A public IP address.
+    Ip,
+    /// A block volume.
+    Volume,
+}
+
+/// A billable resource other than a machine (a public IP, a volume), as the
+/// provider lists it for the orphan reaper.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resource {
+    pub kind: ResourceKind,
+    /// The provider's id for it.
+    pub id: String,
+    pub zone: String,
+    pub tags: BTreeMap<String, String>,
+    /// The machine it is attached to, if any.
+    pub attached_to: Option<ProviderInstanceId>,
+    pub created_at: DateTime<Utc>,
+}
+
 /// A place machines come from.
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
@@ -138,6 +166,28 @@ pub trait Provider: Send + Sync + 'static {
     async fn list(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Machine>, ProviderError>;
     /// Zones and instance types.
     async fn catalog(&self) -> Result<Catalog, ProviderError>;
+    /// Whether machines run on this very host (the Mock provider): their
+    /// agents reach the control plane where it listens, not at its public URL.
+    fn machines_on_this_host(&self) -> bool {
+        false
+    }
+    /// The engine this provider's machines run, when it differs from the
+    /// control plane's default (clouds run vLLM in a container).
+    fn engine(&self) -> Option<EngineSpec> {
+        None
+    }
+    /// Billable resources other than machines (IPs, volumes) carrying all of
+    /// `tags`, attached or not. Providers that make none list none.
+    async fn list_resources(
+        &self,
+        _tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<Resource>, ProviderError> {
+        Ok(Vec::new())
+    }
+    /// Delete one such resource. Idempotent: `Ok(())` if it is already gone.
+    async fn delete_resource(&self, _resource: &Resource) -> Result<(), ProviderError> {
+        Ok(())
+    }
 }
 
 /// Providers by name.

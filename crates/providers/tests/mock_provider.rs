@@ -112,7 +112,9 @@ fn request_with_tags(key: &str, extra: &[(&str, &str)]) -> CreateRequest {
                 vram_mib: 23034,
                 power_limit_w: 72.0,
             },
+            control_plane_ca_pem: None,
         },
+        model_size_mib: 0,
     }
 }
 

@@ -101,6 +101,14 @@ impl Provisioner {
         let mut tag_map = BTreeMap::new();
         tag_map.insert(tags::CLUSTER.to_string(), fleet.cluster_id().to_string());
         tag_map.insert(tags::INSTANCE.to_string(), rec.id.to_string());
+        // Machines on this host reach the control plane where it listens;
+        // cloud machines at its public URL, pinning its certificate.
+        let (control_url, ca_pem) = if provider.machines_on_this_host() || cfg.public_url.is_empty()
+        {
+            (cfg.agent_control_url.as_str(), None)
+        } else {
+            (cfg.public_url.as_str(), cfg.public_ca_pem.clone())
+        };
         let req = CreateRequest {
             instance_id: rec.id,
             idempotency_key: rec.idempotency_key.clone(),
@@ -109,13 +117,15 @@ impl Provisioner {
             tags: tag_map,
             bootstrap: AgentBootstrap {
                 instance_id: rec.id,
-                control_plane_url: cfg.agent_control_url.clone(),
+                control_plane_url: control_url.to_string(),
                 bootstrap_secret: fleet.bootstrap_secret(rec.id),
                 model: rec.model.clone(),
                 agent_port: cfg.agent_port,
-                engine: cfg.engine.spec(),
+                engine: provider.engine().unwrap_or_else(|| cfg.engine.spec()),
                 gpu: itype.gpu.clone(),
+                control_plane_ca_pem: ca_pem,
             },
+            model_size_mib: fleet.model_size_mib(&rec.model),
         };
         fleet.mark_creating(rec.id, true);
         let started = Instant::now();

@@ -963,6 +963,10 @@ impl Provider for MockProvider {
         &self.inner.name
     }
 
+    fn machines_on_this_host(&self) -> bool {
+        true
+    }
+
     async fn create(&self, req: &CreateRequest) -> Result<Machine, ProviderError> {
         self.inner.create(req)
     }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use gpufleet_proto::{
-    paths, AgentEvent, Heartbeat, HeartbeatAck, RegisterRequest, RegisterResponse,
+    paths, AgentEvent, EngineEnv, Heartbeat, HeartbeatAck, RegisterRequest, RegisterResponse,
 };
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
@@ -88,6 +88,13 @@ impl ControlPlane {
         hb: &Heartbeat,
     ) -> Result<Option<HeartbeatAck>, CallError> {
         self.post(paths::HEARTBEAT, Some(token), hb).await
+    }
+
+    /// The engine's secret environment (e.g. `HF_TOKEN`).
+    pub async fn engine_env(&self, token: &str) -> Result<EngineEnv, CallError> {
+        self.post(paths::ENGINE_ENV, Some(token), &serde_json::json!({}))
+            .await?
+            .ok_or(CallError::Malformed)
     }
 
     pub async fn event(&self, token: &str, event: &AgentEvent) -> Result<(), CallError> {

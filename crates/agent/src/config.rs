@@ -14,14 +14,15 @@ use crate::gpu::GpuMode;
 /// Arguments of `gpufleet agent`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
-    /// This instance's id; must match the bootstrap file's.
+    /// This instance's id; must match the bootstrap file's when given
+    /// (default: the bootstrap file's).
     #[arg(long)]
-    pub instance_id: InstanceId,
+    pub instance_id: Option<InstanceId>,
     /// JSON file with the `AgentBootstrap` (control plane URL, secret, model, engine, GPUs).
     #[arg(long)]
     pub bootstrap_file: PathBuf,
     /// IP address the agent's server and the engine listen on.
-    #[arg(long)]
+    #[arg(long, env = "GPUFLEET_AGENT_BIND", default_value = "0.0.0.0")]
     pub bind: IpAddr,
     /// Directory for the agent's state (token, engine pid file).
     #[arg(long)]
@@ -62,9 +63,9 @@ pub fn load_bootstrap(args: &AgentArgs) -> Result<AgentBootstrap, AgentError> {
             path: path.clone(),
             source,
         })?;
-    if bootstrap.instance_id != args.instance_id {
+    if let Some(argument) = args.instance_id.filter(|id| *id != bootstrap.instance_id) {
         return Err(AgentError::InstanceIdMismatch {
-            argument: args.instance_id,
+            argument,
             bootstrap: bootstrap.instance_id,
             path: path.clone(),
         });

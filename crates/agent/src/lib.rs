@@ -158,6 +158,7 @@ pub async fn run_with(
         instance_id,
         cancel.clone(),
     ));
+    let env_client = client.clone();
     tasks.spawn(
         HeartbeatLoop {
             instance_id,
@@ -173,23 +174,37 @@ pub async fn run_with(
         }
         .run(cancel.clone()),
     );
-    let supervisor = tokio::spawn(
-        Supervisor {
-            launcher,
-            request: LaunchRequest {
-                spec: bootstrap.engine.clone(),
-                host: args.bind,
-                model: bootstrap.model.clone(),
-                data_dir: data_dir.path().to_path_buf(),
-            },
-            probe,
-            state: engine_tx,
-            events,
-            policy,
-            instance_id,
-        }
-        .run(cancel.clone()),
-    );
+    let supervisor = {
+        let cancel = cancel.clone();
+        let mut request = LaunchRequest {
+            spec: bootstrap.engine.clone(),
+            host: args.bind,
+            model: bootstrap.model.clone(),
+            data_dir: data_dir.path().to_path_buf(),
+            env: Vec::new(),
+        };
+        tokio::spawn(async move {
+            // A real engine may need secrets (a Hugging Face token) that
+            // never travel in user data: it starts once they arrived.
+            if request.spec.needs_secrets() {
+                match session::engine_env(&session, &env_client, instance_id, &cancel).await {
+                    Some(env) => request.env = env,
+                    None => return,
+                }
+            }
+            Supervisor {
+                launcher,
+                request,
+                probe,
+                state: engine_tx,
+                events,
+                policy,
+                instance_id,
+            }
+            .run(cancel)
+            .await
+        })
+    };
 
     let mut server = server;
     let outcome = tokio::select! {

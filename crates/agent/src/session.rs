@@ -178,3 +178,32 @@ pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
         () = tokio::time::sleep(d) => true,
     }
 }
+
+/// The engine's secret environment, fetched over the authenticated channel
+/// once the agent has a token; retried until it arrives. `None` once cancelled.
+pub async fn engine_env(
+    session: &Session,
+    client: &ControlPlane,
+    instance_id: InstanceId,
+    cancel: &CancellationToken,
+) -> Option<Vec<(String, String)>> {
+    let mut backoff = Backoff::new(REGISTER_BACKOFF_BASE, REGISTER_BACKOFF_MAX);
+    loop {
+        let token = session.wait_token(cancel).await?;
+        match client.engine_env(&token).await {
+            Ok(env) => {
+                // Names only: the values are secrets.
+                let names: Vec<&str> = env.env.keys().map(String::as_str).collect();
+                tracing::info!(%instance_id, ?names, "received the engine's environment");
+                return Some(env.env.into_iter().collect());
+            }
+            Err(CallError::Unauthorized) => session.reject(&token),
+            Err(e) => {
+                tracing::warn!(%instance_id, error = %chain(&e), "cannot fetch the engine's environment; retrying")
+            }
+        }
+        if !sleep_or_cancel(backoff.next_delay(), cancel).await {
+            return None;
+        }
+    }
+}

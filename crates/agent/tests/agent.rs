@@ -298,7 +298,7 @@ impl Setup {
 
     fn args(&self) -> AgentArgs {
         AgentArgs {
-            instance_id: self.instance_id,
+            instance_id: Some(self.instance_id),
             bootstrap_file: self.dir.path().join("bootstrap.json"),
             bind: LOCALHOST,
             data_dir: self.data_dir(),
@@ -586,7 +586,7 @@ async fn refuses_a_bootstrap_for_another_instance() {
         },
     );
     let args = AgentArgs {
-        instance_id: InstanceId::new(),
+        instance_id: Some(InstanceId::new()),
         ..setup.args()
     };
     let err = gpufleet_agent::run(args, std::future::pending())

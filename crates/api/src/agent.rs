@@ -10,7 +10,9 @@ use crate::SharedState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use gpufleet_proto::{AgentEvent, Heartbeat, HeartbeatAck, RegisterRequest, RegisterResponse};
+use gpufleet_proto::{
+    AgentEvent, EngineEnv, Heartbeat, HeartbeatAck, RegisterRequest, RegisterResponse,
+};
 
 /// Trade the bootstrap secret for an agent token (shown once).
 #[utoipa::path(
@@ -70,4 +72,22 @@ pub async fn events(
 ) -> Result<StatusCode, ApiError> {
     state.fleet.record_agent_event(agent, ev).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The secret environment of the token's instance's engine (e.g.
+/// `HF_TOKEN`): handed over this authenticated channel, never in user data.
+#[utoipa::path(
+    post, path = "/internal/v1/agent/engine-env", tag = "agent",
+    responses(
+        (status = 200, description = "The engine's environment", body = EngineEnv),
+        (status = 401, description = "Missing or unknown agent token", body = ErrorBody),
+        (status = 404, description = "The instance is gone", body = ErrorBody),
+    ),
+    security(("agent_token" = []))
+)]
+pub async fn engine_env(
+    State(state): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+) -> Result<Json<EngineEnv>, ApiError> {
+    Ok(Json(state.fleet.engine_env(agent).await?))
 }

@@ -16,6 +16,7 @@ mod agent;
 pub mod api_keys;
 mod auth;
 mod catalog;
+pub mod downloads;
 mod error;
 mod events;
 mod extract;
@@ -48,6 +49,8 @@ pub struct ApiState {
     /// More metric families for `/metrics` in the Prometheus text format
     /// (e.g. the OpenAI router's usage), appended to the control plane's own.
     pub extra_metrics: Option<ExtraMetrics>,
+    /// The agent binary cloud machines download (`GET /downloads/gpufleet`).
+    pub agent_binary: Option<downloads::AgentBinary>,
 }
 
 /// A source of extra `/metrics` text (Prometheus text format 0.0.4).
@@ -59,7 +62,14 @@ impl ApiState {
             fleet,
             admin_token: admin_token.into(),
             extra_metrics: None,
+            agent_binary: None,
         }
+    }
+
+    /// Serve `binary` at `GET /downloads/gpufleet`.
+    pub fn with_agent_binary(mut self, binary: downloads::AgentBinary) -> Self {
+        self.agent_binary = Some(binary);
+        self
     }
 
     /// Append `source`'s families to `/metrics` (text format only).
@@ -113,11 +123,13 @@ pub fn router(state: ApiState) -> Router {
         .route(paths::REGISTER, post(agent::register))
         .route(paths::HEARTBEAT, post(agent::heartbeat))
         .route(paths::EVENTS, post(agent::events))
+        .route(paths::ENGINE_ENV, post(agent::engine_env))
         .layer(DefaultBodyLimit::max(AGENT_BODY_LIMIT_BYTES));
 
     Router::new()
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(observability::prometheus))
+        .route(downloads::AGENT_BINARY_PATH, get(downloads::agent_binary))
         .nest("/api/v1", api)
         .merge(agent)
         .fallback(not_found)

@@ -35,6 +35,7 @@ use utoipa::{Modify, OpenApi};
         agent::register,
         agent::heartbeat,
         agent::events,
+        agent::engine_env,
         observability::fleet,
         observability::targets,
         observability::prometheus,

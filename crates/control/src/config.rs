@@ -129,6 +129,25 @@ pub struct EngineConfig {
     pub model_load_delay_ms: u64,
     /// Command starting vLLM (vllm only); `--model/--host/--port` are appended.
     pub vllm_command: Vec<String>,
+    /// File holding the Hugging Face token real engines download gated
+    /// weights with (`HF_TOKEN` in the environment of `up` wins). Handed to
+    /// each agent over its authenticated channel after registration, never
+    /// in user data, logs or the database.
+    pub hf_token_file: String,
+    /// The secret environment handed to engines (`HF_TOKEN`), read at
+    /// start-up from `hf_token_file` or the environment; never in files.
+    #[serde(skip)]
+    pub secret_env: SecretEnv,
+}
+
+/// Environment variables whose values are secrets: `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq)]
+pub struct SecretEnv(pub std::collections::BTreeMap<String, String>);
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 impl Default for EngineConfig {
@@ -138,6 +157,8 @@ impl Default for EngineConfig {
             port: gpufleet_proto::DEFAULT_ENGINE_PORT,
             model_load_delay_ms: 500,
             vllm_command: vec!["vllm".into(), "serve".into()],
+            hf_token_file: String::new(),
+            secret_env: SecretEnv::default(),
         }
     }
 }

@@ -14,7 +14,7 @@ use gpufleet_domain::{
     transition, InstanceId, InstanceStatus, LifecycleEvent, ModelName, ProviderName,
 };
 use gpufleet_proto::{
-    AgentEvent, AgentEventKind, EngineStatus, Heartbeat, HeartbeatAck, RegisterRequest,
+    AgentEvent, AgentEventKind, EngineEnv, EngineStatus, Heartbeat, HeartbeatAck, RegisterRequest,
     RegisterResponse,
 };
 use gpufleet_providers::{Catalog, Provider, ProviderRegistry};
@@ -677,6 +677,23 @@ impl Fleet {
             self.inner.tasks.wake(task::BOOT_WATCHER);
         }
         Ok(())
+    }
+
+    /// The secret environment of the engine of `agent`'s instance (e.g.
+    /// `HF_TOKEN`), asked for over its authenticated channel.
+    pub async fn engine_env(&self, agent: InstanceId) -> Result<EngineEnv, ControlError> {
+        let rec = self
+            .inner
+            .store
+            .get_instance(agent)
+            .await?
+            .ok_or_else(|| ControlError::not_found("instance", agent))?;
+        if rec.status.is_terminal() {
+            return Err(ControlError::not_found("instance", agent));
+        }
+        Ok(EngineEnv {
+            env: self.inner.config.engine.secret_env.0.clone(),
+        })
     }
 
     /// Put an agent-reported event on the instance's timeline.

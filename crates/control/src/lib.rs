@@ -27,7 +27,7 @@ pub mod traffic;
 pub mod validate;
 
 pub use bus::{ChangeKind, InstanceChange};
-pub use config::{ControlConfig, EngineConfig, IngestConfig, ModelSpec};
+pub use config::{ControlConfig, EngineConfig, IngestConfig, ModelSpec, SecretEnv};
 pub use driver::{TaskReport, TaskStatus};
 pub use error::ControlError;
 pub use fleet::{CreateInstances, Fleet};

@@ -17,6 +17,7 @@ pub mod paths {
     pub const REGISTER: &str = "/internal/v1/agent/register";
     pub const HEARTBEAT: &str = "/internal/v1/agent/heartbeat";
     pub const EVENTS: &str = "/internal/v1/agent/events";
+    pub const ENGINE_ENV: &str = "/internal/v1/agent/engine-env";
 }
 
 /// Default TCP port of the agent's own HTTP server (`/healthz`, `/readyz`, `/info`).
@@ -82,6 +83,12 @@ fn default_container_runtime() -> String {
 }
 
 impl EngineSpec {
+    /// Whether the engine needs the secret environment (a real vLLM may
+    /// download gated weights); the simulator needs none.
+    pub fn needs_secrets(&self) -> bool {
+        !matches!(self, Self::Sim { .. })
+    }
+
     pub fn port(&self) -> u16 {
         match self {
             Self::Sim { port, .. } | Self::Vllm { port, .. } | Self::VllmContainer { port, .. } => {
@@ -105,6 +112,14 @@ pub struct RegisterRequest {
 pub struct RegisterResponse {
     pub token: String,
     pub heartbeat_interval_ms: u64,
+}
+
+/// `POST /internal/v1/agent/engine-env` (empty body): the environment the
+/// engine needs that must not travel in user data (e.g. `HF_TOKEN`), handed
+/// over the authenticated channel.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EngineEnv {
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// State of the inference engine as the agent sees it.

@@ -22,7 +22,16 @@ pub struct LaunchRequest {
     pub model: ModelName,
     /// The agent's data directory (for `engine.pid`).
     pub data_dir: PathBuf,
+    /// Environment of the engine beyond the agent's own (secrets such as
+    /// `HF_TOKEN`; a container gets them by name, never on its command line).
+    pub env: Vec<(String, String)>,
 }
+
+/// Name of the engine's container (one engine per machine).
+pub const CONTAINER_NAME: &str = "gpufleet-engine";
+
+/// Where the model cache is mounted in vLLM's container (its Hugging Face cache).
+const CONTAINER_CACHE: &str = "/root/.cache/huggingface";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -100,7 +109,59 @@ impl ProcessLauncher {
                 ]);
                 Ok((PathBuf::from(program), args))
             }
+            EngineSpec::VllmContainer {
+                port,
+                image,
+                cache_dir,
+                args: extra,
+                runtime,
+            } => {
+                let mut args: Vec<String> = [
+                    "run",
+                    "--rm",
+                    "--name",
+                    CONTAINER_NAME,
+                    "--gpus",
+                    "all",
+                    "--ipc=host",
+                    "--network",
+                    "host",
+                    "-v",
+                ]
+                .map(String::from)
+                .into();
+                args.push(format!("{cache_dir}:{CONTAINER_CACHE}"));
+                for (name, _) in &req.env {
+                    args.extend(["-e".to_string(), name.clone()]);
+                }
+                args.extend([
+                    image.clone(),
+                    "--model".into(),
+                    req.model.to_string(),
+                    "--host".into(),
+                    host,
+                    "--port".into(),
+                    port.to_string(),
+                ]);
+                args.extend(extra.iter().cloned());
+                Ok((PathBuf::from(runtime), args))
+            }
         }
+    }
+}
+
+/// Removes the engine's container, if any (a previous agent's, or one whose
+/// `docker run` client died).
+async fn remove_container(runtime: &str) {
+    let out = Command::new(runtime)
+        .args(["rm", "-f", CONTAINER_NAME])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+    if let Err(e) = out {
+        tracing::warn!(runtime, error = %e, "cannot run the container runtime to remove the engine's container");
     }
 }
 
@@ -109,9 +170,17 @@ impl EngineLauncher for ProcessLauncher {
     async fn launch(&self, req: &LaunchRequest) -> Result<Box<dyn EngineProcess>, LaunchError> {
         let pid_file = req.data_dir.join("engine.pid");
         kill_stale_engine(&pid_file, req.spec.port()).await;
+        let container = match &req.spec {
+            EngineSpec::VllmContainer { runtime, .. } => {
+                remove_container(runtime).await;
+                Some(runtime.clone())
+            }
+            _ => None,
+        };
         let (program, args) = self.command(req)?;
         let mut cmd = Command::new(&program);
         cmd.args(&args)
+            .envs(req.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&req.data_dir)
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -147,6 +216,7 @@ impl EngineLauncher for ProcessLauncher {
             child,
             pid,
             pid_file,
+            container,
         }))
     }
 }
@@ -155,6 +225,8 @@ struct ChildEngine {
     child: Child,
     pid: Option<u32>,
     pid_file: PathBuf,
+    /// The container runtime, when the child is its client (`docker run`).
+    container: Option<String>,
 }
 
 impl ChildEngine {
@@ -206,6 +278,9 @@ impl EngineProcess for ChildEngine {
                 tracing::warn!(pid, "engine ignored SIGTERM; killing it");
                 let _ = self.child.kill().await;
             }
+        }
+        if let Some(runtime) = &self.container {
+            remove_container(runtime).await;
         }
         self.forget_pid_file();
     }
@@ -322,6 +397,7 @@ mod tests {
             host: "10.0.0.2".parse().expect("ip"),
             model: "org/m".parse().expect("model"),
             data_dir: "/tmp".into(),
+            env: vec![("HF_TOKEN".into(), "hf_secret".into())],
         };
         let (p, args) = l.command(&req).expect("cmd");
         assert_eq!(p, PathBuf::from("vllm"));
@@ -350,5 +426,25 @@ mod tests {
             ..req
         };
         assert!(matches!(l.command(&empty), Err(LaunchError::EmptyCommand)));
+        let container = LaunchRequest {
+            spec: EngineSpec::VllmContainer {
+                port: 8000,
+                image: "vllm/vllm-openai:v0.10.1".into(),
+                cache_dir: "/var/lib/gpufleet/models".into(),
+                args: vec!["--max-model-len".into(), "8192".into()],
+                runtime: "docker".into(),
+            },
+            ..empty
+        };
+        let (p, args) = l.command(&container).expect("cmd");
+        assert_eq!(p, PathBuf::from("docker"));
+        assert_eq!(
+            args.join(" "),
+            "run --rm --name gpufleet-engine --gpus all --ipc=host --network host \
+             -v /var/lib/gpufleet/models:/root/.cache/huggingface -e HF_TOKEN \
+             vllm/vllm-openai:v0.10.1 --model org/m --host 10.0.0.2 --port 8000 --max-model-len 8192"
+        );
+        // The secret's value never appears on the command line.
+        assert!(!args.iter().any(|a| a.contains("hf_secret")));
     }
 }

@@ -127,6 +127,7 @@ pub async fn run_with(
         stats: stats.clone(),
         host: Arc::new(Mutex::new(metrics::HostCollector::new())),
         hostname: hostname.clone(),
+        session: session.clone(),
     });
     let server = {
         let cancel = cancel.clone();

@@ -3,13 +3,13 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use gpufleet_domain::{InstanceId, ModelName};
-use gpufleet_proto::{AgentInfo, EngineStatus, GpuSource};
+use gpufleet_proto::{identity, AgentInfo, EngineStatus, GpuSource, Readiness};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -26,6 +26,8 @@ pub struct ServerState {
     pub stats: Arc<AgentStats>,
     pub host: Arc<Mutex<HostCollector>>,
     pub hostname: String,
+    /// The agent's token (proves identity to readiness probes).
+    pub session: Arc<crate::session::Session>,
 }
 
 pub fn router(state: Arc<ServerState>) -> Router {
@@ -41,21 +43,45 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-async fn readyz(State(state): State<Arc<ServerState>>) -> Response {
+#[derive(serde::Deserialize)]
+struct ReadyQuery {
+    challenge: Option<String>,
+}
+
+/// 200 once the engine serves the model, else 503; with a `challenge`, the
+/// answer proves it comes from this instance's own agent
+/// ([`gpufleet_proto::identity`]).
+async fn readyz(
+    State(state): State<Arc<ServerState>>,
+    Query(q): Query<ReadyQuery>,
+) -> Response {
     let engine = *state.engine.borrow();
     let reason = match engine.status {
-        EngineStatus::Ready => {
-            return (StatusCode::OK, Json(json!({"ready": true}))).into_response()
-        }
-        EngineStatus::Stopped => "engine not started",
-        EngineStatus::Starting => "engine starting: model not served yet",
-        EngineStatus::Crashed => "engine crashed; restarting",
+        EngineStatus::Ready => None,
+        EngineStatus::Stopped => Some("engine not started"),
+        EngineStatus::Starting => Some("engine starting: model not served yet"),
+        EngineStatus::Crashed => Some("engine crashed; restarting"),
     };
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({"ready": false, "engine_status": engine.status, "reason": reason})),
-    )
-        .into_response()
+    let proof = q.challenge.as_deref().and_then(|challenge| {
+        let token = state.session.current_token()?;
+        Some(identity::readiness_proof(
+            &identity::token_digest(&token),
+            state.instance_id,
+            challenge,
+        ))
+    });
+    let status = if reason.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Readiness {
+        ready: reason.is_none(),
+        instance_id: state.instance_id,
+        reason: reason.map(str::to_string),
+        proof,
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn info(State(state): State<Arc<ServerState>>) -> Json<AgentInfo> {

@@ -476,6 +476,7 @@ async fn models_count_ready_instances() {
     app.agents_ready
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let id = app.create(1).await[0].id;
+    app.register_agent(id).await;
     let app = &app;
     wait_for("instance ready", || async move {
         (app.instance(id).await.status == InstanceStatus::Ready).then_some(())

@@ -7,7 +7,7 @@ use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use common::*;
 use gpufleet_api::views::*;
 use gpufleet_domain::{InstanceId, InstanceStatus};
-use gpufleet_proto::{paths, Heartbeat, HeartbeatAck, RegisterRequest, RegisterResponse};
+use gpufleet_proto::{paths, Heartbeat, HeartbeatAck};
 use reqwest::StatusCode;
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -15,21 +15,8 @@ use std::process::{Command, Stdio};
 /// An instance whose agent registered; returns its id and agent token.
 async fn registered(app: &TestApp) -> (InstanceId, String) {
     let id = app.create(1).await[0].id;
-    let secret = app.bootstrap_secret(id).await;
-    let resp = app
-        .client
-        .post(app.url(paths::REGISTER))
-        .json(&RegisterRequest {
-            instance_id: id,
-            bootstrap_secret: secret,
-            agent_version: "test".into(),
-            hostname: "host".into(),
-        })
-        .send()
-        .await
-        .unwrap();
-    let reg: RegisterResponse = expect_json(resp, StatusCode::OK).await;
-    (id, reg.token)
+    let token = app.register_agent(id).await;
+    (id, token)
 }
 
 async fn send(app: &TestApp, token: &str, hb: &Heartbeat) -> reqwest::Response {

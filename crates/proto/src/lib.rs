@@ -20,6 +20,54 @@ pub mod paths {
     pub const ENGINE_ENV: &str = "/internal/v1/agent/engine-env";
 }
 
+/// Proof that an answer comes from an instance's own agent.
+///
+/// The control plane's readiness probe sends a fresh random `challenge`; the
+/// agent answers with [`readiness_proof`] keyed by its token's digest, which
+/// only that agent (which holds the token) and the control plane (which
+/// stores the digest) know. Another fleet's agent at the same address, or a
+/// stranger reusing a cloud IP, cannot answer it.
+pub mod identity {
+    use gpufleet_domain::InstanceId;
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+
+    /// Query parameter of `GET /readyz` carrying the challenge.
+    pub const CHALLENGE_PARAM: &str = "challenge";
+
+    /// The digest of an agent token, as the control plane stores it (hex SHA-256).
+    pub fn token_digest(token: &str) -> String {
+        hex::encode(Sha256::digest(token.as_bytes()))
+    }
+
+    /// HMAC-SHA256 over the instance id and the challenge, keyed by the
+    /// token's digest; hex.
+    pub fn readiness_proof(token_digest: &str, instance_id: InstanceId, challenge: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(token_digest.as_bytes())
+            .expect("HMAC takes keys of any length");
+        mac.update(b"gpufleet-readyz\0");
+        mac.update(instance_id.to_string().as_bytes());
+        mac.update(b"\0");
+        mac.update(challenge.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// The agent's `GET /readyz` answer (200 when the engine serves the model,
+/// 503 otherwise).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub instance_id: InstanceId,
+    /// Why not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// [`identity::readiness_proof`] of the request's challenge; absent
+    /// without a challenge or before the agent has a token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
+}
+
 /// Default TCP port of the agent's own HTTP server (`/healthz`, `/readyz`, `/info`).
 pub const DEFAULT_AGENT_PORT: u16 = 7070;
 /// Default TCP port of the inference engine (vLLM's default).

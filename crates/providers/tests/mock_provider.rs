@@ -828,3 +828,22 @@ async fn fault_wrapper_over_the_mock() {
     p.terminate(&m.id).await.expect("terminate");
     cleanup(&mock).await;
 }
+
+#[tokio::test]
+async fn addresses_another_process_listens_on_are_skipped() {
+    let fx = Fixture::new();
+    let p = fx.open();
+    let pool_net = fx.config.ip_pool.trim_end_matches(".0/24").to_string();
+    // Another fleet's agent holds the first address's agent port.
+    let first: IpAddr = format!("{pool_net}.1").parse().expect("ip");
+    let _stranger = std::net::TcpListener::bind((first, 7070)).expect("bind the stranger");
+    let m = p.create(&request("skip")).await.expect("create");
+    wait_running(&p, &m.id).await;
+    let ip = p.get(&m.id).await.expect("get").ip;
+    assert_eq!(
+        ip,
+        Some(format!("{pool_net}.2").parse::<IpAddr>().expect("ip")),
+        "the address in use is never handed out"
+    );
+    cleanup(&p).await;
+}

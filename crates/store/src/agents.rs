@@ -74,3 +74,18 @@ impl Store {
         Ok(())
     }
 }
+
+impl Store {
+    /// Digests of an instance's agent tokens that are not revoked.
+    pub async fn agent_token_digests(&self, id: InstanceId) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT token_hash FROM agent_tokens WHERE instance_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| RowReader::new(row, "agent_tokens row").get::<String>("token_hash"))
+            .collect()
+    }
+}

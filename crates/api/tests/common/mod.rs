@@ -1,7 +1,9 @@
 //! Test harness: the real router served on 127.0.0.1:0, over a real `Fleet`
 //! with a fresh SQLite database and an in-test provider that records calls and
 //! hands out machines (no processes). A fake agent answers `/readyz` on
-//! 127.0.0.1 when asked to, so instances can reach `ready`.
+//! 127.0.0.1 when asked to, for the last agent registered through
+//! [`TestApp::register_agent`] (with its identity proof), so instances can
+//! reach `ready`.
 
 #![allow(dead_code)]
 
@@ -24,6 +26,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use axum::response::IntoResponse;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -166,6 +169,8 @@ pub struct TestApp {
     pub fleet: Fleet,
     /// Whether the fake agent answers `/readyz` with 200.
     pub agents_ready: Arc<AtomicBool>,
+    /// Agents registered by the tests; the fake agent speaks for the last.
+    agents: FakeAgents,
     stop: CancellationToken,
     server: Option<JoinHandle<std::io::Result<()>>>,
     tasks: Option<JoinHandle<()>>,
@@ -182,7 +187,8 @@ impl TestApp {
         let base = format!("http://{}", listener.local_addr().unwrap());
 
         let agents_ready = Arc::new(AtomicBool::new(false));
-        let agent_port = spawn_fake_agent(agents_ready.clone()).await;
+        let agents = FakeAgents::default();
+        let agent_port = spawn_fake_agent(agents_ready.clone(), agents.clone()).await;
 
         let config = ControlConfig {
             agent_control_url: base.clone(),
@@ -208,6 +214,7 @@ impl TestApp {
             fleet: fleet.clone(),
             admin_token: ADMIN_TOKEN.to_string(),
             extra_metrics: None,
+            agent_binary: None,
         });
         let server = tokio::spawn(serve(listener, app, stop.clone().cancelled_owned()));
 
@@ -220,6 +227,7 @@ impl TestApp {
             provider,
             fleet,
             agents_ready,
+            agents,
             stop,
             server: Some(server),
             tasks: Some(tasks),
@@ -307,6 +315,30 @@ impl TestApp {
         .await
     }
 
+    /// Register `id`'s agent with its bootstrap secret; the fake agent then
+    /// answers readiness probes as this instance's agent. Returns the token.
+    pub async fn register_agent(&self, id: InstanceId) -> String {
+        let secret = self.bootstrap_secret(id).await;
+        let resp = self
+            .client
+            .post(self.url(gpufleet_proto::paths::REGISTER))
+            .json(&gpufleet_proto::RegisterRequest {
+                instance_id: id,
+                bootstrap_secret: secret,
+                agent_version: "test".into(),
+                hostname: "host".into(),
+            })
+            .send()
+            .await
+            .expect("request sent");
+        let reg: gpufleet_proto::RegisterResponse = expect_json(resp, StatusCode::OK).await;
+        self.agents
+            .lock()
+            .unwrap()
+            .push((id, reg.token.clone()));
+        reg.token
+    }
+
     /// Stop the server (and the reconcilers) and wait for both.
     pub async fn shutdown(mut self) -> std::io::Result<()> {
         self.stop.cancel();
@@ -329,25 +361,41 @@ impl Drop for TestApp {
     }
 }
 
-/// Serve `/readyz` on 127.0.0.1:<port>: 200 when `ready`, 503 otherwise.
-async fn spawn_fake_agent(ready: Arc<AtomicBool>) -> u16 {
+type FakeAgents = Arc<Mutex<Vec<(InstanceId, String)>>>;
+
+/// Serve `/readyz` on 127.0.0.1:<port> as the last registered agent: 200
+/// when `ready`, 503 otherwise, with the answer to the probe's challenge.
+async fn spawn_fake_agent(ready: Arc<AtomicBool>, agents: FakeAgents) -> u16 {
     use axum::http::StatusCode as S;
+    use gpufleet_proto::{identity, Readiness};
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind fake agent");
     let port = listener.local_addr().unwrap().port();
     let app = axum::Router::new().route(
         "/readyz",
-        axum::routing::get(move || {
-            let ready = ready.clone();
-            async move {
-                if ready.load(Ordering::SeqCst) {
-                    S::OK
-                } else {
-                    S::SERVICE_UNAVAILABLE
+        axum::routing::get(
+            move |axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>| {
+                let ready = ready.load(Ordering::SeqCst);
+                let agent = agents.lock().unwrap().last().cloned();
+                async move {
+                    let Some((id, token)) = agent else {
+                        return S::SERVICE_UNAVAILABLE.into_response();
+                    };
+                    let proof = q.get(identity::CHALLENGE_PARAM).map(|c| {
+                        identity::readiness_proof(&identity::token_digest(&token), id, c)
+                    });
+                    let status = if ready { S::OK } else { S::SERVICE_UNAVAILABLE };
+                    let body = Readiness {
+                        ready,
+                        instance_id: id,
+                        reason: None,
+                        proof,
+                    };
+                    (status, axum::Json(body)).into_response()
                 }
-            }
-        }),
+            },
+        ),
     );
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;

@@ -1,6 +1,12 @@
 //! Health: readiness probes of the agents' `/readyz` and heartbeat freshness.
 //!
 //! - `starting`: a passing probe → `ready`.
+//!
+//! A probe passes only when the answer proves it comes from the instance's
+//! own agent: it carries a fresh challenge, which the agent answers with an
+//! HMAC keyed by its token's digest (`gpufleet_proto::identity`). Another
+//! fleet's agent on the same address, or a stranger on a reused cloud IP,
+//! fails it, and the instance never turns `ready` on their word.
 //! - `ready`: heartbeat older than `missed_heartbeats_unhealthy` intervals, or
 //!   that many failed probes in a row → `unhealthy`.
 //! - `unhealthy`: fresh heartbeat and a passing probe → `ready`; silent for
@@ -15,6 +21,7 @@ use crate::timeline::EntryExt;
 use async_trait::async_trait;
 use chrono::Utc;
 use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, LifecycleEvent};
+use gpufleet_proto::{identity, Readiness};
 use gpufleet_providers::ProviderError;
 use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
 use std::collections::HashMap;
@@ -25,6 +32,9 @@ pub struct Health {
     fleet: Fleet,
     /// Consecutive failed probes per ready instance.
     failures: Mutex<HashMap<InstanceId, u32>>,
+    /// Token digests of each probed instance's agent, read from the store
+    /// when missing or when a proof matches none of them.
+    digests: Mutex<HashMap<InstanceId, Vec<String>>>,
 }
 
 enum Probe {
@@ -37,23 +47,93 @@ impl Health {
         Self {
             fleet,
             failures: Mutex::new(HashMap::new()),
+            digests: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether `proof` answers `challenge` for one of `id`'s agent tokens.
+    async fn proven(&self, id: InstanceId, challenge: &str, proof: &str) -> Result<bool, String> {
+        let matches = |digests: &[String]| {
+            digests.iter().any(|d| {
+                crate::secrets::constant_time_eq(
+                    &identity::readiness_proof(d, id, challenge),
+                    proof,
+                )
+            })
+        };
+        let cached = self.cached_digests(id);
+        if cached.as_deref().is_some_and(matches) {
+            return Ok(true);
+        }
+        let fresh = self
+            .fleet
+            .store()
+            .agent_token_digests(id)
+            .await
+            .map_err(|e| format!("cannot read the agent's token: {e}"))?;
+        let ok = matches(&fresh);
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, fresh);
+        Ok(ok)
+    }
+
+    fn cached_digests(&self, id: InstanceId) -> Option<Vec<String>> {
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
     }
 
     async fn probe(&self, rec: &InstanceRecord) -> Probe {
         let Some(ip) = rec.ip else {
             return Probe::NotReady("no IP".into());
         };
+        let addr = std::net::SocketAddr::new(ip, self.fleet.config().agent_port);
+        let challenge = crate::secrets::generate("");
         let url = format!(
-            "http://{}/readyz",
-            std::net::SocketAddr::new(ip, self.fleet.config().agent_port)
+            "http://{addr}/readyz?{}={challenge}",
+            identity::CHALLENGE_PARAM
         );
-        match self.fleet.inner.http.get(&url).send().await {
-            Ok(r) if r.status().is_success() => Probe::Ready,
-            Ok(r) => Probe::NotReady(format!("readyz answered {}", r.status())),
-            Err(e) if e.is_timeout() => Probe::NotReady("readyz timed out".into()),
-            Err(e) if e.is_connect() => Probe::NotReady("agent not reachable".into()),
-            Err(_) => Probe::NotReady("readyz request failed".into()),
+        let resp = match self.fleet.inner.http.get(&url).send().await {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => return Probe::NotReady("readyz timed out".into()),
+            Err(e) if e.is_connect() => return Probe::NotReady("agent not reachable".into()),
+            Err(_) => return Probe::NotReady("readyz request failed".into()),
+        };
+        let status = resp.status();
+        let Ok(answer) = resp.json::<Readiness>().await else {
+            return Probe::NotReady(format!(
+                "readyz at {addr} answered {status} without a readiness document: not this instance's agent"
+            ));
+        };
+        if answer.instance_id != rec.id {
+            return Probe::NotReady(format!(
+                "the agent at {addr} belongs to instance {}, not this one",
+                answer.instance_id
+            ));
+        }
+        let Some(proof) = answer.proof.as_deref() else {
+            return Probe::NotReady("the agent has no token yet: not registered".into());
+        };
+        match self.proven(rec.id, &challenge, proof).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Probe::NotReady(format!(
+                    "the agent at {addr} failed the identity challenge: not this instance's agent"
+                ))
+            }
+            Err(reason) => return Probe::NotReady(reason),
+        }
+        if status.is_success() && answer.ready {
+            Probe::Ready
+        } else {
+            Probe::NotReady(match answer.reason {
+                Some(reason) => format!("readyz answered {status}: {reason}"),
+                None => format!("readyz answered {status}"),
+            })
         }
     }
 
@@ -240,6 +320,11 @@ impl Reconciler for Health {
             &mut report,
         )
         .await;
+        let live: std::collections::HashSet<InstanceId> = list.iter().map(|r| r.id).collect();
+        self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| live.contains(id));
         fan_out(&mut report, list, CONCURRENCY * 2, |rec| self.check(rec)).await;
         report
     }

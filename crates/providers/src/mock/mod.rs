@@ -746,14 +746,26 @@ impl Inner {
             debug!(machine_id = %r.id, instance_id = %r.instance_id, "create replayed; returning the existing machine");
             return Ok(self.view(r));
         }
-        let Some(ip) = self.pool.lowest_free(&state.used_ips) else {
-            return Err(ProviderError::OutOfCapacity {
-                message: format!(
-                    "all {} addresses of ip_pool {} are in use",
-                    self.pool.size(),
-                    self.config.ip_pool
-                ),
-            });
+        // An address whose agent or engine port something else listens on
+        // (another fleet's machine, on the same host) is skipped: traffic
+        // for this machine must never reach a stranger.
+        let ports = [req.bootstrap.agent_port, req.bootstrap.engine.port()];
+        let mut used = std::borrow::Cow::Borrowed(&state.used_ips);
+        let ip = loop {
+            let Some(ip) = self.pool.lowest_free(&used) else {
+                return Err(ProviderError::OutOfCapacity {
+                    message: format!(
+                        "all {} addresses of ip_pool {} are in use",
+                        self.pool.size(),
+                        self.config.ip_pool
+                    ),
+                });
+            };
+            if ports_free(ip, &ports) {
+                break ip;
+            }
+            warn!(%ip, ?ports, "address in use by processes this provider does not own; skipping it");
+            used.to_mut().insert(ip);
         };
         let id = loop {
             let id = new_machine_id();
@@ -955,6 +967,17 @@ fn append_log(dir: &Path, message: &str) {
     if let Err(e) = open_log(dir).and_then(|mut f| f.write_all(line.as_bytes())) {
         debug!(dir = %dir.display(), error = %e, "cannot append to agent.log");
     }
+}
+
+/// Whether nothing listens on `ip` at any of `ports` (a failed bind for any
+/// other reason than "in use" counts as free: the agent will say more).
+fn ports_free(ip: Ipv4Addr, ports: &[u16]) -> bool {
+    ports.iter().all(|&port| {
+        !matches!(
+            std::net::TcpListener::bind((ip, port)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse
+        )
+    })
 }
 
 #[async_trait]

@@ -834,3 +834,40 @@ async fn agent_bodies_are_validated() {
     let err = expect_error(resp, StatusCode::BAD_REQUEST).await;
     assert_eq!(err.error.field.as_deref(), Some("instance_id"));
 }
+
+/// Runs of the reconciler `name` so far.
+async fn task_runs(app: &TestApp, name: &str) -> u64 {
+    let body: serde_json::Value =
+        expect_json(app.get("/api/v1/system/tasks").await, StatusCode::OK).await;
+    body["tasks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["name"] == name)
+        .and_then(|t| t["runs"].as_u64())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_instance_never_turns_ready_on_another_agents_word() {
+    // Every machine of the test provider has the same address, where the
+    // fake agent answers as the last registered agent: instance `a`'s.
+    let app = TestApp::spawn().await;
+    app.agents_ready
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let created = app.create(2).await;
+    let (a, b) = (created[0].id, created[1].id);
+    app.register_agent(a).await;
+    let app = &app;
+    wait_for("a ready", || async move {
+        (app.instance(a).await.status == InstanceStatus::Ready).then_some(())
+    })
+    .await;
+    // b's probes reach a's agent, which cannot prove to be b's.
+    let runs = task_runs(app, "health").await;
+    wait_for("three more health passes", || async move {
+        (task_runs(app, "health").await >= runs + 3).then_some(())
+    })
+    .await;
+    assert_eq!(app.instance(b).await.status, InstanceStatus::Starting);
+}

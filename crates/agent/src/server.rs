@@ -51,10 +51,7 @@ struct ReadyQuery {
 /// 200 once the engine serves the model, else 503; with a `challenge`, the
 /// answer proves it comes from this instance's own agent
 /// ([`gpufleet_proto::identity`]).
-async fn readyz(
-    State(state): State<Arc<ServerState>>,
-    Query(q): Query<ReadyQuery>,
-) -> Response {
+async fn readyz(State(state): State<Arc<ServerState>>, Query(q): Query<ReadyQuery>) -> Response {
     let engine = *state.engine.borrow();
     let reason = match engine.status {
         EngineStatus::Ready => None,

@@ -54,7 +54,10 @@ pub async fn agent_binary(State(state): State<SharedState>) -> Result<Response, 
     let mut resp = (
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::HeaderName::from_static("x-checksum-sha256"), bin.sha256.clone()),
+            (
+                header::HeaderName::from_static("x-checksum-sha256"),
+                bin.sha256.clone(),
+            ),
         ],
         Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)),
     )

@@ -36,6 +36,13 @@ pub struct UpConfig {
     pub admin_token_file: String,
     /// Longest a SIGINT/SIGTERM shutdown may take before the process exits anyway.
     pub shutdown_timeout_secs: u64,
+    /// The address cloud machines reach the control plane at, e.g.
+    /// `https://fleet.example.com` (their agents register and heartbeat
+    /// there, and download the agent binary). Empty: no cloud provider can
+    /// be used. Env: `GPUFLEET_PUBLIC_URL`.
+    pub public_url: String,
+    /// The HTTPS listener of `public_url` (`[tls]`).
+    pub tls: crate::tls::TlsSection,
     /// The control plane: heartbeats, timeouts, retries, reconcile period,
     /// engine and models.
     pub control: ControlConfig,
@@ -56,6 +63,8 @@ impl Default for UpConfig {
             database_url: String::new(),
             admin_token_file: String::new(),
             shutdown_timeout_secs: 10,
+            public_url: String::new(),
+            tls: crate::tls::TlsSection::default(),
             control: ControlConfig::default(),
             mock: MockSection::default(),
             router: gpufleet_router::RouterConfig::default(),
@@ -119,6 +128,7 @@ pub struct UpOverrides {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub database_url: Option<String>,
+    pub public_url: Option<String>,
 }
 
 impl UpConfig {
@@ -157,6 +167,9 @@ impl UpConfig {
         if let Some(v) = env("GPUFLEET_ADMIN_TOKEN_FILE") {
             config.admin_token_file = v;
         }
+        if let Some(v) = env("GPUFLEET_PUBLIC_URL") {
+            config.public_url = v;
+        }
         if let Some(v) = flags.listen {
             config.listen = v;
         }
@@ -165,6 +178,19 @@ impl UpConfig {
         }
         if let Some(v) = &flags.database_url {
             config.database_url = v.clone();
+        }
+        if let Some(v) = &flags.public_url {
+            config.public_url = v.clone();
+        }
+        config.public_url = config.public_url.trim_end_matches('/').to_string();
+        if !config.public_url.is_empty()
+            && !config.public_url.starts_with("https://")
+            && !config.public_url.starts_with("http://")
+        {
+            anyhow::bail!(
+                "public URL {:?} must start with https:// (or http:// on a trusted network)",
+                config.public_url
+            );
         }
         Ok(config)
     }
@@ -252,6 +278,7 @@ mod tests {
             listen: Some("127.0.0.1:3".parse().unwrap()),
             data_dir: Some("/from/flag".into()),
             database_url: Some("postgres://x".into()),
+            public_url: None,
         };
         let c = UpConfig::load(Some(&file), lookup, &flags).unwrap();
         assert_eq!(c.listen.port(), 3);

@@ -7,6 +7,7 @@ mod bench_router;
 mod client;
 mod config;
 mod signals;
+mod tls;
 mod token;
 mod up;
 

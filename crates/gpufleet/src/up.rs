@@ -37,6 +37,11 @@ pub struct UpArgs {
     /// TOML config file (see gpufleet.example.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The address cloud machines reach this control plane at, e.g.
+    /// https://fleet.example.com [default: $GPUFLEET_PUBLIC_URL]. With
+    /// https://, `up` serves TLS there (see [tls] in gpufleet.example.toml).
+    #[arg(long)]
+    pub public_url: Option<String>,
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -44,6 +49,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         listen: args.listen,
         data_dir: args.data_dir.clone(),
         database_url: args.database.clone(),
+        public_url: args.public_url.clone(),
     };
     let mut config = UpConfig::load(args.config.as_deref(), |k| std::env::var(k).ok(), &flags)?;
 
@@ -83,6 +89,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         config.control.agent_control_url = format!("http://{}", reachable(addr));
     }
 
+    let public_tls = config
+        .tls
+        .resolve(&config.public_url, &config.data_dir)
+        .context("cannot set up TLS for the public URL")?;
+    config.control.public_url = config.public_url.clone();
+    config.control.public_ca_pem = public_tls.as_ref().and_then(|t| t.pin_pem.clone());
+
     let fleet = Fleet::new(store.clone(), providers, config.control.clone())
         .await
         .context("cannot start the control plane")?;
@@ -108,6 +121,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Completions skip routing and the API's layers (tracing, metrics):
     // the proxy's own per-request work is all they need.
     let first = std::sync::Arc::new(HotPath(openai.clone()));
+    let tls_server = match public_tls.as_ref().filter(|t| t.serves()) {
+        Some(tls) => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let stop = cancel.clone();
+            let handle =
+                crate::tls::serve(tls, router.clone(), async move { stop.cancelled().await })
+                    .await?;
+            tracing::info!(listen = %tls.listen, public_url = %config.public_url, pinned = tls.pin_pem.is_some(), "HTTPS listener for the public URL");
+            Some(handle)
+        }
+        None => None,
+    };
     let server_stop = cancel.clone();
     let mut server = tokio::spawn(async move {
         gpufleet_api::serve_with(listener, router, Some(first), async move {
@@ -141,6 +166,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             None => server.await,
         };
         let _ = reconcilers.await;
+        if let Some(tls_server) = tls_server {
+            let _ = tls_server.await;
+        }
         mock.shutdown().await;
         if let Err(e) = openai.flush_usage().await {
             tracing::warn!(

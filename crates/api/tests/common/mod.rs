@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 use async_trait::async_trait;
+use axum::response::IntoResponse;
 use chrono::Utc;
 use gpufleet_api::views::{ErrorBody, InstanceView};
 use gpufleet_api::{router, serve, ApiState};
@@ -26,7 +27,6 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use axum::response::IntoResponse;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -332,10 +332,7 @@ impl TestApp {
             .await
             .expect("request sent");
         let reg: gpufleet_proto::RegisterResponse = expect_json(resp, StatusCode::OK).await;
-        self.agents
-            .lock()
-            .unwrap()
-            .push((id, reg.token.clone()));
+        self.agents.lock().unwrap().push((id, reg.token.clone()));
         reg.token
     }
 
@@ -382,9 +379,9 @@ async fn spawn_fake_agent(ready: Arc<AtomicBool>, agents: FakeAgents) -> u16 {
                     let Some((id, token)) = agent else {
                         return S::SERVICE_UNAVAILABLE.into_response();
                     };
-                    let proof = q.get(identity::CHALLENGE_PARAM).map(|c| {
-                        identity::readiness_proof(&identity::token_digest(&token), id, c)
-                    });
+                    let proof = q
+                        .get(identity::CHALLENGE_PARAM)
+                        .map(|c| identity::readiness_proof(&identity::token_digest(&token), id, c));
                     let status = if ready { S::OK } else { S::SERVICE_UNAVAILABLE };
                     let body = Readiness {
                         ready,

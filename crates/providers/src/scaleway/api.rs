@@ -145,9 +145,13 @@ impl Api {
         query: &[(&str, String)],
         body: Body,
     ) -> Result<Answer, ProviderError> {
-        let _permit = self.permits.acquire().await.map_err(|_| ProviderError::Retryable {
-            message: "the Scaleway client is shutting down".into(),
-        })?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| ProviderError::Retryable {
+                message: "the Scaleway client is shutting down".into(),
+            })?;
         self.calls.count(op);
         let url = format!("{}{}", self.base, path);
         let mut req = self
@@ -162,7 +166,10 @@ impl Api {
             Body::Json(v) => req.json(&v),
             Body::Text(t) => req.header(CONTENT_TYPE, "text/plain").body(t),
         };
-        let resp = req.send().await.map_err(|e| transport_error(&method, path, e))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| transport_error(&method, path, e))?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp
@@ -171,19 +178,14 @@ impl Api {
             .map_err(|e| transport_error(&method, path, e))?
             .to_vec();
         if status.is_success() {
-            return Ok(Answer {
-                headers,
-                body,
-            });
+            return Ok(Answer { headers, body });
         }
         let retry_after = headers
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         let err = map_error(status.as_u16(), retry_after, &body);
-        if matches!(status.as_u16(), 401 | 403)
-            && !self.auth_logged.swap(true, Ordering::Relaxed)
-        {
+        if matches!(status.as_u16(), 401 | 403) && !self.auth_logged.swap(true, Ordering::Relaxed) {
             // Once per provider: every retry would say the same.
             error!(provider = "scaleway", status = status.as_u16(), "{err}");
         }
@@ -233,7 +235,10 @@ struct ErrorBody {
 pub fn map_error(status: u16, retry_after: Option<u64>, body: &[u8]) -> ProviderError {
     let b: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
     let what = if b.message.is_empty() {
-        String::from_utf8_lossy(body).chars().take(200).collect::<String>()
+        String::from_utf8_lossy(body)
+            .chars()
+            .take(200)
+            .collect::<String>()
     } else {
         b.message.clone()
     };
@@ -275,7 +280,11 @@ pub fn map_error(status: u16, retry_after: Option<u64>, body: &[u8]) -> Provider
             return ProviderError::InvalidRequest { field, message };
         }
         "invalid_request_error" if b.fields.as_ref().is_some_and(|f| !f.is_empty()) => {
-            let (name, msgs) = b.fields.as_ref().and_then(|f| f.iter().next()).expect("non-empty");
+            let (name, msgs) = b
+                .fields
+                .as_ref()
+                .and_then(|f| f.iter().next())
+                .expect("non-empty");
             return ProviderError::InvalidRequest {
                 field: static_field(name),
                 message: format!("{name}: {}", msgs.join("; ")),
@@ -286,7 +295,10 @@ pub fn map_error(status: u16, retry_after: Option<u64>, body: &[u8]) -> Provider
                 id: ProviderInstanceId::new(b.resource_id.clone().unwrap_or_default()),
             }
         }
-        "precondition_failed" | "transient_state" | "resource_locked" | "already_exists"
+        "precondition_failed"
+        | "transient_state"
+        | "resource_locked"
+        | "already_exists"
         | "conflict" => {
             return ProviderError::retryable_after(
                 format!("Scaleway refused for now ({}): {what}", b.kind),
@@ -364,7 +376,10 @@ fn invalid_argument(b: &ErrorBody) -> (&'static str, String) {
         .and_then(|a| a.first());
     match first {
         Some(d) => {
-            let name = d.get("argument_name").and_then(|v| v.as_str()).unwrap_or("");
+            let name = d
+                .get("argument_name")
+                .and_then(|v| v.as_str())
+                .unwrap_or("");
             let help = d
                 .get("help_message")
                 .and_then(|v| v.as_str())
@@ -598,22 +613,32 @@ mod tests {
     #[test]
     fn next_page_from_recorded_links() {
         assert_eq!(
-            next_page_of(r#"</products/servers?page=2&per_page=50&>; rel="next",</products/servers?page=3&per_page=50&>; rel="last""#),
+            next_page_of(
+                r#"</products/servers?page=2&per_page=50&>; rel="next",</products/servers?page=3&per_page=50&>; rel="last""#
+            ),
             Some(2)
         );
         assert_eq!(
-            next_page_of(r#"</products/servers?page=1&per_page=50&>; rel="first",</products/servers?page=1&per_page=50&>; rel="previous",</products/servers?page=3&per_page=50&>; rel="next",</products/servers?page=3&per_page=50&>; rel="last""#),
+            next_page_of(
+                r#"</products/servers?page=1&per_page=50&>; rel="first",</products/servers?page=1&per_page=50&>; rel="previous",</products/servers?page=3&per_page=50&>; rel="next",</products/servers?page=3&per_page=50&>; rel="last""#
+            ),
             Some(3)
         );
         assert_eq!(
-            next_page_of(r#"</products/servers?page=1&per_page=50&>; rel="first",</products/servers?page=2&per_page=50&>; rel="previous",</products/servers?page=3&per_page=50&>; rel="last""#),
+            next_page_of(
+                r#"</products/servers?page=1&per_page=50&>; rel="first",</products/servers?page=2&per_page=50&>; rel="previous",</products/servers?page=3&per_page=50&>; rel="last""#
+            ),
             None
         );
     }
 
     #[test]
     fn every_error_type_maps() {
-        let e = map_error(429, Some(7), br#"{"type":"too_many_requests","message":"rate limit exceeded"}"#);
+        let e = map_error(
+            429,
+            Some(7),
+            br#"{"type":"too_many_requests","message":"rate limit exceeded"}"#,
+        );
         assert!(e.is_retryable());
         assert_eq!(e.retry_after(), Some(Duration::from_secs(7)));
         assert!(map_error(503, None, b"<html>bad gateway</html>").is_retryable());
@@ -623,7 +648,11 @@ mod tests {
             br#"{"type":"quotas_exceeded","message":"quota(s) exceeded for this resource","details":[{"resource":"gpu_l4_instances","quota":1,"current":1}]}"#,
         );
         assert_eq!(e.code(), "permanent");
-        assert!(e.to_string().contains("gpu_l4_instances (quota 1, in use 1)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("gpu_l4_instances (quota 1, in use 1)"),
+            "{e}"
+        );
         let e = map_error(
             400,
             None,
@@ -653,7 +682,10 @@ mod tests {
         match map_error(400, None, &recorded) {
             ProviderError::InvalidRequest { field, message } => {
                 assert_eq!(field, "ip");
-                assert!(message.starts_with("reverse: Your reverse must resolve"), "{message}");
+                assert!(
+                    message.starts_with("reverse: Your reverse must resolve"),
+                    "{message}"
+                );
             }
             e => panic!("{e:?}"),
         }
@@ -662,14 +694,28 @@ mod tests {
             None,
             br#"{"type":"invalid_request_error","message":"Validation Error","fields":{"commercial_type":["not a valid type"]}}"#,
         );
-        assert!(matches!(e, ProviderError::InvalidRequest { field: "instance_type", .. }), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                ProviderError::InvalidRequest {
+                    field: "instance_type",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         let not_found = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/scaleway/server_not_found.json"
         ))
         .unwrap();
-        assert!(matches!(map_error(404, None, &not_found), ProviderError::NotFound { .. }));
-        assert!(map_error(409, None, br#"{"type":"transient_state","message":"busy"}"#).is_retryable());
+        assert!(matches!(
+            map_error(404, None, &not_found),
+            ProviderError::NotFound { .. }
+        ));
+        assert!(
+            map_error(409, None, br#"{"type":"transient_state","message":"busy"}"#).is_retryable()
+        );
         assert_eq!(map_error(400, None, b"{}").code(), "permanent");
     }
 }

@@ -37,7 +37,10 @@ pub fn power_limit_w(nvml_name: &str) -> f64 {
 /// One product in one zone.
 pub fn instance_type(name: &str, p: &Product, zone: &str) -> InstanceType {
     let (model, vram_mib) = match &p.gpu_info {
-        Some(g) if p.gpu > 0 => (nvml_gpu_name(&g.gpu_name, name), g.gpu_memory / (1024 * 1024)),
+        Some(g) if p.gpu > 0 => (
+            nvml_gpu_name(&g.gpu_name, name),
+            g.gpu_memory / (1024 * 1024),
+        ),
         _ => (String::new(), 0),
     };
     InstanceType {

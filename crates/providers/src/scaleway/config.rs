@@ -330,9 +330,7 @@ fn strip_comment(line: &str) -> &str {
         match (quote, c) {
             (None, '"') | (None, '\'') => quote = Some(c),
             (Some(q), c) if c == q => quote = None,
-            (None, '#') if i == 0 || line[..i].ends_with(char::is_whitespace) => {
-                return &line[..i]
-            }
+            (None, '#') if i == 0 || line[..i].ends_with(char::is_whitespace) => return &line[..i],
             _ => {}
         }
     }
@@ -439,10 +437,16 @@ impl ScalewaySettings {
             return bad("providers.scaleway.root_volume_gib", "must be at least 10");
         }
         if self.model_volume_min_gib < 1 {
-            return bad("providers.scaleway.model_volume_min_gib", "must be at least 1");
+            return bad(
+                "providers.scaleway.model_volume_min_gib",
+                "must be at least 1",
+            );
         }
         if self.security_group_name.trim().is_empty() {
-            return bad("providers.scaleway.security_group_name", "must not be empty");
+            return bad(
+                "providers.scaleway.security_group_name",
+                "must not be empty",
+            );
         }
         if self.request_timeout_ms == 0 {
             return bad("providers.scaleway.request_timeout_ms", "must be positive");
@@ -454,7 +458,10 @@ impl ScalewaySettings {
             );
         }
         if self.max_concurrent_requests == 0 {
-            return bad("providers.scaleway.max_concurrent_requests", "must be positive");
+            return bad(
+                "providers.scaleway.max_concurrent_requests",
+                "must be positive",
+            );
         }
         if self.tags.iter().any(|t| t.starts_with("gpufleet")) {
             return bad(
@@ -487,7 +494,10 @@ mod tests {
     #[test]
     fn nothing_set_is_none() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(ScalewayConfig::from_env(env(&[]), Some(dir.path())), Ok(None));
+        assert_eq!(
+            ScalewayConfig::from_env(env(&[]), Some(dir.path())),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -512,11 +522,9 @@ mod tests {
 
     #[test]
     fn partial_credentials_name_the_missing_variable() {
-        let e = ScalewayConfig::from_env(
-            env(&[("SCW_SECRET_KEY", SK), ("SCW_ACCESS_KEY", AK)]),
-            None,
-        )
-        .unwrap_err();
+        let e =
+            ScalewayConfig::from_env(env(&[("SCW_SECRET_KEY", SK), ("SCW_ACCESS_KEY", AK)]), None)
+                .unwrap_err();
         assert_eq!(
             e,
             ConfigError::Missing {
@@ -559,19 +567,20 @@ mod tests {
         assert!(!format!("{e} {e:?}").contains("not-a-uuid-but-secret"));
     }
 
-    const FILE: &str = "# scw config\n\
-access_key: SCWTOPLEVELXXXXXXXXX\n\
-secret_key: \"11111111-2222-3333-4444-555555555555\"\n\
-default_project_id: 105bdce1-64c0-48ab-899d-868455867ecf\n\
-default_zone: fr-par-1\n\
-send_telemetry: true\n\
-active_profile: work\n\
-profiles:\n\
-  work:\n\
-    access_key: SCWPROFILEXXXXXXXXXX # the work key\n\
-    default_project_id: '0931e629-5ea3-4c18-856b-df904623d0ed'\n\
-  other:\n\
-    default_zone: pl-waw-2\n";
+    const FILE: &str = r#"# scw config
+access_key: SCWTOPLEVELXXXXXXXXX
+secret_key: "11111111-2222-3333-4444-555555555555"
+default_project_id: 105bdce1-64c0-48ab-899d-868455867ecf
+default_zone: fr-par-1
+send_telemetry: true
+active_profile: work
+profiles:
+  work:
+    access_key: SCWPROFILEXXXXXXXXXX # the work key
+    default_project_id: '0931e629-5ea3-4c18-856b-df904623d0ed'
+  other:
+    default_zone: pl-waw-2
+"#;
 
     #[test]
     fn environment_over_profile_over_top_level() {
@@ -600,7 +609,11 @@ profiles:\n\
         assert_eq!(c.project_id, PJ);
         // SCW_CONFIG_PATH wins over the home directory.
         let other = dir.path().join("elsewhere.yaml");
-        std::fs::write(&other, format!("access_key: {AK}\nsecret_key: {SK}\ndefault_project_id: {PJ}\n")).unwrap();
+        std::fs::write(
+            &other,
+            format!("access_key: {AK}\nsecret_key: {SK}\ndefault_project_id: {PJ}\n"),
+        )
+        .unwrap();
         let c = ScalewayConfig::from_env(
             env(&[("SCW_CONFIG_PATH", other.to_str().unwrap())]),
             Some(dir.path()),
@@ -642,7 +655,11 @@ profiles:\n\
             ..Default::default()
         };
         let c = ScalewayConfig::from_env(
-            env(&[("SCW_ACCESS_KEY", AK), ("SCW_SECRET_KEY", SK), ("SCW_DEFAULT_PROJECT_ID", PJ)]),
+            env(&[
+                ("SCW_ACCESS_KEY", AK),
+                ("SCW_SECRET_KEY", SK),
+                ("SCW_DEFAULT_PROJECT_ID", PJ),
+            ]),
             None,
         )
         .unwrap()

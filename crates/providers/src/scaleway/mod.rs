@@ -44,8 +44,8 @@ mod config;
 pub use api::{map_error, ApiCalls};
 pub use catalog::{nvml_gpu_name, power_limit_w};
 pub use config::{
-    is_zone, region_of, ConfigError, ScalewayConfig, ScalewaySettings, SecretKey,
-    DEFAULT_API_URL, DEFAULT_ZONE,
+    is_zone, region_of, ConfigError, ScalewayConfig, ScalewaySettings, SecretKey, DEFAULT_API_URL,
+    DEFAULT_ZONE,
 };
 
 use crate::cloudinit::{self, AgentInstall};
@@ -53,7 +53,7 @@ use crate::{
     tags, Catalog, CreateRequest, Machine, MachineState, Provider, ProviderError, Resource,
     ResourceKind,
 };
-use api::{Api, Answer, Body, Server, ServerEnvelope};
+use api::{Answer, Api, Body, Server, ServerEnvelope};
 use async_trait::async_trait;
 use chrono::Utc;
 use gpufleet_domain::{InstanceType, ProviderInstanceId, ProviderName};
@@ -166,7 +166,11 @@ pub fn map_state(state: &str) -> MachineState {
             MachineState::Pending
         }
         other => {
-            warn!(provider = PROVIDER_NAME, state = other, "unknown server state");
+            warn!(
+                provider = PROVIDER_NAME,
+                state = other,
+                "unknown server state"
+            );
             MachineState::Pending
         }
     }
@@ -242,7 +246,10 @@ impl ScalewayProvider {
         ProviderInstanceId::new(format!("{zone}/{server_id}"))
     }
 
-    fn parse_id<'a>(&self, id: &'a ProviderInstanceId) -> Result<(&'a str, &'a str), ProviderError> {
+    fn parse_id<'a>(
+        &self,
+        id: &'a ProviderInstanceId,
+    ) -> Result<(&'a str, &'a str), ProviderError> {
         match id.as_str().split_once('/') {
             Some((zone, sid)) if is_zone(zone) && !sid.is_empty() && !sid.contains('/') => {
                 Ok((zone, sid))
@@ -294,7 +301,10 @@ impl ScalewayProvider {
         body: Body,
         what: &str,
     ) -> Result<T, ProviderError> {
-        self.api.call(op, method, path, query, body).await?.json(what)
+        self.api
+            .call(op, method, path, query, body)
+            .await?
+            .json(what)
     }
 
     /// Every page of a listing. `count` says how many items a page held.
@@ -338,7 +348,11 @@ impl ScalewayProvider {
 
     // ------------------------------------------------------------- catalog
 
-    async fn zone_catalog(&self, op: &'static str, zone: &str) -> Result<ZoneCatalog, ProviderError> {
+    async fn zone_catalog(
+        &self,
+        op: &'static str,
+        zone: &str,
+    ) -> Result<ZoneCatalog, ProviderError> {
         let ttl = Duration::from_secs(self.settings.catalog_ttl_secs);
         let cached = lock(&self.catalogs).get(zone).cloned();
         if let Some(c) = &cached {
@@ -367,14 +381,25 @@ impl ScalewayProvider {
         }
     }
 
-    async fn fetch_catalog(&self, op: &'static str, zone: &str) -> Result<ZoneCatalog, ProviderError> {
+    async fn fetch_catalog(
+        &self,
+        op: &'static str,
+        zone: &str,
+    ) -> Result<ZoneCatalog, ProviderError> {
         let base = format!("/instance/v1/zones/{zone}/products/servers");
-        let products: Vec<api::ProductsPage> =
-            self.pages(op, &base, &[], "per_page", |p: &api::ProductsPage| p.servers.len()).await?;
-        let stock: Vec<api::AvailabilityPage> = self
-            .pages(op, &format!("{base}/availability"), &[], "per_page", |p: &api::AvailabilityPage| {
+        let products: Vec<api::ProductsPage> = self
+            .pages(op, &base, &[], "per_page", |p: &api::ProductsPage| {
                 p.servers.len()
             })
+            .await?;
+        let stock: Vec<api::AvailabilityPage> = self
+            .pages(
+                op,
+                &format!("{base}/availability"),
+                &[],
+                "per_page",
+                |p: &api::AvailabilityPage| p.servers.len(),
+            )
             .await?;
         let shortage = stock
             .iter()
@@ -423,9 +448,13 @@ impl ScalewayProvider {
             ("project", self.config.project_id.clone()),
         ];
         let pages: Vec<api::ServersPage> = self
-            .pages(op, &format!("/instance/v1/zones/{zone}/servers"), &q, "per_page", |p: &api::ServersPage| {
-                p.servers.len()
-            })
+            .pages(
+                op,
+                &format!("/instance/v1/zones/{zone}/servers"),
+                &q,
+                "per_page",
+                |p: &api::ServersPage| p.servers.len(),
+            )
             .await?;
         Ok(pages
             .into_iter()
@@ -434,13 +463,24 @@ impl ScalewayProvider {
             .collect())
     }
 
-    async fn list_ips(&self, op: &'static str, zone: &str, tags: &[String]) -> Result<Vec<api::Ip>, ProviderError> {
+    async fn list_ips(
+        &self,
+        op: &'static str,
+        zone: &str,
+        tags: &[String],
+    ) -> Result<Vec<api::Ip>, ProviderError> {
         let q = vec![
             ("tags", tags.join(",")),
             ("project", self.config.project_id.clone()),
         ];
         let pages: Vec<api::IpsPage> = self
-            .pages(op, &format!("/instance/v1/zones/{zone}/ips"), &q, "per_page", |p: &api::IpsPage| p.ips.len())
+            .pages(
+                op,
+                &format!("/instance/v1/zones/{zone}/ips"),
+                &q,
+                "per_page",
+                |p: &api::IpsPage| p.ips.len(),
+            )
             .await?;
         Ok(pages
             .into_iter()
@@ -458,9 +498,13 @@ impl ScalewayProvider {
         let mut q: Vec<(&str, String)> = tags.iter().map(|t| ("tags", t.clone())).collect();
         q.push(("project_id", self.config.project_id.clone()));
         let pages: Vec<api::VolumesPage> = self
-            .pages(op, &format!("/block/v1/zones/{zone}/volumes"), &q, "page_size", |p: &api::VolumesPage| {
-                p.volumes.len()
-            })
+            .pages(
+                op,
+                &format!("/block/v1/zones/{zone}/volumes"),
+                &q,
+                "page_size",
+                |p: &api::VolumesPage| p.volumes.len(),
+            )
             .await?;
         Ok(pages
             .into_iter()
@@ -492,13 +536,19 @@ impl ScalewayProvider {
         if images.local_images.is_empty() {
             return Err(ProviderError::InvalidRequest {
                 field: "image",
-                message: format!("no image labelled {label} in {zone} (providers.scaleway.image_label)"),
+                message: format!(
+                    "no image labelled {label} in {zone} (providers.scaleway.image_label)"
+                ),
             });
         }
         let id = images
             .local_images
             .iter()
-            .find(|i| i.compatible_commercial_types.iter().any(|t| t == instance_type))
+            .find(|i| {
+                i.compatible_commercial_types
+                    .iter()
+                    .any(|t| t == instance_type)
+            })
             .map(|i| i.id.clone())
             .ok_or_else(|| ProviderError::InvalidRequest {
                 field: "instance_type",
@@ -521,7 +571,10 @@ impl ScalewayProvider {
                 op,
                 Method::GET,
                 &path,
-                &[("name", name.clone()), ("project", self.config.project_id.clone())],
+                &[
+                    ("name", name.clone()),
+                    ("project", self.config.project_id.clone()),
+                ],
                 Body::None,
                 "the security group lookup",
             )
@@ -556,7 +609,14 @@ impl ScalewayProvider {
         let mut missing = vec![self.settings.agent_port, self.settings.engine_port];
         if existing {
             let rules: api::RulesPage = self
-                .json(op, Method::GET, &rules_path, &[("per_page", "100".into())], Body::None, "the rules")
+                .json(
+                    op,
+                    Method::GET,
+                    &rules_path,
+                    &[("per_page", "100".into())],
+                    Body::None,
+                    "the rules",
+                )
                 .await?;
             missing.retain(|port| {
                 !rules.rules.iter().any(|r| {
@@ -667,7 +727,12 @@ impl ScalewayProvider {
     }
 
     /// Takes a found or new server on: user data, poweron.
-    async fn resume(&self, req: &CreateRequest, zone: &str, server: Server) -> Result<Machine, ProviderError> {
+    async fn resume(
+        &self,
+        req: &CreateRequest,
+        zone: &str,
+        server: Server,
+    ) -> Result<Machine, ProviderError> {
         let op = "create";
         if !matches!(server.state.as_str(), "stopped" | "stopped in place") {
             return Ok(self.machine(zone, &server));
@@ -675,7 +740,11 @@ impl ScalewayProvider {
         let base = format!("/instance/v1/zones/{zone}/servers/{}", server.id);
         // The root volume is made by the server: tag it so that it is found
         // (and deleted) like the rest.
-        if let Some(root) = server.volumes.get("0").filter(|v| v.volume_type == "sbs_volume") {
+        if let Some(root) = server
+            .volumes
+            .get("0")
+            .filter(|v| v.volume_type == "sbs_volume")
+        {
             self.api
                 .call(
                     op,
@@ -688,18 +757,37 @@ impl ScalewayProvider {
                 .map_err(|e| not_found_is_retryable(e, "the root volume"))?;
         }
         let keys: api::UserDataKeys = self
-            .json(op, Method::GET, &format!("{base}/user_data"), &[], Body::None, "the user data keys")
+            .json(
+                op,
+                Method::GET,
+                &format!("{base}/user_data"),
+                &[],
+                Body::None,
+                "the user data keys",
+            )
             .await
             .map_err(|e| not_found_is_retryable(e, "the server"))?;
         if !keys.user_data.iter().any(|k| k == "cloud-init") {
             let ud = cloudinit::user_data(&req.bootstrap, &self.install);
             self.api
-                .call(op, Method::PATCH, &format!("{base}/user_data/cloud-init"), &[], Body::Text(ud))
+                .call(
+                    op,
+                    Method::PATCH,
+                    &format!("{base}/user_data/cloud-init"),
+                    &[],
+                    Body::Text(ud),
+                )
                 .await
                 .map_err(|e| not_found_is_retryable(e, "the server"))?;
         }
         self.api
-            .call(op, Method::POST, &format!("{base}/action"), &[], Body::Json(json!({"action": "poweron"})))
+            .call(
+                op,
+                Method::POST,
+                &format!("{base}/action"),
+                &[],
+                Body::Json(json!({"action": "poweron"})),
+            )
             .await
             .map_err(|e| not_found_is_retryable(e, "the server"))?;
         let mut m = self.machine(zone, &server);
@@ -724,7 +812,12 @@ impl ScalewayProvider {
                 .filter(|v| v.volume_type == "sbs_volume")
                 .map(|v| v.id.clone())
                 .collect(),
-            ip_ids: s.public_ips.iter().map(|i| i.id.clone()).filter(|i| !i.is_empty()).collect(),
+            ip_ids: s
+                .public_ips
+                .iter()
+                .map(|i| i.id.clone())
+                .filter(|i| !i.is_empty())
+                .collect(),
             instance_type: s.commercial_type.clone(),
             tags: decode_tags(&s.tags, &self.settings.tags),
             created_at: s.creation_date.unwrap_or_else(Utc::now),
@@ -742,7 +835,11 @@ impl ScalewayProvider {
     }
 
     /// Deletes what a gone server left. `Ok(true)`: nothing is left.
-    async fn finish_cleanup(&self, op: &'static str, server_id: &str) -> Result<bool, ProviderError> {
+    async fn finish_cleanup(
+        &self,
+        op: &'static str,
+        server_id: &str,
+    ) -> Result<bool, ProviderError> {
         let Some(entry) = lock(&self.cleanups).get(server_id).cloned() else {
             return Ok(true);
         };
@@ -751,16 +848,28 @@ impl ScalewayProvider {
         let mut ips = entry.ip_ids.clone();
         if let Some(tag) = &entry.instance_tag {
             let t = vec![TAG.to_string(), tag.clone()];
-            volumes.extend(self.list_volumes(op, zone, &t).await?.into_iter().map(|v| v.id));
+            volumes.extend(
+                self.list_volumes(op, zone, &t)
+                    .await?
+                    .into_iter()
+                    .map(|v| v.id),
+            );
             ips.extend(self.list_ips(op, zone, &t).await?.into_iter().map(|i| i.id));
         }
         let mut left = false;
         let paths = volumes
             .iter()
             .map(|v| format!("/block/v1/zones/{zone}/volumes/{v}"))
-            .chain(ips.iter().map(|i| format!("/instance/v1/zones/{zone}/ips/{i}")));
+            .chain(
+                ips.iter()
+                    .map(|i| format!("/instance/v1/zones/{zone}/ips/{i}")),
+            );
         for path in paths {
-            match self.api.call(op, Method::DELETE, &path, &[], Body::None).await {
+            match self
+                .api
+                .call(op, Method::DELETE, &path, &[], Body::None)
+                .await
+            {
                 Ok(_) | Err(ProviderError::NotFound { .. }) => {}
                 Err(e) if e.is_retryable() => {
                     debug!(provider = PROVIDER_NAME, path, error = %e, "not deletable yet");
@@ -787,7 +896,10 @@ impl Provider for ScalewayProvider {
         if !self.zones.iter().any(|z| z == zone) {
             return Err(ProviderError::InvalidRequest {
                 field: "zone",
-                message: format!("{zone} is not one of providers.scaleway.zones ({})", self.zones.join(", ")),
+                message: format!(
+                    "{zone} is not one of providers.scaleway.zones ({})",
+                    self.zones.join(", ")
+                ),
             });
         }
         let Some(instance) = req.tags.get(tags::INSTANCE) else {
@@ -846,7 +958,14 @@ impl Provider for ScalewayProvider {
     async fn get(&self, id: &ProviderInstanceId) -> Result<Machine, ProviderError> {
         let (zone, sid) = self.parse_id(id)?;
         let answer = self
-            .json::<ServerEnvelope>("get", Method::GET, &format!("/instance/v1/zones/{zone}/servers/{sid}"), &[], Body::None, "the server")
+            .json::<ServerEnvelope>(
+                "get",
+                Method::GET,
+                &format!("/instance/v1/zones/{zone}/servers/{sid}"),
+                &[],
+                Body::None,
+                "the server",
+            )
             .await;
         match answer {
             Ok(s) => Ok(self.machine(zone, &s.server)),
@@ -873,7 +992,10 @@ impl Provider for ScalewayProvider {
         let op = "terminate";
         let (zone, sid) = self.parse_id(id)?;
         let base = format!("/instance/v1/zones/{zone}/servers/{sid}");
-        let server = match self.json::<ServerEnvelope>(op, Method::GET, &base, &[], Body::None, "the server").await {
+        let server = match self
+            .json::<ServerEnvelope>(op, Method::GET, &base, &[], Body::None, "the server")
+            .await
+        {
             Ok(s) => s.server,
             Err(ProviderError::NotFound { .. }) => {
                 self.finish_cleanup(op, sid).await?;
@@ -882,18 +1004,35 @@ impl Provider for ScalewayProvider {
             Err(e) => return Err(e),
         };
         self.remember_cleanup(zone, &server);
-        let can = |a: &str| server.allowed_actions.is_empty() || server.allowed_actions.iter().any(|x| x == a);
+        let can = |a: &str| {
+            server.allowed_actions.is_empty() || server.allowed_actions.iter().any(|x| x == a)
+        };
         let result = match server.state.as_str() {
             "running" if can("terminate") => {
                 self.api
-                    .call(op, Method::POST, &format!("{base}/action"), &[], Body::Json(json!({"action": "terminate"})))
+                    .call(
+                        op,
+                        Method::POST,
+                        &format!("{base}/action"),
+                        &[],
+                        Body::Json(json!({"action": "terminate"})),
+                    )
                     .await
             }
             // `terminate` is refused on a stopped server: delete it; its
             // volumes are left detached and deleted once it is gone.
-            "stopped" | "stopped in place" => self.api.call(op, Method::DELETE, &base, &[], Body::None).await,
+            "stopped" | "stopped in place" => {
+                self.api
+                    .call(op, Method::DELETE, &base, &[], Body::None)
+                    .await
+            }
             state => {
-                debug!(provider = PROVIDER_NAME, server = sid, state, "terminate waits for a stable state");
+                debug!(
+                    provider = PROVIDER_NAME,
+                    server = sid,
+                    state,
+                    "terminate waits for a stable state"
+                );
                 return Ok(());
             }
         };
@@ -941,7 +1080,10 @@ impl Provider for ScalewayProvider {
         })
     }
 
-    async fn list_resources(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Resource>, ProviderError> {
+    async fn list_resources(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<Vec<Resource>, ProviderError> {
         let op = "list_resources";
         let wanted = encode_tags(tags);
         let mut out = Vec::new();
@@ -994,10 +1136,19 @@ impl Provider for ScalewayProvider {
                 if r.attached_to.is_some() {
                     ok(self
                         .api
-                        .call(op, Method::PATCH, &path, &[], Body::Json(json!({"server": null})))
+                        .call(
+                            op,
+                            Method::PATCH,
+                            &path,
+                            &[],
+                            Body::Json(json!({"server": null})),
+                        )
                         .await)?;
                 }
-                ok(self.api.call(op, Method::DELETE, &path, &[], Body::None).await)
+                ok(self
+                    .api
+                    .call(op, Method::DELETE, &path, &[], Body::None)
+                    .await)
             }
             ResourceKind::Volume => {
                 if let Some(server) = &r.attached_to {
@@ -1015,7 +1166,13 @@ impl Provider for ScalewayProvider {
                 }
                 ok(self
                     .api
-                    .call(op, Method::DELETE, &format!("/block/v1/zones/{zone}/volumes/{}", r.id), &[], Body::None)
+                    .call(
+                        op,
+                        Method::DELETE,
+                        &format!("/block/v1/zones/{zone}/volumes/{}", r.id),
+                        &[],
+                        Body::None,
+                    )
                     .await)
             }
         }
@@ -1027,7 +1184,11 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!("{}/tests/fixtures/scaleway/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+        std::fs::read(format!(
+            "{}/tests/fixtures/scaleway/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -1037,7 +1198,15 @@ mod tests {
         m.insert(tags::INSTANCE.to_string(), "i-1".to_string());
         m.insert("team".to_string(), "a=b".to_string());
         let enc = encode_tags(&m);
-        assert_eq!(enc, vec!["gpufleet", "gpufleet-cluster=c1", "gpufleet-instance=i-1", "team=a=b"]);
+        assert_eq!(
+            enc,
+            vec![
+                "gpufleet",
+                "gpufleet-cluster=c1",
+                "gpufleet-instance=i-1",
+                "team=a=b"
+            ]
+        );
         let mut with_extra = enc.clone();
         with_extra.push("env=prod".into());
         with_extra.push("plain".into());
@@ -1059,9 +1228,13 @@ mod tests {
     fn recorded_server_answer_parses() {
         let s: ServerEnvelope = serde_json::from_slice(&fixture("server_create.json")).unwrap();
         assert_eq!(s.server.state, "stopped");
-        assert_eq!(s.server.public_ips[0].address.as_deref(), Some("51.158.77.33"));
+        assert_eq!(
+            s.server.public_ips[0].address.as_deref(),
+            Some("51.158.77.33")
+        );
         assert_eq!(s.server.volumes["0"].volume_type, "sbs_volume");
-        let s: ServerEnvelope = serde_json::from_slice(&fixture("server_create_l40s.json")).unwrap();
+        let s: ServerEnvelope =
+            serde_json::from_slice(&fixture("server_create_l40s.json")).unwrap();
         assert_eq!(s.server.commercial_type, "L40S-1-48G");
     }
 
@@ -1080,8 +1253,14 @@ mod tests {
         let mut types = Vec::new();
         for p in 1..=3 {
             let page: api::ProductsPage =
-                serde_json::from_slice(&fixture(&format!("products_servers_page{p}.json"))).unwrap();
-            types.extend(page.servers.iter().filter(|(_, p)| p.gpu > 0).map(|(n, p)| catalog::instance_type(n, p, "fr-par-1")));
+                serde_json::from_slice(&fixture(&format!("products_servers_page{p}.json")))
+                    .unwrap();
+            types.extend(
+                page.servers
+                    .iter()
+                    .filter(|(_, p)| p.gpu > 0)
+                    .map(|(n, p)| catalog::instance_type(n, p, "fr-par-1")),
+            );
         }
         let l4 = types.iter().find(|t| t.name == "L4-1-24G").unwrap();
         assert_eq!(l4.gpu.model, "NVIDIA L4");
@@ -1097,7 +1276,10 @@ mod tests {
         // A GPU type on the last page too.
         let render = types.iter().find(|t| t.name == "RENDER-S").unwrap();
         assert_eq!(render.gpu.model, "Tesla P100-PCIE-16GB");
-        assert_eq!(nvml_gpu_name("H100", "H100-SXM-8-80G"), "NVIDIA H100 80GB HBM3");
+        assert_eq!(
+            nvml_gpu_name("H100", "H100-SXM-8-80G"),
+            "NVIDIA H100 80GB HBM3"
+        );
         assert_eq!(power_limit_w(&nvml_gpu_name("H100", "H100-1-80G")), 350.0);
         assert_eq!(power_limit_w(&nvml_gpu_name("L40S", "L40S-1-48G")), 350.0);
         assert_eq!(catalog::zone("fr-par-2").description, "Paris 2");

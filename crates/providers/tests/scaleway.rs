@@ -52,7 +52,7 @@ struct Fake {
     rules: Vec<Value>,
     next_id: u32,
     /// Answer the next request with this instead.
-    fail_next: Option<(u16, Vec<(&'static str, String)>, Value)>,
+    fail_next: Option<Canned>,
     /// Make the server on the next `POST servers` but answer 504.
     lose_server_answer: bool,
 }
@@ -65,6 +65,8 @@ impl Fake {
 }
 
 type Shared = Arc<Mutex<Fake>>;
+/// A status, headers and body to answer with.
+type Canned = (u16, Vec<(&'static str, String)>, Value);
 
 fn reply(status: u16, body: Value) -> Response {
     (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response()
@@ -519,64 +521,65 @@ async fn create_runs_every_step_in_order_and_sets_user_data_as_text() {
     });
     let on = position(&s, ud, |x| x.starts_with("POST") && x.ends_with("/action"));
     assert!(lookup < image && on == s.len() - 1, "{s:#?}");
-    let f = env.fake.lock().unwrap();
-    assert!(f
-        .requests
-        .iter()
-        .all(|r| r.token.as_deref() == Some(SECRET)));
-    let udr = &f.requests[ud];
-    assert_eq!(udr.content_type.as_deref(), Some("text/plain"));
-    assert_eq!(udr.body, cloudinit::user_data(&req.bootstrap, &env.install));
-    assert_eq!(
-        serde_json::from_str::<Value>(&f.requests[on].body).unwrap(),
-        json!({"action": "poweron"})
-    );
-    let lookup_q = &f.requests[lookup].query;
-    assert!(
-        lookup_q.contains(&format!("gpufleet-instance%3D{}", req.instance_id)),
-        "{lookup_q}"
-    );
-    let body: Value = serde_json::from_str(&f.requests[server].body).unwrap();
-    assert_eq!(body["commercial_type"], json!("L4-1-24G"));
-    assert_eq!(body["image"], json!("8063548b-7ade-4faa-8be1-f48f8d3ba3ea"));
-    assert_eq!(body["project"], json!(PROJECT));
-    assert_eq!(body["dynamic_ip_required"], json!(false));
-    assert_eq!(body["volumes"]["0"]["volume_type"], json!("sbs_volume"));
-    assert_eq!(body["volumes"]["0"]["size"], json!(54_000_000_000u64));
-    assert_eq!(body["volumes"]["1"]["volume_type"], json!("sbs_volume"));
-    assert_eq!(body["public_ips"].as_array().unwrap().len(), 1);
-    assert!(body["security_group"].is_string());
-    let tags: Vec<&str> = body["tags"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    assert!(
-        tags.contains(&"gpufleet")
-            && tags.contains(&"gpufleet-cluster=cluster-1")
-            && tags.contains(&"team=ml")
-    );
-    // Security group: inbound drop, the two ports opened.
-    let sg_body: Value = serde_json::from_str(&f.requests[sg].body).unwrap();
-    assert_eq!(sg_body["inbound_default_policy"], json!("drop"));
-    let ports: Vec<Value> = f
-        .rules
-        .iter()
-        .map(|r| r["dest_port_from"].clone())
-        .collect();
-    assert_eq!(ports, vec![json!(7070), json!(8000)]);
-    // Every volume and the IP carry the instance tag (the root one once tagged).
-    let itag = format!("gpufleet-instance={}", req.instance_id);
-    assert!(f
-        .volumes
-        .iter()
-        .all(|v| v["tags"].as_array().unwrap().contains(&json!(itag))));
-    assert!(f
-        .ips
-        .iter()
-        .all(|v| v["tags"].as_array().unwrap().contains(&json!(itag))));
-    drop(f);
+    {
+        let f = env.fake.lock().unwrap();
+        assert!(f
+            .requests
+            .iter()
+            .all(|r| r.token.as_deref() == Some(SECRET)));
+        let udr = &f.requests[ud];
+        assert_eq!(udr.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(udr.body, cloudinit::user_data(&req.bootstrap, &env.install));
+        assert_eq!(
+            serde_json::from_str::<Value>(&f.requests[on].body).unwrap(),
+            json!({"action": "poweron"})
+        );
+        let lookup_q = &f.requests[lookup].query;
+        assert!(
+            lookup_q.contains(&format!("gpufleet-instance%3D{}", req.instance_id)),
+            "{lookup_q}"
+        );
+        let body: Value = serde_json::from_str(&f.requests[server].body).unwrap();
+        assert_eq!(body["commercial_type"], json!("L4-1-24G"));
+        assert_eq!(body["image"], json!("8063548b-7ade-4faa-8be1-f48f8d3ba3ea"));
+        assert_eq!(body["project"], json!(PROJECT));
+        assert_eq!(body["dynamic_ip_required"], json!(false));
+        assert_eq!(body["volumes"]["0"]["volume_type"], json!("sbs_volume"));
+        assert_eq!(body["volumes"]["0"]["size"], json!(54_000_000_000u64));
+        assert_eq!(body["volumes"]["1"]["volume_type"], json!("sbs_volume"));
+        assert_eq!(body["public_ips"].as_array().unwrap().len(), 1);
+        assert!(body["security_group"].is_string());
+        let tags: Vec<&str> = body["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert!(
+            tags.contains(&"gpufleet")
+                && tags.contains(&"gpufleet-cluster=cluster-1")
+                && tags.contains(&"team=ml")
+        );
+        // Security group: inbound drop, the two ports opened.
+        let sg_body: Value = serde_json::from_str(&f.requests[sg].body).unwrap();
+        assert_eq!(sg_body["inbound_default_policy"], json!("drop"));
+        let ports: Vec<Value> = f
+            .rules
+            .iter()
+            .map(|r| r["dest_port_from"].clone())
+            .collect();
+        assert_eq!(ports, vec![json!(7070), json!(8000)]);
+        // Every volume and the IP carry the instance tag (the root one once tagged).
+        let itag = format!("gpufleet-instance={}", req.instance_id);
+        assert!(f
+            .volumes
+            .iter()
+            .all(|v| v["tags"].as_array().unwrap().contains(&json!(itag))));
+        assert!(f
+            .ips
+            .iter()
+            .all(|v| v["tags"].as_array().unwrap().contains(&json!(itag))));
+    }
     // Running now: the IP shows.
     let got = env.provider.get(&m.id).await.unwrap();
     assert_eq!(got.state, MachineState::Running);
@@ -648,16 +651,17 @@ async fn terminate_deletes_the_server_its_ip_and_its_volumes() {
         }
     }
     assert!(gone);
-    let f = env.fake.lock().unwrap();
-    assert!(f.servers.is_empty());
-    assert!(f.ips.is_empty(), "{:?}", f.ips);
-    assert!(f.volumes.is_empty(), "{:?}", f.volumes);
-    let terminate = f
-        .requests
-        .iter()
-        .find(|r| r.path.ends_with("/action") && r.body.contains("terminate"));
-    assert!(terminate.is_some());
-    drop(f);
+    {
+        let f = env.fake.lock().unwrap();
+        assert!(f.servers.is_empty());
+        assert!(f.ips.is_empty(), "{:?}", f.ips);
+        assert!(f.volumes.is_empty(), "{:?}", f.volumes);
+        let terminate = f
+            .requests
+            .iter()
+            .find(|r| r.path.ends_with("/action") && r.body.contains("terminate"));
+        assert!(terminate.is_some());
+    }
     // Idempotent.
     env.provider.terminate(&m.id).await.unwrap();
 }

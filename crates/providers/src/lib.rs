@@ -15,6 +15,7 @@
 pub mod cloudinit;
 pub mod fault;
 pub mod mock;
+pub mod scaleway;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -56,7 +57,30 @@ pub enum ProviderError {
     },
 }
 
+/// How a `Retry-After` hint is written at the end of a `Retryable` message.
+const RETRY_AFTER_PREFIX: &str = " (retry after ";
+
 impl ProviderError {
+    /// A `Retryable` error carrying the provider's `Retry-After` hint, if any,
+    /// at the end of its message (read back by [`ProviderError::retry_after`]).
+    pub fn retryable_after(message: impl Into<String>, retry_after_secs: Option<u64>) -> Self {
+        let mut message = message.into();
+        if let Some(s) = retry_after_secs {
+            message.push_str(&format!("{RETRY_AFTER_PREFIX}{s}s)"));
+        }
+        Self::Retryable { message }
+    }
+    /// How long the provider asked to wait before the next try (its
+    /// `Retry-After`), for a `Retryable` error that carries one. A caller's
+    /// backoff should wait at least this long.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        let Self::Retryable { message } = self else {
+            return None;
+        };
+        let rest = &message[message.rfind(RETRY_AFTER_PREFIX)? + RETRY_AFTER_PREFIX.len()..];
+        let secs = rest.strip_suffix("s)")?.parse().ok()?;
+        Some(std::time::Duration::from_secs(secs))
+    }
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Retryable { .. })
     }

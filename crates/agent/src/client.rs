@@ -33,12 +33,20 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    pub fn new(base_url: &str) -> Result<Self, AgentError> {
-        let http = reqwest::Client::builder()
+    /// A client of the control plane at `base_url`. With `pinned_pem`, the
+    /// control plane's certificate is trusted alone (no system roots).
+    pub fn new(base_url: &str, pinned_pem: Option<&str>) -> Result<Self, AgentError> {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(AgentError::HttpClient)?;
+            .timeout(Duration::from_secs(10));
+        if let Some(pem) = pinned_pem {
+            let cert = reqwest::Certificate::from_pem(pem.as_bytes())
+                .map_err(AgentError::HttpClient)?;
+            builder = builder
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(cert);
+        }
+        let http = builder.build().map_err(AgentError::HttpClient)?;
         Ok(Self {
             http,
             base: base_url.trim_end_matches('/').to_string(),

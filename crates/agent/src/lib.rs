@@ -98,7 +98,10 @@ pub async fn run_with(
     let data_dir = DataDir::create(&args.data_dir)?;
     let instance_id = bootstrap.instance_id;
     let started = Instant::now();
-    let client = client::ControlPlane::new(&bootstrap.control_plane_url)?;
+    let client = client::ControlPlane::new(
+        &bootstrap.control_plane_url,
+        bootstrap.control_plane_ca_pem.as_deref(),
+    )?;
 
     let addr = SocketAddr::new(args.bind, bootstrap.agent_port);
     let listener = tokio::net::TcpListener::bind(addr)

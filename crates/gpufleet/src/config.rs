@@ -51,6 +51,18 @@ pub struct UpConfig {
     /// The OpenAI-compatible router (`/v1/...`): policy, timeouts, retries,
     /// circuit breaker, API key cache, usage flushing.
     pub router: gpufleet_router::RouterConfig,
+    /// Cloud providers (`[providers.scaleway]`); credentials come from their
+    /// own conventions (`SCW_*`, the `scw` CLI's profiles), never from here.
+    pub providers: ProvidersSection,
+}
+
+/// `[providers.*]`: settings of the cloud providers.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProvidersSection {
+    /// Scaleway, offered when `SCW_ACCESS_KEY`/`SCW_SECRET_KEY` (or an `scw`
+    /// profile) are set.
+    pub scaleway: gpufleet_providers::scaleway::ScalewaySettings,
 }
 
 impl Default for UpConfig {
@@ -68,6 +80,7 @@ impl Default for UpConfig {
             control: ControlConfig::default(),
             mock: MockSection::default(),
             router: gpufleet_router::RouterConfig::default(),
+            providers: ProvidersSection::default(),
         }
     }
 }

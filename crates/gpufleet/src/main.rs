@@ -5,6 +5,7 @@ mod bench;
 mod bench_heartbeats;
 mod bench_router;
 mod client;
+mod cloud;
 mod config;
 mod signals;
 mod tls;

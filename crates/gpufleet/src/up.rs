@@ -9,6 +9,7 @@
 //! the next `up`), flush the usage counters, stop the heartbeat writer (what
 //! is queued is written, staged samples moved), close the store.
 
+use crate::cloud;
 use crate::config::{UpConfig, UpOverrides};
 use crate::signals;
 use crate::token;
@@ -78,6 +79,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mock = MockProvider::open(mock_config).context("cannot open the Mock provider")?;
     let mut providers = ProviderRegistry::new();
     providers.register(mock.clone());
+    let agent_binary = cloud::register(&config, &mut providers).await?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -111,9 +113,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let router_metrics = openai.clone();
     let router = gpufleet_api::router(
-        gpufleet_api::ApiState::new(fleet.clone(), admin_token).with_extra_metrics(
-            std::sync::Arc::new(move || router_metrics.render_prometheus()),
-        ),
+        {
+            let state = gpufleet_api::ApiState::new(fleet.clone(), admin_token).with_extra_metrics(
+                std::sync::Arc::new(move || router_metrics.render_prometheus()),
+            );
+            match agent_binary {
+                Some(binary) => state.with_agent_binary(binary),
+                None => state,
+            }
+        },
     )
     .merge(gpufleet_console::router());
     // The OpenAI-compatible endpoint: /v1/models, /v1/chat/completions, /v1/completions.

@@ -385,6 +385,9 @@ pub struct ScalewaySettings {
     pub agent_port: u16,
     /// Most API calls in flight at once.
     pub max_concurrent_requests: usize,
+    /// Where the agent reads GPU figures: `nvml` on real GPU machines. An
+    /// emulated machine without GPUs needs `simulated`.
+    pub agent_gpu: String,
 }
 
 impl Default for ScalewaySettings {
@@ -404,6 +407,7 @@ impl Default for ScalewaySettings {
             engine_port: 8000,
             agent_port: gpufleet_proto::DEFAULT_AGENT_PORT,
             max_concurrent_requests: 8,
+            agent_gpu: "nvml".into(),
         }
     }
 }

@@ -40,8 +40,8 @@ impl ControlPlane {
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10));
         if let Some(pem) = pinned_pem {
-            let cert = reqwest::Certificate::from_pem(pem.as_bytes())
-                .map_err(AgentError::HttpClient)?;
+            let cert =
+                reqwest::Certificate::from_pem(pem.as_bytes()).map_err(AgentError::HttpClient)?;
             builder = builder
                 .tls_built_in_root_certs(false)
                 .add_root_certificate(cert);

@@ -31,6 +31,10 @@ pub struct ControlConfig {
     /// A failed instance's machine is deleted after this grace period (time in
     /// which a late agent can still bring it back).
     pub failed_cleanup_grace_secs: u64,
+    /// A cloud resource besides machines (a public IP, a volume) tagged with
+    /// this cluster but owned by no live instance is deleted once it has been
+    /// seen so this long (it may belong to a create in progress before).
+    pub orphan_grace_secs: u64,
     /// Provider create attempts before the instance fails with provision_failed.
     pub provision_max_attempts: u32,
     /// First retry delay of a failed provider call; doubles per attempt.
@@ -100,6 +104,7 @@ impl Default for ControlConfig {
             agent_lost_after_secs: 300,
             startup_timeout_secs: 600,
             failed_cleanup_grace_secs: 60,
+            orphan_grace_secs: 120,
             provision_max_attempts: 5,
             provision_backoff_base_ms: 1_000,
             provision_backoff_max_ms: 30_000,

@@ -112,17 +112,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     .context("cannot start the OpenAI-compatible router")?;
 
     let router_metrics = openai.clone();
-    let router = gpufleet_api::router(
-        {
-            let state = gpufleet_api::ApiState::new(fleet.clone(), admin_token).with_extra_metrics(
-                std::sync::Arc::new(move || router_metrics.render_prometheus()),
-            );
-            match agent_binary {
-                Some(binary) => state.with_agent_binary(binary),
-                None => state,
-            }
-        },
-    )
+    let router = gpufleet_api::router({
+        let state = gpufleet_api::ApiState::new(fleet.clone(), admin_token).with_extra_metrics(
+            std::sync::Arc::new(move || router_metrics.render_prometheus()),
+        );
+        match agent_binary {
+            Some(binary) => state.with_agent_binary(binary),
+            None => state,
+        }
+    })
     .merge(gpufleet_console::router());
     // The OpenAI-compatible endpoint: /v1/models, /v1/chat/completions, /v1/completions.
     let router = router.merge(gpufleet_router::router(openai.clone()));

@@ -151,7 +151,7 @@ impl Catalog {
 }
 
 /// What kind of billable resource, besides machines, a provider made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResourceKind {
     /// A public IP address.

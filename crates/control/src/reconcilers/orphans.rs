@@ -1,6 +1,9 @@
 //! Orphan reaper: lists every provider's machines tagged with this cluster and
 //! deletes those that no live instance owns (unknown instance, or one already
 //! terminated, archived or cleaned up) — the last line against leaked machines.
+//! Other billable resources so tagged (public IPs, volumes) are deleted the
+//! same way once they have looked orphaned for `orphan_grace_secs` (a create
+//! in progress makes them before its machine).
 
 use crate::driver::{Reconciler, TaskReport};
 use crate::fleet::{task, Fleet};
@@ -8,17 +11,128 @@ use crate::timeline;
 use async_trait::async_trait;
 use chrono::Utc;
 use gpufleet_domain::{InstanceId, InstanceStatus};
-use gpufleet_providers::tags;
-use gpufleet_store::{Outcome, TimelineKind};
-use std::collections::BTreeMap;
+use gpufleet_providers::{tags, ResourceKind};
+use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 pub struct OrphanReaper {
     fleet: Fleet,
+    /// When each resource (provider, kind, id) was first seen orphaned.
+    suspects: Mutex<HashMap<(String, ResourceKind, String), Instant>>,
 }
 
 impl OrphanReaper {
     pub fn new(fleet: Fleet) -> Self {
-        Self { fleet }
+        Self {
+            fleet,
+            suspects: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether the instance named by `tags` is gone (or was never known).
+    async fn owner_gone(
+        &self,
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(Option<InstanceRecord>, bool), String> {
+        let owner = tags
+            .get(tags::INSTANCE)
+            .and_then(|s| s.parse::<InstanceId>().ok());
+        let rec = match owner {
+            Some(id) => self
+                .fleet
+                .store()
+                .get_instance(id)
+                .await
+                .map_err(|e| format!("{id}: {e}"))?,
+            None => None,
+        };
+        let gone = match &rec {
+            None => true,
+            Some(r) => {
+                (r.status.is_terminal()
+                    || (r.status == InstanceStatus::Failed && r.cleaned_up_at.is_some()))
+                    && !self.fleet.is_creating(r.id)
+            }
+        };
+        Ok((rec, gone))
+    }
+
+    /// Deletes resources that have looked orphaned past the grace period.
+    async fn reap_resources(
+        &self,
+        name: &str,
+        provider: &dyn gpufleet_providers::Provider,
+        filter: &BTreeMap<String, String>,
+        report: &mut TaskReport,
+    ) {
+        let resources = match provider.list_resources(filter).await {
+            Ok(r) => r,
+            Err(e) => {
+                report.error(format!("{name}: list resources: {e}"));
+                return;
+            }
+        };
+        let grace = Duration::from_secs(self.fleet.config().orphan_grace_secs);
+        let mut seen = HashSet::new();
+        for r in resources {
+            report.examined += 1;
+            let (owner, gone) = match self.owner_gone(&r.tags).await {
+                Ok(v) => v,
+                Err(e) => {
+                    report.error(e);
+                    continue;
+                }
+            };
+            if !gone {
+                continue;
+            }
+            let key = (name.to_string(), r.kind, r.id.clone());
+            seen.insert(key.clone());
+            let first = *self
+                .suspects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key.clone())
+                .or_insert_with(Instant::now);
+            if first.elapsed() < grace {
+                continue;
+            }
+            tracing::warn!(provider = %name, kind = ?r.kind, id = %r.id, "deleting orphaned resource");
+            match provider.delete_resource(&r).await {
+                Ok(()) => {
+                    report.acted += 1;
+                    self.suspects
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&key);
+                    if let Some(owner) = owner {
+                        let e = timeline::entry(
+                            owner.id,
+                            Utc::now(),
+                            TimelineKind::ProviderCall,
+                            "orphan.delete_resource",
+                            Outcome::Success,
+                            format!(
+                                "deleted orphaned {:?} {} tagged with this instance",
+                                r.kind, r.id
+                            ),
+                        );
+                        let _ = self.fleet.store().append_events(&[e]).await;
+                    }
+                }
+                Err(e) => report.error(format!(
+                    "{name}: delete orphaned {:?} {}: {e}",
+                    r.kind, r.id
+                )),
+            }
+        }
+        // Forget suspects that are gone or owned again.
+        self.suspects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| k.0 != name || seen.contains(k));
     }
 }
 
@@ -34,6 +148,8 @@ impl Reconciler for OrphanReaper {
         let mut filter = BTreeMap::new();
         filter.insert(tags::CLUSTER.to_string(), fleet.cluster_id().to_string());
         for (name, provider) in fleet.inner.providers.iter() {
+            self.reap_resources(name.as_str(), provider.as_ref(), &filter, &mut report)
+                .await;
             let machines = match provider.list(&filter).await {
                 Ok(m) => m,
                 Err(e) => {

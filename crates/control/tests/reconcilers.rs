@@ -101,6 +101,7 @@ async fn retries_reuse_the_idempotency_key_and_create_once() {
         2,
         ProviderError::Retryable {
             message: "503".into(),
+            retry_after_secs: None,
         },
     );
     let h = start(faulty.clone(), fast_config()).await;
@@ -149,6 +150,7 @@ async fn out_of_capacity_and_exhausted_retries_fail_with_reasons() {
         100,
         ProviderError::Retryable {
             message: "timeout".into(),
+            retry_after_secs: None,
         },
     );
     let b = create_one(&h.fleet).await;

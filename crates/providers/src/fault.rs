@@ -217,6 +217,7 @@ impl Provider for FaultyProvider {
             return Err(ProviderError::Retryable {
                 message: "injected fault: the create call failed after the machine was created"
                     .to_string(),
+                retry_after_secs: None,
             });
         }
         Ok(machine)
@@ -374,6 +375,7 @@ mod tests {
     fn retryable(msg: &str) -> ProviderError {
         ProviderError::Retryable {
             message: msg.to_string(),
+            retry_after_secs: None,
         }
     }
 

@@ -39,7 +39,11 @@ pub mod tags {
 pub enum ProviderError {
     /// Temporary: network trouble, rate limit, 5xx. Retry later with the same request.
     #[error("provider temporarily failed: {message}")]
-    Retryable { message: String },
+    Retryable {
+        message: String,
+        /// How long the provider asked to wait first (its `Retry-After`).
+        retry_after_secs: Option<u64>,
+    },
     /// Will fail again however often it is retried.
     #[error("provider refused: {message}")]
     Permanent { message: String },
@@ -57,29 +61,29 @@ pub enum ProviderError {
     },
 }
 
-/// How a `Retry-After` hint is written at the end of a `Retryable` message.
-const RETRY_AFTER_PREFIX: &str = " (retry after ";
-
 impl ProviderError {
-    /// A `Retryable` error carrying the provider's `Retry-After` hint, if any,
-    /// at the end of its message (read back by [`ProviderError::retry_after`]).
+    /// A `Retryable` error, with the provider's `Retry-After` hint if any.
     pub fn retryable_after(message: impl Into<String>, retry_after_secs: Option<u64>) -> Self {
-        let mut message = message.into();
-        if let Some(s) = retry_after_secs {
-            message.push_str(&format!("{RETRY_AFTER_PREFIX}{s}s)"));
+        Self::Retryable {
+            message: message.into(),
+            retry_after_secs,
         }
-        Self::Retryable { message }
+    }
+    /// A `Retryable` error without a hint.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::retryable_after(message, None)
     }
     /// How long the provider asked to wait before the next try (its
     /// `Retry-After`), for a `Retryable` error that carries one. A caller's
     /// backoff should wait at least this long.
     pub fn retry_after(&self) -> Option<std::time::Duration> {
-        let Self::Retryable { message } = self else {
-            return None;
-        };
-        let rest = &message[message.rfind(RETRY_AFTER_PREFIX)? + RETRY_AFTER_PREFIX.len()..];
-        let secs = rest.strip_suffix("s)")?.parse().ok()?;
-        Some(std::time::Duration::from_secs(secs))
+        match self {
+            Self::Retryable {
+                retry_after_secs: Some(s),
+                ..
+            } => Some(std::time::Duration::from_secs(*s)),
+            _ => None,
+        }
     }
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Retryable { .. })

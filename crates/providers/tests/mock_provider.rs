@@ -822,6 +822,7 @@ async fn fault_wrapper_over_the_mock() {
         1,
         ProviderError::Retryable {
             message: "503".into(),
+            retry_after_secs: None,
         },
     );
     assert!(p.terminate(&m.id).await.is_err());

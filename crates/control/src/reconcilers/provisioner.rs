@@ -185,6 +185,34 @@ impl Provisioner {
                     _ => Some(FailureReason::ProvisionFailed),
                 };
                 match fail {
+                    // The provider asked for a longer wait than the backoff's.
+                    None if e
+                        .retry_after()
+                        .is_some_and(|d| Some(Utc::now() + d) > rec.next_attempt_at) =>
+                    {
+                        let wait = e.retry_after().unwrap_or_default();
+                        let mut later = rec.clone();
+                        later.next_attempt_at = Some(Utc::now() + wait);
+                        later.updated_at = Utc::now();
+                        let note_entry = timeline::entry(
+                            rec.id,
+                            Utc::now(),
+                            TimelineKind::Note,
+                            "provider.retry_after",
+                            Outcome::Waiting,
+                            format!(
+                                "the provider asked to wait {} s before the next attempt",
+                                wait.as_secs()
+                            ),
+                        );
+                        if let Err(e) = fleet
+                            .store()
+                            .update_instance(&later, &[entry, note_entry])
+                            .await
+                        {
+                            report.error(format!("{}: {e}", rec.id));
+                        }
+                    }
                     None => note(fleet, &mut report, vec![entry]).await,
                     Some(reason) => {
                         apply(

@@ -39,6 +39,8 @@ pub struct Options {
     pub bench: bool,
     /// More TOML appended to the test config (e.g. a `[router]` section).
     pub extra_toml: String,
+    /// More environment for `up` (e.g. `SCW_*` credentials).
+    pub env: Vec<(String, String)>,
 }
 
 /// A running (or stopped) `gpufleet up` over one data directory.
@@ -51,6 +53,7 @@ pub struct TestApp {
     pub base_url: String,
     pub token: String,
     pub http: reqwest::Client,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -153,6 +156,7 @@ agent_restart_delay_ms = 1500
                 .timeout(Duration::from_secs(20))
                 .build()
                 .expect("http client"),
+            env: options.env,
             child: None,
         }
     }
@@ -175,6 +179,7 @@ agent_restart_delay_ms = 1500
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
@@ -312,12 +317,23 @@ agent_restart_delay_ms = 1500
         serde_json::from_str(&text).with_context(|| format!("{what}: cannot parse {text}"))
     }
 
-    /// `POST /api/v1/instances` of `count` instances; panics unless 202.
+    /// `POST /api/v1/instances` of `count` Mock instances; panics unless 202.
     pub async fn create(&self, count: u32) -> Vec<InstanceView> {
+        self.create_on("mock", TYPE, count).await
+    }
+
+    /// `POST /api/v1/instances` of `count` instances of `provider`'s
+    /// `instance_type` serving [`MODEL`]; panics unless 202.
+    pub async fn create_on(
+        &self,
+        provider: &str,
+        instance_type: &str,
+        count: u32,
+    ) -> Vec<InstanceView> {
         let body = CreateInstancesBody {
-            provider: "mock".into(),
+            provider: provider.into(),
             zone: None,
-            instance_type: TYPE.into(),
+            instance_type: instance_type.into(),
             model: MODEL.into(),
             count: Some(count),
         };

@@ -12,4 +12,5 @@ mod crash;
 mod lifecycle;
 mod metrics_cli;
 mod router;
+mod scaleway;
 mod shutdown;

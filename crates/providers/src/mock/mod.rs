@@ -723,6 +723,7 @@ impl Inner {
         if !state.open {
             return Err(ProviderError::Retryable {
                 message: "the mock provider is shut down".to_string(),
+                retry_after_secs: None,
             });
         }
         if let Some(entry) = state
@@ -793,9 +794,10 @@ impl Inner {
         let dir = self.machine_dir(&id);
         if let Err(e) = self.write_new_machine(&dir, req, &record) {
             let _ = fs::remove_dir_all(&dir);
-            return Err(ProviderError::Retryable {
-                message: format!("cannot write machine {id} under {}: {e}", dir.display()),
-            });
+            return Err(ProviderError::retryable(format!(
+                "cannot write machine {id} under {}: {e}",
+                dir.display()
+            )));
         }
         let machine = self.view(&record);
         state
@@ -895,6 +897,7 @@ impl Inner {
         if !open {
             return Err(ProviderError::Retryable {
                 message: "the mock provider is shut down".to_string(),
+                retry_after_secs: None,
             });
         }
         let before = entry.record.state;
@@ -906,6 +909,7 @@ impl Inner {
             entry.dirty = false;
             return Err(ProviderError::Retryable {
                 message: format!("cannot record the termination of {id}: {e}"),
+                retry_after_secs: None,
             });
         }
         info!(machine_id = %id, instance_id = %entry.record.instance_id, "terminating machine");

@@ -69,6 +69,7 @@ impl Answer {
     pub fn json<T: DeserializeOwned>(&self, what: &str) -> Result<T, ProviderError> {
         serde_json::from_slice(&self.body).map_err(|e| ProviderError::Retryable {
             message: format!("Scaleway answered {what} with a body gpufleet cannot read: {e}"),
+            retry_after_secs: None,
         })
     }
     pub fn total_count(&self) -> Option<u64> {
@@ -151,6 +152,7 @@ impl Api {
             .await
             .map_err(|_| ProviderError::Retryable {
                 message: "the Scaleway client is shutting down".into(),
+                retry_after_secs: None,
             })?;
         self.calls.count(op);
         let url = format!("{}{}", self.base, path);
@@ -202,14 +204,12 @@ fn transport_error(method: &Method, path: &str, e: reqwest::Error) -> ProviderEr
     } else {
         "failed"
     };
-    ProviderError::Retryable {
-        message: format!(
-            "Scaleway {method} {path} {kind}: {}",
-            std::error::Error::source(&e)
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| e.to_string())
-        ),
-    }
+    ProviderError::retryable(format!(
+        "Scaleway {method} {path} {kind}: {}",
+        std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| e.to_string())
+    ))
 }
 
 /// Scaleway's error body (standard errors and the Instance API's older ones).
@@ -314,6 +314,7 @@ pub fn map_error(status: u16, retry_after: Option<u64>, body: &[u8]) -> Provider
         },
         409 | 412 | 423 => ProviderError::Retryable {
             message: format!("Scaleway refused for now (HTTP {status}): {what}"),
+            retry_after_secs: None,
         },
         _ => ProviderError::Permanent {
             message: format!(

@@ -196,6 +196,7 @@ fn not_found_is_retryable(e: ProviderError, what: &str) -> ProviderError {
     match e {
         ProviderError::NotFound { .. } => ProviderError::Retryable {
             message: format!("{what} vanished while gpufleet used it; the next try looks again"),
+            retry_after_secs: None,
         },
         e => e,
     }
@@ -693,9 +694,10 @@ impl ScalewayProvider {
                 .await
                 .map_err(|e| not_found_is_retryable(e, "the model volume"))?;
         }
-        Err(ProviderError::Retryable {
-            message: format!("model volume {} is still {}", volume.id, volume.status),
-        })
+        Err(ProviderError::retryable(format!(
+            "model volume {} is still {}",
+            volume.id, volume.status
+        )))
     }
 
     async fn public_ip(&self, req: &CreateRequest, zone: &str) -> Result<String, ProviderError> {

@@ -101,12 +101,17 @@ export interface GpuSample {
   index: number
   name: string
   uuid: string | null
-  util_pct: number
+  /** null: unknown (not supported, e.g. under MIG; GPU lost; sample timed out). */
+  util_pct: number | null
   mem_used_mib: number
   mem_total_mib: number
-  temp_c: number
-  power_w: number
-  power_limit_w: number
+  mem_free_mib?: number
+  mem_reserved_mib?: number
+  temp_c: number | null
+  power_w: number | null
+  /** The enforced power limit. */
+  power_limit_w: number | null
+  mig_enabled?: boolean
 }
 
 export interface EngineSample {

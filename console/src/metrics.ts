@@ -122,7 +122,7 @@ export function detailCharts(ss: Sample[]): ChartSpec[] {
   const x = xs(ss)
   const gpuCount = ss.reduce((n, s) => Math.max(n, s.gpus.length), 0)
   const gpuIdx = Array.from({ length: gpuCount }, (_, i) => i)
-  const perGpu = (f: (g: Sample['gpus'][number]) => number) => gpuIdx.map((i) => ss.map((s) => (s.gpus[i] ? f(s.gpus[i]) : null)))
+  const perGpu = (f: (g: Sample['gpus'][number]) => number | null) => gpuIdx.map((i) => ss.map((s) => (s.gpus[i] ? f(s.gpus[i]) : null)))
   const gpuLabels = gpuIdx.map((i) => `GPU ${i}`)
   const charts: ChartSpec[] = [
     { id: 'cpu', title: 'CPU', labels: ['CPU'], data: [x, ss.map((s) => s.system.cpu_pct)], fmt: pct },
@@ -171,8 +171,18 @@ export function detailCharts(ss: Sample[]): ChartSpec[] {
 /** Per-instance sparklines for the observability page. */
 export function sparkCharts(ss: Sample[]): ChartSpec[] {
   const x = xs(ss)
-  const mean = (f: (g: Sample['gpus'][number]) => number) => ss.map((s) => (s.gpus.length ? s.gpus.reduce((a, g) => a + f(g), 0) / s.gpus.length : null))
-  const sum = (f: (g: Sample['gpus'][number]) => number) => ss.map((s) => (s.gpus.length ? s.gpus.reduce((a, g) => a + f(g), 0) : null))
+  // Over the GPUs that know the figure; null (a gap, "—") when none does.
+  const known = (s: Sample, f: (g: Sample['gpus'][number]) => number | null) => s.gpus.map(f).filter((v): v is number => v !== null)
+  const mean = (f: (g: Sample['gpus'][number]) => number | null) =>
+    ss.map((s) => {
+      const v = known(s, f)
+      return v.length ? v.reduce((a, b) => a + b, 0) / v.length : null
+    })
+  const sum = (f: (g: Sample['gpus'][number]) => number | null) =>
+    ss.map((s) => {
+      const v = known(s, f)
+      return v.length ? v.reduce((a, b) => a + b, 0) : null
+    })
   return [
     { id: 'cpu', title: 'CPU', labels: ['CPU'], data: [x, ss.map((s) => s.system.cpu_pct)], fmt: pct },
     { id: 'mem', title: 'Memory', labels: ['Memory'], data: [x, ss.map((s) => ratio(s.system.mem_used_bytes, s.system.mem_total_bytes))], fmt: pct, yRange: [0, 100] },

@@ -151,6 +151,32 @@ export function Detail({ id }: { id: string }) {
             </dd>
           </div>
           <div>
+            <dt>GPUs</dt>
+            <dd data-testid="detail-gpus">
+              {!metrics?.latest ? (
+                '—'
+              ) : (
+                <>
+                  {metrics.latest.gpus.length}{' '}
+                  {metrics.latest.gpu_source === 'simulated' ? (
+                    <span class="badge badge-warn" title="No NVIDIA driver was used: these GPU figures are simulated">
+                      simulated
+                    </span>
+                  ) : (
+                    <span class="badge badge-info">NVML</span>
+                  )}{' '}
+                  {metrics.latest.gpus.map((g) => (
+                    <span class="muted small mono" key={g.index}>
+                      {' '}
+                      GPU{g.index} {g.util_pct === null ? '—' : `${g.util_pct.toFixed(0)}%`} · {g.temp_c === null ? '—' : `${g.temp_c.toFixed(0)} °C`} ·{' '}
+                      {g.power_w === null ? '—' : `${g.power_w.toFixed(0)} W`}
+                    </span>
+                  ))}
+                </>
+              )}
+            </dd>
+          </div>
+          <div>
             <dt>Provider / zone</dt>
             <dd>
               {inst.provider} / {inst.zone}

@@ -85,11 +85,13 @@ export function Overview() {
   const n = fm ? fm.now : null
   const reading = fm === null || (fm === false && !latest)
   const gpusReporting = n ? n.gpus : gs.length
-  const meanUtil = n ? n.mean_gpu_util_pct : gs.length ? gs.reduce((a, g) => a + g.util_pct, 0) / gs.length : null
+  // Over the GPUs that report a figure: an unknown (MIG, GPU lost) is not 0.
+  const utils = gs.map((g) => g.util_pct).filter((v): v is number => v !== null)
+  const meanUtil = n ? n.mean_gpu_util_pct : utils.length ? utils.reduce((a, u) => a + u, 0) / utils.length : null
   const vramUsed = n ? n.vram_used_mib : gs.reduce((a, g) => a + g.mem_used_mib, 0)
   const vramTotal = n ? n.vram_total_mib : gs.reduce((a, g) => a + g.mem_total_mib, 0)
-  const power = n ? n.power_w : gs.reduce((a, g) => a + g.power_w, 0)
-  const powerLimit = n ? n.power_limit_w : gs.reduce((a, g) => a + g.power_limit_w, 0)
+  const power = n ? n.power_w : gs.reduce((a, g) => a + (g.power_w ?? 0), 0)
+  const powerLimit = n ? n.power_limit_w : gs.reduce((a, g) => a + (g.power_limit_w ?? 0), 0)
   const running = samples.reduce((a, s) => a + s.engine.requests_running, 0)
   const waiting = samples.reduce((a, s) => a + s.engine.requests_waiting, 0)
   const prices = n ? n.price_per_hour.filter((p) => p.amount > 0 || n.price_per_hour.length === 1) : null

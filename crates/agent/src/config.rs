@@ -39,7 +39,16 @@ pub struct AgentArgs {
     /// without it) or `simulated`.
     #[arg(long, value_enum, default_value_t = GpuMode::Auto)]
     pub gpu: GpuMode,
+    /// How long one GPU sample may take (NVML calls run on their own
+    /// thread); past it the heartbeat goes out without GPU figures and a
+    /// `gpu_fault` event goes on the instance's timeline.
+    #[arg(long, default_value_t = DEFAULT_GPU_SAMPLE_DEADLINE_MS)]
+    pub gpu_sample_deadline_ms: u64,
 }
+
+/// Default of `--gpu-sample-deadline-ms`: NVML answers in milliseconds; a
+/// call stuck for seconds is a hung driver.
+pub const DEFAULT_GPU_SAMPLE_DEADLINE_MS: u64 = 2_000;
 
 /// Heartbeat period used until the control plane says otherwise.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(5000);

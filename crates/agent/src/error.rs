@@ -46,6 +46,10 @@ pub enum AgentError {
     HttpClient(#[source] reqwest::Error),
     #[error("--gpu nvml: NVML is unavailable: {0}\nhint: install the NVIDIA driver, or run with --gpu auto or --gpu simulated")]
     Nvml(String),
+    #[error("--gpu nvml: NVML did not start within {deadline_ms} ms (hung driver?)")]
+    NvmlStartTimeout { deadline_ms: u64 },
+    #[error("cannot start the GPU sampling thread")]
+    GpuThread(#[source] std::io::Error),
     #[error("agent HTTP server failed")]
     Serve(#[source] std::io::Error),
 }

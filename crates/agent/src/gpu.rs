@@ -9,6 +9,8 @@ use gpufleet_proto::{GpuSample, GpuSource};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use tokio::sync::oneshot;
+
 use crate::error::AgentError;
 use crate::nvml::{NvmlBackend, NvmlCallError, NvmlGpus};
 
@@ -25,7 +27,13 @@ pub enum GpuMode {
 }
 
 /// The sampler `mode` asks for. `load_nvml` loads the library (tests pass a
-/// fake); it is not called in `simulated` mode.
+/// fake); it is not called in `simulated` mode. Blocking: it runs on the GPU
+/// thread ([`GpuThread::start`]).
+///
+/// `auto` without a usable driver falls back to simulated GPUs with a
+/// warning (a cloud machine should run `--gpu nvml`, which refuses to start
+/// instead); the fallback is marked `gpu_source="simulated"` in every series
+/// and in the console.
 pub fn select(
     mode: GpuMode,
     spec: &GpuSpec,
@@ -47,14 +55,203 @@ pub fn select(
             Ok(Box::new(NvmlGpus::new(backend, count)))
         }
         (GpuMode::Nvml, Ok(_)) => Err(AgentError::Nvml("NVML reports no GPU".to_string())),
-        (GpuMode::Nvml, Err(e)) => Err(AgentError::Nvml(e.0)),
+        (GpuMode::Nvml, Err(e)) => Err(AgentError::Nvml(e.to_string())),
         (_, outcome) => {
             let why = match outcome {
                 Ok(_) => "NVML reports no GPU".to_string(),
-                Err(e) => e.0,
+                Err(e) => e.to_string(),
             };
-            tracing::info!(reason = %why, gpus = spec.count, model = %spec.model, "GPU figures: simulated (no usable NVIDIA driver)");
+            tracing::warn!(reason = %why, gpus = spec.count, model = %spec.model, "GPU FIGURES ARE SIMULATED: --gpu auto found no usable NVIDIA driver; every GPU series is marked gpu_source=\"simulated\" (run with --gpu nvml on GPU machines)");
             Ok(simulated())
+        }
+    }
+}
+
+/// Why GPU figures are missing from a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GpuFault {
+    /// The sample did not come back within the deadline: an NVML call is
+    /// stuck (a hung driver). The GPU thread stays blocked; later samples
+    /// are not queued behind it.
+    #[error("GPU sampling did not answer within {deadline_ms} ms (NVML call stuck: hung driver?)")]
+    Hung { deadline_ms: u64 },
+    /// The sampler answered but a GPU is unreadable (fell off the bus).
+    #[error("{0}")]
+    Reported(String),
+    /// The GPU thread ended (it panicked).
+    #[error("the GPU sampling thread is gone")]
+    ThreadGone,
+}
+
+/// One sampling through [`GpuThread`]: the samples (empty when the thread
+/// did not answer: GPUs unreadable) and what went wrong, if anything.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GpuReading {
+    pub gpus: Vec<GpuSample>,
+    pub fault: Option<GpuFault>,
+}
+
+struct Request {
+    load: EngineLoad,
+    elapsed: Duration,
+    reply: oneshot::Sender<(Vec<GpuSample>, Option<String>)>,
+}
+
+/// The GPU sampler on a dedicated OS thread, so that no NVML call (start-up
+/// included) ever runs on the async runtime, and a call that hangs costs a
+/// [`GpuFault::Hung`] in the heartbeat instead of the heartbeat itself.
+pub struct GpuThread {
+    requests: std::sync::mpsc::Sender<Request>,
+    source: GpuSource,
+    deadline: Duration,
+    /// The request that missed its deadline, still unanswered.
+    pending: Option<oneshot::Receiver<(Vec<GpuSample>, Option<String>)>>,
+}
+
+impl GpuThread {
+    /// Starts the thread and the sampler [`select`] picks on it. NVML's
+    /// start-up gets `start_deadline`: past it, `auto` falls back to
+    /// simulated GPUs and `nvml` fails. Each later sample gets `deadline`.
+    pub async fn start(
+        mode: GpuMode,
+        spec: &GpuSpec,
+        seed: u64,
+        load_nvml: impl FnOnce() -> Result<Box<dyn NvmlBackend>, NvmlCallError> + Send + 'static,
+        start_deadline: Duration,
+        deadline: Duration,
+    ) -> Result<Self, AgentError> {
+        match Self::spawn(
+            mode,
+            spec.clone(),
+            seed,
+            load_nvml,
+            start_deadline,
+            deadline,
+        )
+        .await
+        {
+            Err(AgentError::NvmlStartTimeout { .. }) if mode == GpuMode::Auto => {
+                tracing::warn!(deadline_ms = start_deadline.as_millis() as u64, "GPU FIGURES ARE SIMULATED: NVML did not start in time (hung driver?); falling back (--gpu auto)");
+                Self::spawn(
+                    GpuMode::Simulated,
+                    spec.clone(),
+                    seed,
+                    || Err(NvmlCallError::NotSupported),
+                    start_deadline,
+                    deadline,
+                )
+                .await
+            }
+            other => other,
+        }
+    }
+
+    async fn spawn(
+        mode: GpuMode,
+        spec: GpuSpec,
+        seed: u64,
+        load_nvml: impl FnOnce() -> Result<Box<dyn NvmlBackend>, NvmlCallError> + Send + 'static,
+        start_deadline: Duration,
+        deadline: Duration,
+    ) -> Result<Self, AgentError> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (requests, rx) = std::sync::mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("gpu-sampler".into())
+            .spawn(move || {
+                let mut sampler = match select(mode, &spec, seed, load_nvml) {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(s.source()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(req) = rx.recv() {
+                    let gpus = sampler.sample(&req.load, req.elapsed);
+                    let fault = sampler.fault();
+                    let _ = req.reply.send((gpus, fault));
+                }
+            })
+            .map_err(AgentError::GpuThread)?;
+        let source = match tokio::time::timeout(start_deadline, ready_rx).await {
+            Ok(Ok(ready)) => ready?,
+            Ok(Err(_)) => {
+                return Err(AgentError::Nvml(
+                    "the GPU thread ended during start-up".into(),
+                ))
+            }
+            Err(_) => {
+                return Err(AgentError::NvmlStartTimeout {
+                    deadline_ms: start_deadline.as_millis() as u64,
+                })
+            }
+        };
+        Ok(Self {
+            requests,
+            source,
+            deadline,
+            pending: None,
+        })
+    }
+
+    pub fn source(&self) -> GpuSource {
+        self.source
+    }
+
+    /// One sample of every GPU, or a fault within the deadline. While an
+    /// earlier sample is still stuck, no new one is asked for.
+    pub async fn sample(&mut self, load: &EngineLoad, elapsed: Duration) -> GpuReading {
+        let hung = GpuFault::Hung {
+            deadline_ms: self.deadline.as_millis() as u64,
+        };
+        if let Some(pending) = &mut self.pending {
+            match pending.try_recv() {
+                Ok(_) => self.pending = None, // Late: discarded, the thread is free.
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    return GpuReading {
+                        gpus: Vec::new(),
+                        fault: Some(hung),
+                    }
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return GpuReading {
+                        gpus: Vec::new(),
+                        fault: Some(GpuFault::ThreadGone),
+                    }
+                }
+            }
+        }
+        let (reply, mut rx) = oneshot::channel();
+        let sent = self.requests.send(Request {
+            load: *load,
+            elapsed,
+            reply,
+        });
+        if sent.is_err() {
+            return GpuReading {
+                gpus: Vec::new(),
+                fault: Some(GpuFault::ThreadGone),
+            };
+        }
+        match tokio::time::timeout(self.deadline, &mut rx).await {
+            Ok(Ok((gpus, fault))) => GpuReading {
+                gpus,
+                fault: fault.map(GpuFault::Reported),
+            },
+            Ok(Err(_)) => GpuReading {
+                gpus: Vec::new(),
+                fault: Some(GpuFault::ThreadGone),
+            },
+            Err(_) => {
+                self.pending = Some(rx);
+                GpuReading {
+                    gpus: Vec::new(),
+                    fault: Some(hung),
+                }
+            }
         }
     }
 }
@@ -72,6 +269,10 @@ pub trait GpuSampler: Send {
     fn source(&self) -> GpuSource;
     /// One sample per GPU; `elapsed` is the time since the previous call.
     fn sample(&mut self, load: &EngineLoad, elapsed: Duration) -> Vec<GpuSample>;
+    /// A fault seen at the last sample (a GPU fallen off the bus), if any.
+    fn fault(&self) -> Option<String> {
+        None
+    }
 }
 
 const BASE_UTIL_PCT: f64 = 5.0;
@@ -182,19 +383,25 @@ impl GpuSampler for SimulatedGpus {
                 throttle_reasons.push("sw_power_cap".to_string());
                 clock *= 0.95;
             }
+            let clocks_event_reasons = crate::nvml::throttle_mask(&throttle_reasons);
             out.push(GpuSample {
                 index: index as u32,
                 name: self.spec.model.clone(),
                 uuid: None,
-                util_pct,
+                util_pct: Some(util_pct),
                 mem_used_mib,
                 mem_total_mib: total_mib,
-                temp_c: gpu.temp_c,
-                power_w,
-                power_limit_w: limit_w,
+                mem_free_mib: Some(total_mib - mem_used_mib),
+                mem_reserved_mib: Some(0),
+                temp_c: Some(gpu.temp_c),
+                power_w: Some(power_w),
+                power_limit_w: Some(limit_w),
+                power_mgmt_limit_w: Some(limit_w),
                 sm_clock_mhz: Some(clock.round() as u32),
                 ecc_uncorrected: Some(0),
                 throttle_reasons,
+                clocks_event_reasons: Some(clocks_event_reasons),
+                ..GpuSample::default()
             });
         }
         out
@@ -255,14 +462,14 @@ mod tests {
             let samples = g.sample(&l, dt);
             assert_eq!(samples.len(), 2);
             for s in samples {
-                assert!((0.0..=100.0).contains(&s.util_pct), "{s:?}");
+                assert!((0.0..=100.0).contains(&s.util_pct.unwrap()), "{s:?}");
                 assert!(s.mem_used_mib <= s.mem_total_mib, "{s:?}");
                 assert!(
-                    (AMBIENT_TEMP_C..=AMBIENT_TEMP_C + 50.0).contains(&s.temp_c),
+                    (AMBIENT_TEMP_C..=AMBIENT_TEMP_C + 50.0).contains(&s.temp_c.unwrap()),
                     "{s:?}"
                 );
                 assert!(
-                    s.power_w >= 0.15 * 72.0 - 1e-9 && s.power_w <= 72.0,
+                    s.power_w.unwrap() >= 0.15 * 72.0 - 1e-9 && s.power_w.unwrap() <= 72.0,
                     "{s:?}"
                 );
                 assert_eq!(s.name, "NVIDIA L4");
@@ -276,26 +483,29 @@ mod tests {
         let busy = load(20.0, 0.0);
         let first = g.sample(&busy, Duration::from_millis(500)).remove(0);
         assert!(
-            first.util_pct < 50.0,
+            first.util_pct.unwrap() < 50.0,
             "moves smoothly, not at once: {first:?}"
         );
         let mut last = first.clone();
         for _ in 0..30 {
             last = g.sample(&busy, Duration::from_secs(1)).remove(0);
         }
-        assert!(last.util_pct > 90.0, "{last:?}");
-        assert!(last.temp_c > first.temp_c + 10.0, "{last:?}");
+        assert!(last.util_pct.unwrap() > 90.0, "{last:?}");
         assert!(
-            last.temp_c < AMBIENT_TEMP_C + 0.5 * last.util_pct,
+            last.temp_c.unwrap() > first.temp_c.unwrap() + 10.0,
+            "{last:?}"
+        );
+        assert!(
+            last.temp_c.unwrap() < AMBIENT_TEMP_C + 0.5 * last.util_pct.unwrap(),
             "thermal lag: {last:?}"
         );
         assert!(last.mem_used_mib > (24_576.0 * 0.9) as u64, "{last:?}");
-        assert!(last.power_w > 0.9 * 72.0, "{last:?}");
+        assert!(last.power_w.unwrap() > 0.9 * 72.0, "{last:?}");
         let idle = g
             .sample(&EngineLoad::default(), Duration::from_secs(60))
             .remove(0);
         assert_eq!(idle.mem_used_mib, 0, "nothing loaded, no weights in memory");
-        assert!(idle.util_pct < 10.0, "{idle:?}");
+        assert!(idle.util_pct.unwrap() < 10.0, "{idle:?}");
     }
 
     #[test]
@@ -308,14 +518,17 @@ mod tests {
         let mut prev: Option<f64> = None;
         for _ in 0..2_000 {
             let s = g.sample(&steady, Duration::from_secs(1)).remove(0);
-            assert!((s.util_pct - 45.0).abs() <= NOISE_PCT + 1e-6, "{s:?}");
+            assert!(
+                (s.util_pct.unwrap() - 45.0).abs() <= NOISE_PCT + 1e-6,
+                "{s:?}"
+            );
             if let Some(p) = prev {
                 assert!(
-                    (s.util_pct - p).abs() <= 2.0 * NOISE_PCT + 1e-6,
+                    (s.util_pct.unwrap() - p).abs() <= 2.0 * NOISE_PCT + 1e-6,
                     "smooth: {p} → {s:?}"
                 );
             }
-            prev = Some(s.util_pct);
+            prev = Some(s.util_pct.unwrap());
         }
     }
 
@@ -328,10 +541,10 @@ mod tests {
         for _ in 0..199 {
             s = g.sample(&busy, Duration::from_millis(100)).remove(0);
         }
-        assert!(s.util_pct > 85.0, "{s:?}");
+        assert!(s.util_pct.unwrap() > 85.0, "{s:?}");
         // ...temperature, 20 s after the step, has covered about 1 - 1/e of the way.
         let full = TEMP_PER_UTIL_PCT * MAX_TARGET_UTIL_PCT;
-        let covered = (s.temp_c - AMBIENT_TEMP_C) / full;
+        let covered = (s.temp_c.unwrap() - AMBIENT_TEMP_C) / full;
         assert!((0.5..0.7).contains(&covered), "covered {covered}: {s:?}");
     }
 
@@ -340,18 +553,18 @@ mod tests {
         let mut g = SimulatedGpus::new(GpuSpec { count: 1, ..spec() }, 9);
         let idle = g.sample(&load(0.0, 0.0), Duration::from_secs(60)).remove(0);
         assert!(
-            idle.power_w <= IDLE_POWER_SHARE * 72.0 + 0.1 * 72.0,
+            idle.power_w.unwrap() <= IDLE_POWER_SHARE * 72.0 + 0.1 * 72.0,
             "{idle:?}"
         );
         assert!(
-            idle.power_w >= IDLE_POWER_SHARE * 72.0,
+            idle.power_w.unwrap() >= IDLE_POWER_SHARE * 72.0,
             "idle floor: {idle:?}"
         );
         let busy = g
             .sample(&load(40.0, 10.0), Duration::from_secs(60))
             .remove(0);
         assert!(
-            busy.power_w > 0.9 * 72.0 && busy.power_w <= 72.0,
+            busy.power_w.unwrap() > 0.9 * 72.0 && busy.power_w.unwrap() <= 72.0,
             "{busy:?}"
         );
         assert!(busy.sm_clock_mhz > idle.sm_clock_mhz, "{idle:?} {busy:?}");
@@ -361,23 +574,24 @@ mod tests {
             .sample(&EngineLoad::default(), Duration::from_secs(600))
             .remove(0);
         assert!(
-            quiet.util_pct <= BASE_UTIL_PCT + NOISE_PCT + 1e-9,
+            quiet.util_pct.unwrap() <= BASE_UTIL_PCT + NOISE_PCT + 1e-9,
             "{quiet:?}"
         );
     }
 
     mod selection {
+        use std::sync::{mpsc, Arc, Mutex};
+
         use super::*;
         use crate::nvml::fake::{FakeDevice, FakeNvml};
 
         fn fake(n: u32) -> Result<Box<dyn NvmlBackend>, NvmlCallError> {
-            Ok(Box::new(FakeNvml {
-                devices: (0..n).map(|i| Some(FakeDevice::h100(i))).collect(),
-                broken: false,
-            }))
+            Ok(Box::new(FakeNvml::with(
+                (0..n).map(|i| Some(FakeDevice::h100(i))).collect(),
+            )))
         }
         fn missing() -> Result<Box<dyn NvmlBackend>, NvmlCallError> {
-            Err(NvmlCallError(
+            Err(NvmlCallError::Other(
                 "libnvidia-ml.so: cannot open shared object file".into(),
             ))
         }
@@ -400,8 +614,8 @@ mod tests {
             }
             let broken = || -> Result<Box<dyn NvmlBackend>, NvmlCallError> {
                 Ok(Box::new(FakeNvml {
-                    devices: vec![],
                     broken: true,
+                    ..FakeNvml::default()
                 }))
             };
             let s = select(GpuMode::Auto, &spec(), 1, broken).unwrap();
@@ -425,26 +639,6 @@ mod tests {
             assert_eq!(s.source(), GpuSource::Nvml);
         }
 
-        /// The real library: simulated on a machine without a driver, NVML
-        /// with real readings on one with; `auto` never fails either way.
-        #[test]
-        fn auto_with_the_real_library_never_fails() {
-            let mut s = select(GpuMode::Auto, &spec(), 1, || {
-                crate::nvml::RealNvml::init().map(|n| Box::new(n) as Box<dyn NvmlBackend>)
-            })
-            .expect("auto never fails");
-            let samples = s.sample(&EngineLoad::default(), Duration::from_secs(1));
-            match s.source() {
-                GpuSource::Simulated => assert_eq!(samples.len(), 2),
-                GpuSource::Nvml => {
-                    assert!(!samples.is_empty());
-                    for g in &samples {
-                        assert!(g.mem_total_mib > 0 && g.uuid.is_some(), "{g:?}");
-                    }
-                }
-            }
-        }
-
         #[test]
         fn simulated_mode_never_loads_nvml() {
             let s = select(
@@ -457,6 +651,100 @@ mod tests {
             )
             .unwrap();
             assert_eq!(s.source(), GpuSource::Simulated);
+        }
+
+        const START: Duration = Duration::from_secs(10);
+
+        #[tokio::test]
+        async fn the_thread_samples_nvml_off_the_runtime() {
+            let mut t = GpuThread::start(GpuMode::Nvml, &spec(), 1, || fake(2), START, START)
+                .await
+                .unwrap();
+            assert_eq!(t.source(), GpuSource::Nvml);
+            let r = t
+                .sample(&EngineLoad::default(), Duration::from_secs(1))
+                .await;
+            assert_eq!(r.fault, None);
+            assert_eq!(r.gpus.len(), 2);
+            let e = GpuThread::start(GpuMode::Nvml, &spec(), 1, missing, START, START)
+                .await
+                .err()
+                .expect("nvml mode without NVML");
+            assert!(matches!(e, AgentError::Nvml(_)), "{e}");
+        }
+
+        #[tokio::test]
+        async fn a_hung_call_is_a_fault_within_the_deadline_and_recovers() {
+            let (release, gate) = mpsc::channel::<()>();
+            let gate = Arc::new(Mutex::new(gate));
+            let backend = move || -> Result<Box<dyn NvmlBackend>, NvmlCallError> {
+                Ok(Box::new(FakeNvml {
+                    hang: Some(gate),
+                    ..FakeNvml::with(vec![Some(FakeDevice::h100(0))])
+                }))
+            };
+            let deadline = Duration::from_millis(200);
+            let mut t = GpuThread::start(GpuMode::Nvml, &spec(), 1, backend, START, deadline)
+                .await
+                .unwrap();
+            let started = std::time::Instant::now();
+            let r = t
+                .sample(&EngineLoad::default(), Duration::from_secs(1))
+                .await;
+            assert_eq!(r.fault, Some(GpuFault::Hung { deadline_ms: 200 }));
+            assert!(r.gpus.is_empty(), "no stale or invented figures");
+            // Still stuck: answered at once, nothing queued behind the stuck call.
+            let r = t
+                .sample(&EngineLoad::default(), Duration::from_secs(1))
+                .await;
+            assert_eq!(r.fault, Some(GpuFault::Hung { deadline_ms: 200 }));
+            assert!(started.elapsed() < Duration::from_secs(5));
+            // The driver comes back: the stuck call (and the next) return.
+            release.send(()).unwrap();
+            release.send(()).unwrap();
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = t
+                    .sample(&EngineLoad::default(), Duration::from_secs(1))
+                    .await;
+                if r.fault.is_none() {
+                    assert_eq!(r.gpus.len(), 1);
+                    assert_eq!(r.gpus[0].util_pct, Some(87.0));
+                    break;
+                }
+                assert!(std::time::Instant::now() < until, "never recovered: {r:?}");
+            }
+            drop(release);
+        }
+
+        #[tokio::test]
+        async fn a_hung_start_falls_back_in_auto_and_fails_in_nvml_mode() {
+            let hung = |gate: Arc<Mutex<mpsc::Receiver<()>>>| {
+                move || -> Result<Box<dyn NvmlBackend>, NvmlCallError> {
+                    let _ = gate.lock().map(|g| g.recv());
+                    fake(1)
+                }
+            };
+            let short = Duration::from_millis(100);
+            let (_hold, gate) = mpsc::channel::<()>();
+            let gate = Arc::new(Mutex::new(gate));
+            let t = GpuThread::start(GpuMode::Auto, &spec(), 1, hung(gate.clone()), short, short)
+                .await
+                .unwrap();
+            assert_eq!(t.source(), GpuSource::Simulated);
+            let (_hold2, gate2) = mpsc::channel::<()>();
+            let e = GpuThread::start(
+                GpuMode::Nvml,
+                &spec(),
+                1,
+                hung(Arc::new(Mutex::new(gate2))),
+                short,
+                short,
+            )
+            .await
+            .err()
+            .expect("nvml mode");
+            assert!(matches!(e, AgentError::NvmlStartTimeout { .. }), "{e}");
         }
     }
 }

@@ -51,7 +51,7 @@ pub use engine::{
     ProcessLauncher,
 };
 pub use error::AgentError;
-pub use gpu::{EngineLoad, GpuMode, GpuSampler, SimulatedGpus};
+pub use gpu::{EngineLoad, GpuFault, GpuMode, GpuReading, GpuSampler, GpuThread, SimulatedGpus};
 
 use crate::config::{load_bootstrap, DataDir};
 use crate::engine::probe::EngineProbe;
@@ -113,9 +113,15 @@ pub async fn run_with(
     let session = Session::new(args.heartbeat_interval_ms);
     let (events, event_rx) = EventReporter::new(instance_id);
     let (engine_tx, engine_rx) = watch::channel(EngineState::default());
-    let gpus = gpu::select(args.gpu, &bootstrap.gpu, seed_of(instance_id), || {
-        nvml::RealNvml::init().map(|n| Box::new(n) as Box<dyn nvml::NvmlBackend>)
-    })?;
+    let gpus = gpu::GpuThread::start(
+        args.gpu,
+        &bootstrap.gpu,
+        seed_of(instance_id),
+        load_real_nvml,
+        NVML_START_DEADLINE,
+        Duration::from_millis(args.gpu_sample_deadline_ms.max(1)),
+    )
+    .await?;
     let stats = Arc::new(metrics::AgentStats::default());
     let hostname = sysinfo::System::host_name().unwrap_or_default();
     let probe = EngineProbe::new(args.bind, bootstrap.engine.port(), bootstrap.model.clone());
@@ -170,6 +176,8 @@ pub async fn run_with(
             client,
             system: Arc::new(Mutex::new(SystemSampler::new(data_dir.path()))),
             gpus,
+            events: events.clone(),
+            gpu_fault: None,
             engine: engine_rx,
             probe: probe.clone(),
             started,
@@ -234,6 +242,64 @@ pub async fn run_with(
     }
     tracing::info!(%instance_id, "agent stopped");
     outcome
+}
+
+/// How long NVML gets to start (`nvmlInit`, the device count).
+const NVML_START_DEADLINE: Duration = Duration::from_secs(20);
+
+fn load_real_nvml() -> Result<Box<dyn nvml::NvmlBackend>, nvml::NvmlCallError> {
+    nvml::RealNvml::init().map(|n| Box::new(n) as Box<dyn nvml::NvmlBackend>)
+}
+
+/// `gpufleet agent-once`: one GPU sample per `mode`, as the agent's
+/// `/metrics` would show it (DCGM families) followed by the heartbeat's
+/// JSON, for checking a GPU machine by hand. Needs no control plane.
+pub async fn sample_once(mode: GpuMode, deadline: Duration) -> Result<String, AgentError> {
+    let spec = gpufleet_domain::GpuSpec {
+        model: "simulated".into(),
+        count: 1,
+        vram_mib: 1024,
+        power_limit_w: 100.0,
+    };
+    let mut gpus = gpu::GpuThread::start(
+        mode,
+        &spec,
+        1,
+        load_real_nvml,
+        NVML_START_DEADLINE,
+        deadline,
+    )
+    .await?;
+    let reading = gpus
+        .sample(&EngineLoad::default(), Duration::from_secs(1))
+        .await;
+    let agent = metrics::AgentFigures {
+        hostname: sysinfo::System::host_name().unwrap_or_default(),
+        version: VERSION.to_string(),
+        instance_id: String::new(),
+        model: String::new(),
+        gpu_source: gpus.source(),
+        uptime_secs: 0.0,
+        heartbeats_sent: 0,
+        heartbeats_failed: 0,
+        engine_status: gpufleet_proto::EngineStatus::Stopped,
+        engine_restarts: 0,
+        gpu_faults: u64::from(reading.fault.is_some()),
+        gpu_fault: reading.fault.as_ref().map(ToString::to_string),
+    };
+    let text = metrics::render(&agent, &reading.gpus, &metrics::HostFigures::default());
+    let dcgm: String = text
+        .lines()
+        .filter(|l| l.contains("DCGM_FI_") || l.contains("gpufleet_agent_gpu_fault"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "gpu_source": gpus.source(),
+        "fault": reading.fault.as_ref().map(ToString::to_string),
+        "gpus": reading.gpus,
+    }))
+    .unwrap_or_default();
+    Ok(format!("{dcgm}{json}\n"))
 }
 
 /// A stable seed per instance, so its simulated GPUs are reproducible.

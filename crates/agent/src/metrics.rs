@@ -29,10 +29,10 @@
 //! camel case that the upstream names themselves carry ([`UPSTREAM_LINT`]).
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use gpufleet_proto::{EngineStatus, GpuSample, GpuSource};
+use gpufleet_proto::{EngineStatus, GpuSample, GpuSource, MigDeviceSample};
 use sysinfo::{Disks, Networks, System};
 
 /// promtool lint findings that come with the upstream names dashboards need
@@ -67,6 +67,11 @@ pub fn is_upstream_lint(line: &str) -> bool {
 pub struct AgentStats {
     pub heartbeats_sent: AtomicU64,
     pub heartbeats_failed: AtomicU64,
+    /// GPU faults begun (a sample past its deadline, a GPU lost).
+    pub gpu_faults: AtomicU64,
+    /// Whether the latest GPU sample failed.
+    pub gpu_fault: AtomicBool,
+    gpu_fault_reason: Mutex<Option<String>>,
     latest_gpus: Mutex<Vec<GpuSample>>,
 }
 
@@ -77,10 +82,25 @@ impl AgentStats {
     pub fn failed(&self) {
         self.heartbeats_failed.fetch_add(1, Ordering::Relaxed);
     }
-    pub fn set_gpus(&self, gpus: &[GpuSample]) {
+    /// The latest GPU sample, and whether it came with a fault (the
+    /// figures it lacks are then absent from `/metrics`, not stale).
+    pub fn set_gpus(&self, gpus: &[GpuSample], fault: Option<String>) {
         if let Ok(mut g) = self.latest_gpus.lock() {
             *g = gpus.to_vec();
         }
+        let faulty = fault.is_some();
+        if let Ok(mut r) = self.gpu_fault_reason.lock() {
+            *r = fault;
+        }
+        if faulty && !self.gpu_fault.swap(true, Ordering::Relaxed) {
+            self.gpu_faults.fetch_add(1, Ordering::Relaxed);
+        } else if !faulty {
+            self.gpu_fault.store(false, Ordering::Relaxed);
+        }
+    }
+    /// The GPU fault in force, if any.
+    pub fn gpu_fault_reason(&self) -> Option<String> {
+        self.gpu_fault_reason.lock().ok().and_then(|r| r.clone())
     }
     pub fn gpus(&self) -> Vec<GpuSample> {
         self.latest_gpus
@@ -225,6 +245,9 @@ pub struct AgentFigures {
     pub heartbeats_failed: u64,
     pub engine_status: EngineStatus,
     pub engine_restarts: u32,
+    /// GPU faults begun so far, and the one in force (its description).
+    pub gpu_faults: u64,
+    pub gpu_fault: Option<String>,
 }
 
 /// A text-format writer: one family at a time, `# HELP` and `# TYPE` first.
@@ -283,30 +306,52 @@ fn format_value(v: f64) -> String {
 /// One DCGM family: a value per GPU where `value` knows it.
 type GpuFigure = fn(&GpuSample) -> Option<f64>;
 
-const DCGM_FAMILIES: [(&str, &str, GpuFigure); 9] = [
+/// The DCGM families the agent exports: (name, help, value). An unknown
+/// value leaves the series out (never 0).
+pub const DCGM_FAMILIES: [(&str, &str, GpuFigure); 16] = [
     ("DCGM_FI_DEV_GPU_UTIL", "GPU utilization (in %).", |g| {
-        Some(g.util_pct)
+        g.util_pct
     }),
     (
         "DCGM_FI_DEV_FB_USED",
         "Framebuffer memory used (in MiB).",
-        |g| Some(g.mem_used_mib as f64),
+        |g| (g.mem_total_mib > 0).then_some(g.mem_used_mib as f64),
     ),
     (
         "DCGM_FI_DEV_FB_FREE",
         "Framebuffer memory free (in MiB).",
-        |g| Some(g.mem_total_mib.saturating_sub(g.mem_used_mib) as f64),
+        |g| g.mem_free_mib.map(|v| v as f64),
+    ),
+    (
+        "DCGM_FI_DEV_FB_RESERVED",
+        "Framebuffer memory reserved (in MiB).",
+        |g| g.mem_reserved_mib.map(|v| v as f64),
     ),
     ("DCGM_FI_DEV_GPU_TEMP", "GPU temperature (in C).", |g| {
-        Some(g.temp_c)
+        g.temp_c
     }),
+    (
+        "DCGM_FI_DEV_MEMORY_TEMP",
+        "Memory temperature (in C).",
+        |g| g.mem_temp_c,
+    ),
     ("DCGM_FI_DEV_POWER_USAGE", "Power draw (in W).", |g| {
-        Some(g.power_w)
+        g.power_w
     }),
+    (
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "Total energy consumption since boot (in mJ).",
+        |g| g.energy_mj.map(|v| v as f64),
+    ),
     (
         "DCGM_FI_DEV_POWER_MGMT_LIMIT",
         "Power management limit (in W).",
-        |g| Some(g.power_limit_w),
+        |g| g.power_mgmt_limit_w,
+    ),
+    (
+        "DCGM_FI_DEV_ENFORCED_POWER_LIMIT",
+        "Effective power limit that the driver enforces (in W).",
+        |g| g.power_limit_w,
     ),
     (
         "DCGM_FI_DEV_SM_CLOCK",
@@ -314,30 +359,51 @@ const DCGM_FAMILIES: [(&str, &str, GpuFigure); 9] = [
         |g| g.sm_clock_mhz.map(f64::from),
     ),
     (
+        "DCGM_FI_DEV_MEM_CLOCK",
+        "Memory clock frequency (in MHz).",
+        |g| g.mem_clock_mhz.map(f64::from),
+    ),
+    (
         "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL",
         "Total number of double-bit (uncorrected) volatile ECC errors.",
         |g| g.ecc_uncorrected.map(|n| n as f64),
     ),
     (
-        "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS",
-        "Current clock throttle reasons (NVML bit mask).",
-        |g| {
-            (g.sm_clock_mhz.is_some() || !g.throttle_reasons.is_empty())
-                .then(|| throttle_mask(&g.throttle_reasons) as f64)
-        },
+        "DCGM_FI_DEV_XID_ERRORS",
+        "Value of the last XID error encountered.",
+        |g| g.last_xid.map(|v| v as f64),
+    ),
+    (
+        "DCGM_FI_DEV_CLOCKS_EVENT_REASONS",
+        "Current clock event reasons (NVML bit mask; DCGM 3.3+ name of field 112).",
+        |g| g.clocks_event_reasons.map(|m| m as f64),
+    ),
+    (
+        "DCGM_FI_DEV_MIG_MODE",
+        "MIG mode (1 enabled, 0 disabled).",
+        |g| g.mig_enabled.map(|on| if on { 1.0 } else { 0.0 }),
     ),
 ];
 
-fn throttle_mask(names: &[String]) -> u64 {
-    names
-        .iter()
-        .filter_map(|n| {
-            crate::nvml::THROTTLE_REASONS
-                .iter()
-                .find(|(bit, name)| *bit != 0 && name == n)
-                .map(|(bit, _)| *bit)
-        })
-        .fold(0, |a, b| a | b)
+fn source_label(s: GpuSource) -> &'static str {
+    match s {
+        GpuSource::Nvml => "nvml",
+        GpuSource::Simulated => "simulated",
+    }
+}
+
+/// The figures NVML gives per MIG device: memory only.
+fn mig_figure(family: &str, m: &MigDeviceSample) -> Option<f64> {
+    match family {
+        "DCGM_FI_DEV_FB_USED" => m.mem_used_mib.map(|v| v as f64),
+        "DCGM_FI_DEV_FB_FREE" => m.mem_free_mib.map(|v| v as f64),
+        _ => None,
+    }
+}
+
+/// `3g.40gb` from `NVIDIA H100 80GB HBM3 MIG 3g.40gb`.
+fn mig_profile(name: &str) -> &str {
+    name.rsplit(' ').next().unwrap_or(name)
 }
 
 const ENGINE_STATUSES: [(EngineStatus, &str); 4] = [
@@ -351,13 +417,20 @@ const ENGINE_STATUSES: [(EngineStatus, &str); 4] = [
 pub fn render(agent: &AgentFigures, gpus: &[GpuSample], host: &HostFigures) -> String {
     let mut w = Writer { out: String::new() };
 
-    // GPUs, DCGM exporter style.
+    // GPUs, DCGM exporter style; every series says where its figures come from.
+    let source = source_label(agent.gpu_source);
     for (name, help, figure) in DCGM_FAMILIES {
         let values: Vec<(&GpuSample, f64)> = gpus
             .iter()
             .filter_map(|g| figure(g).map(|v| (g, v)))
             .collect();
-        if values.is_empty() {
+        // MIG devices, each its own series beside its parent's (`GPU_I_ID`).
+        let mig: Vec<(&GpuSample, &MigDeviceSample, f64)> = gpus
+            .iter()
+            .flat_map(|g| g.mig_devices.iter().map(move |m| (g, m)))
+            .filter_map(|(g, m)| mig_figure(name, m).map(|v| (g, m, v)))
+            .collect();
+        if values.is_empty() && mig.is_empty() {
             continue;
         }
         w.family(name, "gauge", help);
@@ -372,10 +445,43 @@ pub fn render(agent: &AgentFigures, gpus: &[GpuSample], host: &HostFigures) -> S
                     ("device", &device),
                     ("modelName", &g.name),
                     ("Hostname", &agent.hostname),
+                    ("gpu_source", source),
                 ],
                 v,
             );
         }
+        for (g, m, v) in mig {
+            let gpu = g.index.to_string();
+            let device = format!("nvidia{}", g.index);
+            let gi = m.mig_index.to_string();
+            w.sample(
+                name,
+                &[
+                    ("gpu", &gpu),
+                    ("UUID", g.uuid.as_deref().unwrap_or("")),
+                    ("device", &device),
+                    ("modelName", &g.name),
+                    ("Hostname", &agent.hostname),
+                    ("GPU_I_ID", &gi),
+                    ("GPU_I_PROFILE", mig_profile(&m.name)),
+                    ("mig_uuid", m.uuid.as_deref().unwrap_or("")),
+                    ("gpu_source", source),
+                ],
+                v,
+            );
+        }
+    }
+    if agent.gpu_fault.is_some() || agent.gpu_faults > 0 {
+        w.family(
+            "gpufleet_agent_gpu_fault",
+            "gauge",
+            "1 while GPU figures cannot be read (an NVML call past its deadline, a GPU lost); the GPU series are then absent.",
+        );
+        w.sample(
+            "gpufleet_agent_gpu_fault",
+            &[("reason", agent.gpu_fault.as_deref().unwrap_or(""))],
+            if agent.gpu_fault.is_some() { 1.0 } else { 0.0 },
+        );
     }
 
     // Host, node-exporter style.
@@ -481,10 +587,6 @@ pub fn render(agent: &AgentFigures, gpus: &[GpuSample], host: &HostFigures) -> S
         "gauge",
         "The agent: version, instance, model and where its GPU figures come from (always 1).",
     );
-    let source = match agent.gpu_source {
-        GpuSource::Nvml => "nvml",
-        GpuSource::Simulated => "simulated",
-    };
     w.sample(
         "gpufleet_agent_info",
         &[
@@ -520,6 +622,16 @@ pub fn render(agent: &AgentFigures, gpus: &[GpuSample], host: &HostFigures) -> S
         "gpufleet_agent_heartbeats_failed_total",
         &[],
         agent.heartbeats_failed as f64,
+    );
+    w.family(
+        "gpufleet_agent_gpu_faults_total",
+        "counter",
+        "GPU faults begun since the agent started.",
+    );
+    w.sample(
+        "gpufleet_agent_gpu_faults_total",
+        &[],
+        agent.gpu_faults as f64,
     );
     w.family(
         "gpufleet_agent_engine_restarts_total",
@@ -565,6 +677,8 @@ mod tests {
             heartbeats_failed: 1,
             engine_status: EngineStatus::Ready,
             engine_restarts: 2,
+            gpu_faults: 0,
+            gpu_fault: None,
         }
     }
 
@@ -573,15 +687,25 @@ mod tests {
             index,
             name: "NVIDIA H100 80GB HBM3".into(),
             uuid: Some(format!("GPU-{index}")),
-            util_pct: 87.0,
+            util_pct: Some(87.0),
             mem_used_mib: 40_000,
             mem_total_mib: 81_559,
-            temp_c: 64.0,
-            power_w: 512.5,
-            power_limit_w: 700.0,
+            mem_free_mib: Some(41_000),
+            mem_reserved_mib: Some(559),
+            temp_c: Some(64.0),
+            power_w: Some(512.5),
+            power_limit_w: Some(650.0),
+            power_mgmt_limit_w: Some(700.0),
+            energy_mj: Some(123_456_789),
             sm_clock_mhz: Some(1_980),
+            mem_clock_mhz: Some(2_619),
+            mem_temp_c: Some(71.0),
             ecc_uncorrected: Some(0),
             throttle_reasons: vec!["sw_power_cap".into(), "hw_slowdown".into()],
+            clocks_event_reasons: Some(0x100c),
+            last_xid: Some(0),
+            mig_enabled: Some(false),
+            mig_devices: Vec::new(),
         }
     }
 
@@ -636,13 +760,21 @@ mod tests {
     fn dcgm_names_and_labels() {
         let text = render(&agent(), &[gpu(0), gpu(1)], &host());
         for line in [
-            r#"DCGM_FI_DEV_GPU_UTIL{gpu="1",UUID="GPU-1",device="nvidia1",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 87"#,
-            r#"DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 40000"#,
-            r#"DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 41559"#,
-            r#"DCGM_FI_DEV_POWER_USAGE{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 512.5"#,
-            r#"DCGM_FI_DEV_SM_CLOCK{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 1980"#,
-            r#"DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 0"#,
-            r#"DCGM_FI_DEV_CLOCK_THROTTLE_REASONS{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1"} 12"#,
+            r#"DCGM_FI_DEV_GPU_UTIL{gpu="1",UUID="GPU-1",device="nvidia1",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 87"#,
+            r#"DCGM_FI_DEV_FB_USED{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 40000"#,
+            r#"DCGM_FI_DEV_FB_FREE{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 41000"#,
+            r#"DCGM_FI_DEV_FB_RESERVED{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 559"#,
+            r#"DCGM_FI_DEV_POWER_USAGE{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 512.5"#,
+            r#"DCGM_FI_DEV_POWER_MGMT_LIMIT{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 700"#,
+            r#"DCGM_FI_DEV_ENFORCED_POWER_LIMIT{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 650"#,
+            r#"DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 123456789"#,
+            r#"DCGM_FI_DEV_SM_CLOCK{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 1980"#,
+            r#"DCGM_FI_DEV_MEM_CLOCK{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 2619"#,
+            r#"DCGM_FI_DEV_MEMORY_TEMP{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 71"#,
+            r#"DCGM_FI_DEV_ECC_DBE_VOL_TOTAL{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 0"#,
+            r#"DCGM_FI_DEV_XID_ERRORS{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 0"#,
+            r#"DCGM_FI_DEV_CLOCKS_EVENT_REASONS{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 4108"#,
+            r#"DCGM_FI_DEV_MIG_MODE{gpu="0",UUID="GPU-0",device="nvidia0",modelName="NVIDIA H100 80GB HBM3",Hostname="node-1",gpu_source="nvml"} 0"#,
             "node_load1 0.5",
             "node_memory_MemTotal_bytes 17179869184",
             r#"node_filesystem_avail_bytes{device="/dev/sda1",fstype="ext4",mountpoint="/"} 42949672960"#,
@@ -668,21 +800,88 @@ mod tests {
     }
 
     #[test]
-    fn unknown_figures_are_left_out() {
-        let mut g = gpu(0);
-        g.sm_clock_mhz = None;
-        g.ecc_uncorrected = None;
-        g.throttle_reasons.clear();
-        g.uuid = None;
-        let text = render(&agent(), &[g], &HostFigures::default());
-        assert!(!text.contains("DCGM_FI_DEV_SM_CLOCK"), "{text}");
-        assert!(!text.contains("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"), "{text}");
+    fn unknown_figures_are_left_out_never_zero() {
+        // A GPU fallen off the bus: nothing known but its place.
+        let lost = GpuSample {
+            index: 0,
+            name: "NVIDIA GPU".into(),
+            ..GpuSample::default()
+        };
+        // A MIG-enabled GPU: everything but utilisation.
+        let mig = GpuSample {
+            util_pct: None,
+            mig_enabled: Some(true),
+            ..gpu(1)
+        };
+        let text = render(&agent(), &[lost, mig], &HostFigures::default());
+        for (name, _, _) in DCGM_FAMILIES {
+            assert!(
+                !text.contains(&format!("{name}{{gpu=\"0\"")),
+                "{name} of the lost GPU\n{text}"
+            );
+        }
+        assert!(!text.contains("DCGM_FI_DEV_GPU_UTIL"), "{text}");
+        assert!(text.contains(r#"DCGM_FI_DEV_GPU_TEMP{gpu="1""#), "{text}");
+        assert!(text.contains(r#"DCGM_FI_DEV_MIG_MODE{gpu="1""#), "{text}");
         assert!(
             !text.contains("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS"),
+            "old name: {text}"
+        );
+        assert!(!text.contains("node_cpu_seconds_total"), "{text}");
+        assert!(
+            !text.contains("gpufleet_agent_gpu_fault{"),
+            "no fault yet: {text}"
+        );
+        promtool(&text).unwrap_or_else(|p| panic!("promtool:\n{p}\n---\n{text}"));
+    }
+
+    #[test]
+    fn simulated_series_are_marked_and_faults_shown() {
+        let mut a = agent();
+        a.gpu_source = GpuSource::Simulated;
+        a.gpu_faults = 1;
+        a.gpu_fault = Some("GPU sampling did not answer within 2000 ms".into());
+        let text = render(&a, &[gpu(0)], &HostFigures::default());
+        let dcgm: Vec<&str> = text.lines().filter(|l| l.starts_with("DCGM_")).collect();
+        assert!(!dcgm.is_empty());
+        assert!(
+            dcgm.iter().all(|l| l.contains(r#"gpu_source="simulated""#)),
             "{text}"
         );
-        assert!(text.contains(r#"UUID="""#), "{text}");
-        assert!(!text.contains("node_cpu_seconds_total"), "{text}");
+        assert!(
+            text.contains(
+                r#"gpufleet_agent_gpu_fault{reason="GPU sampling did not answer within 2000 ms"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("gpufleet_agent_gpu_faults_total 1"), "{text}");
+        promtool(&text).unwrap_or_else(|p| panic!("promtool:\n{p}\n---\n{text}"));
+    }
+
+    #[test]
+    fn mig_devices_are_series_of_their_own() {
+        let g = GpuSample {
+            util_pct: None,
+            mig_enabled: Some(true),
+            mig_devices: vec![MigDeviceSample {
+                mig_index: 2,
+                parent_index: 0,
+                name: "NVIDIA H100 80GB HBM3 MIG 3g.40gb".into(),
+                uuid: Some("MIG-abc".into()),
+                mem_used_mib: Some(10_240),
+                mem_free_mib: Some(30_720),
+                mem_total_mib: Some(40_960),
+            }],
+            ..gpu(0)
+        };
+        let text = render(&agent(), &[g], &HostFigures::default());
+        assert!(
+            text.lines().any(|l| l.starts_with("DCGM_FI_DEV_FB_USED{")
+                && l.contains(r#"GPU_I_ID="2",GPU_I_PROFILE="3g.40gb",mig_uuid="MIG-abc""#)
+                && l.ends_with(" 10240")),
+            "{text}"
+        );
+        promtool(&text).unwrap_or_else(|p| panic!("promtool:\n{p}\n---\n{text}"));
     }
 
     #[test]

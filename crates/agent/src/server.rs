@@ -112,6 +112,8 @@ async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
         heartbeats_failed: state.stats.heartbeats_failed.load(Ordering::Relaxed),
         engine_status: engine.status,
         engine_restarts: engine.restarts,
+        gpu_faults: state.stats.gpu_faults.load(Ordering::Relaxed),
+        gpu_fault: state.stats.gpu_fault_reason(),
     };
     let body = crate::metrics::render(&agent, &state.stats.gpus(), &host);
     (

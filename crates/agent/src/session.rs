@@ -67,6 +67,12 @@ impl Session {
         });
     }
 
+    /// Tests: as if registration had handed out `token`.
+    #[cfg(test)]
+    pub fn set_token(&self, token: &str) {
+        self.token.send_replace(Some(token.to_string()));
+    }
+
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.interval_ms.load(Ordering::Relaxed))
     }

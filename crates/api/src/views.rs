@@ -430,15 +430,15 @@ impl From<&gpufleet_store::MetricSeries> for MetricSeriesView {
             };
             for p in &g.points {
                 let Some(i) = a.index(p.bucket) else { continue };
-                s.util_pct[i] = Some(p.util_pct_avg);
-                s.util_pct_max[i] = Some(p.util_pct_max);
+                s.util_pct[i] = p.util_pct_avg;
+                s.util_pct_max[i] = p.util_pct_max;
                 s.vram_used_mib[i] = Some(p.mem_used_mib_avg);
                 s.vram_total_mib[i] = Some(p.mem_total_mib);
-                s.temp_c[i] = Some(p.temp_c_avg);
-                s.temp_c_max[i] = Some(p.temp_c_max);
-                s.power_w[i] = Some(p.power_w_avg);
-                s.power_w_max[i] = Some(p.power_w_max);
-                s.power_limit_w[i] = Some(p.power_limit_w);
+                s.temp_c[i] = p.temp_c_avg;
+                s.temp_c_max[i] = p.temp_c_max;
+                s.power_w[i] = p.power_w_avg;
+                s.power_w_max[i] = p.power_w_max;
+                s.power_limit_w[i] = p.power_limit_w;
             }
             v.gpus.push(s);
         }
@@ -572,10 +572,10 @@ impl From<&gpufleet_control::history::FleetMetrics> for FleetMetricsView {
             let Some(i) = a.index(p.bucket) else { continue };
             series.instances[i] = Some(p.instances);
             series.gpus[i] = Some(p.gpus);
-            series.mean_gpu_util_pct[i] = Some(p.mean_gpu_util_pct);
+            series.mean_gpu_util_pct[i] = p.mean_gpu_util_pct;
             series.vram_used_mib[i] = Some(p.vram_used_mib);
             series.vram_total_mib[i] = Some(p.vram_total_mib);
-            series.power_w[i] = Some(p.power_w);
+            series.power_w[i] = p.power_w;
         }
         FleetMetricsView { now, series }
     }

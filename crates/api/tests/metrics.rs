@@ -50,7 +50,7 @@ async fn metric_series_come_from_real_heartbeats() {
     let (id, token) = registered(&app).await;
     for seq in 1..=3 {
         let mut hb = heartbeat(id, seq);
-        hb.gpus[0].util_pct = 20.0 * seq as f64;
+        hb.gpus[0].util_pct = Some(20.0 * seq as f64);
         hb.system.mem_used_bytes = 1 << 29;
         let ack: HeartbeatAck = expect_json(send(&app, &token, &hb).await, StatusCode::OK).await;
         assert!(ack.applied);
@@ -197,8 +197,8 @@ async fn impossible_heartbeats_are_refused_and_nothing_is_stored() {
     let before = app.instance(id).await.last_heartbeat_at;
 
     let cases: Vec<(&str, Mutation)> = vec![
-        ("gpus[0].util_pct", |h| h.gpus[0].util_pct = 150.0),
-        ("gpus[0].util_pct", |h| h.gpus[0].util_pct = -5.0),
+        ("gpus[0].util_pct", |h| h.gpus[0].util_pct = Some(150.0)),
+        ("gpus[0].util_pct", |h| h.gpus[0].util_pct = Some(-5.0)),
         ("gpus[0].mem_used_mib", |h| h.gpus[0].mem_used_mib = 30_000),
         ("system.mem_used_bytes", |h| {
             h.system.mem_used_bytes = 2 << 30
@@ -275,10 +275,10 @@ async fn fleet_figures_now_and_over_a_window() {
     let (a, ta) = registered(&app).await;
     let (b, tb) = registered(&app).await;
     let mut hb = heartbeat(a, 1);
-    hb.gpus[0].util_pct = 30.0;
+    hb.gpus[0].util_pct = Some(30.0);
     expect_json::<HeartbeatAck>(send(&app, &ta, &hb).await, StatusCode::OK).await;
     let mut hb = heartbeat(b, 1);
-    hb.gpus[0].util_pct = 50.0;
+    hb.gpus[0].util_pct = Some(50.0);
     expect_json::<HeartbeatAck>(send(&app, &tb, &hb).await, StatusCode::OK).await;
 
     let f: FleetMetricsView = expect_json(
@@ -407,7 +407,7 @@ async fn prometheus_exposition_passes_promtool() {
     }
     // A refused one and a stale one, so those outcomes show too.
     let mut bad = heartbeat(a, 9);
-    bad.gpus[0].util_pct = 101.0;
+    bad.gpus[0].util_pct = Some(101.0);
     expect_error(send(&app, &ta, &bad).await, StatusCode::BAD_REQUEST).await;
     expect_json::<HeartbeatAck>(send(&app, &ta, &heartbeat(a, 2)).await, StatusCode::OK).await;
     wait_for("a reconciler run", || async {

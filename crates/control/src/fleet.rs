@@ -708,6 +708,8 @@ impl Fleet {
             AgentEventKind::EngineReady => ("agent.engine_ready", Outcome::Success),
             AgentEventKind::EngineExited => ("agent.engine_exited", Outcome::Failed),
             AgentEventKind::EngineRestarting => ("agent.engine_restarting", Outcome::InProgress),
+            AgentEventKind::GpuFault => ("agent.gpu_fault", Outcome::Failed),
+            AgentEventKind::GpuRecovered => ("agent.gpu_recovered", Outcome::Success),
         };
         let mut e = timeline::entry(
             agent,
@@ -717,8 +719,10 @@ impl Fleet {
             outcome,
             ev.message,
         );
-        if outcome == Outcome::Failed {
-            e = e.error_code("engine_exited");
+        match ev.kind {
+            AgentEventKind::EngineExited => e = e.error_code("engine_exited"),
+            AgentEventKind::GpuFault => e = e.error_code("gpu_fault"),
+            _ => {}
         }
         self.inner.store.append_events(&[e]).await?;
         if ev.kind == AgentEventKind::EngineReady {

@@ -309,16 +309,25 @@ impl Fleet {
                     gpu: g.index.to_string(),
                 };
                 const MIB: f64 = 1024.0 * 1024.0;
-                util.get_or_create(&gl).set(g.util_pct);
+                // Unknown figures are left out, never exported as 0.
+                if let Some(v) = g.util_pct {
+                    util.get_or_create(&gl).set(v);
+                }
                 vram_used
                     .get_or_create(&gl)
                     .set(g.mem_used_mib as f64 * MIB);
                 vram_total
                     .get_or_create(&gl)
                     .set(g.mem_total_mib as f64 * MIB);
-                temp.get_or_create(&gl).set(g.temp_c);
-                power.get_or_create(&gl).set(g.power_w);
-                power_limit.get_or_create(&gl).set(g.power_limit_w);
+                if let Some(v) = g.temp_c {
+                    temp.get_or_create(&gl).set(v);
+                }
+                if let Some(v) = g.power_w {
+                    power.get_or_create(&gl).set(v);
+                }
+                if let Some(v) = g.power_limit_w {
+                    power_limit.get_or_create(&gl).set(v);
+                }
             }
         }
         scrape.register_with_unit(

@@ -58,9 +58,11 @@ fn non_negative_opt(field: &str, v: Option<f64>) -> Result<(), HeartbeatRejected
 /// | `system.mem_used_bytes` | reject above `system.mem_total_bytes` (when the total is known, > 0) |
 /// | `system.disk_used_bytes` | reject above `system.disk_total_bytes` (when the total is known, > 0) |
 /// | `gpus[i].index` | reject a duplicate index |
+/// | `gpus[i].*` (GPU figures) | `None` (unknown: not supported, e.g. utilisation under MIG; GPU lost; sample timed out) is accepted; the rules below apply to known values |
 /// | `gpus[i].util_pct` | reject < 0 or > 100 (NVML reports whole percents: above 100 is a broken reading) |
 /// | `gpus[i].mem_used_mib` | reject above `gpus[i].mem_total_mib` |
-/// | `gpus[i].temp_c`, `power_w`, `power_limit_w` | reject < 0 (power above its limit is real, briefly, and kept) |
+/// | `gpus[i].mem_free_mib`, `mem_reserved_mib` | reject above `mem_total_mib` |
+/// | `gpus[i].temp_c`, `mem_temp_c`, `power_w`, `power_limit_w`, `power_mgmt_limit_w` | reject < 0 (power above its limit is real, briefly, and kept) |
 /// | `engine.requests_running/waiting`, tokens per s, `ttft_mean_s` | reject < 0 |
 /// | `engine.kv_cache_usage` | reject < 0; clamp to 1 (a fraction; engines overshoot while preempting) |
 /// | `gpus` (the count) | reject a non-zero count that differs both from the instance's previous sample and from its catalog type's GPU count; zero GPUs (the agent could not read them) is accepted |
@@ -112,11 +114,11 @@ pub fn validate_heartbeat(
                 format!("GPU index {} appears twice", g.index),
             ));
         }
-        non_negative(&f("util_pct"), g.util_pct)?;
-        if g.util_pct > 100.0 {
+        non_negative_opt(&f("util_pct"), g.util_pct)?;
+        if let Some(u) = g.util_pct.filter(|u| *u > 100.0) {
             return Err(reject(
                 f("util_pct"),
-                format!("must be at most 100, got {}", g.util_pct),
+                format!("must be at most 100, got {u}"),
             ));
         }
         if g.mem_used_mib > g.mem_total_mib {
@@ -128,9 +130,22 @@ pub fn validate_heartbeat(
                 ),
             ));
         }
-        non_negative(&f("temp_c"), g.temp_c)?;
-        non_negative(&f("power_w"), g.power_w)?;
-        non_negative(&f("power_limit_w"), g.power_limit_w)?;
+        for (name, v) in [
+            ("mem_free_mib", g.mem_free_mib),
+            ("mem_reserved_mib", g.mem_reserved_mib),
+        ] {
+            if let Some(v) = v.filter(|v| *v > g.mem_total_mib) {
+                return Err(reject(
+                    f(name),
+                    format!("{v} MiB is more than the {} MiB total", g.mem_total_mib),
+                ));
+            }
+        }
+        non_negative_opt(&f("temp_c"), g.temp_c)?;
+        non_negative_opt(&f("mem_temp_c"), g.mem_temp_c)?;
+        non_negative_opt(&f("power_w"), g.power_w)?;
+        non_negative_opt(&f("power_limit_w"), g.power_limit_w)?;
+        non_negative_opt(&f("power_mgmt_limit_w"), g.power_mgmt_limit_w)?;
     }
     let n = hb.gpus.len();
     let matches_catalog = ctx.catalog.is_none_or(|c| c as usize == n);
@@ -169,15 +184,13 @@ mod tests {
             index,
             name: "NVIDIA L4".into(),
             uuid: None,
-            util_pct: 50.0,
+            util_pct: Some(50.0),
             mem_used_mib: 1_000,
             mem_total_mib: 24_000,
-            temp_c: 50.0,
-            power_w: 40.0,
-            power_limit_w: 72.0,
-            sm_clock_mhz: None,
-            ecc_uncorrected: None,
-            throttle_reasons: Vec::new(),
+            temp_c: Some(50.0),
+            power_w: Some(40.0),
+            power_limit_w: Some(72.0),
+            ..GpuSample::default()
         }
     }
 
@@ -231,14 +244,33 @@ mod tests {
     }
 
     #[test]
+    fn unknown_gpu_figures_are_accepted_as_unknown() {
+        // A MIG-enabled GPU (no utilisation), a GPU off the bus (nothing).
+        let mut h = hb(1);
+        h.gpus[0].util_pct = None;
+        h.gpus[0].temp_c = None;
+        h.gpus[0].power_w = None;
+        h.gpus[0].power_limit_w = None;
+        let before = h.clone();
+        validate_heartbeat(&mut h, ONE).unwrap();
+        assert_eq!(h, before, "not replaced by 0");
+    }
+
+    #[test]
     fn impossible_values_are_rejected_naming_the_field() {
         let cases: Vec<(&str, Mutation)> = vec![
-            ("gpus[0].util_pct", |h| h.gpus[0].util_pct = f64::NAN),
-            ("gpus[0].util_pct", |h| h.gpus[0].util_pct = 100.5),
-            ("gpus[0].util_pct", |h| h.gpus[0].util_pct = -1.0),
+            ("gpus[0].util_pct", |h| h.gpus[0].util_pct = Some(f64::NAN)),
+            ("gpus[0].util_pct", |h| h.gpus[0].util_pct = Some(100.5)),
+            ("gpus[0].util_pct", |h| h.gpus[0].util_pct = Some(-1.0)),
             ("gpus[0].mem_used_mib", |h| h.gpus[0].mem_used_mib = 30_000),
-            ("gpus[0].temp_c", |h| h.gpus[0].temp_c = f64::INFINITY),
-            ("gpus[0].power_w", |h| h.gpus[0].power_w = -3.0),
+            ("gpus[0].temp_c", |h| h.gpus[0].temp_c = Some(f64::INFINITY)),
+            ("gpus[0].power_w", |h| h.gpus[0].power_w = Some(-3.0)),
+            ("gpus[0].mem_free_mib", |h| {
+                h.gpus[0].mem_free_mib = Some(30_000)
+            }),
+            ("gpus[0].power_mgmt_limit_w", |h| {
+                h.gpus[0].power_mgmt_limit_w = Some(-1.0)
+            }),
             ("system.cpu_pct", |h| h.system.cpu_pct = f64::NAN),
             ("system.cpu_pct", |h| h.system.cpu_pct = 150.0),
             ("system.cpu_pct", |h| h.system.cpu_pct = -0.1),

@@ -42,15 +42,13 @@ fn heartbeat(id: InstanceId, seq: u64, util: f64) -> Heartbeat {
             index: 0,
             name: "NVIDIA L4".into(),
             uuid: None,
-            util_pct: util,
+            util_pct: Some(util),
             mem_used_mib: 100,
             mem_total_mib: 23_034,
-            temp_c: 40.0 + util / 10.0,
-            power_w: 30.0,
-            power_limit_w: 72.0,
-            sm_clock_mhz: None,
-            ecc_uncorrected: None,
-            throttle_reasons: Vec::new(),
+            temp_c: Some(40.0 + util / 10.0),
+            power_w: Some(30.0),
+            power_limit_w: Some(72.0),
+            ..GpuSample::default()
         }],
         engine: EngineSample {
             status: EngineStatus::Starting,
@@ -120,11 +118,11 @@ async fn rollups_fill_the_coarser_tiers_and_retention_trims_raw() {
     let util_avg = gpu
         .points
         .iter()
-        .map(|p| p.util_pct_avg * p.samples as f64)
+        .map(|p| p.util_pct_avg.expect("known") * p.samples as f64)
         .sum::<f64>()
         / 120.0;
     assert!((util_avg - 40.0).abs() < 1e-9, "{util_avg}");
-    assert!(gpu.points.iter().all(|p| p.util_pct_max == 60.0));
+    assert!(gpu.points.iter().all(|p| p.util_pct_max == Some(60.0)));
 
     let hours = eventually(30, "the hour tier to hold both stretches", || async {
         let s = store
@@ -137,7 +135,7 @@ async fn rollups_fill_the_coarser_tiers_and_retention_trims_raw() {
     assert!(hours.gpus[0]
         .points
         .iter()
-        .all(|p| p.temp_c_max == 46.0 && p.power_limit_w == 72.0));
+        .all(|p| p.temp_c_max == Some(46.0) && p.power_limit_w == Some(72.0)));
     // The recent raw rows stay.
     let recent = store
         .metric_series(id, now - Duration::hours(3), now, Step::MINUTE, Tier::Raw)
@@ -190,9 +188,9 @@ async fn impossible_heartbeats_are_rejected_before_the_store() {
             }
         }
     };
-    check(|h| h.gpus[0].util_pct = f64::NAN, "gpus[0].util_pct").await;
-    check(|h| h.gpus[0].util_pct = 100.5, "gpus[0].util_pct").await;
-    check(|h| h.gpus[0].temp_c = f64::INFINITY, "gpus[0].temp_c").await;
+    check(|h| h.gpus[0].util_pct = Some(f64::NAN), "gpus[0].util_pct").await;
+    check(|h| h.gpus[0].util_pct = Some(100.5), "gpus[0].util_pct").await;
+    check(|h| h.gpus[0].temp_c = Some(f64::INFINITY), "gpus[0].temp_c").await;
     check(|h| h.gpus[0].mem_used_mib = 99_999, "gpus[0].mem_used_mib").await;
     check(|h| h.system.net_tx_bps = -1.0, "system.net_tx_bps").await;
     check(

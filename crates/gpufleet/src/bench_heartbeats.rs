@@ -206,15 +206,13 @@ fn heartbeat(id: InstanceId, seq: u64, gpus: u32, phase: f64) -> Heartbeat {
                 index,
                 name: "NVIDIA L4".into(),
                 uuid: None,
-                util_pct: util,
+                util_pct: Some(util),
                 mem_used_mib: 18_000,
                 mem_total_mib: 23_034,
-                temp_c: 40.0 + util / 4.0,
-                power_w: 20.0 + util / 2.0,
-                power_limit_w: 72.0,
-                sm_clock_mhz: None,
-                ecc_uncorrected: None,
-                throttle_reasons: Vec::new(),
+                temp_c: Some(40.0 + util / 4.0),
+                power_w: Some(20.0 + util / 2.0),
+                power_limit_w: Some(72.0),
+                ..GpuSample::default()
             })
             .collect(),
         engine: EngineSample {

@@ -43,6 +43,10 @@ enum Command {
     Up(up::UpArgs),
     /// Run the worker agent of one instance (started by a provider).
     Agent(AgentCmd),
+    /// Print one GPU sample as the agent reads it (its DCGM `/metrics`
+    /// series, then the heartbeat's JSON) and exit: checks a GPU machine's
+    /// NVML path by hand, without a control plane.
+    GpuSample(GpuSampleCmd),
     /// Run the vLLM-compatible engine simulator (started by the agent).
     Sim(SimCmd),
     /// Create, list, inspect, terminate and archive instances.
@@ -92,6 +96,16 @@ struct AgentCmd {
 }
 
 #[derive(Debug, clap::Args)]
+struct GpuSampleCmd {
+    /// Where GPU figures come from (`nvml` fails without a usable driver).
+    #[arg(long, value_enum, default_value_t = gpufleet_agent::GpuMode::Nvml)]
+    gpu: gpufleet_agent::GpuMode,
+    /// How long the sample may take.
+    #[arg(long, default_value_t = 10_000)]
+    gpu_sample_deadline_ms: u64,
+}
+
+#[derive(Debug, clap::Args)]
 struct SimCmd {
     #[command(flatten)]
     args: gpufleet_sim::SimArgs,
@@ -131,6 +145,15 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 signals::shutdown_signal().await;
             })
             .await?;
+            Ok(())
+        }
+        Command::GpuSample(cmd) => {
+            let text = gpufleet_agent::sample_once(
+                cmd.gpu,
+                std::time::Duration::from_millis(cmd.gpu_sample_deadline_ms.max(1)),
+            )
+            .await?;
+            print!("{text}");
             Ok(())
         }
         Command::Sim(cmd) => {

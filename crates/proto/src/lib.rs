@@ -210,29 +210,98 @@ pub struct SystemSample {
 }
 
 /// One GPU at one instant.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+///
+/// A figure NVML cannot give right now (not supported, e.g. utilisation on
+/// a MIG-enabled GPU; the GPU fell off the bus; the sample timed out) is
+/// `None`, never 0: an idle GPU and an unknown one must not look alike.
+/// Figures added after the first version are optional and left out of the
+/// JSON when unknown, so older agents' samples still parse and older control
+/// planes ignore what they do not know.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GpuSample {
     pub index: u32,
     pub name: String,
     pub uuid: Option<String>,
-    pub util_pct: f64,
+    /// `nvmlDeviceGetUtilizationRates().gpu`, percent.
+    #[serde(default)]
+    pub util_pct: Option<f64>,
     pub mem_used_mib: u64,
     pub mem_total_mib: u64,
-    pub temp_c: f64,
-    pub power_w: f64,
-    pub power_limit_w: f64,
+    /// Free framebuffer memory as NVML reports it (`nvmlDeviceGetMemoryInfo_v2`:
+    /// used + free + reserved = total), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_free_mib: Option<u64>,
+    /// Memory the driver reserves (firmware, ...), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_reserved_mib: Option<u64>,
+    /// GPU die temperature, °C.
+    #[serde(default)]
+    pub temp_c: Option<f64>,
+    /// Board power draw, W.
+    #[serde(default)]
+    pub power_w: Option<f64>,
+    /// The power limit in force (NVML's *enforced* limit: the smallest of the
+    /// management limit and any other limit that applies), W.
+    #[serde(default)]
+    pub power_limit_w: Option<f64>,
+    /// The power management limit (`nvmlDeviceGetPowerManagementLimit`), W.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_mgmt_limit_w: Option<f64>,
+    /// Energy used since the driver loaded (`nvmlDeviceGetTotalEnergyConsumption`), mJ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub energy_mj: Option<u64>,
     /// Streaming-multiprocessor clock (NVML `nvmlDeviceGetClockInfo(SM)`), MHz.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sm_clock_mhz: Option<u32>,
+    /// Memory clock (`nvmlDeviceGetClockInfo(MEM)`), MHz.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_clock_mhz: Option<u32>,
+    /// HBM temperature (NVML field `NVML_FI_DEV_MEMORY_TEMP`), °C.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_temp_c: Option<f64>,
     /// Uncorrected (double-bit) ECC errors since the driver loaded (NVML's
     /// volatile counter); `None` where ECC is off or unsupported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ecc_uncorrected: Option<u64>,
     /// Why the clocks are held down right now, in snake case (`gpu_idle`,
-    /// `sw_power_cap`, `hw_slowdown`, `sw_thermal_slowdown`, ...); empty when
-    /// nothing holds them or the reasons are unknown.
+    /// `sw_power_cap`, `hw_slowdown`, `sw_thermal_slowdown`, ..., `other`
+    /// for bits this version does not name); empty when nothing holds them
+    /// or the reasons are unknown.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub throttle_reasons: Vec<String>,
+    /// The raw clocks-event ("throttle") reason mask, every bit NVML set;
+    /// `None` when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clocks_event_reasons: Option<u64>,
+    /// The last critical XID error NVML reported for this GPU since the agent
+    /// started (0: none seen); `None` where XID events cannot be watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_xid: Option<u64>,
+    /// Whether MIG mode is on (`None`: not a MIG-capable GPU, or unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig_enabled: Option<bool>,
+    /// The MIG instances carved out of this GPU, each its own device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mig_devices: Vec<MigDeviceSample>,
+}
+
+/// One MIG device (a GPU instance) of a MIG-enabled GPU: what NVML gives per
+/// MIG device handle. Utilisation is not among it (NVML does not report it
+/// under MIG).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct MigDeviceSample {
+    /// Index of the MIG device under its parent (`nvmlDeviceGetMigDeviceHandleByIndex`).
+    pub mig_index: u32,
+    /// Index of the parent GPU.
+    pub parent_index: u32,
+    pub name: String,
+    pub uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_used_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_free_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_total_mib: Option<u64>,
 }
 
 /// The engine at one instant, with the vLLM gauges the agent scraped.
@@ -301,6 +370,11 @@ pub enum AgentEventKind {
     EngineReady,
     EngineExited,
     EngineRestarting,
+    /// GPU figures could not be read: an NVML call did not answer within the
+    /// sampling deadline (a hung driver), or a GPU fell off the bus.
+    GpuFault,
+    /// GPU figures are read again after a [`AgentEventKind::GpuFault`].
+    GpuRecovered,
 }
 
 /// The agent's `GET /info`.
@@ -340,6 +414,8 @@ mod tests {
         });
         let s: GpuSample = serde_json::from_value(old.clone()).unwrap();
         assert_eq!((s.sm_clock_mhz, s.ecc_uncorrected), (None, None));
+        assert_eq!((s.util_pct, s.power_limit_w), (Some(5.0), Some(72.0)));
+        assert_eq!((s.mem_free_mib, s.mem_reserved_mib), (None, None));
         assert!(s.throttle_reasons.is_empty());
         // ...and unknown figures are left out, so the JSON is what it was.
         assert_eq!(serde_json::to_value(&s).unwrap(), old);
@@ -353,5 +429,28 @@ mod tests {
         assert_eq!(j["sm_clock_mhz"], 1980);
         assert_eq!(j["throttle_reasons"][0], "sw_power_cap");
         assert_eq!(serde_json::from_value::<GpuSample>(j).unwrap(), full);
+    }
+
+    #[test]
+    fn unknown_gpu_figures_are_null_not_zero() {
+        // A MIG-enabled GPU: no utilisation; a GPU off the bus: nothing.
+        let s = GpuSample {
+            index: 0,
+            name: "NVIDIA H100 80GB HBM3".into(),
+            mem_total_mib: 81_559,
+            ..GpuSample::default()
+        };
+        let j = serde_json::to_value(&s).unwrap();
+        for k in ["util_pct", "temp_c", "power_w", "power_limit_w"] {
+            assert!(j[k].is_null(), "{k}: {j}");
+        }
+        assert!(j.get("mem_free_mib").is_none());
+        let back: GpuSample = serde_json::from_value(j).unwrap();
+        assert_eq!(back, s);
+        // A sample without the keys at all parses as unknown.
+        let bare = serde_json::json!({"index": 1, "name": "x", "uuid": null,
+            "mem_used_mib": 0, "mem_total_mib": 0});
+        let b: GpuSample = serde_json::from_value(bare).unwrap();
+        assert_eq!((b.util_pct, b.temp_c, b.power_w), (None, None, None));
     }
 }

@@ -85,7 +85,7 @@ pub(crate) const SYSTEM: &[Figure] = &[
 
 /// Per instance and GPU: `gpu_samples` → `gpu_samples_1m` → `gpu_samples_1h`.
 pub(crate) const GPU: &[Figure] = &[
-    fig("util", "util_pct", Agg::AvgMax, false),
+    fig("util", "util_pct", Agg::AvgMax, true),
     fig(
         "mem_used",
         "CAST(mem_used_mib AS DOUBLE PRECISION)",
@@ -98,9 +98,9 @@ pub(crate) const GPU: &[Figure] = &[
         Agg::Cap,
         false,
     ),
-    fig("temp", "temp_c", Agg::AvgMax, false),
-    fig("power", "power_w", Agg::AvgMax, false),
-    fig("power_limit", "power_limit_w", Agg::Cap, false),
+    fig("temp", "temp_c", Agg::AvgMax, true),
+    fig("power", "power_w", Agg::AvgMax, true),
+    fig("power_limit", "power_limit_w", Agg::Cap, true),
 ];
 
 /// Where aggregated rows come from.
@@ -280,8 +280,8 @@ mod tests {
             .collect();
         assert_eq!(
             names.join(","),
-            "n,util_avg,util_max,mem_used_avg,mem_used_max,mem_total,temp_avg,temp_max,\
-             power_avg,power_max,power_limit"
+            "n,util_n,util_avg,util_max,mem_used_avg,mem_used_max,mem_total,temp_n,temp_avg,\
+             temp_max,power_n,power_avg,power_max,power_limit_n,power_limit"
         );
         let sys = aggregates(SYSTEM, Source::Rollup);
         assert!(sys.iter().any(|(_, a)| a == "kv_cache_n"));

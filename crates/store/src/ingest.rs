@@ -76,7 +76,7 @@ fn prepare(
         && hb.gpus.iter().all(|g| {
             [g.util_pct, g.temp_c, g.power_w, g.power_limit_w]
                 .into_iter()
-                .all(finite)
+                .all(finite_opt)
         });
     if !floats_ok {
         return Err(unencodable("a heartbeat figure that is NaN or infinite"));

@@ -177,9 +177,8 @@ fn gpu_row(row: &sqlx::any::AnyRow, whose: &str) -> Result<(String, i64, GpuSamp
         temp_c: r.get("temp_c")?,
         power_w: r.get("power_w")?,
         power_limit_w: r.get("power_limit_w")?,
-        sm_clock_mhz: None,
-        ecc_uncorrected: None,
-        throttle_reasons: Vec::new(),
+        // Not kept in history: live in the heartbeat and the agent's /metrics.
+        ..GpuSample::default()
     };
     Ok((id, seq, gpu))
 }

@@ -67,16 +67,18 @@ pub struct GpuSeries {
 pub struct GpuPoint {
     pub bucket: DateTime<Utc>,
     pub samples: i64,
-    pub util_pct_avg: f64,
-    pub util_pct_max: f64,
+    /// `None` where no sample of the bucket knew the figure (e.g. a
+    /// MIG-enabled GPU's utilisation).
+    pub util_pct_avg: Option<f64>,
+    pub util_pct_max: Option<f64>,
     pub mem_used_mib_avg: f64,
     pub mem_used_mib_max: f64,
     pub mem_total_mib: f64,
-    pub temp_c_avg: f64,
-    pub temp_c_max: f64,
-    pub power_w_avg: f64,
-    pub power_w_max: f64,
-    pub power_limit_w: f64,
+    pub temp_c_avg: Option<f64>,
+    pub temp_c_max: Option<f64>,
+    pub power_w_avg: Option<f64>,
+    pub power_w_max: Option<f64>,
+    pub power_limit_w: Option<f64>,
 }
 
 /// The fleet now: instances that are not terminal, and the GPUs of those
@@ -91,7 +93,7 @@ pub struct FleetNow {
     pub reporting_instances: i64,
     /// GPUs in the fresh heartbeats.
     pub gpus: i64,
-    /// Mean utilisation over those GPUs; `None` without any.
+    /// Mean utilisation over those GPUs that report it; `None` without any.
     pub mean_gpu_util_pct: Option<f64>,
     pub vram_used_mib: f64,
     pub vram_total_mib: f64,
@@ -132,10 +134,12 @@ pub struct FleetPoint {
     /// Instances with a GPU sample in the bucket.
     pub instances: i64,
     pub gpus: i64,
-    pub mean_gpu_util_pct: f64,
+    /// Over the GPUs that reported utilisation; `None` without any.
+    pub mean_gpu_util_pct: Option<f64>,
     pub vram_used_mib: f64,
     pub vram_total_mib: f64,
-    pub power_w: f64,
+    /// Over the GPUs that reported power draw; `None` without any.
+    pub power_w: Option<f64>,
 }
 
 /// `leading` then the aliases of `aggs`: the columns of a series row.
@@ -211,16 +215,16 @@ fn gpu_point(r: &Cells<'_>) -> Result<GpuPoint, StoreError> {
     Ok(GpuPoint {
         bucket: r.time("b")?,
         samples: r.int("n")?,
-        util_pct_avg: r.get("util_avg")?,
-        util_pct_max: r.get("util_max")?,
+        util_pct_avg: r.opt("util_avg")?,
+        util_pct_max: r.opt("util_max")?,
         mem_used_mib_avg: r.get("mem_used_avg")?,
         mem_used_mib_max: r.get("mem_used_max")?,
         mem_total_mib: r.get("mem_total")?,
-        temp_c_avg: r.get("temp_avg")?,
-        temp_c_max: r.get("temp_max")?,
-        power_w_avg: r.get("power_avg")?,
-        power_w_max: r.get("power_max")?,
-        power_limit_w: r.get("power_limit")?,
+        temp_c_avg: r.opt("temp_avg")?,
+        temp_c_max: r.opt("temp_max")?,
+        power_w_avg: r.opt("power_avg")?,
+        power_w_max: r.opt("power_max")?,
+        power_limit_w: r.opt("power_limit")?,
     })
 }
 
@@ -475,7 +479,7 @@ impl Store {
             gpus.extend(
                 sqlx::query(&format!(
                     "SELECT i.status AS status, COUNT(*) AS gpus, \
-                     SUM(g.util_pct) AS util_sum, \
+                     SUM(g.util_pct) AS util_sum, COUNT(g.util_pct) AS util_n, \
                      SUM(CAST(g.mem_used_mib AS DOUBLE PRECISION)) AS vram_used, \
                      SUM(CAST(g.mem_total_mib AS DOUBLE PRECISION)) AS vram_total, \
                      SUM(g.power_w) AS power, SUM(g.power_limit_w) AS power_limit \
@@ -533,32 +537,38 @@ impl Store {
             now.reporting_instances += f.reporting_instances;
         }
         let mut util_sum = 0.0;
-        let mut util_by_status = vec![0.0; by_status.len()];
+        let mut util_n = 0i64;
+        let mut util_by_status = vec![(0.0, 0i64); by_status.len()];
         for row in &gpus {
             let r = RowReader::new(row, "fleet GPU figures");
             let i = slot(&mut by_status, &r)?;
             let f = &mut by_status[i];
             let n: i64 = r.get("gpus")?;
             let util: f64 = r.get::<Option<f64>>("util_sum")?.unwrap_or(0.0);
+            let known: i64 = r.get::<Option<i64>>("util_n")?.unwrap_or(0);
             let vram_used = r.get::<Option<f64>>("vram_used")?.unwrap_or(0.0);
             let vram_total = r.get::<Option<f64>>("vram_total")?.unwrap_or(0.0);
             let power = r.get::<Option<f64>>("power")?.unwrap_or(0.0);
             f.gpus += n;
-            util_by_status[i] += util;
+            util_by_status[i].0 += util;
+            util_by_status[i].1 += known;
             f.vram_used_mib += vram_used;
             f.vram_total_mib += vram_total;
             f.power_w += power;
             now.gpus += n;
             util_sum += util;
+            util_n += known;
             now.vram_used_mib += vram_used;
             now.vram_total_mib += vram_total;
             now.power_w += power;
             now.power_limit_w += r.get::<Option<f64>>("power_limit")?.unwrap_or(0.0);
         }
-        for (f, util) in by_status.iter_mut().zip(util_by_status) {
-            f.mean_gpu_util_pct = (f.gpus > 0).then(|| util / f.gpus as f64);
+        // Means over the GPUs that know their utilisation (a MIG-enabled
+        // GPU does not): an unknown is not an idle GPU.
+        for (f, (util, known)) in by_status.iter_mut().zip(util_by_status) {
+            f.mean_gpu_util_pct = (known > 0).then(|| util / known as f64);
         }
-        now.mean_gpu_util_pct = (now.gpus > 0).then(|| util_sum / now.gpus as f64);
+        now.mean_gpu_util_pct = (util_n > 0).then(|| util_sum / util_n as f64);
         now.by_status = by_status;
         Ok(now)
     }

@@ -93,10 +93,10 @@ impl History {
             .collect();
         indexes.sort_unstable();
         indexes.dedup();
-        let gpu_figure = |index: u32, f: fn(&gpufleet_proto::GpuSample) -> f64| {
+        let gpu_figure = |index: u32, f: fn(&gpufleet_proto::GpuSample) -> Option<f64>| {
             samples
                 .iter()
-                .map(|s| s.gpus.iter().find(|g| g.index == index).map(f))
+                .map(|s| s.gpus.iter().find(|g| g.index == index).and_then(f))
                 .collect::<Vec<_>>()
         };
         History {
@@ -125,8 +125,8 @@ impl History {
                 .map(|index| GpuHistory {
                     index,
                     util_pct: gpu_figure(index, |g| g.util_pct),
-                    vram_used_mib: gpu_figure(index, |g| g.mem_used_mib as f64),
-                    vram_total_mib: gpu_figure(index, |g| g.mem_total_mib as f64),
+                    vram_used_mib: gpu_figure(index, |g| Some(g.mem_used_mib as f64)),
+                    vram_total_mib: gpu_figure(index, |g| Some(g.mem_total_mib as f64)),
                     temp_c: gpu_figure(index, |g| g.temp_c),
                     power_w: gpu_figure(index, |g| g.power_w),
                     power_limit_w: gpu_figure(index, |g| g.power_limit_w),
@@ -384,15 +384,13 @@ mod tests {
                 index: 0,
                 name: "NVIDIA L4".into(),
                 uuid: None,
-                util_pct: util,
+                util_pct: Some(util),
                 mem_used_mib: 12_288,
                 mem_total_mib: 24_576,
-                temp_c: 55.0,
-                power_w: 40.0,
-                power_limit_w: 72.0,
-                sm_clock_mhz: None,
-                ecc_uncorrected: None,
-                throttle_reasons: Vec::new(),
+                temp_c: Some(55.0),
+                power_w: Some(40.0),
+                power_limit_w: Some(72.0),
+                ..GpuSample::default()
             }],
             engine: EngineSample {
                 status: EngineStatus::Ready,

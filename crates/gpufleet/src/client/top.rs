@@ -152,18 +152,26 @@ fn dash() -> String {
     "-".to_string()
 }
 
-/// GPU figures of one sample: (mean util %, VRAM used MiB, VRAM total MiB, max temp, power W).
-fn gpu_totals(s: &SampleView) -> Option<(f64, f64, f64, f64, f64)> {
+/// GPU figures of one sample: (mean util %, VRAM used MiB, VRAM total MiB,
+/// max temp, power W); a figure no GPU knows is `None` (shown as "-").
+type GpuTotals = (Option<f64>, f64, f64, Option<f64>, Option<f64>);
+
+fn gpu_totals(s: &SampleView) -> Option<GpuTotals> {
     if s.gpus.is_empty() {
         return None;
     }
-    let n = s.gpus.len() as f64;
-    let util = s.gpus.iter().map(|g| g.util_pct).sum::<f64>() / n;
+    let util: Vec<f64> = s.gpus.iter().filter_map(|g| g.util_pct).collect();
+    let util = (!util.is_empty()).then(|| util.iter().sum::<f64>() / util.len() as f64);
     let used = s.gpus.iter().map(|g| g.mem_used_mib as f64).sum();
     let total = s.gpus.iter().map(|g| g.mem_total_mib as f64).sum();
-    let temp = s.gpus.iter().map(|g| g.temp_c).fold(f64::MIN, f64::max);
-    let power = s.gpus.iter().map(|g| g.power_w).sum();
+    let temp = s.gpus.iter().filter_map(|g| g.temp_c).reduce(f64::max);
+    let power = s.gpus.iter().filter_map(|g| g.power_w).reduce(|a, b| a + b);
     Some((util, used, total, temp, power))
+}
+
+/// `value` formatted, or "-" when unknown.
+fn or_dash(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map_or_else(dash, f)
 }
 
 fn header_lines(state: &TopState) -> Vec<Line<'static>> {
@@ -176,13 +184,15 @@ fn header_lines(state: &TopState) -> Vec<Line<'static>> {
     let gpus: usize = samples.iter().map(|s| s.gpus.len()).sum();
     let util: Vec<f64> = samples
         .iter()
-        .flat_map(|s| s.gpus.iter().map(|g| g.util_pct))
+        .flat_map(|s| s.gpus.iter().filter_map(|g| g.util_pct))
         .collect();
     let mean_util = (!util.is_empty()).then(|| util.iter().sum::<f64>() / util.len() as f64);
     let (used, total, power) = samples
         .iter()
         .filter_map(|s| gpu_totals(s))
-        .fold((0.0, 0.0, 0.0), |(u, t, p), g| (u + g.1, t + g.2, p + g.4));
+        .fold((0.0, 0.0, 0.0), |(u, t, p), g| {
+            (u + g.1, t + g.2, p + g.4.unwrap_or(0.0))
+        });
     let running: f64 = samples.iter().map(|s| s.engine.requests_running).sum();
     let waiting: f64 = samples.iter().map(|s| s.engine.requests_waiting).sum();
     let title = format!(
@@ -235,10 +245,10 @@ fn instance_cells(r: &InstanceRow, now: DateTime<Utc>) -> Vec<String> {
     match (&r.latest, totals) {
         (Some(s), Some((util, used, total, temp, power))) => cells.extend([
             s.gpus.len().to_string(),
-            format!("{util:.0}%"),
+            or_dash(util, |v| format!("{v:.0}%")),
             format!("{:.1}/{:.1}", used / 1024.0, total / 1024.0),
-            format!("{temp:.0}°C"),
-            format!("{power:.0} W"),
+            or_dash(temp, |v| format!("{v:.0}°C")),
+            or_dash(power, |v| format!("{v:.0} W")),
         ]),
         _ => cells.extend([dash(), dash(), dash(), dash(), dash()]),
     }
@@ -336,17 +346,24 @@ fn draw_detail(frame: &mut Frame, area: Rect, row: &InstanceRow, now: DateTime<U
         let mut out = vec![];
         let gpus = row.latest.as_ref().map_or(0, |s| s.gpus.len());
         for i in 0..gpus {
-            let pick = |f: fn(&gpufleet_proto::GpuSample) -> f64| -> Vec<u64> {
+            let pick = |f: fn(&gpufleet_proto::GpuSample) -> Option<f64>| -> Vec<u64> {
                 hist.iter()
-                    .map(|s| s.gpus.get(i).map_or(0, |g| f(g).max(0.0).round() as u64))
+                    .map(|s| {
+                        s.gpus
+                            .get(i)
+                            .and_then(f)
+                            .map_or(0, |v| v.max(0.0).round() as u64)
+                    })
                     .collect()
+            };
+            let opt = |v: Option<f64>, unit: &str| {
+                v.map_or_else(|| "-".to_string(), |v| format!("{v:.0}{unit}"))
             };
             let last = row.latest.as_ref().and_then(|s| s.gpus.get(i));
             out.push((
                 format!(
                     "GPU{i} util {}",
-                    last.map(|g| format!("{:.0}%", g.util_pct))
-                        .unwrap_or_default()
+                    last.map(|g| opt(g.util_pct, "%")).unwrap_or_default()
                 ),
                 pick(|g| g.util_pct),
             ));
@@ -356,20 +373,19 @@ fn draw_detail(frame: &mut Frame, area: Rect, row: &InstanceRow, now: DateTime<U
                     last.map(|g| format!("{}/{} MiB", g.mem_used_mib, g.mem_total_mib))
                         .unwrap_or_default()
                 ),
-                pick(|g| g.mem_used_mib as f64),
+                pick(|g| Some(g.mem_used_mib as f64)),
             ));
             out.push((
                 format!(
                     "GPU{i} temp {}",
-                    last.map(|g| format!("{:.0}°C", g.temp_c))
-                        .unwrap_or_default()
+                    last.map(|g| opt(g.temp_c, "°C")).unwrap_or_default()
                 ),
                 pick(|g| g.temp_c),
             ));
             out.push((
                 format!(
                     "GPU{i} power {}",
-                    last.map(|g| format!("{:.0}/{:.0} W", g.power_w, g.power_limit_w))
+                    last.map(|g| format!("{}/{}", opt(g.power_w, ""), opt(g.power_limit_w, " W")))
                         .unwrap_or_default()
                 ),
                 pick(|g| g.power_w),
@@ -632,15 +648,15 @@ mod tests {
                 index: 0,
                 name: "NVIDIA L4".into(),
                 uuid: None,
-                util_pct: util,
+                util_pct: Some(util),
                 mem_used_mib: 12_288,
                 mem_total_mib: 24_576,
-                temp_c: 61.0,
-                power_w: 55.0,
-                power_limit_w: 72.0,
+                temp_c: Some(61.0),
+                power_w: Some(55.0),
+                power_limit_w: Some(72.0),
                 sm_clock_mhz: Some(1800),
                 ecc_uncorrected: Some(0),
-                throttle_reasons: Vec::new(),
+                ..GpuSample::default()
             }],
             engine: EngineSample {
                 status: EngineStatus::Ready,

@@ -82,15 +82,13 @@ fn heartbeat(id: InstanceId, seq: u64, gpus: usize) -> Heartbeat {
                 } else {
                     None
                 },
-                util_pct: 40.0 + i as f64,
+                util_pct: Some(40.0 + i as f64),
                 mem_used_mib: 1000 + i as u64,
                 mem_total_mib: 23034,
-                temp_c: 55.5,
-                power_w: 60.25,
-                power_limit_w: 72.0,
-                sm_clock_mhz: None,
-                ecc_uncorrected: None,
-                throttle_reasons: Vec::new(),
+                temp_c: Some(55.5),
+                power_w: Some(60.25),
+                power_limit_w: Some(72.0),
+                ..GpuSample::default()
             })
             .collect(),
         engine: EngineSample {
@@ -864,9 +862,9 @@ fn figure_hb(id: InstanceId, seq: u64, v: f64, gpus: usize) -> Heartbeat {
     hb.system.load1 = v / 10.0;
     hb.system.mem_used_bytes = 1_000 * v as u64;
     for g in &mut hb.gpus {
-        g.util_pct = 2.0 * v + f64::from(g.index);
-        g.temp_c = 40.0 + v;
-        g.power_w = 100.0 + v;
+        g.util_pct = Some(2.0 * v + f64::from(g.index));
+        g.temp_c = Some(40.0 + v);
+        g.power_w = Some(100.0 + v);
         g.mem_used_mib = 100 + v as u64;
     }
     hb.engine.kv_cache_usage = ((v as i64) % 2 == 0).then_some(v / 100.0);
@@ -879,10 +877,31 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
 }
 
+/// A figure that may be unknown (`None`), for [`assert_close!`].
+trait Figure: Copy + std::fmt::Debug {
+    fn known(self) -> Option<f64>;
+}
+impl Figure for f64 {
+    fn known(self) -> Option<f64> {
+        Some(self)
+    }
+}
+impl Figure for Option<f64> {
+    fn known(self) -> Option<f64> {
+        self
+    }
+}
+
+/// Both known and close, or both unknown.
 macro_rules! assert_close {
     ($a:expr, $b:expr $(, $($msg:tt)*)?) => {{
-        let (a, b): (f64, f64) = ($a, $b);
-        assert!(close(a, b), "{} = {a}, expected {b} {}", stringify!($a), format!("" $(, $($msg)*)?));
+        let (a, b) = (Figure::known($a), Figure::known($b));
+        let ok = match (a, b) {
+            (Some(a), Some(b)) => close(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        assert!(ok, "{} = {a:?}, expected {b:?} {}", stringify!($a), format!("" $(, $($msg)*)?));
     }};
 }
 
@@ -1401,12 +1420,12 @@ pub async fn fleet_now_and_series(ctx: Ctx) {
     // a: an old heartbeat, then its latest with 2 GPUs at 10 % / 30 %.
     hbs.push((figure_hb(a.id, 1, 50.0, 2), at(0)));
     let mut a2 = heartbeat(a.id, 2, 2);
-    a2.gpus[0].util_pct = 10.0;
-    a2.gpus[1].util_pct = 30.0;
+    a2.gpus[0].util_pct = Some(10.0);
+    a2.gpus[1].util_pct = Some(30.0);
     hbs.push((a2, at(60_000)));
     // b: 1 GPU at 50 %, fresh.
     let mut b1 = heartbeat(b.id, 1, 1);
-    b1.gpus[0].util_pct = 50.0;
+    b1.gpus[0].util_pct = Some(50.0);
     hbs.push((b1, at(61_000)));
     // c: stale. d: terminated.
     hbs.push((heartbeat(c.id, 1, 4), at(1_000)));
@@ -1485,14 +1504,14 @@ pub async fn out_of_range_values_round_trip(ctx: Ctx) {
     odd.system.load1 = -3.0;
     odd.system.mem_used_bytes = 1 << 62; // above the total
     odd.system.net_rx_bps = 1e300;
-    odd.gpus[0].util_pct = 150.0;
-    odd.gpus[0].temp_c = -40.0;
+    odd.gpus[0].util_pct = Some(150.0);
+    odd.gpus[0].temp_c = Some(-40.0);
     odd.gpus[0].mem_used_mib = i64::MAX as u64;
-    odd.gpus[0].power_w = -1.0;
+    odd.gpus[0].power_w = Some(-1.0);
     odd.engine.kv_cache_usage = Some(7.5);
     odd.engine.ttft_mean_s = Some(-0.0);
     let mut nan = heartbeat(a.id, 2, 1);
-    nan.gpus[0].temp_c = f64::INFINITY;
+    nan.gpus[0].temp_c = Some(f64::INFINITY);
     let mut nan_engine = heartbeat(a.id, 3, 0);
     nan_engine.engine.ttft_mean_s = Some(f64::NAN);
     let out = s
@@ -1524,8 +1543,8 @@ pub async fn out_of_range_values_round_trip(ctx: Ctx) {
     assert_eq!(m.points[0].cpu_pct_max, 250.0);
     assert_eq!(m.points[0].net_rx_bps_avg, 1e300);
     assert_eq!(m.points[0].kv_cache_usage_max, Some(7.5));
-    assert_eq!(m.gpus[0].points[0].util_pct_max, 150.0);
-    assert_eq!(m.gpus[0].points[0].temp_c_avg, -40.0);
+    assert_eq!(m.gpus[0].points[0].util_pct_max, Some(150.0));
+    assert_eq!(m.gpus[0].points[0].temp_c_avg, Some(-40.0));
     assert_close!(m.gpus[0].points[0].mem_used_mib_max, i64::MAX as f64);
     rollup_all(s, Tier::Minute, at(120_000)).await;
     let rolled = s
@@ -1833,4 +1852,96 @@ pub async fn latest_samples_of_many_instances(ctx: Ctx) {
         .unwrap();
     assert_eq!(both.len(), 3);
     assert!(s.latest_samples(&[]).await.unwrap().is_empty());
+}
+
+/// GPU figures NVML could not give are NULL all the way: raw samples keep
+/// `None`, means are over the known values only, and a bucket where nothing
+/// was known is `None` (not 0) in raw series, minute and hour rollups alike;
+/// the fleet's mean utilisation ignores GPUs that do not report it.
+pub async fn unknown_gpu_figures_stay_unknown_through_rollups(ctx: Ctx) {
+    let s = &ctx.store;
+    let a = insert_one(s, 0).await;
+    // 2 h of 30 s heartbeats, 2 GPUs: GPU 0 reports utilisation on even
+    // heartbeats only (MIG toggled, say); GPU 1 is off the bus throughout.
+    let batch: Vec<(Heartbeat, DateTime<Utc>)> = (0..240)
+        .map(|i: i64| {
+            let mut hb = figure_hb(a.id, (HOUR0 + i * 30_000) as u64, i as f64, 2);
+            if i % 2 == 1 {
+                hb.gpus[0].util_pct = None;
+            }
+            let g1 = &mut hb.gpus[1];
+            g1.util_pct = None;
+            g1.temp_c = None;
+            g1.power_w = None;
+            g1.power_limit_w = None;
+            (hb, at(i * 30_000))
+        })
+        .collect();
+    for chunk in batch.chunks(50) {
+        let out = s.record_heartbeats(chunk).await.unwrap();
+        assert!(out.iter().all(|o| *o == HeartbeatOutcome::Applied));
+    }
+    let back = s.recent_samples(a.id, 2).await.unwrap();
+    assert_eq!(back[0].gpus[1].util_pct, None);
+    assert_eq!(back[0].gpus[1].power_limit_w, None);
+    assert_eq!(
+        back[0].gpus[0].util_pct, None,
+        "the last heartbeat (odd) had none"
+    );
+    assert_eq!(back[1].gpus[0].util_pct, Some(2.0 * 238.0));
+
+    let raw = s
+        .metric_series(a.id, at(0), at(7_200_000), Step::MINUTE, Tier::Raw)
+        .await
+        .unwrap();
+    // Minute k holds heartbeats 2k (util known: 2·2k) and 2k+1 (unknown).
+    let g0 = &raw.gpus[0].points;
+    assert_eq!(g0.len(), 120);
+    assert_close!(g0[3].util_pct_avg, Some(2.0 * 6.0));
+    assert_close!(g0[3].temp_c_avg, Some(40.0 + 6.5));
+    let g1 = &raw.gpus[1].points;
+    assert!(g1.iter().all(|p| p.util_pct_avg.is_none()
+        && p.util_pct_max.is_none()
+        && p.temp_c_avg.is_none()
+        && p.power_w_max.is_none()
+        && p.power_limit_w.is_none()));
+    assert!(g1.iter().all(|p| p.samples == 2 && p.mem_total_mib > 0.0));
+
+    rollup_all(s, Tier::Minute, at(7_200_000)).await;
+    rollup_all(s, Tier::Hour, at(7_200_000)).await;
+    for (step, tier) in [(Step::MINUTE, Tier::Minute), (Step::HOUR, Tier::Hour)] {
+        let raw = s
+            .metric_series(a.id, at(0), at(7_200_000), step, Tier::Raw)
+            .await
+            .unwrap();
+        let rolled = s
+            .metric_series(a.id, at(0), at(7_200_000), step, tier)
+            .await
+            .unwrap();
+        for (gx, gy) in raw.gpus.iter().zip(&rolled.gpus) {
+            assert_eq!(gx.points.len(), gy.points.len(), "{tier:?}");
+            for (x, y) in gx.points.iter().zip(&gy.points) {
+                assert_gpu_points_close(x, y);
+            }
+        }
+    }
+    let hour = s
+        .metric_series(a.id, at(0), at(3_600_000), Step::HOUR, Tier::Hour)
+        .await
+        .unwrap();
+    // Hour 0: heartbeats 0..120, util known on even i: mean of 2i.
+    let even_mean = (0..120).step_by(2).map(|i| 2.0 * i as f64).sum::<f64>() / 60.0;
+    assert_close!(hour.gpus[0].points[0].util_pct_avg, Some(even_mean));
+    assert_eq!(hour.gpus[1].points[0].util_pct_avg, None);
+
+    // The fleet now: GPU 1's unknown utilisation does not count as 0 %.
+    let mut last = heartbeat(a.id, (HOUR0 + 10_000_000) as u64, 2);
+    last.gpus[0].util_pct = Some(80.0);
+    last.gpus[1].util_pct = None;
+    last.gpus[1].power_w = None;
+    s.record_heartbeats(&[(last, at(7_300_000))]).await.unwrap();
+    let now = s.fleet_now(at(7_200_000)).await.unwrap();
+    assert_eq!(now.gpus, 2);
+    assert_close!(now.mean_gpu_util_pct, Some(80.0));
+    assert_close!(now.power_w, 60.25);
 }

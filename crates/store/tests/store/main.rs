@@ -63,6 +63,7 @@ store_tests!(
     ingest_session_writes_moves_and_closes,
     moves_beside_concurrent_staging_keep_every_heartbeat,
     latest_samples_of_many_instances,
+    unknown_gpu_figures_stay_unknown_through_rollups,
 );
 
 macro_rules! api_key_store_tests {

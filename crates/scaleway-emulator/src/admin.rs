@@ -24,7 +24,10 @@ use crate::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/faults", get(list_faults).post(add_fault).delete(clear_faults))
+        .route(
+            "/faults",
+            get(list_faults).post(add_fault).delete(clear_faults),
+        )
         .route("/faults/{id}", delete(remove_fault))
         .route("/availability/{commercial_type}", put(set_availability))
         .route("/servers/{id}/lock", put(lock))
@@ -72,7 +75,11 @@ struct LockBody {
     locked: bool,
 }
 
-async fn lock(State(app): State<AppState>, Path(id): Path<String>, Json(b): Json<LockBody>) -> StatusCode {
+async fn lock(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    Json(b): Json<LockBody>,
+) -> StatusCode {
     app.faults.lock_server(&id, b.locked);
     let mut st = app.state.lock().unwrap();
     if let Some(s) = st.servers.get_mut(&id) {

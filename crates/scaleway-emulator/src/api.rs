@@ -55,11 +55,15 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationTok
         tokio::spawn(async move {
             let kill = CancellationToken::new();
             let k2 = kill.clone();
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnKill(k2.clone()));
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(app.oneshot(req.map(Body::new)).await.into_response()) }
-            });
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnKill(k2.clone()));
+                    let app = app.clone();
+                    async move {
+                        Ok::<_, Infallible>(app.oneshot(req.map(Body::new)).await.into_response())
+                    }
+                },
+            );
             let conn = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), svc);
@@ -88,10 +92,17 @@ fn commercial_type_of(app: &AppState, path: &str, body: &[u8]) -> Option<String>
     None
 }
 
-async fn gate(State(app): State<AppState>, matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
+async fn gate(
+    State(app): State<AppState>,
+    matched: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
-    let route = matched.map(|m| m.as_str().to_string()).unwrap_or_else(|| path.clone());
+    let route = matched
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
     let kill = req.extensions().get::<ConnKill>().cloned();
 
     let token = req
@@ -102,7 +113,9 @@ async fn gate(State(app): State<AppState>, matched: Option<MatchedPath>, req: Re
     if !path.starts_with("/marketplace/") {
         let denied = match token.as_deref() {
             None | Some("") => Some(ApiError::denied_authentication("invalid_argument")),
-            Some(t) if t != app.config.secret_key => Some(ApiError::denied_authentication("not_found")),
+            Some(t) if t != app.config.secret_key => {
+                Some(ApiError::denied_authentication("not_found"))
+            }
             Some(_) => None,
         };
         if let Some(e) = denied {
@@ -112,7 +125,10 @@ async fn gate(State(app): State<AppState>, matched: Option<MatchedPath>, req: Re
     }
 
     let mut rl_headers = None;
-    if let Some(res) = app.faults.take_token(token.as_deref().unwrap_or("anonymous")) {
+    if let Some(res) = app
+        .faults
+        .take_token(token.as_deref().unwrap_or("anonymous"))
+    {
         match res {
             Ok((limit, remaining)) => rl_headers = Some((limit, remaining)),
             Err(wait) => {
@@ -139,8 +155,15 @@ async fn gate(State(app): State<AppState>, matched: Option<MatchedPath>, req: Re
     }
 
     let early = match &fired.terminal {
-        Some(FaultAction::Respond { status, body, headers }) => {
-            let mut e = ApiError::new(StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body.clone());
+        Some(FaultAction::Respond {
+            status,
+            body,
+            headers,
+        }) => {
+            let mut e = ApiError::new(
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                body.clone(),
+            );
             e.headers = headers.clone();
             Some(e)
         }
@@ -158,7 +181,8 @@ async fn gate(State(app): State<AppState>, matched: Option<MatchedPath>, req: Re
         _ => None,
     };
     if let Some(e) = early {
-        app.faults.record(&method, &path, &route, e.status.as_u16(), ctype);
+        app.faults
+            .record(&method, &path, &route, e.status.as_u16(), ctype);
         return e.into_response();
     }
 
@@ -181,7 +205,8 @@ async fn gate(State(app): State<AppState>, matched: Option<MatchedPath>, req: Re
         }
         _ => {}
     }
-    app.faults.record(&method, &path, &route, resp.status().as_u16(), ctype);
+    app.faults
+        .record(&method, &path, &route, resp.status().as_u16(), ctype);
     if let Some((limit, remaining)) = rl_headers {
         let h = resp.headers_mut();
         h.insert("x-ratelimit-limit", HeaderValue::from(limit));
@@ -201,11 +226,9 @@ pub fn query_get<'a>(q: &'a QueryPairs, key: &str) -> Option<&'a str> {
 /// `page` (from 1) and `per_page` (default 50, at most 100), as the Instance API.
 pub fn page_params(q: &QueryPairs, size_key: &str) -> ApiResult<(usize, usize)> {
     let page = match query_get(q, "page") {
-        Some(p) => p
-            .parse::<usize>()
-            .ok()
-            .filter(|p| *p >= 1)
-            .ok_or_else(|| ApiError::invalid_argument("page", "constraint", "must be greater or equal to 1"))?,
+        Some(p) => p.parse::<usize>().ok().filter(|p| *p >= 1).ok_or_else(|| {
+            ApiError::invalid_argument("page", "constraint", "must be greater or equal to 1")
+        })?,
         None => 1,
     };
     let per_page = match query_get(q, size_key) {
@@ -222,20 +245,33 @@ pub fn page_params(q: &QueryPairs, size_key: &str) -> ApiResult<(usize, usize)> 
 }
 
 pub fn paginate<T: Clone>(items: &[T], page: usize, per_page: usize) -> Vec<T> {
-    items.iter().skip((page - 1) * per_page).take(per_page).cloned().collect()
+    items
+        .iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .cloned()
+        .collect()
 }
 
 /// The Instance API's paging headers, as recorded:
 /// `Link: </products/servers?page=2&per_page=50&>; rel="next",</products/servers?page=3&per_page=50&>; rel="last"`
 /// (a path relative to the zone) and `X-Total-Count`.
-pub fn paging_headers(rel_path: &str, q: &QueryPairs, page: usize, per_page: usize, total: usize) -> HeaderMap {
+pub fn paging_headers(
+    rel_path: &str,
+    q: &QueryPairs,
+    page: usize,
+    per_page: usize,
+    total: usize,
+) -> HeaderMap {
     let last = total.div_ceil(per_page);
     let extra: String = q
         .iter()
         .filter(|(k, _)| k != "page" && k != "per_page")
         .map(|(k, v)| format!("{}={}&", k, encode(v)))
         .collect();
-    let link = |p: usize, rel: &str| format!("<{rel_path}?page={p}&per_page={per_page}&{extra}>; rel=\"{rel}\"");
+    let link = |p: usize, rel: &str| {
+        format!("<{rel_path}?page={p}&per_page={per_page}&{extra}>; rel=\"{rel}\"")
+    };
     let mut links = Vec::new();
     if page > 1 {
         links.push(link(1, "first"));
@@ -269,7 +305,11 @@ fn encode(s: &str) -> String {
 pub fn has_all_tags(tags: &[String], filter: Option<&str>) -> bool {
     match filter {
         None | Some("") => true,
-        Some(f) => f.split(',').map(str::trim).filter(|t| !t.is_empty()).all(|t| tags.iter().any(|x| x == t)),
+        Some(f) => f
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .all(|t| tags.iter().any(|x| x == t)),
     }
 }
 
@@ -280,7 +320,10 @@ pub fn check_zone(app: &AppState, zone: &str) -> ApiResult<()> {
         Err(ApiError::invalid_argument(
             "zone",
             "constraint",
-            &format!("unknown zone {zone}, expected one of {}", app.config.zones.join(", ")),
+            &format!(
+                "unknown zone {zone}, expected one of {}",
+                app.config.zones.join(", ")
+            ),
         ))
     }
 }

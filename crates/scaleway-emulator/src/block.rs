@@ -19,7 +19,10 @@ pub fn routes() -> Router<AppState> {
     let mut r = Router::new();
     for v in ["v1", "v1alpha1"] {
         r = r
-            .route(&format!("/block/{v}/zones/{{zone}}/volumes"), get(list).post(create))
+            .route(
+                &format!("/block/{v}/zones/{{zone}}/volumes"),
+                get(list).post(create),
+            )
             .route(
                 &format!("/block/{v}/zones/{{zone}}/volumes/{{id}}"),
                 get(get_one).patch(update).delete(delete),
@@ -32,17 +35,26 @@ fn parse(body: &Bytes) -> ApiResult<Value> {
     if body.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid_argument("body", "format", &e.to_string()))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_argument("body", "format", &e.to_string()))
 }
 
 fn tags_of(v: &Value) -> Vec<String> {
     v.get("tags")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
-async fn create(State(app): State<AppState>, Path(zone): Path<String>, body: Bytes) -> ApiResult<Response> {
+async fn create(
+    State(app): State<AppState>,
+    Path(zone): Path<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let b = parse(&body)?;
     let size = b
@@ -50,17 +62,29 @@ async fn create(State(app): State<AppState>, Path(zone): Path<String>, body: Byt
         .and_then(|f| f.get("size"))
         .and_then(Value::as_u64)
         .ok_or_else(|| {
-            ApiError::invalid_argument("from_empty.size", "required", "the emulator makes volumes from_empty only")
+            ApiError::invalid_argument(
+                "from_empty.size",
+                "required",
+                "the emulator makes volumes from_empty only",
+            )
         })?;
     if size < 1_000_000_000 {
-        return Err(ApiError::invalid_argument("from_empty.size", "constraint", "size must be at least 1 GB"));
+        return Err(ApiError::invalid_argument(
+            "from_empty.size",
+            "constraint",
+            "size must be at least 1 GB",
+        ));
     }
     let now = Utc::now();
     let id = new_id();
     let vol = Volume {
         id: id.clone(),
         zone: zone.clone(),
-        name: b.get("name").and_then(Value::as_str).unwrap_or("").to_string(),
+        name: b
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
         project: b
             .get("project_id")
             .and_then(Value::as_str)
@@ -98,11 +122,19 @@ async fn create(State(app): State<AppState>, Path(zone): Path<String>, body: Byt
     Ok((StatusCode::OK, axum::Json(out)).into_response())
 }
 
-async fn list(State(app): State<AppState>, Path(zone): Path<String>, Query(q): Query<QueryPairs>) -> ApiResult<Response> {
+async fn list(
+    State(app): State<AppState>,
+    Path(zone): Path<String>,
+    Query(q): Query<QueryPairs>,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let (page, per_page) = page_params(&q, "page_size")?;
     let st = app.state.lock().unwrap();
-    let want_tags: Vec<&str> = q.iter().filter(|(k, _)| k == "tags").flat_map(|(_, v)| v.split(',')).collect();
+    let want_tags: Vec<&str> = q
+        .iter()
+        .filter(|(k, _)| k == "tags")
+        .flat_map(|(_, v)| v.split(','))
+        .collect();
     let mut matching: Vec<&Volume> = st
         .volume_order
         .iter()
@@ -112,13 +144,18 @@ async fn list(State(app): State<AppState>, Path(zone): Path<String>, Query(q): Q
         .filter(|v| want_tags.is_empty() || want_tags.iter().any(|t| v.tags.iter().any(|x| x == t)))
         .filter(|v| query_get(&q, "project_id").is_none_or(|p| v.project == p))
         .filter(|v| query_get(&q, "name").is_none_or(|n| v.name.contains(n)))
-        .filter(|v| query_get(&q, "product_resource_id").is_none_or(|p| v.server.as_deref() == Some(p)))
+        .filter(|v| {
+            query_get(&q, "product_resource_id").is_none_or(|p| v.server.as_deref() == Some(p))
+        })
         .collect();
     if query_get(&q, "order_by") == Some("created_at_desc") {
         matching.reverse();
     }
     let total = matching.len();
-    let items: Vec<Value> = paginate(&matching, page, per_page).into_iter().map(|v| st.volume_json(v)).collect();
+    let items: Vec<Value> = paginate(&matching, page, per_page)
+        .into_iter()
+        .map(|v| st.volume_json(v))
+        .collect();
     Ok(axum::Json(json!({"total_count": total, "volumes": items})).into_response())
 }
 
@@ -126,17 +163,24 @@ fn find<'a>(st: &'a crate::state::State, zone: &str, id: &str) -> ApiResult<&'a 
     st.volumes
         .get(id)
         .filter(|v| v.zone == zone)
-        .ok_or_else(|| ApiError::not_found("volume", id))
+        .ok_or_else(|| ApiError::not_found_v2("volume", id))
 }
 
-async fn get_one(State(app): State<AppState>, Path((zone, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn get_one(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let st = app.state.lock().unwrap();
     let v = find(&st, &zone, &id)?;
     Ok(axum::Json(st.volume_json(v)).into_response())
 }
 
-async fn update(State(app): State<AppState>, Path((zone, id)): Path<(String, String)>, body: Bytes) -> ApiResult<Response> {
+async fn update(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let b = parse(&body)?;
     let mut st = app.state.lock().unwrap();
@@ -150,7 +194,11 @@ async fn update(State(app): State<AppState>, Path((zone, id)): Path<(String, Str
     }
     if let Some(s) = b.get("size").and_then(Value::as_u64) {
         if s < v.size {
-            return Err(ApiError::invalid_argument("size", "constraint", "a volume can only grow"));
+            return Err(ApiError::invalid_argument(
+                "size",
+                "constraint",
+                "a volume can only grow",
+            ));
         }
         v.size = s;
     }
@@ -162,7 +210,10 @@ async fn update(State(app): State<AppState>, Path((zone, id)): Path<(String, Str
     Ok(axum::Json(st.volume_json(&v)).into_response())
 }
 
-async fn delete(State(app): State<AppState>, Path((zone, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn delete(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let mut st = app.state.lock().unwrap();
     let v = find(&st, &zone, &id)?;

@@ -20,6 +20,34 @@ pub struct ApiError {
     pub status: StatusCode,
     pub body: Value,
     pub headers: Vec<(String, String)>,
+    /// The body's exact text, where the real one is known byte for byte.
+    pub raw: Option<String>,
+}
+
+/// JSON as the Instance API writes it (Python style: `{"a": 1, "b": [1, 2]}`),
+/// keys in the given order.
+fn instance_style(fields: &[(&str, Value)]) -> String {
+    fn render(v: &Value) -> String {
+        match v {
+            Value::Array(a) => format!("[{}]", a.iter().map(render).collect::<Vec<_>>().join(", ")),
+            Value::Object(m) => format!(
+                "{{{}}}",
+                m.iter()
+                    .map(|(k, v)| format!("{}: {}", Value::from(k.as_str()), render(v)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            other => other.to_string(),
+        }
+    }
+    format!(
+        "{{{}}}",
+        fields
+            .iter()
+            .map(|(k, v)| format!("{}: {}", Value::from(*k), render(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 impl ApiError {
@@ -28,11 +56,34 @@ impl ApiError {
             status,
             body,
             headers: Vec::new(),
+            raw: None,
         }
     }
 
-    /// Instance API 404: `resource` like `instance_server`, `instance_ip`.
+    /// Instance API 404, byte for byte as recorded: `resource` like
+    /// `instance_server`, `instance_ip`, `instance_volume`.
     pub fn not_found(resource: &str, id: &str) -> Self {
+        let fields = [
+            ("type", json!("not_found")),
+            ("message", json!("resource is not found")),
+            ("resource", json!(resource)),
+            ("resource_id", json!(id)),
+        ];
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            Value::Object(
+                fields
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+            ),
+        );
+        e.raw = Some(instance_style(&fields));
+        e
+    }
+
+    /// 404 of the newer APIs (block, marketplace): compact, keys sorted.
+    pub fn not_found_v2(resource: &str, id: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             json!({"type": "not_found", "message": "resource is not found", "resource": resource, "resource_id": id}),
@@ -49,10 +100,16 @@ impl ApiError {
 
     /// The Instance API's legacy shape, e.g. "server should be stopped".
     pub fn invalid_request(message: &str) -> Self {
-        Self::new(
+        let fields = [
+            ("message", json!(message)),
+            ("type", json!("invalid_request_error")),
+        ];
+        let mut e = Self::new(
             StatusCode::BAD_REQUEST,
             json!({"type": "invalid_request_error", "message": message}),
-        )
+        );
+        e.raw = Some(instance_style(&fields));
+        e
     }
 
     pub fn denied_authentication(reason: &str) -> Self {
@@ -93,7 +150,10 @@ impl ApiError {
     }
 
     pub fn conflict(message: &str) -> Self {
-        Self::new(StatusCode::CONFLICT, json!({"type": "conflict", "message": message}))
+        Self::new(
+            StatusCode::CONFLICT,
+            json!({"type": "conflict", "message": message}),
+        )
     }
 
     pub fn internal(status: StatusCode) -> Self {
@@ -103,7 +163,10 @@ impl ApiError {
             504 => "gateway timeout",
             _ => "internal error",
         };
-        Self::new(status, json!({"type": "internal_error", "message": message}))
+        Self::new(
+            status,
+            json!({"type": "internal_error", "message": message}),
+        )
     }
 
     pub fn too_many_requests(limit: u32, window_seconds: u64, reset_seconds: u64) -> Self {
@@ -114,17 +177,23 @@ impl ApiError {
                    "limit": {"quota": limit, "window_seconds": window_seconds},
                    "reset_seconds": reset_seconds}),
         );
-        e.headers.push(("Retry-After".into(), reset_seconds.to_string()));
-        e.headers.push(("X-Ratelimit-Limit".into(), limit.to_string()));
+        e.headers
+            .push(("Retry-After".into(), reset_seconds.to_string()));
+        e.headers
+            .push(("X-Ratelimit-Limit".into(), limit.to_string()));
         e.headers.push(("X-Ratelimit-Remaining".into(), "0".into()));
-        e.headers.push(("X-Ratelimit-Reset".into(), reset_seconds.to_string()));
+        e.headers
+            .push(("X-Ratelimit-Reset".into(), reset_seconds.to_string()));
         e
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, axum::Json(self.body)).into_response();
+        let mut resp = match self.raw {
+            Some(raw) => (self.status, [("content-type", "application/json")], raw).into_response(),
+            None => (self.status, axum::Json(self.body)).into_response(),
+        };
         for (k, v) in self.headers {
             if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
                 resp.headers_mut().insert(k, v);

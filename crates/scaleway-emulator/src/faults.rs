@@ -69,7 +69,10 @@ pub enum FaultAction {
 
 impl FaultAction {
     fn terminal(&self) -> bool {
-        !matches!(self, FaultAction::Latency { .. } | FaultAction::StuckStarting)
+        !matches!(
+            self,
+            FaultAction::Latency { .. } | FaultAction::StuckStarting
+        )
     }
 }
 
@@ -270,7 +273,14 @@ impl Faults {
         inner.counts.clear();
     }
 
-    pub(crate) fn record(&self, method: &str, path: &str, route: &str, status: u16, commercial_type: Option<String>) {
+    pub(crate) fn record(
+        &self,
+        method: &str,
+        path: &str,
+        route: &str,
+        status: u16,
+        commercial_type: Option<String>,
+    ) {
         let at_ms = self.started.elapsed().as_millis() as u64;
         let mut inner = self.inner.lock().unwrap();
         *inner.counts.entry(format!("{method} {route}")).or_default() += 1;
@@ -361,9 +371,18 @@ mod tests {
 
     #[test]
     fn patterns() {
-        assert!(path_matches("/instance/v1/zones/*/servers", "/instance/v1/zones/fr-par-1/servers"));
-        assert!(!path_matches("/instance/v1/zones/*/servers", "/instance/v1/zones/fr-par-1/servers/x"));
-        assert!(path_matches("/instance/v1/**", "/instance/v1/zones/fr-par-1/servers/x"));
+        assert!(path_matches(
+            "/instance/v1/zones/*/servers",
+            "/instance/v1/zones/fr-par-1/servers"
+        ));
+        assert!(!path_matches(
+            "/instance/v1/zones/*/servers",
+            "/instance/v1/zones/fr-par-1/servers/x"
+        ));
+        assert!(path_matches(
+            "/instance/v1/**",
+            "/instance/v1/zones/fr-par-1/servers/x"
+        ));
         assert!(path_matches("*", "/anything"));
     }
 }

@@ -14,7 +14,8 @@ use chrono::Utc;
 use serde_json::{json, Map, Value};
 
 use crate::api::{
-    check_zone, has_all_tags, json_with, page_params, paginate, paging_headers, query_get, QueryPairs, StuckStarting,
+    check_zone, has_all_tags, json_with, page_params, paginate, paging_headers, query_get,
+    QueryPairs, StuckStarting,
 };
 use crate::errors::{ApiError, ApiResult};
 use crate::faults::Availability;
@@ -26,30 +27,54 @@ const P: &str = "/instance/v1/zones/{zone}";
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route(&format!("{P}/products/servers"), get(list_products))
-        .route(&format!("{P}/products/servers/availability"), get(list_availability))
-        .route(&format!("{P}/servers"), get(list_servers).post(create_server))
+        .route(
+            &format!("{P}/products/servers/availability"),
+            get(list_availability),
+        )
+        .route(
+            &format!("{P}/servers"),
+            get(list_servers).post(create_server),
+        )
         .route(
             &format!("{P}/servers/{{id}}"),
             get(get_server).patch(update_server).delete(delete_server),
         )
         .route(&format!("{P}/servers/{{id}}/action"), post(server_action))
-        .route(&format!("{P}/servers/{{id}}/user_data"), get(list_user_data))
+        .route(
+            &format!("{P}/servers/{{id}}/user_data"),
+            get(list_user_data),
+        )
         .route(
             &format!("{P}/servers/{{id}}/user_data/{{key}}"),
-            get(get_user_data).patch(set_user_data).delete(delete_user_data),
+            get(get_user_data)
+                .patch(set_user_data)
+                .delete(delete_user_data),
         )
         .route(&format!("{P}/ips"), get(list_ips).post(create_ip))
-        .route(&format!("{P}/ips/{{id}}"), get(get_ip).patch(update_ip).delete(delete_ip))
-        .route(&format!("{P}/security_groups"), get(list_sgs).post(create_sg))
-        .route(&format!("{P}/security_groups/{{id}}"), get(get_sg).delete(delete_sg))
-        .route(&format!("{P}/security_groups/{{id}}/rules"), get(get_rules).put(set_rules))
+        .route(
+            &format!("{P}/ips/{{id}}"),
+            get(get_ip).patch(update_ip).delete(delete_ip),
+        )
+        .route(
+            &format!("{P}/security_groups"),
+            get(list_sgs).post(create_sg),
+        )
+        .route(
+            &format!("{P}/security_groups/{{id}}"),
+            get(get_sg).delete(delete_sg),
+        )
+        .route(
+            &format!("{P}/security_groups/{{id}}/rules"),
+            get(get_rules).put(set_rules),
+        )
 }
 
 /// Recorded `products/servers` answers, per zone (fr-par-2's for other zones).
 fn catalog(zone: &str) -> &'static Map<String, Value> {
     static CATALOG: OnceLock<Map<String, Value>> = OnceLock::new();
     let all = CATALOG.get_or_init(|| {
-        serde_json::from_str(include_str!("../data/products_servers.json")).expect("embedded catalog is JSON")
+        serde_json::from_str(include_str!("../data/products_servers.json"))
+            .expect("embedded catalog is JSON")
     });
     all.get(zone)
         .or_else(|| all.get("fr-par-2"))
@@ -62,13 +87,31 @@ fn catalog(zone: &str) -> &'static Map<String, Value> {
 /// emulator serves the same ids in every zone. The GPU image's name was not
 /// recorded.
 pub const IMAGES: &[(&str, &str, &str, bool)] = &[
-    ("ubuntu_jammy_gpu_os_12", "8063548b-7ade-4faa-8be1-f48f8d3ba3ea", "Ubuntu Jammy GPU OS 12", true),
-    ("ubuntu_jammy", "4481c662-2357-432f-b0fd-dd6470c08c49", "Ubuntu 22.04 Jammy Jellyfish", false),
-    ("ubuntu_focal", "8ac1fe52-01dc-4dc1-8578-73ec5d126648", "Ubuntu 20.04 Focal Fossa", false),
+    (
+        "ubuntu_jammy_gpu_os_12",
+        "8063548b-7ade-4faa-8be1-f48f8d3ba3ea",
+        "Ubuntu Jammy GPU OS 12",
+        true,
+    ),
+    (
+        "ubuntu_jammy",
+        "4481c662-2357-432f-b0fd-dd6470c08c49",
+        "Ubuntu 22.04 Jammy Jellyfish",
+        false,
+    ),
+    (
+        "ubuntu_focal",
+        "8ac1fe52-01dc-4dc1-8578-73ec5d126648",
+        "Ubuntu 20.04 Focal Fossa",
+        false,
+    ),
 ];
 
 fn base_url(headers: &HeaderMap) -> String {
-    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
     format!("http://{host}")
 }
 
@@ -84,12 +127,17 @@ fn parse_json(body: &Bytes) -> ApiResult<Value> {
     if body.is_empty() {
         return Ok(json!({}));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid_request(&format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid_request(&format!("invalid JSON body: {e}")))
 }
 
 fn str_list(v: Option<&Value>) -> Vec<String> {
     v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -104,7 +152,10 @@ async fn list_products(
     let (page, per_page) = page_params(&q, "per_page")?;
     let all: Vec<(&String, &Value)> = catalog(&zone).iter().collect();
     let items = paginate(&all, page, per_page);
-    let servers: Map<String, Value> = items.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let servers: Map<String, Value> = items
+        .into_iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let h = paging_headers("/products/servers", &q, page, per_page, all.len());
     Ok(json_with(StatusCode::OK, h, json!({ "servers": servers })))
 }
@@ -120,9 +171,20 @@ async fn list_availability(
     let items = paginate(&all, page, per_page);
     let servers: Map<String, Value> = items
         .into_iter()
-        .map(|k| (k.clone(), json!({"availability": app.faults.availability(k).as_str()})))
+        .map(|k| {
+            (
+                k.clone(),
+                json!({"availability": app.faults.availability(k).as_str()}),
+            )
+        })
         .collect();
-    let h = paging_headers("/products/servers/availability", &q, page, per_page, all.len());
+    let h = paging_headers(
+        "/products/servers/availability",
+        &q,
+        page,
+        per_page,
+        all.len(),
+    );
     Ok(json_with(StatusCode::OK, h, json!({ "servers": servers })))
 }
 
@@ -151,7 +213,9 @@ async fn create_server(
     let commercial_type = b
         .get("commercial_type")
         .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::invalid_argument("commercial_type", "required", "commercial_type is required"))?
+        .ok_or_else(|| {
+            ApiError::invalid_argument("commercial_type", "required", "commercial_type is required")
+        })?
         .to_string();
     let product = catalog(&zone).get(&commercial_type).ok_or_else(|| {
         ApiError::invalid_argument(
@@ -160,7 +224,11 @@ async fn create_server(
             &format!("{commercial_type} is not a valid commercial type in {zone}"),
         )
     })?;
-    let arch = product.get("arch").and_then(Value::as_str).unwrap_or("x86_64").to_string();
+    let arch = product
+        .get("arch")
+        .and_then(Value::as_str)
+        .unwrap_or("x86_64")
+        .to_string();
     let project = b
         .get("project")
         .or_else(|| b.get("organization"))
@@ -174,7 +242,10 @@ async fn create_server(
         .map(str::to_string)
         .unwrap_or_else(|| format!("scw-{}", &id[..8]));
     let image = b.get("image").and_then(Value::as_str).map(|img| {
-        match IMAGES.iter().find(|(label, iid, _, _)| *iid == img || *label == img) {
+        match IMAGES
+            .iter()
+            .find(|(label, iid, _, _)| *iid == img || *label == img)
+        {
             Some((_, iid, iname, _)) => Image {
                 id: iid.to_string(),
                 name: iname.to_string(),
@@ -211,7 +282,10 @@ async fn create_server(
             ));
         }
     }
-    let security_group = match b.get("security_group").and_then(|v| v.as_str().or_else(|| v.get("id")?.as_str())) {
+    let security_group = match b
+        .get("security_group")
+        .and_then(|v| v.as_str().or_else(|| v.get("id")?.as_str()))
+    {
         Some(sg_id) => {
             let sg = st
                 .security_groups
@@ -237,7 +311,7 @@ async fn create_server(
                 .volumes
                 .get(vid)
                 .filter(|x| x.zone == zone)
-                .ok_or_else(|| ApiError::not_found("volume", vid))?;
+                .ok_or_else(|| ApiError::not_found("instance_volume", vid))?;
             if vol.status != "available" {
                 return Err(ApiError::precondition_failed(
                     "resource_still_in_use",
@@ -250,8 +324,14 @@ async fn create_server(
     let now = Utc::now();
     let mut volumes = BTreeMap::new();
     for (idx, v) in &requested {
-        let size = v.get("size").and_then(Value::as_u64).unwrap_or(10_000_000_000);
-        let vtype = v.get("volume_type").and_then(Value::as_str).unwrap_or("sbs_volume");
+        let size = v
+            .get("size")
+            .and_then(Value::as_u64)
+            .unwrap_or(10_000_000_000);
+        let vtype = v
+            .get("volume_type")
+            .and_then(Value::as_str)
+            .unwrap_or("sbs_volume");
         let image_name = image.as_ref().map(|i| i.name.as_str()).unwrap_or("volume");
         let vname = v
             .get("name")
@@ -315,7 +395,10 @@ async fn create_server(
             );
         }
     }
-    let dynamic_ip_required = b.get("dynamic_ip_required").and_then(Value::as_bool).unwrap_or(false);
+    let dynamic_ip_required = b
+        .get("dynamic_ip_required")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let server = Server {
         id: id.clone(),
         zone: zone.clone(),
@@ -329,7 +412,10 @@ async fn create_server(
         state: ServerState::Stopped,
         state_detail: String::new(),
         mac_address: random_mac(),
-        routed_ip_enabled: b.get("routed_ip_enabled").and_then(Value::as_bool).unwrap_or(true),
+        routed_ip_enabled: b
+            .get("routed_ip_enabled")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
         dynamic_ip_required,
         security_group,
         created: now,
@@ -355,7 +441,11 @@ async fn create_server(
         }
     }
     let body = json!({"server": st.server_json(&st.servers[&id])});
-    Ok(created(&headers, format!("/instance/v1/zones/{zone}/servers/{id}"), body))
+    Ok(created(
+        &headers,
+        format!("/instance/v1/zones/{zone}/servers/{id}"),
+        body,
+    ))
 }
 
 async fn list_servers(
@@ -379,11 +469,19 @@ async fn list_servers(
         .filter(|s| query_get(&q, "commercial_type").is_none_or(|t| s.commercial_type == t))
         .filter(|s| {
             query_get(&q, "state").is_none_or(|t| {
-                let state = if s.locked { ServerState::Locked } else { s.state };
+                let state = if s.locked {
+                    ServerState::Locked
+                } else {
+                    s.state
+                };
                 state.as_str() == t
             })
         })
-        .filter(|s| ids_filter.as_ref().is_none_or(|ids| ids.contains(&s.id.as_str())))
+        .filter(|s| {
+            ids_filter
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&s.id.as_str()))
+        })
         .collect();
     // The API's default order is creation_date_desc.
     if query_get(&q, "order") != Some("creation_date_asc") {
@@ -398,7 +496,10 @@ async fn list_servers(
     Ok(json_with(StatusCode::OK, h, json!({ "servers": items })))
 }
 
-async fn get_server(State(app): State<AppState>, Path((zone, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn get_server(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let st = app.state.lock().unwrap();
     let s = find_server(&st, &zone, &id)?;
@@ -419,10 +520,18 @@ async fn update_server(
             return Err(ApiError::invalid_request("server should be stopped"));
         }
         if !catalog(&zone).contains_key(t) {
-            return Err(ApiError::invalid_argument("commercial_type", "constraint", "unknown commercial type"));
+            return Err(ApiError::invalid_argument(
+                "commercial_type",
+                "constraint",
+                "unknown commercial type",
+            ));
         }
     }
-    let sg = match b.get("security_group").and_then(|v| v.get("id")).and_then(Value::as_str) {
+    let sg = match b
+        .get("security_group")
+        .and_then(|v| v.get("id"))
+        .and_then(Value::as_str)
+    {
         Some(sg_id) => {
             let sg = st
                 .security_groups
@@ -456,7 +565,10 @@ async fn update_server(
     Ok(axum::Json(json!({"server": st.server_json(&s)})).into_response())
 }
 
-async fn delete_server(State(app): State<AppState>, Path((zone, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn delete_server(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     {
         let mut st = app.state.lock().unwrap();
@@ -585,7 +697,9 @@ fn spawn_boot(app: AppState, id: String, gen: u64, delay: Duration) {
         }
         let boot = {
             let mut st = app.state.lock().unwrap();
-            let Some(s) = st.servers.get_mut(&id) else { return };
+            let Some(s) = st.servers.get_mut(&id) else {
+                return;
+            };
             if s.generation != gen || s.state != ServerState::Starting || s.stuck_starting {
                 return;
             }
@@ -609,7 +723,9 @@ fn spawn_stop(app: AppState, id: String, gen: u64, final_state: ServerState, ter
         }
         let gen = {
             let mut st = app.state.lock().unwrap();
-            let Some(s) = st.servers.get_mut(&id) else { return };
+            let Some(s) = st.servers.get_mut(&id) else {
+                return;
+            };
             if s.generation != gen {
                 return;
             }
@@ -640,7 +756,10 @@ fn spawn_stop(app: AppState, id: String, gen: u64, final_state: ServerState, ter
 
 // ---------- user data ----------
 
-async fn list_user_data(State(app): State<AppState>, Path((zone, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn list_user_data(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let st = app.state.lock().unwrap();
     let s = find_server(&st, &zone, &id)?;
@@ -674,10 +793,16 @@ async fn set_user_data(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !ct.starts_with("text/plain") {
-        return Err(ApiError::invalid_request("user data content type must be text/plain"));
+        return Err(ApiError::invalid_request(
+            "user data content type must be text/plain",
+        ));
     }
     if body.len() > 1_000_000 {
-        return Err(ApiError::invalid_argument("content", "constraint", "user data is limited to 1 MB"));
+        return Err(ApiError::invalid_argument(
+            "content",
+            "constraint",
+            "user data is limited to 1 MB",
+        ));
     }
     let mut st = app.state.lock().unwrap();
     find_server(&st, &zone, &id)?;
@@ -696,7 +821,11 @@ async fn delete_user_data(
     check_zone(&app, &zone)?;
     let mut st = app.state.lock().unwrap();
     find_server(&st, &zone, &id)?;
-    st.servers.get_mut(&id).expect("found").user_data.remove(&key);
+    st.servers
+        .get_mut(&id)
+        .expect("found")
+        .user_data
+        .remove(&key);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -710,7 +839,10 @@ async fn create_ip(
 ) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let b = parse_json(&body)?;
-    let ip_type = b.get("type").and_then(Value::as_str).unwrap_or("routed_ipv4");
+    let ip_type = b
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("routed_ipv4");
     if ip_type != "routed_ipv4" {
         return Err(ApiError::invalid_argument(
             "type",
@@ -735,7 +867,11 @@ async fn create_ip(
         st.ips.get_mut(&id).expect("made").server = Some(sid);
     }
     let body = json!({"ip": st.ip_json(&st.ips[&id])});
-    Ok(created(&headers, format!("/instance/v1/zones/{zone}/ips/{id}"), body))
+    Ok(created(
+        &headers,
+        format!("/instance/v1/zones/{zone}/ips/{id}"),
+        body,
+    ))
 }
 
 async fn list_ips(
@@ -764,14 +900,21 @@ async fn list_ips(
     Ok(json_with(StatusCode::OK, h, json!({ "ips": items })))
 }
 
-fn find_ip<'a>(st: &'a crate::state::State, zone: &str, id: &str) -> ApiResult<&'a crate::state::Ip> {
+fn find_ip<'a>(
+    st: &'a crate::state::State,
+    zone: &str,
+    id: &str,
+) -> ApiResult<&'a crate::state::Ip> {
     st.ips
         .get(id)
         .filter(|ip| ip.zone == zone)
         .ok_or_else(|| ApiError::not_found("instance_ip", id))
 }
 
-async fn get_ip(State(app): State<AppState>, Path((zone, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn get_ip(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let st = app.state.lock().unwrap();
     let ip = find_ip(&st, &zone, &id)?;
@@ -794,7 +937,9 @@ async fn update_ip(
             let sid = v
                 .as_str()
                 .or_else(|| v.get("id").and_then(Value::as_str))
-                .ok_or_else(|| ApiError::invalid_argument("server", "format", "server must be an id or null"))?;
+                .ok_or_else(|| {
+                    ApiError::invalid_argument("server", "format", "server must be an id or null")
+                })?;
             find_server(&st, &zone, sid)?;
             Some(Some(sid.to_string()))
         }
@@ -813,7 +958,10 @@ async fn update_ip(
     Ok(axum::Json(json!({"ip": st.ip_json(&ip)})).into_response())
 }
 
-async fn delete_ip(State(app): State<AppState>, Path((zone, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn delete_ip(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let mut st = app.state.lock().unwrap();
     find_ip(&st, &zone, &id)?;
@@ -841,13 +989,19 @@ async fn create_sg(
         id: new_id(),
         zone: zone.clone(),
         name: name.to_string(),
-        description: b.get("description").and_then(Value::as_str).map(str::to_string),
+        description: b
+            .get("description")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         project: b
             .get("project")
             .and_then(Value::as_str)
             .unwrap_or(&app.config.project_id)
             .to_string(),
-        project_default: b.get("project_default").and_then(Value::as_bool).unwrap_or(false),
+        project_default: b
+            .get("project_default")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         stateful: b.get("stateful").and_then(Value::as_bool).unwrap_or(true),
         inbound_default_policy: b
             .get("inbound_default_policy")
@@ -859,7 +1013,10 @@ async fn create_sg(
             .and_then(Value::as_str)
             .unwrap_or("accept")
             .to_string(),
-        enable_default_security: b.get("enable_default_security").and_then(Value::as_bool).unwrap_or(true),
+        enable_default_security: b
+            .get("enable_default_security")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
         tags: str_list(b.get("tags")),
         rules: vec![],
         created: now,
@@ -870,7 +1027,11 @@ async fn create_sg(
     st.sg_order.push(id.clone());
     st.security_groups.insert(id.clone(), sg);
     let body = json!({"security_group": st.sg_json(&st.security_groups[&id])});
-    Ok(created(&headers, format!("/instance/v1/zones/{zone}/security_groups/{id}"), body))
+    Ok(created(
+        &headers,
+        format!("/instance/v1/zones/{zone}/security_groups/{id}"),
+        body,
+    ))
 }
 
 async fn list_sgs(
@@ -896,7 +1057,11 @@ async fn list_sgs(
         .map(|sg| st.sg_json(sg))
         .collect();
     let h = paging_headers("/security_groups", &q, page, per_page, total);
-    Ok(json_with(StatusCode::OK, h, json!({ "security_groups": items })))
+    Ok(json_with(
+        StatusCode::OK,
+        h,
+        json!({ "security_groups": items }),
+    ))
 }
 
 fn find_sg<'a>(st: &'a crate::state::State, zone: &str, id: &str) -> ApiResult<&'a SecurityGroup> {
@@ -906,14 +1071,20 @@ fn find_sg<'a>(st: &'a crate::state::State, zone: &str, id: &str) -> ApiResult<&
         .ok_or_else(|| ApiError::not_found("instance_security_group", id))
 }
 
-async fn get_sg(State(app): State<AppState>, Path((zone, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn get_sg(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let st = app.state.lock().unwrap();
     let sg = find_sg(&st, &zone, &id)?;
     Ok(axum::Json(json!({"security_group": st.sg_json(sg)})).into_response())
 }
 
-async fn delete_sg(State(app): State<AppState>, Path((zone, id)): Path<(String, String)>) -> ApiResult<Response> {
+async fn delete_sg(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
     check_zone(&app, &zone)?;
     let mut st = app.state.lock().unwrap();
     find_sg(&st, &zone, &id)?;
@@ -935,7 +1106,13 @@ async fn get_rules(
     let st = app.state.lock().unwrap();
     let sg = find_sg(&st, &zone, &id)?;
     let items = paginate(&sg.rules, page, per_page);
-    let h = paging_headers(&format!("/security_groups/{id}/rules"), &q, page, per_page, sg.rules.len());
+    let h = paging_headers(
+        &format!("/security_groups/{id}/rules"),
+        &q,
+        page,
+        per_page,
+        sg.rules.len(),
+    );
     Ok(json_with(StatusCode::OK, h, json!({ "rules": items })))
 }
 

@@ -91,7 +91,11 @@ pub struct EmulatorConfig {
 impl EmulatorConfig {
     /// A config with the defaults: zones fr-par-1, fr-par-2, nl-ams-1, pl-waw-2,
     /// pool 127.91.0.0/16, zero timings, no rate limit, no VMs.
-    pub fn new(secret_key: impl Into<String>, project_id: impl Into<String>, data_dir: PathBuf) -> Self {
+    pub fn new(
+        secret_key: impl Into<String>,
+        project_id: impl Into<String>,
+        data_dir: PathBuf,
+    ) -> Self {
         EmulatorConfig {
             secret_key: secret_key.into(),
             project_id: project_id.into(),
@@ -137,7 +141,10 @@ pub struct Emulator {
 
 impl Emulator {
     /// Serves on `listener` until [`Emulator::shutdown`].
-    pub async fn start(config: EmulatorConfig, listener: TcpListener) -> Result<Emulator, StartError> {
+    pub async fn start(
+        config: EmulatorConfig,
+        listener: TcpListener,
+    ) -> Result<Emulator, StartError> {
         let pool = state::IpPool::parse(&config.ip_pool)
             .ok_or_else(|| StartError::IpPool(config.ip_pool.clone()))?;
         std::fs::create_dir_all(config.data_dir.join("servers"))?;

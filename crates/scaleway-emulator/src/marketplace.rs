@@ -19,15 +19,52 @@ pub fn routes() -> Router<AppState> {
 }
 
 const GPU_TYPES: &[&str] = &[
-    "L4-1-24G", "L4-2-24G", "L4-4-24G", "L4-8-24G", "L40S-1-48G", "L40S-2-48G", "L40S-4-48G", "L40S-8-48G",
-    "RENDER-S", "H100-1-M", "H100-2-M", "H100-1-80G", "H100-2-80G", "H100-SXM-1-80G", "H100-SXM-2-80G",
-    "H100-SXM-4-80G", "H100-SXM-8-80G", "B300-SXM-1-288G", "B300-SXM-2-288G", "B300-SXM-4-288G", "B300-SXM-8-288G",
+    "L4-1-24G",
+    "L4-2-24G",
+    "L4-4-24G",
+    "L4-8-24G",
+    "L40S-1-48G",
+    "L40S-2-48G",
+    "L40S-4-48G",
+    "L40S-8-48G",
+    "RENDER-S",
+    "H100-1-M",
+    "H100-2-M",
+    "H100-1-80G",
+    "H100-2-80G",
+    "H100-SXM-1-80G",
+    "H100-SXM-2-80G",
+    "H100-SXM-4-80G",
+    "H100-SXM-8-80G",
+    "B300-SXM-1-288G",
+    "B300-SXM-2-288G",
+    "B300-SXM-4-288G",
+    "B300-SXM-8-288G",
 ];
 
 const CPU_TYPES: &[&str] = &[
-    "DEV1-L", "DEV1-M", "DEV1-S", "DEV1-XL", "GP1-L", "GP1-M", "GP1-S", "GP1-XL", "GP1-XS", "PRO2-XXS", "PRO2-XS",
-    "PRO2-S", "PRO2-M", "PRO2-L", "PLAY2-MICRO", "PLAY2-NANO", "PLAY2-PICO", "POP2-2C-8G", "POP2-4C-16G",
-    "POP2-8C-32G", "POP2-16C-64G", "POP2-32C-128G",
+    "DEV1-L",
+    "DEV1-M",
+    "DEV1-S",
+    "DEV1-XL",
+    "GP1-L",
+    "GP1-M",
+    "GP1-S",
+    "GP1-XL",
+    "GP1-XS",
+    "PRO2-XXS",
+    "PRO2-XS",
+    "PRO2-S",
+    "PRO2-M",
+    "PRO2-L",
+    "PLAY2-MICRO",
+    "PLAY2-NANO",
+    "PLAY2-PICO",
+    "POP2-2C-8G",
+    "POP2-4C-16G",
+    "POP2-8C-32G",
+    "POP2-16C-64G",
+    "POP2-32C-128G",
 ];
 
 fn image_json(label: &str, id: &str, gpu: bool, zone: &str, image_type: &str) -> Value {
@@ -53,6 +90,6 @@ async fn get_one(Path(id): Path<String>) -> ApiResult<Response> {
     let (l, id, _, gpu) = IMAGES
         .iter()
         .find(|(_, i, _, _)| *i == id)
-        .ok_or_else(|| ApiError::not_found("local_image", &id))?;
+        .ok_or_else(|| ApiError::not_found_v2("local_image", &id))?;
     Ok(axum::Json(image_json(l, id, *gpu, "fr-par-1", "instance_sbs")).into_response())
 }

@@ -94,7 +94,9 @@ impl ServerState {
         match self {
             ServerState::Stopped | ServerState::StoppedInPlace => vec!["poweron", "backup"],
             ServerState::Starting | ServerState::Stopping => vec!["stop_in_place", "backup"],
-            ServerState::Running => vec!["poweroff", "terminate", "reboot", "stop_in_place", "backup"],
+            ServerState::Running => {
+                vec!["poweroff", "terminate", "reboot", "stop_in_place", "backup"]
+            }
             ServerState::Locked => vec![],
         }
     }
@@ -268,7 +270,13 @@ impl State {
         self.pool.take(&used)
     }
 
-    pub fn new_ip(&mut self, zone: &str, project: &str, ip_type: &str, tags: Vec<String>) -> Option<String> {
+    pub fn new_ip(
+        &mut self,
+        zone: &str,
+        project: &str,
+        ip_type: &str,
+        tags: Vec<String>,
+    ) -> Option<String> {
         let address = self.take_address()?;
         let id = new_id();
         self.ips.insert(
@@ -331,7 +339,9 @@ impl State {
 
     /// The address a server's VM binds: its first attached IP.
     pub fn server_address(&self, server_id: &str) -> Option<String> {
-        self.server_ips(server_id).first().map(|ip| ip.address.clone())
+        self.server_ips(server_id)
+            .first()
+            .map(|ip| ip.address.clone())
     }
 
     pub fn attach_volume(&mut self, volume_id: &str, server_id: &str) {
@@ -393,7 +403,11 @@ impl State {
     }
 
     pub fn server_json(&self, s: &Server) -> Value {
-        let public_ips: Vec<Value> = self.server_ips(&s.id).into_iter().map(Self::ip_public_json).collect();
+        let public_ips: Vec<Value> = self
+            .server_ips(&s.id)
+            .into_iter()
+            .map(Self::ip_public_json)
+            .collect();
         let public_ip = public_ips.first().cloned().unwrap_or(Value::Null);
         let volumes: serde_json::Map<String, Value> = s
             .volumes
@@ -428,7 +442,11 @@ impl State {
             }),
             _ => Value::Null,
         };
-        let state = if s.locked { ServerState::Locked } else { s.state };
+        let state = if s.locked {
+            ServerState::Locked
+        } else {
+            s.state
+        };
         json!({
             "id": s.id, "name": s.name, "arch": s.arch, "commercial_type": s.commercial_type,
             "boot_type": "local", "organization": s.project, "project": s.project, "hostname": s.name,
@@ -504,9 +522,17 @@ impl State {
                 zone: s.zone.clone(),
                 name: s.name.clone(),
                 commercial_type: s.commercial_type.clone(),
-                state: if s.locked { "locked".into() } else { s.state.as_str().into() },
+                state: if s.locked {
+                    "locked".into()
+                } else {
+                    s.state.as_str().into()
+                },
                 tags: s.tags.clone(),
-                public_ips: self.server_ips(&s.id).iter().map(|ip| ip.address.clone()).collect(),
+                public_ips: self
+                    .server_ips(&s.id)
+                    .iter()
+                    .map(|ip| ip.address.clone())
+                    .collect(),
                 volumes: s.volumes.values().map(|v| v.id.clone()).collect(),
                 user_data_keys: s.user_data.keys().cloned().collect(),
                 vm_pgid: vms.pgid(&s.id),

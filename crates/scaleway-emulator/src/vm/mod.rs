@@ -44,7 +44,11 @@ pub struct Vms {
 }
 
 fn log_line(console: &Path, line: &str) {
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(console) {
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(console)
+    {
         let _ = writeln!(f, "[gpufleet-scaleway-emulator] {line}");
     }
 }
@@ -66,17 +70,27 @@ fn yaml_str(v: &Yaml) -> Option<String> {
 /// Processes (pid, pgrp, session, state) from /proc.
 fn processes() -> Vec<(i32, i32, i32, char)> {
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        let Some(close) = stat.rfind(')') else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
         let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         if rest.len() < 4 {
             continue;
         }
         let state = rest[0].chars().next().unwrap_or('?');
-        let (Ok(pgrp), Ok(session)) = (rest[2].parse::<i32>(), rest[3].parse::<i32>()) else { continue };
+        let (Ok(pgrp), Ok(session)) = (rest[2].parse::<i32>(), rest[3].parse::<i32>()) else {
+            continue;
+        };
         out.push((pid, pgrp, session, state));
     }
     out
@@ -86,7 +100,9 @@ fn processes() -> Vec<(i32, i32, i32, char)> {
 pub fn vm_processes(pgid: i32) -> Vec<i32> {
     processes()
         .into_iter()
-        .filter(|(_, pgrp, sid, state)| (*pgrp == pgid || *sid == pgid) && *state != 'Z' && *state != 'X')
+        .filter(|(_, pgrp, sid, state)| {
+            (*pgrp == pgid || *sid == pgid) && *state != 'Z' && *state != 'X'
+        })
         .map(|(pid, ..)| pid)
         .collect()
 }
@@ -132,8 +148,15 @@ impl Vms {
     }
 
     /// Boots a VM for server `id` (after it reached `running`).
-    pub async fn boot(&self, id: &str, user_data: BTreeMap<String, Vec<u8>>, address: Option<String>) {
-        let Some(cfg) = self.config.clone() else { return };
+    pub async fn boot(
+        &self,
+        id: &str,
+        user_data: BTreeMap<String, Vec<u8>>,
+        address: Option<String>,
+    ) {
+        let Some(cfg) = self.config.clone() else {
+            return;
+        };
         self.kill(id).await;
         let vm_dir = self.vm_dir(id);
         let root = vm_dir.join("root");
@@ -144,7 +167,10 @@ impl Vms {
         }
         let done_marker = vm_dir.join(".cloud-init-done");
         let first_boot = !done_marker.exists();
-        log_line(&console, &format!("boot (first: {first_boot}), address {address:?}"));
+        log_line(
+            &console,
+            &format!("boot (first: {first_boot}), address {address:?}"),
+        );
 
         let script = if first_boot {
             let s = match user_data.get("cloud-init") {
@@ -163,7 +189,12 @@ impl Vms {
             )
         };
         let init = vm_dir.join("init.sh");
-        if std::fs::write(&init, format!("#!/bin/sh\n# written by gpufleet-scaleway-emulator\n{script}")).is_err() {
+        if std::fs::write(
+            &init,
+            format!("#!/bin/sh\n# written by gpufleet-scaleway-emulator\n{script}"),
+        )
+        .is_err()
+        {
             return;
         }
 
@@ -175,10 +206,18 @@ impl Vms {
         if let Some(p) = std::env::var_os("PATH") {
             path.extend(std::env::split_paths(&p));
         }
-        let Ok(path) = std::env::join_paths(path) else { return };
+        let Ok(path) = std::env::join_paths(path) else {
+            return;
+        };
         let (Ok(out), Ok(err)) = (
-            std::fs::OpenOptions::new().create(true).append(true).open(&console),
-            std::fs::OpenOptions::new().create(true).append(true).open(&console),
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&console),
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&console),
         ) else {
             return;
         };
@@ -228,12 +267,18 @@ impl Vms {
             let script = vm_dir.join("user-script");
             if std::fs::write(&script, raw).is_ok() {
                 let _ = std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755));
-                return format!("cd \"$GPUFLEET_ROOT\" && {}\n", sh_quote(&script.to_string_lossy()));
+                return format!(
+                    "cd \"$GPUFLEET_ROOT\" && {}\n",
+                    sh_quote(&script.to_string_lossy())
+                );
             }
             return String::new();
         }
         if !text.starts_with("#cloud-config") {
-            log_line(console, "user data is neither #cloud-config nor a #! script: ignored");
+            log_line(
+                console,
+                "user data is neither #cloud-config nor a #! script: ignored",
+            );
             return String::new();
         }
         let doc: Yaml = match serde_norway::from_str(&text) {
@@ -261,12 +306,20 @@ impl Vms {
 }
 "#,
         );
-        let cmds = doc.get("runcmd").and_then(Yaml::as_sequence).cloned().unwrap_or_default();
+        let cmds = doc
+            .get("runcmd")
+            .and_then(Yaml::as_sequence)
+            .cloned()
+            .unwrap_or_default();
         let n = cmds.len();
         for (i, c) in cmds.iter().enumerate() {
             let line = match c {
                 Yaml::Sequence(argv) => {
-                    let words: Vec<String> = argv.iter().filter_map(yaml_str).map(|w| sh_quote(&w)).collect();
+                    let words: Vec<String> = argv
+                        .iter()
+                        .filter_map(yaml_str)
+                        .map(|w| sh_quote(&w))
+                        .collect();
                     format!("gf_run {}", words.join(" "))
                 }
                 other => match yaml_str(other) {
@@ -289,7 +342,11 @@ impl Vms {
     pub async fn kill(&self, id: &str) {
         let pgid = self.running.lock().unwrap().remove(id);
         if let Some(pgid) = pgid {
-            let grace = self.config.as_ref().map(|c| c.kill_grace).unwrap_or(Duration::from_secs(3));
+            let grace = self
+                .config
+                .as_ref()
+                .map(|c| c.kill_grace)
+                .unwrap_or(Duration::from_secs(3));
             kill_group(pgid, grace).await;
         }
     }
@@ -300,7 +357,11 @@ impl Vms {
             self.shutting_down.store(true, Ordering::SeqCst);
             running.drain().map(|(_, p)| p).collect()
         };
-        let grace = self.config.as_ref().map(|c| c.kill_grace).unwrap_or(Duration::from_secs(3));
+        let grace = self
+            .config
+            .as_ref()
+            .map(|c| c.kill_grace)
+            .unwrap_or(Duration::from_secs(3));
         futures_join(all.into_iter().map(|p| kill_group(p, grace)).collect()).await;
     }
 }
@@ -336,7 +397,10 @@ pub async fn kill_group(pgid: i32, grace: Duration) {
 }
 
 fn write_file(root: &Path, f: &Yaml) -> Result<(), String> {
-    let path = f.get("path").and_then(yaml_str).ok_or("an entry has no path")?;
+    let path = f
+        .get("path")
+        .and_then(yaml_str)
+        .ok_or("an entry has no path")?;
     let target = root.join(path.trim_start_matches('/'));
     let content = f.get("content").and_then(yaml_str).unwrap_or_default();
     let bytes = match f.get("encoding").and_then(yaml_str).as_deref() {
@@ -361,9 +425,11 @@ fn write_file(root: &Path, f: &Yaml) -> Result<(), String> {
         std::fs::write(&target, &bytes).map_err(|e| format!("{path}: {e}"))?;
     }
     let mode = match f.get("permissions").and_then(yaml_str) {
-        Some(p) => u32::from_str_radix(p.trim_start_matches("0o"), 8).map_err(|_| format!("{path}: bad permissions {p}"))?,
+        Some(p) => u32::from_str_radix(p.trim_start_matches("0o"), 8)
+            .map_err(|_| format!("{path}: bad permissions {p}"))?,
         None => 0o644,
     };
-    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).map_err(|e| format!("{path}: {e}"))?;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("{path}: {e}"))?;
     Ok(())
 }

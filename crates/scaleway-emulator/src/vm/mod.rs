@@ -165,6 +165,14 @@ impl Vms {
             tracing::warn!(server = id, "VM dir: {e}");
             return;
         }
+        // Units' pid files of an earlier boot are stale: every process of it is gone.
+        if let Ok(dir) = std::fs::read_dir(vm_dir.join("units")) {
+            for e in dir.flatten() {
+                if e.path().extension().is_some_and(|x| x == "pid") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let done_marker = vm_dir.join(".cloud-init-done");
         let first_boot = !done_marker.exists();
         log_line(

@@ -26,7 +26,12 @@ gf_exec() {
 unit_value() { sed -n "s/^[[:space:]]*$2[[:space:]]*=[[:space:]]*//p" "$1" | tail -n 1; }
 is_active() {
   gf_k=$(unit_key "$1")
-  [ -f "$units/$gf_k.pid" ] && kill -0 "$(cat "$units/$gf_k.pid")" 2>/dev/null
+  [ -f "$units/$gf_k.pid" ] || return 1
+  gf_p=$(cat "$units/$gf_k.pid")
+  kill -0 "$gf_p" 2>/dev/null || return 1
+  # A zombie is not running.
+  case $(sed 's/.*) //' "/proc/$gf_p/stat" 2>/dev/null | cut -c1) in Z | X) return 1 ;; esac
+  return 0
 }
 
 start_unit() {

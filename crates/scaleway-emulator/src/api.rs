@@ -130,7 +130,7 @@ async fn gate(
         .take_token(token.as_deref().unwrap_or("anonymous"))
     {
         match res {
-            Ok((limit, remaining)) => rl_headers = Some((limit, remaining)),
+            Ok(figures) => rl_headers = Some(figures),
             Err(wait) => {
                 let limit = app.faults.rate_limit().map(|r| r.burst).unwrap_or(0);
                 app.faults.record(&method, &path, &route, 429, None);
@@ -207,11 +207,11 @@ async fn gate(
     }
     app.faults
         .record(&method, &path, &route, resp.status().as_u16(), ctype);
-    if let Some((limit, remaining)) = rl_headers {
+    if let Some((limit, remaining, reset)) = rl_headers {
         let h = resp.headers_mut();
         h.insert("x-ratelimit-limit", HeaderValue::from(limit));
         h.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
-        h.insert("x-ratelimit-reset", HeaderValue::from(1u32));
+        h.insert("x-ratelimit-reset", HeaderValue::from(reset));
     }
     resp
 }

@@ -339,8 +339,9 @@ impl Faults {
         fired
     }
 
-    /// Token bucket per token: `Ok(remaining)` or `Err(seconds until a token)`.
-    pub(crate) fn take_token(&self, token: &str) -> Option<Result<(u32, u32), u64>> {
+    /// Token bucket per token: `Ok((limit, remaining, seconds until full))`
+    /// or `Err(seconds until a token)`.
+    pub(crate) fn take_token(&self, token: &str) -> Option<Result<(u32, u32, u64), u64>> {
         let rl = self.rate_limit.as_ref()?;
         let mut inner = self.inner.lock().unwrap();
         let now = Instant::now();
@@ -353,7 +354,8 @@ impl Faults {
         b.at = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
-            Some(Ok((rl.burst, b.tokens.floor() as u32)))
+            let reset = ((f64::from(rl.burst) - b.tokens) / rl.requests_per_second).ceil() as u64;
+            Some(Ok((rl.burst, b.tokens.floor() as u32, reset)))
         } else {
             let wait = (1.0 - b.tokens) / rl.requests_per_second;
             Some(Err(wait.ceil().max(1.0) as u64))

@@ -219,17 +219,20 @@ async fn stuck_starting() {
         .as_str()
         .unwrap()
         .to_string();
-    let fine = env.create_server(l4("fine")).await["id"]
+    let fine = env
+        .create_server(json!({"name": "fine", "commercial_type": "DEV1-S", "tags": ["faults"]}))
+        .await["id"]
         .as_str()
         .unwrap()
         .to_string();
+    // Matches by the commercial type of the server named in the path.
     env.emu.faults().add(
         FaultRule::new(
             "POST",
             "/instance/v1/zones/*/servers/*/action",
             FaultAction::StuckStarting,
         )
-        .times(1),
+        .commercial_type("L4-1-24G"),
     );
     assert_eq!(
         env.action(&stuck, "poweron").await.status,

@@ -138,6 +138,8 @@ pub fn path_matches(pattern: &str, path: &str) -> bool {
     pat.len() == segs.len()
 }
 
+const MAX_LOG: usize = 100_000;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct LoggedRequest {
     pub method: String,
@@ -284,6 +286,10 @@ impl Faults {
         let at_ms = self.started.elapsed().as_millis() as u64;
         let mut inner = self.inner.lock().unwrap();
         *inner.counts.entry(format!("{method} {route}")).or_default() += 1;
+        // Counts are kept whole; the log keeps the latest entries only.
+        if inner.log.len() >= MAX_LOG {
+            inner.log.drain(..MAX_LOG / 10);
+        }
         inner.log.push(LoggedRequest {
             method: method.into(),
             path: path.into(),

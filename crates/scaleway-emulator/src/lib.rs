@@ -131,8 +131,9 @@ pub(crate) struct Shared {
 
 pub(crate) type AppState = Arc<Shared>;
 
-/// A running emulator. Dropping it without [`Emulator::shutdown`] leaves VM
-/// processes to the OS; call `shutdown`.
+/// A running emulator. Call [`Emulator::shutdown`]; dropping it without
+/// (say, in a test that panicked) SIGKILLs every VM process group at once and
+/// stops serving.
 pub struct Emulator {
     shared: Arc<Shared>,
     addr: SocketAddr,
@@ -220,10 +221,18 @@ impl Emulator {
         self.shared.state.lock().unwrap().volume_infos()
     }
 
-    /// Stops serving and kills every VM process group (TERM, then KILL after the grace period).
-    pub async fn shutdown(self) {
+    /// Stops serving and kills every VM process group (TERM, then KILL after
+    /// the grace period); returns once none of their processes is alive.
+    pub async fn shutdown(mut self) {
         self.shared.shutdown.cancel();
-        let _ = self.server_task.await;
+        let _ = (&mut self.server_task).await;
         self.shared.vms.kill_all().await;
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+        self.shared.vms.kill_all_now();
     }
 }

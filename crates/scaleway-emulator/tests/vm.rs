@@ -194,6 +194,14 @@ async fn poweroff_kills_and_poweron_restarts_enabled_units() {
 }
 
 #[tokio::test]
+async fn dropping_the_emulator_kills_its_vms() {
+    let env = start(|c| c.vm = Some(VmConfig::default())).await;
+    let (_, _, pgid) = boot_vm(&env).await;
+    drop(env);
+    poll(Duration::from_secs(10), || async { !alive(pgid) }).await;
+}
+
+#[tokio::test]
 async fn without_vm_config_nothing_runs() {
     let env = start(|_| {}).await;
     let s = env

@@ -359,6 +359,20 @@ impl Vms {
         }
     }
 
+    /// SIGKILL to every VM, without waiting (for `Drop`).
+    pub fn kill_all_now(&self) {
+        let all: Vec<i32> = {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            self.shutting_down.store(true, Ordering::SeqCst);
+            running.drain().map(|(_, p)| p).collect()
+        };
+        for pgid in all {
+            if pgid > 1 {
+                signal_vm(pgid, libc::SIGKILL);
+            }
+        }
+    }
+
     pub async fn kill_all(&self) {
         let all: Vec<i32> = {
             let mut running = self.running.lock().unwrap();

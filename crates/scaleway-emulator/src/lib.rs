@@ -32,7 +32,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use faults::{Availability, FaultAction, FaultRule, Faults, LoggedRequest, RateLimit};
+pub use faults::{
+    Availability, FaultAction, FaultRule, Faults, LoggedRequest, RateLimit, RuleEntry,
+};
 pub use state::{IpInfo, ServerInfo, VolumeInfo};
 
 /// How long the emulated machines take to change state.

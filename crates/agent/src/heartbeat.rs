@@ -261,7 +261,7 @@ mod tests {
         let session = Session::new(Some(20));
         session.set_token("t");
         let (events, event_rx) = EventReporter::new(instance_id);
-        let client = ControlPlane::new(&url).unwrap();
+        let client = ControlPlane::new(&url, None).unwrap();
         let cancel = CancellationToken::new();
         tokio::spawn(crate::events::deliver(
             event_rx,

@@ -91,6 +91,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         config.control.agent_control_url = format!("http://{}", reachable(addr));
     }
 
+    config.control.engine.secret_env = engine_secrets(&config.control.engine.hf_token_file)?;
     let public_tls = config
         .tls
         .resolve(&config.public_url, &config.data_dir)
@@ -203,6 +204,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The engines' secret environment: `HF_TOKEN` from the environment, else
+/// from `hf_token_file`. Only the name is ever logged.
+fn engine_secrets(hf_token_file: &str) -> anyhow::Result<gpufleet_control::SecretEnv> {
+    let token = match std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+        Some(t) => Some(t),
+        None if !hf_token_file.is_empty() => Some(
+            std::fs::read_to_string(hf_token_file)
+                .with_context(|| format!("cannot read hf_token_file {hf_token_file}"))?,
+        ),
+        None => None,
+    };
+    let mut env = std::collections::BTreeMap::new();
+    if let Some(t) = token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+        tracing::info!("engines receive HF_TOKEN over their agents' authenticated channel");
+        env.insert("HF_TOKEN".to_string(), t);
+    }
+    Ok(gpufleet_control::SecretEnv(env))
 }
 
 /// An address agents can connect to: the unspecified address becomes loopback.

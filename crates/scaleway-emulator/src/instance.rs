@@ -65,7 +65,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route(
             &format!("{P}/security_groups/{{id}}/rules"),
-            get(get_rules).put(set_rules),
+            get(get_rules).put(set_rules).post(add_rule),
         )
 }
 
@@ -1116,6 +1116,38 @@ async fn get_rules(
     Ok(json_with(StatusCode::OK, h, json!({ "rules": items })))
 }
 
+/// A rule as the API shows it, from the fields a request gave.
+fn rule_json(r: &Value, position: usize, zone: &str) -> Value {
+    json!({
+        "id": r.get("id").and_then(Value::as_str).map(str::to_string).unwrap_or_else(new_id),
+        "protocol": r.get("protocol").cloned().unwrap_or(json!("TCP")),
+        "direction": r.get("direction").cloned().unwrap_or(json!("inbound")),
+        "ip_range": r.get("ip_range").cloned().unwrap_or(json!("0.0.0.0/0")),
+        "dest_ip_range": r.get("dest_ip_range").cloned().unwrap_or(Value::Null),
+        "dest_port_from": r.get("dest_port_from").cloned().unwrap_or(Value::Null),
+        "dest_port_to": r.get("dest_port_to").cloned().unwrap_or(Value::Null),
+        "position": position, "editable": true,
+        "action": r.get("action").cloned().unwrap_or(json!("accept")), "zone": zone,
+    })
+}
+
+/// `POST .../security_groups/{id}/rules`: one rule more (201 `{"rule": ...}`).
+async fn add_rule(
+    State(app): State<AppState>,
+    Path((zone, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    check_zone(&app, &zone)?;
+    let b = parse_json(&body)?;
+    let mut st = app.state.lock().unwrap();
+    find_sg(&st, &zone, &id)?;
+    let sg = st.security_groups.get_mut(&id).expect("found");
+    let rule = rule_json(&b, sg.rules.len() + 1, &zone);
+    sg.rules.push(rule.clone());
+    sg.modified = Utc::now();
+    Ok((StatusCode::CREATED, axum::Json(json!({ "rule": rule }))).into_response())
+}
+
 async fn set_rules(
     State(app): State<AppState>,
     Path((zone, id)): Path<(String, String)>,
@@ -1132,19 +1164,7 @@ async fn set_rules(
         .unwrap_or_default()
         .into_iter()
         .enumerate()
-        .map(|(i, r)| {
-            json!({
-                "id": r.get("id").and_then(Value::as_str).map(str::to_string).unwrap_or_else(new_id),
-                "protocol": r.get("protocol").cloned().unwrap_or(json!("TCP")),
-                "direction": r.get("direction").cloned().unwrap_or(json!("inbound")),
-                "ip_range": r.get("ip_range").cloned().unwrap_or(json!("0.0.0.0/0")),
-                "dest_ip_range": r.get("dest_ip_range").cloned().unwrap_or(Value::Null),
-                "dest_port_from": r.get("dest_port_from").cloned().unwrap_or(Value::Null),
-                "dest_port_to": r.get("dest_port_to").cloned().unwrap_or(Value::Null),
-                "position": i + 1, "editable": true,
-                "action": r.get("action").cloned().unwrap_or(json!("accept")), "zone": zone,
-            })
-        })
+        .map(|(i, r)| rule_json(&r, i + 1, &zone))
         .collect();
     let sg = st.security_groups.get_mut(&id).expect("found");
     sg.rules = rules.clone();

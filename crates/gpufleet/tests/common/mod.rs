@@ -41,6 +41,8 @@ pub struct Options {
     pub extra_toml: String,
     /// More environment for `up` (e.g. `SCW_*` credentials).
     pub env: Vec<(String, String)>,
+    /// More keys of the `[control]` section.
+    pub control_toml: String,
 }
 
 /// A running (or stopped) `gpufleet up` over one data directory.
@@ -127,6 +129,7 @@ missed_heartbeats_unhealthy = 3
 startup_timeout_secs = 60
 probe_timeout_ms = 1000
 agent_port = {AGENT_PORT}
+{control}
 
 [control.engine]
 port = {ENGINE_PORT}
@@ -139,7 +142,8 @@ boot_delay_ms = {boot}
 terminate_grace_ms = 2000
 agent_restart_delay_ms = 1500
 "#,
-                boot = options.boot_delay_ms
+                boot = options.boot_delay_ms,
+                control = options.control_toml,
             )
         };
         let config = format!("{config}\n{}\n", options.extra_toml);

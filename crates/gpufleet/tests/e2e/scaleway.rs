@@ -33,7 +33,8 @@ struct Cloud {
 }
 
 impl Cloud {
-    async fn start(extra_toml: &str) -> Cloud {
+    /// `control_toml`: more keys of `up`'s `[control]` section.
+    async fn start(control_toml: &str) -> Cloud {
         let tmp = tempfile::Builder::new()
             .prefix("gpufleet-scw-")
             .tempdir()
@@ -77,8 +78,9 @@ impl Cloud {
         let app = TestApp::spawn_with(Options {
             extra_toml: format!(
                 "[tls]\nlisten = \"127.0.0.1:{tls_port}\"\n\n\
-                 [providers.scaleway]\nagent_gpu = \"simulated\"\ncatalog_ttl_secs = 1\n{extra_toml}"
+                 [providers.scaleway]\nagent_gpu = \"simulated\"\ncatalog_ttl_secs = 1\n"
             ),
+            control_toml: control_toml.to_string(),
             env,
             ..Default::default()
         })
@@ -377,7 +379,7 @@ async fn up_killed_mid_create_never_makes_a_second_server() {
 
 #[tokio::test]
 async fn out_of_stock_fails_with_the_reason_and_orphans_are_reaped() {
-    let cloud = Cloud::start("[control]\norphan_grace_secs = 1\n").await;
+    let cloud = Cloud::start("orphan_grace_secs = 1").await;
     let emu = cloud.emu();
     emu.faults().set_availability(L4, Availability::Shortage);
     let id = cloud.app.create_on("scaleway", L4, 1).await[0].id;

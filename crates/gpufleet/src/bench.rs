@@ -1,6 +1,6 @@
 //! `gpufleet bench ...`: load generators. Each lives in its own module.
 
-use crate::{bench_heartbeats, bench_router};
+use crate::{bench_heartbeats, bench_router, bench_scaleway};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchCommand {
@@ -10,11 +10,16 @@ pub enum BenchCommand {
     /// The OpenAI router vs the simulator directly vs nginx: added latency
     /// (p50, p99) and throughput.
     Router(bench_router::RouterBenchArgs),
+    /// The Scaleway provider on the local emulator of its API: create →
+    /// ready, many instances at once under its rate limit, API calls per
+    /// instance.
+    Scaleway(bench_scaleway::ScalewayBenchArgs),
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Heartbeats(args) => bench_heartbeats::run(args).await,
         BenchCommand::Router(args) => bench_router::run(args).await,
+        BenchCommand::Scaleway(args) => bench_scaleway::run(args).await,
     }
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_heartbeats;
 mod bench_router;
+mod bench_scaleway;
 mod client;
 mod cloud;
 mod config;

@@ -83,8 +83,10 @@ impl Up {
             .http
             .post(format!("{}/api/v1/instances", self.base))
             .bearer_auth(&self.token)
-            .json(&json!({"provider": "scaleway", "instance_type": instance_type,
-                "model": "gpufleet/sim-small", "count": count}))
+            .json(
+                &json!({"provider": "scaleway", "instance_type": instance_type,
+                "model": "gpufleet/sim-small", "count": count}),
+            )
             .send()
             .await?;
         let status = resp.status();
@@ -127,7 +129,12 @@ impl Up {
     }
 
     /// Waits until every one of `ids` has `status`; fails on `failed`.
-    async fn wait_all(&self, ids: &[String], status: &str, limit: Duration) -> anyhow::Result<Duration> {
+    async fn wait_all(
+        &self,
+        ids: &[String],
+        status: &str,
+        limit: Duration,
+    ) -> anyhow::Result<Duration> {
         let start = Instant::now();
         loop {
             let s = self.statuses(ids).await?;
@@ -146,7 +153,9 @@ impl Up {
 }
 
 pub async fn run(args: ScalewayBenchArgs) -> anyhow::Result<()> {
-    let tmp = tempfile::Builder::new().prefix("gpufleet-bench-scw-").tempdir()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("gpufleet-bench-scw-")
+        .tempdir()?;
     let bin_dir = tmp.path().join("standins");
     std::fs::create_dir_all(&bin_dir)?;
     let docker = bin_dir.join("docker");
@@ -172,7 +181,11 @@ pub async fn run(args: ScalewayBenchArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn measure(args: &ScalewayBenchArgs, emulator: &Emulator, dir: &std::path::Path) -> anyhow::Result<()> {
+async fn measure(
+    args: &ScalewayBenchArgs,
+    emulator: &Emulator,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
     let up = start_up(emulator, dir)?;
     println!(
         "Scaleway on the emulator: zero delays, rate limit {} req/s (burst {}), type {}",
@@ -185,7 +198,8 @@ async fn measure(args: &ScalewayBenchArgs, emulator: &Emulator, dir: &std::path:
         let ids = up.create(&args.instance_type, 1).await?;
         singles.push(up.wait_all(&ids, "ready", Duration::from_secs(120)).await?);
         up.terminate(&ids[0]).await?;
-        up.wait_all(&ids, "terminated", Duration::from_secs(120)).await?;
+        up.wait_all(&ids, "terminated", Duration::from_secs(120))
+            .await?;
     }
     singles.sort();
     if let (Some(median), Some(max)) = (singles.get(singles.len() / 2), singles.last()) {
@@ -209,7 +223,8 @@ async fn measure(args: &ScalewayBenchArgs, emulator: &Emulator, dir: &std::path:
     for id in &ids {
         up.terminate(id).await?;
     }
-    up.wait_all(&ids, "terminated", Duration::from_secs(600)).await?;
+    up.wait_all(&ids, "terminated", Duration::from_secs(600))
+        .await?;
     let log = emulator.request_log();
     let throttled = log.iter().filter(|r| r.status == 429).count();
     let mut counts = emulator.request_counts().into_iter().collect::<Vec<_>>();
@@ -224,14 +239,23 @@ async fn measure(args: &ScalewayBenchArgs, emulator: &Emulator, dir: &std::path:
     for (route, n) in counts.iter().take(12) {
         println!("  {n:>6}  {route}");
     }
-    let left = (emulator.servers().len(), emulator.ips().len(), emulator.volumes().len());
-    println!("left at the provider: {} servers, {} IPs, {} volumes", left.0, left.1, left.2);
+    let left = (
+        emulator.servers().len(),
+        emulator.ips().len(),
+        emulator.volumes().len(),
+    );
+    println!(
+        "left at the provider: {} servers, {} IPs, {} volumes",
+        left.0, left.1, left.2
+    );
     Ok(())
 }
 
 /// `gpufleet up` configured for the emulator through `SCW_*` only.
 fn start_up(emulator: &Emulator, dir: &std::path::Path) -> anyhow::Result<Up> {
-    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let config = dir.join("up.toml");
     std::fs::write(
         &config,
@@ -253,7 +277,10 @@ fn start_up(emulator: &Emulator, dir: &std::path::Path) -> anyhow::Result<Up> {
         .env("SCW_DEFAULT_ZONE", ZONE)
         .env("SCW_API_URL", emulator.url())
         .env("HOME", dir)
-        .env("GPUFLEET_PUBLIC_URL", format!("https://127.0.0.1:{tls_port}"))
+        .env(
+            "GPUFLEET_PUBLIC_URL",
+            format!("https://127.0.0.1:{tls_port}"),
+        )
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -276,7 +303,9 @@ fn start_up(emulator: &Emulator, dir: &std::path::Path) -> anyhow::Result<Up> {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    let token = std::fs::read_to_string(data.join("admin-token"))?.trim().to_string();
+    let token = std::fs::read_to_string(data.join("admin-token"))?
+        .trim()
+        .to_string();
     Ok(Up {
         child,
         base,

@@ -209,7 +209,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 /// The engines' secret environment: `HF_TOKEN` from the environment, else
 /// from `hf_token_file`. Only the name is ever logged.
 fn engine_secrets(hf_token_file: &str) -> anyhow::Result<gpufleet_control::SecretEnv> {
-    let token = match std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+    let token = match std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
         Some(t) => Some(t),
         None if !hf_token_file.is_empty() => Some(
             std::fs::read_to_string(hf_token_file)
@@ -218,7 +221,10 @@ fn engine_secrets(hf_token_file: &str) -> anyhow::Result<gpufleet_control::Secre
         None => None,
     };
     let mut env = std::collections::BTreeMap::new();
-    if let Some(t) = token.map(|t| t.trim().to_string()).filter(|t| !t.is_empty()) {
+    if let Some(t) = token
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+    {
         tracing::info!("engines receive HF_TOKEN over their agents' authenticated channel");
         env.insert("HF_TOKEN".to_string(), t);
     }

@@ -228,7 +228,7 @@ async fn measure(
     let log = emulator.request_log();
     let throttled = log.iter().filter(|r| r.status == 429).count();
     let mut counts = emulator.request_counts().into_iter().collect::<Vec<_>>();
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     println!(
         "API calls from create to terminated: {} for {} instances = {:.1} per instance ({} answered 429)",
         log.len(),

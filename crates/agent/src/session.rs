@@ -204,6 +204,12 @@ pub async fn engine_env(
                 return Some(env.env.into_iter().collect());
             }
             Err(CallError::Unauthorized) => session.reject(&token),
+            // A control plane without the route (older than this agent)
+            // has no secrets to give.
+            Err(CallError::Rejected { status, .. }) if status == reqwest::StatusCode::NOT_FOUND => {
+                tracing::warn!(%instance_id, "the control plane hands out no engine environment (404); starting the engine without it");
+                return Some(Vec::new());
+            }
             Err(e) => {
                 tracing::warn!(%instance_id, error = %chain(&e), "cannot fetch the engine's environment; retrying")
             }

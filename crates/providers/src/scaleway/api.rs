@@ -6,7 +6,7 @@ use super::config::SecretKey;
 use crate::ProviderError;
 use gpufleet_domain::ProviderInstanceId;
 use reqwest::header::{HeaderMap, CONTENT_TYPE, LINK, RETRY_AFTER};
-use reqwest::Method;
+use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -112,7 +112,16 @@ pub(crate) struct Api {
     permits: Semaphore,
     pub(crate) calls: CallCounter,
     auth_logged: AtomicBool,
+    /// No call is sent before this instant: the API answered 429 with a
+    /// `Retry-After` (every call waits, not only the one that was refused).
+    throttled_until: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How long one call may keep waiting out 429s before it gives up (as a
+/// `Retryable` error, which the provisioner retries later).
+const RATE_LIMIT_BUDGET: Duration = Duration::from_secs(30);
+/// The wait after a 429 without `Retry-After`.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl Api {
     pub fn new(
@@ -133,11 +142,15 @@ impl Api {
             permits: Semaphore::new(max_concurrent),
             calls: CallCounter::default(),
             auth_logged: AtomicBool::new(false),
+            throttled_until: std::sync::Mutex::new(None),
         }))
     }
 
     /// One call. `op` is the provider operation it is counted under; a
-    /// non-2xx answer is mapped by [`map_error`].
+    /// non-2xx answer is mapped by [`map_error`]. A 429 is waited out (its
+    /// `Retry-After`, shared by every call) and the call sent again, for up to
+    /// [`RATE_LIMIT_BUDGET`]: Scaleway does not publish its limits, so the
+    /// client follows what the API says.
     pub async fn call(
         &self,
         op: &'static str,
@@ -146,14 +159,58 @@ impl Api {
         query: &[(&str, String)],
         body: Body,
     ) -> Result<Answer, ProviderError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| ProviderError::Retryable {
-                message: "the Scaleway client is shutting down".into(),
-                retry_after_secs: None,
-            })?;
+        let started = tokio::time::Instant::now();
+        loop {
+            self.wait_out_throttle().await;
+            match self.send(op, &method, path, query, &body).await {
+                Err((e, StatusCode::TOO_MANY_REQUESTS)) => {
+                    let wait = e.retry_after().unwrap_or(DEFAULT_RETRY_AFTER);
+                    let until = tokio::time::Instant::now() + wait;
+                    {
+                        let mut t = self
+                            .throttled_until
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
+                        if t.is_none_or(|cur| cur < until) {
+                            *t = Some(until);
+                        }
+                    }
+                    if until.duration_since(started) > RATE_LIMIT_BUDGET {
+                        return Err(e);
+                    }
+                }
+                Err((e, _)) => return Err(e),
+                Ok(answer) => return Ok(answer),
+            }
+        }
+    }
+
+    async fn wait_out_throttle(&self) {
+        let until = *self
+            .throttled_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
+    async fn send(
+        &self,
+        op: &'static str,
+        method: &Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: &Body,
+    ) -> Result<Answer, (ProviderError, StatusCode)> {
+        // The status of a failure without an answer.
+        const NONE: StatusCode = StatusCode::BAD_GATEWAY;
+        let _permit = self.permits.acquire().await.map_err(|_| {
+            (
+                ProviderError::retryable("the Scaleway client is shutting down"),
+                NONE,
+            )
+        })?;
         self.calls.count(op);
         let url = format!("{}{}", self.base, path);
         let mut req = self
@@ -165,19 +222,19 @@ impl Api {
         }
         req = match body {
             Body::None => req,
-            Body::Json(v) => req.json(&v),
-            Body::Text(t) => req.header(CONTENT_TYPE, "text/plain").body(t),
+            Body::Json(v) => req.json(v),
+            Body::Text(t) => req.header(CONTENT_TYPE, "text/plain").body(t.clone()),
         };
         let resp = req
             .send()
             .await
-            .map_err(|e| transport_error(&method, path, e))?;
+            .map_err(|e| (transport_error(method, path, e), NONE))?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp
             .bytes()
             .await
-            .map_err(|e| transport_error(&method, path, e))?
+            .map_err(|e| (transport_error(method, path, e), NONE))?
             .to_vec();
         if status.is_success() {
             return Ok(Answer { headers, body });
@@ -191,7 +248,7 @@ impl Api {
             // Once per provider: every retry would say the same.
             error!(provider = "scaleway", status = status.as_u16(), "{err}");
         }
-        Err(err)
+        Err((err, status))
     }
 }
 

@@ -122,6 +122,10 @@ pub struct ScalewayProvider {
     images: Mutex<HashMap<(String, String), String>>,
     security_groups: tokio::sync::Mutex<HashMap<String, String>>,
     cleanups: Mutex<HashMap<String, Cleanup>>,
+    /// Recent listings of gpufleet's servers per zone, so that `get` of many
+    /// machines (the boot watcher polls every booting one) costs one paged
+    /// list, not one call each: the API is rate-limited.
+    snapshots: tokio::sync::Mutex<HashMap<String, Snapshot>>,
 }
 
 impl std::fmt::Debug for ScalewayProvider {
@@ -202,6 +206,15 @@ fn not_found_is_retryable(e: ProviderError, what: &str) -> ProviderError {
     }
 }
 
+/// How long a listing of a zone's servers answers `get`.
+const SNAPSHOT_TTL: Duration = Duration::from_millis(500);
+
+/// A listing of a zone's gpufleet servers.
+struct Snapshot {
+    taken: Instant,
+    servers: HashMap<String, Server>,
+}
+
 impl ScalewayProvider {
     /// Builds the provider (no call is made).
     pub fn new(
@@ -230,6 +243,7 @@ impl ScalewayProvider {
             images: Mutex::new(HashMap::new()),
             security_groups: tokio::sync::Mutex::new(HashMap::new()),
             cleanups: Mutex::new(HashMap::new()),
+            snapshots: tokio::sync::Mutex::new(HashMap::new()),
         }))
     }
 
@@ -437,6 +451,34 @@ impl ScalewayProvider {
     }
 
     // -------------------------------------------------------------- lookups
+
+    /// `sid` as a listing of the zone's gpufleet servers at most
+    /// [`SNAPSHOT_TTL`] old shows it (listing again when older). `None`:
+    /// not in it (just made, or gone): ask for the server itself.
+    async fn snapshot_server(&self, zone: &str, sid: &str) -> Option<Server> {
+        let mut snapshots = self.snapshots.lock().await;
+        let fresh = snapshots
+            .get(zone)
+            .is_some_and(|s| s.taken.elapsed() < SNAPSHOT_TTL);
+        if !fresh {
+            match self.list_servers("get", zone, &[TAG.to_string()]).await {
+                Ok(servers) => {
+                    snapshots.insert(
+                        zone.to_string(),
+                        Snapshot {
+                            taken: Instant::now(),
+                            servers: servers.into_iter().map(|s| (s.id.clone(), s)).collect(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    debug!(zone, error = %e, "cannot list servers; asking for the one");
+                    return None;
+                }
+            }
+        }
+        snapshots.get(zone)?.servers.get(sid).cloned()
+    }
 
     async fn list_servers(
         &self,
@@ -959,6 +1001,9 @@ impl Provider for ScalewayProvider {
 
     async fn get(&self, id: &ProviderInstanceId) -> Result<Machine, ProviderError> {
         let (zone, sid) = self.parse_id(id)?;
+        if let Some(server) = self.snapshot_server(zone, sid).await {
+            return Ok(self.machine(zone, &server));
+        }
         let answer = self
             .json::<ServerEnvelope>(
                 "get",

@@ -194,9 +194,13 @@ async fn measure(
 
     // Single instances, one after the other.
     let mut singles = Vec::new();
+    let mut last_timeline = Value::Null;
     for _ in 0..args.singles {
         let ids = up.create(&args.instance_type, 1).await?;
         singles.push(up.wait_all(&ids, "ready", Duration::from_secs(120)).await?);
+        last_timeline = up
+            .get(&format!("/api/v1/instances/{}/events", ids[0]))
+            .await?;
         up.terminate(&ids[0]).await?;
         up.wait_all(&ids, "terminated", Duration::from_secs(120))
             .await?;
@@ -210,6 +214,8 @@ async fn measure(
             max.as_secs_f64() * 1e3
         );
     }
+
+    print_steps(&last_timeline);
 
     // Many at once, counting API calls from create to terminated.
     emulator.faults().reset_log();
@@ -249,6 +255,33 @@ async fn measure(
         left.0, left.1, left.2
     );
     Ok(())
+}
+
+/// Where the last single instance's time went: each timeline entry up to
+/// `ready`, as milliseconds after the first.
+fn print_steps(timeline: &Value) {
+    let events = timeline["events"].as_array().cloned().unwrap_or_default();
+    let at = |e: &Value| {
+        e["at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    };
+    let Some(start) = events.first().and_then(at) else {
+        return;
+    };
+    println!("  the last one's timeline (ms after create):");
+    for e in &events {
+        let Some(t) = at(e) else { continue };
+        println!(
+            "    {:>6}  {} {}",
+            (t - start).num_milliseconds(),
+            e["action"].as_str().unwrap_or_default(),
+            e["to_status"].as_str().unwrap_or_default()
+        );
+        if e["to_status"] == "ready" {
+            break;
+        }
+    }
 }
 
 /// `gpufleet up` configured for the emulator through `SCW_*` only.

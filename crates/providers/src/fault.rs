@@ -369,6 +369,7 @@ mod tests {
                 control_plane_ca_pem: None,
             },
             model_size_mib: 0,
+            first_attempt: false,
         }
     }
 

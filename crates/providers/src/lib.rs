@@ -115,6 +115,10 @@ pub struct CreateRequest {
     /// Size of the model's weights in MiB as the model list knows it (0:
     /// unknown); clouds size the model-cache volume from it.
     pub model_size_mib: u64,
+    /// No earlier call with this idempotency key can have reached the
+    /// provider (the first attempt, persisted before the call): a provider
+    /// may skip looking for what an earlier attempt made.
+    pub first_attempt: bool,
 }
 
 /// A machine's state as the provider reports it.

@@ -115,6 +115,7 @@ fn request_with_tags(key: &str, extra: &[(&str, &str)]) -> CreateRequest {
             control_plane_ca_pem: None,
         },
         model_size_mib: 0,
+        first_attempt: false,
     }
 }
 

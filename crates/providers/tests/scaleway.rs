@@ -478,6 +478,7 @@ fn request(instance_type: &str) -> CreateRequest {
             control_plane_ca_pem: None,
         },
         model_size_mib: 15_000,
+        first_attempt: false,
     }
 }
 
@@ -789,4 +790,26 @@ async fn list_and_resources_filter_by_tags() {
         .unwrap()
         .is_empty());
     assert_eq!(env.provider.engine().unwrap().port(), 8000);
+}
+
+#[tokio::test]
+async fn a_first_attempt_looks_for_nothing_an_earlier_one_made() {
+    let env = start().await;
+    let req = CreateRequest {
+        first_attempt: true,
+        ..request("L4-1-24G")
+    };
+    env.provider.create(&req).await.unwrap();
+    let s = steps(&env.fake);
+    let looked_up = |prefix: &str| s.iter().any(|x| x == prefix);
+    assert!(
+        !looked_up("GET /instance/v1/zones/fr-par-1/servers"),
+        "{s:#?}"
+    );
+    assert!(!looked_up("GET /instance/v1/zones/fr-par-1/ips"), "{s:#?}");
+    assert!(!looked_up("GET /block/v1/zones/fr-par-1/volumes"), "{s:#?}");
+    assert!(
+        looked_up("POST /instance/v1/zones/fr-par-1/servers"),
+        "{s:#?}"
+    );
 }

@@ -126,6 +126,7 @@ impl Provisioner {
                 control_plane_ca_pem: ca_pem,
             },
             model_size_mib: fleet.model_size_mib(&rec.model),
+            first_attempt: attempt == 1,
         };
         fleet.mark_creating(rec.id, true);
         let started = Instant::now();

@@ -695,7 +695,11 @@ impl ScalewayProvider {
         let op = "create";
         let mut wanted = self.all_tags(&req.tags, Some("models"));
         wanted.retain(|t| !self.settings.tags.contains(t));
-        let found = self.list_volumes(op, zone, &wanted).await?;
+        let found = if req.first_attempt {
+            Vec::new()
+        } else {
+            self.list_volumes(op, zone, &wanted).await?
+        };
         let mut volume = match found.into_iter().next() {
             Some(v) => v,
             None => {
@@ -717,12 +721,15 @@ impl ScalewayProvider {
                 .await?
             }
         };
+        // 50 ms, then doubling up to 1 s: a volume is usually ready at once.
+        let mut pause = Duration::from_millis(50);
         for attempt in 0..VOLUME_WAIT_TRIES {
             if volume.status == "available" || volume.status == "in_use" {
                 return Ok(volume.id);
             }
             if attempt > 0 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
             volume = self
                 .json(
@@ -745,13 +752,15 @@ impl ScalewayProvider {
     async fn public_ip(&self, req: &CreateRequest, zone: &str) -> Result<String, ProviderError> {
         let op = "create";
         let wanted = encode_tags(&req.tags);
-        if let Some(ip) = self
-            .list_ips(op, zone, &wanted)
-            .await?
-            .into_iter()
-            .find(|i| i.kind.is_empty() || i.kind == "routed_ipv4")
-        {
-            return Ok(ip.id);
+        if !req.first_attempt {
+            if let Some(ip) = self
+                .list_ips(op, zone, &wanted)
+                .await?
+                .into_iter()
+                .find(|i| i.kind.is_empty() || i.kind == "routed_ipv4")
+            {
+                return Ok(ip.id);
+            }
         }
         let made: api::IpEnvelope = self
             .json(
@@ -954,7 +963,12 @@ impl Provider for ScalewayProvider {
         };
         let instance_tag = format!("{}={instance}", tags::INSTANCE);
         let lookup = vec![TAG.to_string(), instance_tag];
-        let mut found = self.list_servers("create", zone, &lookup).await?;
+        // A first attempt cannot have made anything: no lookups.
+        let mut found = if req.first_attempt {
+            Vec::new()
+        } else {
+            self.list_servers("create", zone, &lookup).await?
+        };
         found.sort_by_key(|s| s.creation_date);
         if let Some(server) = found.into_iter().next() {
             debug!(provider = PROVIDER_NAME, server = %server.id, state = %server.state, "create resumes a server");

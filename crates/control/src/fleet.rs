@@ -14,8 +14,8 @@ use gpufleet_domain::{
     transition, InstanceId, InstanceStatus, LifecycleEvent, ModelName, ProviderName,
 };
 use gpufleet_proto::{
-    AgentEvent, AgentEventKind, EngineCert, EngineEnv, EngineStatus, EngineTlsGrant, Heartbeat, HeartbeatAck, RegisterRequest,
-    RegisterResponse,
+    AgentEvent, AgentEventKind, EngineCert, EngineEnv, EngineStatus, EngineTlsGrant, Heartbeat,
+    HeartbeatAck, RegisterRequest, RegisterResponse,
 };
 use gpufleet_providers::{Catalog, Provider, ProviderRegistry};
 use gpufleet_store::{

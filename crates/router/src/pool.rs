@@ -598,4 +598,114 @@ mod tests {
             }
         }
     }
+
+    fn record(n: u128, provider: &str, cert: Option<String>) -> InstanceRecord {
+        let now = chrono::Utc::now();
+        InstanceRecord {
+            id: InstanceId::from_uuid(uuid::Uuid::from_u128(n)),
+            provider: provider.parse().unwrap(),
+            zone: "z".into(),
+            instance_type: "t".into(),
+            model: "org/m".parse().unwrap(),
+            status: InstanceStatus::Ready,
+            status_reason: None,
+            status_message: None,
+            milestones: Default::default(),
+            idempotency_key: "k".into(),
+            provider_instance_id: None,
+            ip: Some(format!("127.0.0.{n}").parse().unwrap()),
+            generation: 1,
+            provision_attempts: 0,
+            next_attempt_at: None,
+            startup_deadline_at: now,
+            created_at: now,
+            updated_at: now,
+            status_changed_at: now,
+            ready_at: Some(now),
+            terminate_requested_at: None,
+            terminated_at: None,
+            cleanup_started_at: None,
+            cleaned_up_at: None,
+            last_heartbeat_seq: None,
+            last_heartbeat_at: None,
+            engine_status: None,
+            engine_cert_pem: cert,
+        }
+    }
+
+    fn routed(p: &Pools) -> Vec<(InstanceId, String, bool)> {
+        let mut v: Vec<_> = p
+            .model("org/m")
+            .map(|m| {
+                m.backends
+                    .iter()
+                    .map(|b| (b.id, b.conn_key.clone(), b.tls.is_some()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn remote_engines_are_routed_to_over_tls_only() {
+        let engine = rcgen::generate_simple_self_signed(vec!["gpufleet-engine".into()]).unwrap();
+        let router = rcgen::generate_simple_self_signed(vec!["r".into()]).unwrap();
+        let identity = EngineClientIdentity {
+            cert_pem: router.cert.pem(),
+            key_pem: router.signing_key.serialize_pem(),
+        };
+        let remote: Box<dyn Fn(&ProviderName) -> bool + Send + Sync> =
+            Box::new(|p| p.as_str() == "scaleway");
+        let pools = Pools::with_tls(
+            &RouterConfig::default(),
+            8000,
+            Arc::new(Usage::default()),
+            Some(identity),
+            remote,
+        );
+        let local = record(1, "mock", None);
+        let waiting = record(2, "scaleway", None);
+        let mut with_cert = record(3, "scaleway", Some(engine.cert.pem()));
+        pools.reset(&[local.clone(), waiting.clone(), with_cert.clone()]);
+        let (l, r) = (local.id, with_cert.id);
+        assert_eq!(
+            routed(&pools),
+            vec![
+                (l, "127.0.0.1:8000".to_string(), false),
+                (r, "tls://127.0.0.3:8000".to_string(), true),
+            ],
+            "a remote engine without its certificate is not routed to"
+        );
+        assert_eq!(pools.starting("org/m"), 1);
+        // Once its certificate is known, it is.
+        let mut w = waiting.clone();
+        w.generation = 2;
+        w.engine_cert_pem = Some(engine.cert.pem());
+        assert!(pools.apply(&w));
+        assert_eq!(routed(&pools).len(), 3);
+        // A new certificate (agent restarted) makes a new backend.
+        let before = pools.model("org/m").unwrap().backends[2].clone();
+        let other = rcgen::generate_simple_self_signed(vec!["gpufleet-engine".into()]).unwrap();
+        with_cert.generation = 2;
+        with_cert.engine_cert_pem = Some(other.cert.pem());
+        assert!(pools.apply(&with_cert));
+        let after = pools.model("org/m").unwrap().backends[2].clone();
+        assert_eq!(after.id, before.id);
+        assert!(!Arc::ptr_eq(&after, &before));
+
+        // Without a client identity, engines with a certificate are skipped.
+        let bare = Pools::with_tls(
+            &RouterConfig::default(),
+            8000,
+            Arc::new(Usage::default()),
+            None,
+            Box::new(|_| false),
+        );
+        bare.reset(&[local, with_cert]);
+        assert_eq!(
+            routed(&bare),
+            vec![(l, "127.0.0.1:8000".to_string(), false)]
+        );
+    }
 }

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use gpufleet_proto::{
-    paths, AgentEvent, EngineEnv, Heartbeat, HeartbeatAck, RegisterRequest, RegisterResponse,
+    paths, AgentEvent, EngineCert, EngineEnv, Heartbeat, HeartbeatAck, RegisterRequest,
+    RegisterResponse,
 };
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
@@ -103,6 +104,13 @@ impl ControlPlane {
         self.post(paths::ENGINE_ENV, Some(token), &serde_json::json!({}))
             .await?
             .ok_or(CallError::Malformed)
+    }
+
+    /// Report the certificate the engine serves (before it starts).
+    pub async fn engine_cert(&self, token: &str, cert: &EngineCert) -> Result<(), CallError> {
+        self.post::<_, serde_json::Value>(paths::ENGINE_CERT, Some(token), cert)
+            .await
+            .map(|_| ())
     }
 
     pub async fn event(&self, token: &str, event: &AgentEvent) -> Result<(), CallError> {

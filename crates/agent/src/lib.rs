@@ -194,14 +194,46 @@ pub async fn run_with(
             model: bootstrap.model.clone(),
             data_dir: data_dir.path().to_path_buf(),
             env: Vec::new(),
+            tls: None,
         };
         tokio::spawn(async move {
             // A real engine may need secrets (a Hugging Face token) that
             // never travel in user data: it starts once they arrived.
             if request.spec.needs_secrets() {
-                match session::engine_env(&session, &env_client, instance_id, &cancel).await {
-                    Some(env) => request.env = env,
-                    None => return,
+                let Some(env) =
+                    session::engine_env(&session, &env_client, instance_id, &cancel).await
+                else {
+                    return;
+                };
+                request.env = env.env.into_iter().collect();
+                // Off the control plane's host, the engine serves mutual
+                // TLS: its certificate is known to the control plane (so
+                // the router) before it starts, and the agent's probes speak
+                // https with a client certificate of their own.
+                if let Some(grant) = env.engine_tls {
+                    let tls = match engine::tls::prepare(&request.data_dir, &grant) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::error!(%instance_id, error = %client::chain(&e), "cannot set up the engine's TLS; not starting it");
+                            return;
+                        }
+                    };
+                    if !session::report_engine_cert(
+                        &session,
+                        &env_client,
+                        instance_id,
+                        &tls.cert_pem,
+                        &cancel,
+                    )
+                    .await
+                    {
+                        return;
+                    }
+                    if let Err(e) = probe.use_tls(&tls.cert_pem, &tls.client_identity_pem) {
+                        tracing::error!(%instance_id, error = %client::chain(&e), "cannot set up the engine probe's TLS; not starting the engine");
+                        return;
+                    }
+                    request.tls = Some(tls.files);
                 }
             }
             Supervisor {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpufleet_domain::InstanceId;
-use gpufleet_proto::{AgentEventKind, RegisterRequest};
+use gpufleet_proto::{AgentEventKind, EngineCert, EngineEnv, RegisterRequest};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -185,14 +185,15 @@ pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     }
 }
 
-/// The engine's secret environment, fetched over the authenticated channel
-/// once the agent has a token; retried until it arrives. `None` once cancelled.
+/// The engine's secret environment (and its TLS grant, for machines off the
+/// control plane's host), fetched over the authenticated channel once the
+/// agent has a token; retried until it arrives. `None` once cancelled.
 pub async fn engine_env(
     session: &Session,
     client: &ControlPlane,
     instance_id: InstanceId,
     cancel: &CancellationToken,
-) -> Option<Vec<(String, String)>> {
+) -> Option<EngineEnv> {
     let mut backoff = Backoff::new(REGISTER_BACKOFF_BASE, REGISTER_BACKOFF_MAX);
     loop {
         let token = session.wait_token(cancel).await?;
@@ -200,15 +201,16 @@ pub async fn engine_env(
             Ok(env) => {
                 // Names only: the values are secrets.
                 let names: Vec<&str> = env.env.keys().map(String::as_str).collect();
-                tracing::info!(%instance_id, ?names, "received the engine's environment");
-                return Some(env.env.into_iter().collect());
+                let tls = env.engine_tls.is_some();
+                tracing::info!(%instance_id, ?names, tls, "received the engine's environment");
+                return Some(env);
             }
             Err(CallError::Unauthorized) => session.reject(&token),
             // A control plane without the route (older than this agent)
             // has no secrets to give.
             Err(CallError::Rejected { status, .. }) if status == reqwest::StatusCode::NOT_FOUND => {
                 tracing::warn!(%instance_id, "the control plane hands out no engine environment (404); starting the engine without it");
-                return Some(Vec::new());
+                return Some(EngineEnv::default());
             }
             Err(e) => {
                 tracing::warn!(%instance_id, error = %chain(&e), "cannot fetch the engine's environment; retrying")
@@ -216,6 +218,40 @@ pub async fn engine_env(
         }
         if !sleep_or_cancel(backoff.next_delay(), cancel).await {
             return None;
+        }
+    }
+}
+
+/// Report the certificate the engine will serve; retried until the control
+/// plane has it (the router must know it before the engine can be ready).
+/// `false` once cancelled.
+pub async fn report_engine_cert(
+    session: &Session,
+    client: &ControlPlane,
+    instance_id: InstanceId,
+    cert_pem: &str,
+    cancel: &CancellationToken,
+) -> bool {
+    let cert = EngineCert {
+        cert_pem: cert_pem.to_string(),
+    };
+    let mut backoff = Backoff::new(REGISTER_BACKOFF_BASE, REGISTER_BACKOFF_MAX);
+    loop {
+        let Some(token) = session.wait_token(cancel).await else {
+            return false;
+        };
+        match client.engine_cert(&token, &cert).await {
+            Ok(()) => {
+                tracing::info!(%instance_id, "reported the engine's TLS certificate");
+                return true;
+            }
+            Err(CallError::Unauthorized) => session.reject(&token),
+            Err(e) => {
+                tracing::warn!(%instance_id, error = %chain(&e), "cannot report the engine's TLS certificate; retrying")
+            }
+        }
+        if !sleep_or_cancel(backoff.next_delay(), cancel).await {
+            return false;
         }
     }
 }

@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use gpufleet_proto::{
-    AgentEvent, EngineEnv, Heartbeat, HeartbeatAck, RegisterRequest, RegisterResponse,
+    AgentEvent, EngineCert, EngineEnv, Heartbeat, HeartbeatAck, RegisterRequest, RegisterResponse,
 };
 
 /// Trade the bootstrap secret for an agent token (shown once).
@@ -90,4 +90,26 @@ pub async fn engine_env(
     AgentAuth(agent): AgentAuth,
 ) -> Result<Json<EngineEnv>, ApiError> {
     Ok(Json(state.fleet.engine_env(agent).await?))
+}
+
+/// The certificate the engine of the token's instance serves (mutual TLS
+/// for engines off the control plane's host): the router trusts it alone.
+#[utoipa::path(
+    post, path = "/internal/v1/agent/engine-cert", tag = "agent",
+    request_body = EngineCert,
+    responses(
+        (status = 204, description = "Recorded"),
+        (status = 400, description = "Malformed body, or not a PEM certificate", body = ErrorBody),
+        (status = 401, description = "Missing or unknown agent token", body = ErrorBody),
+        (status = 404, description = "The instance is gone", body = ErrorBody),
+    ),
+    security(("agent_token" = []))
+)]
+pub async fn engine_cert(
+    State(state): State<SharedState>,
+    AgentAuth(agent): AgentAuth,
+    ApiJson(cert): ApiJson<EngineCert>,
+) -> Result<StatusCode, ApiError> {
+    state.fleet.record_engine_cert(agent, cert).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -124,6 +124,7 @@ pub fn router(state: ApiState) -> Router {
         .route(paths::HEARTBEAT, post(agent::heartbeat))
         .route(paths::EVENTS, post(agent::events))
         .route(paths::ENGINE_ENV, post(agent::engine_env))
+        .route(paths::ENGINE_CERT, post(agent::engine_cert))
         .layer(DefaultBodyLimit::max(AGENT_BODY_LIMIT_BYTES));
 
     Router::new()

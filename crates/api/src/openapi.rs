@@ -36,6 +36,7 @@ use utoipa::{Modify, OpenApi};
         agent::heartbeat,
         agent::events,
         agent::engine_env,
+        agent::engine_cert,
         observability::fleet,
         observability::targets,
         observability::prometheus,

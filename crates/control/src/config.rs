@@ -19,6 +19,11 @@ pub struct ControlConfig {
     /// signed it: handed to agents, which pin it. Set at start-up, not in files.
     #[serde(skip)]
     pub public_ca_pem: Option<String>,
+    /// PEM of the router's client certificate: engines of machines off this
+    /// host accept it (mutual TLS). `None`: no grant is handed out (and such
+    /// engines serve plain HTTP). Set at start-up, not in files.
+    #[serde(skip)]
+    pub engine_client_ca_pem: Option<String>,
     /// How often agents heartbeat.
     pub heartbeat_interval_ms: u64,
     /// A ready instance whose last heartbeat is older than this many intervals
@@ -99,6 +104,7 @@ impl Default for ControlConfig {
             agent_control_url: String::new(),
             public_url: String::new(),
             public_ca_pem: None,
+            engine_client_ca_pem: None,
             heartbeat_interval_ms: 5_000,
             missed_heartbeats_unhealthy: 3,
             agent_lost_after_secs: 300,

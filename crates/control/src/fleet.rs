@@ -14,8 +14,8 @@ use gpufleet_domain::{
     transition, InstanceId, InstanceStatus, LifecycleEvent, ModelName, ProviderName,
 };
 use gpufleet_proto::{
-    AgentEvent, AgentEventKind, EngineEnv, EngineStatus, Heartbeat, HeartbeatAck, RegisterRequest,
-    RegisterResponse,
+    AgentEvent, AgentEventKind, EngineCert, EngineEnv, EngineStatus, EngineTlsGrant, Heartbeat,
+    HeartbeatAck, RegisterRequest, RegisterResponse,
 };
 use gpufleet_providers::{Catalog, Provider, ProviderRegistry};
 use gpufleet_store::{
@@ -691,9 +691,61 @@ impl Fleet {
         if rec.status.is_terminal() {
             return Err(ControlError::not_found("instance", agent));
         }
+        // Engines off this host serve mutual TLS to the router alone.
+        let remote = self
+            .provider(&rec.provider)
+            .is_some_and(|p| !p.machines_on_this_host());
+        let engine_tls = match &self.inner.config.engine_client_ca_pem {
+            Some(ca) if remote => Some(EngineTlsGrant {
+                client_ca_pem: ca.clone(),
+            }),
+            _ => None,
+        };
         Ok(EngineEnv {
             env: self.inner.config.engine.secret_env.0.clone(),
+            engine_tls,
         })
+    }
+
+    /// Whether `provider`'s machines run on another host (their engines are
+    /// reached over mutual TLS). Unknown providers count as remote.
+    pub fn provider_is_remote(&self, provider: &ProviderName) -> bool {
+        self.provider(provider)
+            .is_none_or(|p| !p.machines_on_this_host())
+    }
+
+    /// Keep the certificate the engine of `agent`'s instance serves (the
+    /// router trusts it alone for that engine). Published on the bus.
+    pub async fn record_engine_cert(
+        &self,
+        agent: InstanceId,
+        cert: EngineCert,
+    ) -> Result<(), ControlError> {
+        let pem = cert.cert_pem;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") || pem.len() > 64 * 1024 {
+            return Err(ControlError::invalid("cert_pem", "not a PEM certificate"));
+        }
+        let rec = self.get_instance(agent).await?;
+        if rec.status.is_terminal() {
+            return Err(ControlError::not_found("instance", agent));
+        }
+        let e = timeline::entry(
+            agent,
+            Utc::now(),
+            TimelineKind::Agent,
+            "agent.engine_cert",
+            Outcome::Info,
+            "the engine's TLS certificate was reported".to_string(),
+        );
+        self.update_with_retry(agent, vec![e], |r| {
+            if r.engine_cert_pem.as_deref() == Some(pem.as_str()) {
+                return false;
+            }
+            r.engine_cert_pem = Some(pem.clone());
+            true
+        })
+        .await?;
+        Ok(())
     }
 
     /// Put an agent-reported event on the instance's timeline.

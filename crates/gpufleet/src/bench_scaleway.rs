@@ -346,3 +346,65 @@ fn start_up(emulator: &Emulator, dir: &std::path::Path) -> anyhow::Result<Up> {
         http: reqwest::Client::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::DOCKER_STANDIN;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The stand-in maps engine arguments through `-v HOST:CONTAINER[:ro]`
+    /// as docker would make those paths visible.
+    #[test]
+    fn the_docker_standin_maps_bind_mounted_paths() {
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("usr/local/bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let fake = bin.join("gpufleet");
+        std::fs::write(&fake, "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = root.path().join("docker");
+        std::fs::write(&script, DOCKER_STANDIN).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg(&script)
+            .args([
+                "run",
+                "--rm",
+                "--name",
+                "e",
+                "-v",
+                "/h/models:/root/.cache",
+                "-v",
+                "/h/tls:/gpufleet-tls:ro",
+                "-e",
+                "HF_TOKEN",
+                "img:1",
+                "--model",
+                "a b",
+                "--ssl-keyfile",
+                "/gpufleet-tls/key.pem",
+                "--x",
+                "/gpufleet-tlsx",
+                "/gpufleet-tls",
+            ])
+            .env("GPUFLEET_ROOT", root.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let args: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+        assert_eq!(
+            args,
+            [
+                "sim",
+                "--model-load-delay-ms",
+                "0",
+                "--model",
+                "a b",
+                "--ssl-keyfile",
+                "/h/tls/key.pem",
+                "--x",
+                "/gpufleet-tlsx",
+                "/h/tls"
+            ]
+        );
+    }
+}

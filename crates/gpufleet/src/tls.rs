@@ -158,6 +158,32 @@ fn self_signed(host: &str, dir: &Path) -> anyhow::Result<(String, String)> {
     Ok((cert, key))
 }
 
+/// The router's client identity for engines of machines off this host
+/// (mutual TLS): a self-signed certificate and key made once and kept in
+/// `<data_dir>/tls/router-client.pem` (key mode 0600). Engines are handed
+/// the certificate (through their agent) and accept only it.
+pub fn router_client_identity(data_dir: &Path) -> anyhow::Result<(String, String)> {
+    let dir = data_dir.join("tls");
+    let cert_path = dir.join("router-client.pem");
+    let key_path = dir.join("router-client-key.pem");
+    if let (Ok(cert), Ok(key)) = (
+        std::fs::read_to_string(&cert_path),
+        std::fs::read_to_string(&key_path),
+    ) {
+        return Ok((cert, key));
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let certified = rcgen::generate_simple_self_signed(vec!["gpufleet-router".to_string()])
+        .context("cannot make the router's client certificate")?;
+    let cert = certified.cert.pem();
+    let key = certified.signing_key.serialize_pem();
+    write_private(&key_path, &key)?;
+    std::fs::write(&cert_path, &cert)
+        .with_context(|| format!("cannot write {}", cert_path.display()))?;
+    tracing::info!(path = %cert_path.display(), "made the router's client certificate for engines (mutual TLS)");
+    Ok((cert, key))
+}
+
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -244,5 +270,18 @@ mod tests {
             ..TlsSection::default()
         };
         assert!(half.resolve("https://h", dir.path()).is_err());
+    }
+
+    #[test]
+    fn the_router_client_identity_is_made_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = router_client_identity(dir.path()).unwrap();
+        assert!(c.contains("BEGIN CERTIFICATE") && k.contains("PRIVATE KEY"));
+        let mode = std::fs::metadata(dir.path().join("tls/router-client-key.pem"))
+            .unwrap()
+            .permissions();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(mode.mode() & 0o777, 0o600);
+        assert_eq!(router_client_identity(dir.path()).unwrap(), (c, k));
     }
 }

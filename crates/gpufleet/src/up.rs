@@ -98,6 +98,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .context("cannot set up TLS for the public URL")?;
     config.control.public_url = config.public_url.clone();
     config.control.public_ca_pem = public_tls.as_ref().and_then(|t| t.pin_pem.clone());
+    // The router's client identity: engines of machines off this host serve
+    // mutual TLS and accept it alone (with their agent's).
+    let (client_cert, client_key) = crate::tls::router_client_identity(&config.data_dir)
+        .context("cannot set up the router's client identity for engines")?;
+    config.control.engine_client_ca_pem = Some(client_cert.clone());
 
     let fleet = Fleet::new(store.clone(), providers, config.control.clone())
         .await
@@ -107,6 +112,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let openai = gpufleet_router::RouterState::start(
         fleet.clone(),
         config.router.clone(),
+        Some(gpufleet_router::EngineClientIdentity {
+            cert_pem: client_cert,
+            key_pem: client_key,
+        }),
         cancel.child_token(),
     )
     .await

@@ -18,6 +18,7 @@ pub mod paths {
     pub const HEARTBEAT: &str = "/internal/v1/agent/heartbeat";
     pub const EVENTS: &str = "/internal/v1/agent/events";
     pub const ENGINE_ENV: &str = "/internal/v1/agent/engine-env";
+    pub const ENGINE_CERT: &str = "/internal/v1/agent/engine-cert";
 }
 
 /// Proof that an answer comes from an instance's own agent.
@@ -168,7 +169,32 @@ pub struct RegisterResponse {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EngineEnv {
     pub env: std::collections::BTreeMap<String, String>,
+    /// Set for machines off the control plane's host: the engine is to
+    /// serve mutual TLS, accepting the clients this grant names. Absent:
+    /// plain HTTP (machines on this host, on loopback).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_tls: Option<EngineTlsGrant>,
 }
+
+/// The engine's TLS grant: whom it must accept as clients.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EngineTlsGrant {
+    /// PEM certificate of the router's client identity; the engine accepts
+    /// clients presenting it (and the agent's own).
+    pub client_ca_pem: String,
+}
+
+/// `POST /internal/v1/agent/engine-cert`: the certificate the engine serves
+/// (self-signed by the agent, DNS name [`ENGINE_TLS_SERVER_NAME`]), which the
+/// router trusts alone for this instance. Sent before the engine starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EngineCert {
+    pub cert_pem: String,
+}
+
+/// The DNS name in an engine's TLS certificate; clients connect to the
+/// engine's IP and verify this name.
+pub const ENGINE_TLS_SERVER_NAME: &str = "gpufleet-engine";
 
 /// State of the inference engine as the agent sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

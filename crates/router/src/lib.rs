@@ -25,11 +25,13 @@ mod error;
 mod keys;
 pub mod pool;
 mod proxy;
+pub mod tls;
 mod upstream;
 pub mod usage;
 
 pub use config::{Policy, RouterConfig};
 pub use error::RouterError;
+pub use tls::EngineClientIdentity;
 pub use usage::{SubjectUsage, UsageFigures};
 
 use axum::routing::{get, post};
@@ -68,17 +70,28 @@ impl TrafficSource for Traffic {
 impl RouterState {
     /// Load the instances, follow the fleet's changes, flush usage
     /// periodically (and once more when `shutdown` is cancelled), and make
-    /// draining wait for this router's requests in flight.
+    /// draining wait for this router's requests in flight. Engines of
+    /// machines off this host are reached over mutual TLS with
+    /// `engine_identity` (without it, they are not routed to).
     pub async fn start(
         fleet: Fleet,
         config: RouterConfig,
+        engine_identity: Option<EngineClientIdentity>,
         shutdown: CancellationToken,
     ) -> Result<RouterState, RouterError> {
         let usage = Arc::new(usage::Usage::default());
-        let pools = Arc::new(pool::Pools::new(
+        // Providers are fixed for the process's life.
+        let remote: std::collections::HashSet<_> = fleet
+            .provider_names()
+            .into_iter()
+            .filter(|p| fleet.provider_is_remote(p))
+            .collect();
+        let pools = Arc::new(pool::Pools::with_tls(
             &config,
             fleet.config().engine.port,
             usage.clone(),
+            engine_identity,
+            Box::new(move |p| remote.contains(p)),
         ));
         // Subscribe before listing, so no change falls between the two.
         let changes = fleet.subscribe();
@@ -207,7 +220,8 @@ fn forget_gone_hosts(state: &RouterState) {
         .pools
         .backends()
         .into_iter()
-        .filter_map(|(b, _)| b.authority.as_ref().map(|a| a.to_string()))
+        .filter(|(b, _)| b.authority.is_some())
+        .map(|(b, _)| b.conn_key.clone())
         .collect();
     state
         .inner

@@ -5,8 +5,9 @@
 
 use crate::breaker::Breaker;
 use crate::config::{Policy, RouterConfig};
+use crate::tls::{EngineClientIdentity, UpstreamTls};
 use crate::usage::{Counters, Usage};
-use gpufleet_domain::{InstanceId, InstanceStatus};
+use gpufleet_domain::{InstanceId, InstanceStatus, ProviderName};
 use gpufleet_store::InstanceRecord;
 use hyper::http::uri::Authority;
 use hyper::http::HeaderValue;
@@ -36,6 +37,13 @@ pub struct Backend {
     pub id_header: HeaderValue,
     /// `authority`, ready for the upstream `Host` header.
     pub host_header: Option<HeaderValue>,
+    /// Mutual TLS to this engine (a cloud instance's); `None`: plain HTTP.
+    pub tls: Option<UpstreamTls>,
+    /// Key of this engine's idle connections: `authority` for plain ones,
+    /// `tls://<authority>` for TLS ones (never mixed).
+    pub conn_key: String,
+    /// The engine certificate `tls` was made for.
+    engine_cert_pem: Option<String>,
 }
 
 impl Backend {
@@ -52,6 +60,10 @@ impl Backend {
         let host_header = authority
             .as_ref()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        let conn_key = authority
+            .as_ref()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         Self {
             id,
             model: model.to_string(),
@@ -62,7 +74,18 @@ impl Backend {
             usage,
             id_header,
             host_header,
+            tls: None,
+            conn_key,
+            engine_cert_pem: None,
         }
+    }
+
+    /// Reach this engine over mutual TLS (`tls` made for `engine_cert_pem`).
+    pub fn with_tls(mut self, tls: UpstreamTls, engine_cert_pem: String) -> Self {
+        self.conn_key = format!("tls://{}", self.conn_key);
+        self.tls = Some(tls);
+        self.engine_cert_pem = Some(engine_cert_pem);
+        self
     }
 }
 
@@ -210,6 +233,11 @@ pub struct Pools {
     breaker_threshold: u32,
     breaker_cooldown: std::time::Duration,
     usage: Arc<Usage>,
+    /// The router's client identity for engines over mutual TLS.
+    identity: Option<EngineClientIdentity>,
+    /// Whether a provider's machines are off this host (their engines must
+    /// be reached over mutual TLS, never in clear).
+    remote: Box<dyn Fn(&ProviderName) -> bool + Send + Sync>,
 }
 
 fn is_gone(s: InstanceStatus) -> bool {
@@ -221,6 +249,19 @@ fn is_gone(s: InstanceStatus) -> bool {
 
 impl Pools {
     pub fn new(config: &RouterConfig, engine_port: u16, usage: Arc<Usage>) -> Self {
+        Self::with_tls(config, engine_port, usage, None, Box::new(|_| false))
+    }
+
+    /// Like [`Self::new`], reaching engines that report a certificate over
+    /// mutual TLS with `identity`; instances of providers `remote` says are
+    /// off this host are not routed to without such a certificate.
+    pub fn with_tls(
+        config: &RouterConfig,
+        engine_port: u16,
+        usage: Arc<Usage>,
+        identity: Option<EngineClientIdentity>,
+        remote: Box<dyn Fn(&ProviderName) -> bool + Send + Sync>,
+    ) -> Self {
         Self {
             table: RwLock::new(Arc::new(HashMap::new())),
             known: Mutex::new(HashMap::new()),
@@ -230,6 +271,8 @@ impl Pools {
             breaker_threshold: config.breaker_failure_threshold,
             breaker_cooldown: config.breaker_cooldown(),
             usage,
+            identity,
+            remote,
         }
     }
 
@@ -310,33 +353,78 @@ impl Pools {
         if is_gone(rec.status) {
             return known.remove(&rec.id).is_some();
         }
+        // An engine off this host is reached over mutual TLS only: without
+        // its certificate (not reported yet) or without the router's
+        // identity, it gets no address, so it is never routed to.
+        let routable = match &rec.engine_cert_pem {
+            Some(_) => self.identity.is_some(),
+            None => !(self.remote)(&rec.provider),
+        };
+        let scheme = if rec.engine_cert_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let base_url = rec
             .ip
-            .map(|ip| format!("http://{}", SocketAddr::new(ip, self.engine_port)))
+            .filter(|_| routable)
+            .map(|ip| format!("{scheme}://{}", SocketAddr::new(ip, self.engine_port)))
             .unwrap_or_default();
         let model = rec.model.as_str();
         match known.get_mut(&rec.id) {
-            Some(k) if k.backend.base_url == base_url && k.backend.model == model => {
+            Some(k)
+                if k.backend.base_url == base_url
+                    && k.backend.model == model
+                    && k.backend.engine_cert_pem == rec.engine_cert_pem =>
+            {
                 let changed = k.status != rec.status;
                 k.status = rec.status;
                 k.generation = rec.generation;
                 changed
             }
             _ => {
-                let authority = rec.ip.and_then(|ip| {
+                // The TLS client of this engine, made once per backend.
+                let tls = match (&rec.engine_cert_pem, &self.identity) {
+                    (Some(cert), Some(identity)) => {
+                        match crate::tls::client_config(cert, identity) {
+                            Ok(t) => Some((t, cert.clone())),
+                            Err(e) => {
+                                tracing::warn!(instance_id = %rec.id, error = %e, "engine TLS certificate unusable; not routing to it");
+                                None
+                            }
+                        }
+                    }
+                    (Some(_), None) => {
+                        tracing::warn!(instance_id = %rec.id, "engine serves TLS but the router has no client identity; not routing to it");
+                        None
+                    }
+                    (None, _) => {
+                        if rec.ip.is_some() && !routable {
+                            tracing::debug!(instance_id = %rec.id, "engine off this host without a TLS certificate yet; not routing to it");
+                        }
+                        None
+                    }
+                };
+                let routable = routable && (rec.engine_cert_pem.is_none() || tls.is_some());
+                let base_url = if routable { base_url } else { String::new() };
+                let authority = rec.ip.filter(|_| routable).and_then(|ip| {
                     SocketAddr::new(ip, self.engine_port)
                         .to_string()
                         .parse()
                         .ok()
                 });
-                let backend = Arc::new(Backend::new(
+                let mut backend = Backend::new(
                     rec.id,
                     model,
                     base_url,
                     authority,
                     Breaker::new(self.breaker_threshold, self.breaker_cooldown),
                     self.usage.instance(rec.id, model),
-                ));
+                );
+                if let Some((t, cert)) = tls {
+                    backend = backend.with_tls(t, cert);
+                }
+                let backend = Arc::new(backend);
                 known.insert(
                     rec.id,
                     Known {
@@ -509,5 +597,115 @@ mod tests {
                 assert_eq!(now_on, *was, "key {k} moved although its instance stayed");
             }
         }
+    }
+
+    fn record(n: u128, provider: &str, cert: Option<String>) -> InstanceRecord {
+        let now = chrono::Utc::now();
+        InstanceRecord {
+            id: InstanceId::from_uuid(uuid::Uuid::from_u128(n)),
+            provider: provider.parse().unwrap(),
+            zone: "z".into(),
+            instance_type: "t".into(),
+            model: "org/m".parse().unwrap(),
+            status: InstanceStatus::Ready,
+            status_reason: None,
+            status_message: None,
+            milestones: Default::default(),
+            idempotency_key: "k".into(),
+            provider_instance_id: None,
+            ip: Some(format!("127.0.0.{n}").parse().unwrap()),
+            generation: 1,
+            provision_attempts: 0,
+            next_attempt_at: None,
+            startup_deadline_at: now,
+            created_at: now,
+            updated_at: now,
+            status_changed_at: now,
+            ready_at: Some(now),
+            terminate_requested_at: None,
+            terminated_at: None,
+            cleanup_started_at: None,
+            cleaned_up_at: None,
+            last_heartbeat_seq: None,
+            last_heartbeat_at: None,
+            engine_status: None,
+            engine_cert_pem: cert,
+        }
+    }
+
+    fn routed(p: &Pools) -> Vec<(InstanceId, String, bool)> {
+        let mut v: Vec<_> = p
+            .model("org/m")
+            .map(|m| {
+                m.backends
+                    .iter()
+                    .map(|b| (b.id, b.conn_key.clone(), b.tls.is_some()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn remote_engines_are_routed_to_over_tls_only() {
+        let engine = rcgen::generate_simple_self_signed(vec!["gpufleet-engine".into()]).unwrap();
+        let router = rcgen::generate_simple_self_signed(vec!["r".into()]).unwrap();
+        let identity = EngineClientIdentity {
+            cert_pem: router.cert.pem(),
+            key_pem: router.signing_key.serialize_pem(),
+        };
+        let remote: Box<dyn Fn(&ProviderName) -> bool + Send + Sync> =
+            Box::new(|p| p.as_str() == "scaleway");
+        let pools = Pools::with_tls(
+            &RouterConfig::default(),
+            8000,
+            Arc::new(Usage::default()),
+            Some(identity),
+            remote,
+        );
+        let local = record(1, "mock", None);
+        let waiting = record(2, "scaleway", None);
+        let mut with_cert = record(3, "scaleway", Some(engine.cert.pem()));
+        pools.reset(&[local.clone(), waiting.clone(), with_cert.clone()]);
+        let (l, r) = (local.id, with_cert.id);
+        assert_eq!(
+            routed(&pools),
+            vec![
+                (l, "127.0.0.1:8000".to_string(), false),
+                (r, "tls://127.0.0.3:8000".to_string(), true),
+            ],
+            "a remote engine without its certificate is not routed to"
+        );
+        assert_eq!(pools.starting("org/m"), 1);
+        // Once its certificate is known, it is.
+        let mut w = waiting.clone();
+        w.generation = 2;
+        w.engine_cert_pem = Some(engine.cert.pem());
+        assert!(pools.apply(&w));
+        assert_eq!(routed(&pools).len(), 3);
+        // A new certificate (agent restarted) makes a new backend.
+        let before = pools.model("org/m").unwrap().backends[2].clone();
+        let other = rcgen::generate_simple_self_signed(vec!["gpufleet-engine".into()]).unwrap();
+        with_cert.generation = 2;
+        with_cert.engine_cert_pem = Some(other.cert.pem());
+        assert!(pools.apply(&with_cert));
+        let after = pools.model("org/m").unwrap().backends[2].clone();
+        assert_eq!(after.id, before.id);
+        assert!(!Arc::ptr_eq(&after, &before));
+
+        // Without a client identity, engines with a certificate are skipped.
+        let bare = Pools::with_tls(
+            &RouterConfig::default(),
+            8000,
+            Arc::new(Usage::default()),
+            None,
+            Box::new(|_| false),
+        );
+        bare.reset(&[local, with_cert]);
+        assert_eq!(
+            routed(&bare),
+            vec![(l, "127.0.0.1:8000".to_string(), false)]
+        );
     }
 }

@@ -196,8 +196,9 @@ async fn forward_as(
             attempt_failed(&b, &"instance without an address");
             continue;
         };
-        // On a connection this task drives (see `upstream`).
-        let host = authority.as_str();
+        // On a connection this task drives (see `upstream`); idle ones are
+        // kept under the backend's key (plain and TLS never mixed).
+        let host = b.conn_key.as_str();
         let host_value = &b.host_header;
         let make = || {
             let mut r = hyper::Request::new(Full::new(body.clone()));
@@ -213,7 +214,13 @@ async fn forward_as(
             );
             r
         };
-        let send = inner.upstream.send(host, cfg.connect_timeout(), make);
+        let send = inner.upstream.send(
+            host,
+            authority.as_str(),
+            b.tls.as_ref(),
+            cfg.connect_timeout(),
+            make,
+        );
         let (resp, conn) = match tokio::time::timeout(cfg.first_byte_timeout(), send).await {
             Err(_) => {
                 attempt_failed(&b, &"no answer before the first-byte timeout");

@@ -12,6 +12,11 @@
 //! connections are kept per instance address and reused (HTTP/1.1
 //! keep-alive); a connection whose stream did not end cleanly (client gone,
 //! error) is dropped, which closes it, which cancels the request upstream.
+//!
+//! Engines of cloud instances are reached over mutual TLS ([`crate::tls`]):
+//! the same connection over a `tokio_rustls` stream ([`Io::Tls`]); their
+//! idle connections are kept under a key of their own (`tls://host`), so a
+//! plain and a TLS connection are never mixed up.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -24,7 +29,81 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::tls::UpstreamTls;
+
+/// The byte stream under a connection: plain TCP (engines on this host) or
+/// TLS over TCP (engines of cloud instances).
+pub(crate) enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    #[inline]
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Idle connections kept per instance address.
 const MAX_IDLE_PER_HOST: usize = 1024;
@@ -33,7 +112,7 @@ const MAX_IDLE_PER_HOST: usize = 1024;
 /// itself, which whoever holds it must poll.
 pub(crate) struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
-    conn: http1::Connection<TokioIo<TcpStream>, Full<Bytes>>,
+    conn: http1::Connection<TokioIo<Io>, Full<Bytes>>,
 }
 
 impl Conn {
@@ -58,6 +137,8 @@ pub(crate) enum SendError {
     Connect(std::io::Error),
     #[error("connect timed out")]
     ConnectTimeout,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     #[error("{0}")]
     Http(#[from] hyper::Error),
     #[error("the connection closed before an answer")]
@@ -66,7 +147,10 @@ pub(crate) enum SendError {
 
 impl SendError {
     pub(crate) fn is_connect(&self) -> bool {
-        matches!(self, SendError::Connect(_) | SendError::ConnectTimeout)
+        matches!(
+            self,
+            SendError::Connect(_) | SendError::ConnectTimeout | SendError::Tls(_)
+        )
     }
 }
 
@@ -110,34 +194,55 @@ impl UpstreamConns {
         self.idle().retain(|host, _| keep(host));
     }
 
-    /// Send `make()`'s request to `host` on an idle connection or a new one,
-    /// driving the connection until the answer's head arrives. A reused
-    /// connection that fails before answering is replaced by a new one once
-    /// (it may have been closed while idle).
+    /// Send `make()`'s request to `host` (over `tls` when given) on an idle
+    /// connection kept under `key` or a new one, driving the connection
+    /// until the answer's head arrives. A reused connection that fails
+    /// before answering is replaced by a new one once (it may have been
+    /// closed while idle). `key` is `host` for plain connections and
+    /// something else for TLS ones (see [`crate::pool::Backend::conn_key`]).
     pub(crate) async fn send(
         &self,
+        key: &str,
         host: &str,
+        tls: Option<&UpstreamTls>,
         connect_timeout: Duration,
         make: impl Fn() -> hyper::Request<Full<Bytes>>,
     ) -> Result<(hyper::Response<Incoming>, Conn), SendError> {
-        if let Some(mut conn) = self.take(host) {
+        if let Some(mut conn) = self.take(key) {
             if let Ok(resp) = send_on(&mut conn, make()).await {
                 return Ok((resp, conn));
             }
         }
-        let mut conn = connect(host, connect_timeout).await?;
+        let mut conn = connect(host, tls, connect_timeout).await?;
         let resp = send_on(&mut conn, make()).await?;
         Ok((resp, conn))
     }
 }
 
-async fn connect(host: &str, timeout: Duration) -> Result<Conn, SendError> {
-    let tcp = tokio::time::timeout(timeout, TcpStream::connect(host))
+async fn connect(
+    host: &str,
+    tls: Option<&UpstreamTls>,
+    timeout: Duration,
+) -> Result<Conn, SendError> {
+    let open = async {
+        let tcp = TcpStream::connect(host).await.map_err(SendError::Connect)?;
+        tcp.set_nodelay(true).map_err(SendError::Connect)?;
+        match tls {
+            None => Ok::<_, SendError>(Io::Plain(tcp)),
+            Some(t) => {
+                let connector = tokio_rustls::TlsConnector::from(t.config.clone());
+                let s = connector
+                    .connect(t.server_name.clone(), tcp)
+                    .await
+                    .map_err(SendError::Tls)?;
+                Ok(Io::Tls(Box::new(s)))
+            }
+        }
+    };
+    let io = tokio::time::timeout(timeout, open)
         .await
-        .map_err(|_| SendError::ConnectTimeout)?
-        .map_err(SendError::Connect)?;
-    tcp.set_nodelay(true).map_err(SendError::Connect)?;
-    let (sender, conn) = http1::handshake(TokioIo::new(tcp)).await?;
+        .map_err(|_| SendError::ConnectTimeout)??;
+    let (sender, conn) = http1::handshake(TokioIo::new(io)).await?;
     Ok(Conn { sender, conn })
 }
 
@@ -158,7 +263,7 @@ async fn send_on(
 /// Drive `conn` (while `open`), then poll `inner`; once the connection has
 /// ended, what `inner` still waits for will never come: `Closed`.
 fn driven<T>(
-    conn: &mut http1::Connection<TokioIo<TcpStream>, Full<Bytes>>,
+    conn: &mut http1::Connection<TokioIo<Io>, Full<Bytes>>,
     open: &mut bool,
     cx: &mut Context<'_>,
     inner: impl FnOnce(&mut Context<'_>) -> Poll<Result<T, hyper::Error>>,
@@ -265,7 +370,7 @@ mod tests {
         let timeout = Duration::from_secs(5);
         for _ in 0..3 {
             let (resp, mut conn) = conns
-                .send(&host, timeout, || request(&host, "/three"))
+                .send(&host, &host, None, timeout, || request(&host, "/three"))
                 .await
                 .unwrap();
             assert_eq!(resp.status(), 200);
@@ -277,7 +382,7 @@ mod tests {
         // A stream abandoned midway: its connection is dropped, not kept,
         // and the server sees the request go away.
         let (resp, mut conn) = conns
-            .send(&host, timeout, || request(&host, "/forever"))
+            .send(&host, &host, None, timeout, || request(&host, "/forever"))
             .await
             .unwrap();
         let mut body = resp.into_body();
@@ -306,7 +411,7 @@ mod tests {
         }
         // Nothing idle left: the next stream opens a new connection.
         let (resp, mut conn) = conns
-            .send(&host, timeout, || request(&host, "/three"))
+            .send(&host, &host, None, timeout, || request(&host, "/three"))
             .await
             .unwrap();
         assert_eq!(read_driven(resp, &mut conn).await, b"a\n\nb\n\nc\n\n");
@@ -316,5 +421,152 @@ mod tests {
         conns.put(&host, conn);
         conns.retain_hosts(&|_| false);
         assert!(conns.take(&host).is_none());
+    }
+
+    /// A TLS server for `gpufleet-engine` that requires a client certificate
+    /// signed by `client_ca_pem` and answers every request `ok`; its
+    /// certificate PEM and address.
+    async fn tls_server(client_ca_pem: &str) -> (String, String) {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let engine =
+            rcgen::generate_simple_self_signed(vec![crate::tls::ENGINE_TLS_SERVER_NAME.into()])
+                .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(client_ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.into(),
+            provider.clone(),
+        )
+        .build()
+        .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![engine.cert.der().clone()],
+                PrivateKeyDer::from_pem_slice(engine.signing_key.serialize_pem().as_bytes())
+                    .unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        // Head and the 2-byte body `{}`.
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            if buf.len() >= end + 4 + 2 {
+                                buf.drain(..end + 6);
+                                let _ = s
+                                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                    .await;
+                                continue;
+                            }
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (engine.cert.pem(), host)
+    }
+
+    #[tokio::test]
+    async fn tls_engines_need_the_router_identity_and_keep_their_own_idle_connections() {
+        let router = rcgen::generate_simple_self_signed(vec!["gpufleet-router".into()]).unwrap();
+        let identity = crate::tls::EngineClientIdentity {
+            cert_pem: router.cert.pem(),
+            key_pem: router.signing_key.serialize_pem(),
+        };
+        let (engine_pem, host) = tls_server(&identity.cert_pem).await;
+        let conns = UpstreamConns::default();
+        let timeout = Duration::from_secs(5);
+        let key = format!("tls://{host}");
+
+        // With the router's identity: answered, and kept under the TLS key.
+        let tls = crate::tls::client_config(&engine_pem, &identity).unwrap();
+        for _ in 0..2 {
+            let (resp, mut conn) = conns
+                .send(&key, &host, Some(&tls), timeout, || request(&host, "/x"))
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(read_driven(resp, &mut conn).await, b"ok");
+            conns.put(&key, conn);
+        }
+        assert!(conns.take(&host).is_none(), "plain and TLS never mix");
+        assert!(conns.take(&key).is_some());
+
+        // Another identity, or none: refused.
+        let stranger = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        let other = crate::tls::EngineClientIdentity {
+            cert_pem: stranger.cert.pem(),
+            key_pem: stranger.signing_key.serialize_pem(),
+        };
+        let wrong = crate::tls::client_config(&engine_pem, &other).unwrap();
+        let none = {
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(
+                    rustls::pki_types::CertificateDer::from_pem_slice(engine_pem.as_bytes())
+                        .unwrap(),
+                )
+                .unwrap();
+            let c = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+            UpstreamTls {
+                config: Arc::new(c),
+                server_name: tls.server_name.clone(),
+            }
+        };
+        for bad in [&wrong, &none] {
+            let r = conns
+                .send("k2", &host, Some(bad), timeout, || request(&host, "/x"))
+                .await;
+            assert!(
+                r.is_err(),
+                "a client without the router's identity is refused"
+            );
+        }
+
+        // A plain client to a TLS engine gets no answer either.
+        let r = conns
+            .send(&host, &host, None, timeout, || request(&host, "/x"))
+            .await;
+        assert!(r.is_err());
+
+        // Trusting another certificate than the engine's: refused by the client.
+        let (other_engine_pem, _) = tls_server(&identity.cert_pem).await;
+        let mistrust = crate::tls::client_config(&other_engine_pem, &identity).unwrap();
+        let r = conns
+            .send("k3", &host, Some(&mistrust), timeout, || {
+                request(&host, "/x")
+            })
+            .await;
+        assert!(matches!(r, Err(SendError::Tls(_))), "{:?}", r.err());
     }
 }

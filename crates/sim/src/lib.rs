@@ -29,9 +29,12 @@ mod openai;
 mod scheduler;
 mod state;
 mod text;
+mod tls;
 
 use std::future::Future;
+use std::future::IntoFuture;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,6 +101,19 @@ pub struct SimArgs {
     /// Tokens generated when a request sets no `max_tokens`.
     #[arg(long, default_value_t = openai::DEFAULT_MAX_TOKENS)]
     pub default_max_tokens: u32,
+    /// Serve HTTPS with this PEM private key (as vLLM's `--ssl-keyfile`).
+    #[arg(long)]
+    pub ssl_keyfile: Option<PathBuf>,
+    /// PEM certificate chain served with `--ssl-keyfile`.
+    #[arg(long)]
+    pub ssl_certfile: Option<PathBuf>,
+    /// PEM certificates client certificates are checked against.
+    #[arg(long)]
+    pub ssl_ca_certs: Option<PathBuf>,
+    /// Client certificates, as Python's `ssl`: 0 none, 1 optional (checked
+    /// when given), 2 required.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub ssl_cert_reqs: u8,
 }
 
 impl SimArgs {
@@ -124,6 +140,10 @@ impl SimArgs {
             stall_ms: 30_000,
             mode: knobs::TextMode::Random,
             default_max_tokens: openai::DEFAULT_MAX_TOKENS,
+            ssl_keyfile: None,
+            ssl_certfile: None,
+            ssl_ca_certs: None,
+            ssl_cert_reqs: 0,
         }
     }
 
@@ -169,6 +189,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 pub struct SimServer {
     listener: TcpListener,
     state: Arc<SimState>,
+    /// HTTPS (`--ssl-*`); `None`: plain HTTP.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl SimServer {
@@ -185,8 +207,13 @@ impl SimServer {
         args.knobs()
             .validate()
             .map_err(|e| SimError::InvalidArgs(e.to_string()))?;
+        let tls = tls::server_config(&args)?;
         let state = Arc::new(SimState::new(&args));
-        Ok(Self { listener, state })
+        Ok(Self {
+            listener,
+            state,
+            tls,
+        })
     }
 
     /// The address actually bound (useful with port 0).
@@ -221,14 +248,31 @@ impl SimServer {
             let _ = stop_tx.send(true);
         });
         let mut graceful_rx = stop_rx.clone();
-        // No Nagle delay on the many small writes of a stream.
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server =
-            axum::serve(listener, handlers::router(state)).with_graceful_shutdown(async move {
-                let _ = graceful_rx.wait_for(|stop| *stop).await;
-            });
+        let graceful = async move {
+            let _ = graceful_rx.wait_for(|stop| *stop).await;
+        };
+        let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+            match self.tls {
+                Some(config) => {
+                    let listener = tls::TlsListener::new(self.listener, config);
+                    Box::pin(
+                        axum::serve(listener, handlers::router(state))
+                            .with_graceful_shutdown(graceful)
+                            .into_future(),
+                    )
+                }
+                None => {
+                    // No Nagle delay on the many small writes of a stream.
+                    let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    Box::pin(
+                        axum::serve(listener, handlers::router(state))
+                            .with_graceful_shutdown(graceful)
+                            .into_future(),
+                    )
+                }
+            };
         let deadline = async move {
             if stop_rx.wait_for(|stop| *stop).await.is_ok() {
                 tokio::time::sleep(SHUTDOWN_GRACE).await;

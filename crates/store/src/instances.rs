@@ -20,7 +20,7 @@ const INSTANCE_COLUMNS: &str = "id, provider, zone, instance_type, model, status
      provider_instance_id, ip, generation, provision_attempts, next_attempt_at, \
      startup_deadline_at, created_at, updated_at, status_changed_at, ready_at, \
      terminate_requested_at, terminated_at, cleanup_started_at, cleaned_up_at, \
-     last_heartbeat_seq, last_heartbeat_at, engine_status";
+     last_heartbeat_seq, last_heartbeat_at, engine_status, engine_cert_pem";
 
 fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
     let mut r = RowReader::new(row, "instances row");
@@ -68,6 +68,7 @@ fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
         last_heartbeat_seq: r.get("last_heartbeat_seq")?,
         last_heartbeat_at: r.time_opt("last_heartbeat_at")?,
         engine_status: r.serde_enum_opt("engine_status")?,
+        engine_cert_pem: r.get("engine_cert_pem")?,
     })
 }
 
@@ -250,7 +251,7 @@ impl Store {
              provision_attempts = $12, next_attempt_at = $13, startup_deadline_at = $14, \
              updated_at = $15, status_changed_at = $16, ready_at = $17, \
              terminate_requested_at = $18, terminated_at = $19, cleanup_started_at = $20, \
-             cleaned_up_at = $21 \
+             cleaned_up_at = $21, engine_cert_pem = $22 \
              WHERE id = $1 AND generation = $2",
         )
         .bind(next.id.to_string())
@@ -278,6 +279,7 @@ impl Store {
         .bind(millis_opt(next.terminated_at))
         .bind(millis_opt(next.cleanup_started_at))
         .bind(millis_opt(next.cleaned_up_at))
+        .bind(next.engine_cert_pem.as_deref())
         .execute(&mut *tx)
         .await?
         .rows_affected();

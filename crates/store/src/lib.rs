@@ -133,6 +133,11 @@ pub struct InstanceRecord {
     pub last_heartbeat_seq: Option<i64>,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub engine_status: Option<EngineStatus>,
+    /// The engine's TLS certificate (PEM) reported by a cloud instance's
+    /// agent; the router reaches that engine over mutual TLS trusting it
+    /// alone. `None` for machines on this host (plain HTTP on loopback).
+    #[serde(default)]
+    pub engine_cert_pem: Option<String>,
 }
 
 /// A new instance, with its provision intent.

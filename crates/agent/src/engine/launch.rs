@@ -25,6 +25,9 @@ pub struct LaunchRequest {
     /// Environment of the engine beyond the agent's own (secrets such as
     /// `HF_TOKEN`; a container gets them by name, never on its command line).
     pub env: Vec<(String, String)>,
+    /// Serve mutual TLS over these files (vLLM's `--ssl-*` flags); `None`:
+    /// plain HTTP (machines on the control plane's host).
+    pub tls: Option<super::EngineTlsFiles>,
 }
 
 /// Name of the engine's container (one engine per machine).
@@ -32,6 +35,33 @@ pub const CONTAINER_NAME: &str = "gpufleet-engine";
 
 /// Where the model cache is mounted in vLLM's container (its Hugging Face cache).
 const CONTAINER_CACHE: &str = "/root/.cache/huggingface";
+
+/// Where the engine's TLS files are mounted (read-only) in vLLM's container.
+const CONTAINER_TLS: &str = "/gpufleet-tls";
+
+/// vLLM's TLS flags over `key`, `cert` and `clients`, clients' certificates
+/// required (`--ssl-cert-reqs 2` = `ssl.CERT_REQUIRED`).
+fn ssl_args(key: &str, cert: &str, clients: &str) -> [String; 8] {
+    [
+        "--ssl-keyfile".into(),
+        key.into(),
+        "--ssl-certfile".into(),
+        cert.into(),
+        "--ssl-ca-certs".into(),
+        clients.into(),
+        "--ssl-cert-reqs".into(),
+        "2".into(),
+    ]
+}
+
+/// [`ssl_args`] over the host paths of `files`.
+fn host_ssl_args(files: &super::EngineTlsFiles) -> [String; 8] {
+    ssl_args(
+        &files.key.to_string_lossy(),
+        &files.cert.to_string_lossy(),
+        &files.clients.to_string_lossy(),
+    )
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -82,9 +112,8 @@ impl ProcessLauncher {
             EngineSpec::Sim {
                 port,
                 model_load_delay_ms,
-            } => Ok((
-                self.sim_program.clone(),
-                vec![
+            } => {
+                let mut args: Vec<String> = vec![
                     "sim".into(),
                     "--host".into(),
                     host,
@@ -94,8 +123,12 @@ impl ProcessLauncher {
                     req.model.to_string(),
                     "--model-load-delay-ms".into(),
                     model_load_delay_ms.to_string(),
-                ],
-            )),
+                ];
+                if let Some(files) = &req.tls {
+                    args.extend(host_ssl_args(files));
+                }
+                Ok((self.sim_program.clone(), args))
+            }
             EngineSpec::Vllm { port, command } => {
                 let (program, args) = command.split_first().ok_or(LaunchError::EmptyCommand)?;
                 let mut args = args.to_vec();
@@ -107,6 +140,9 @@ impl ProcessLauncher {
                     "--port".into(),
                     port.to_string(),
                 ]);
+                if let Some(files) = &req.tls {
+                    args.extend(host_ssl_args(files));
+                }
                 Ok((PathBuf::from(program), args))
             }
             EngineSpec::VllmContainer {
@@ -131,6 +167,10 @@ impl ProcessLauncher {
                 .map(String::from)
                 .into();
                 args.push(format!("{cache_dir}:{CONTAINER_CACHE}"));
+                if let Some(files) = &req.tls {
+                    args.push("-v".into());
+                    args.push(format!("{}:{CONTAINER_TLS}:ro", files.dir.display()));
+                }
                 for (name, _) in &req.env {
                     args.extend(["-e".to_string(), name.clone()]);
                 }
@@ -143,6 +183,13 @@ impl ProcessLauncher {
                     "--port".into(),
                     port.to_string(),
                 ]);
+                if req.tls.is_some() {
+                    args.extend(ssl_args(
+                        &format!("{CONTAINER_TLS}/key.pem"),
+                        &format!("{CONTAINER_TLS}/cert.pem"),
+                        &format!("{CONTAINER_TLS}/clients.pem"),
+                    ));
+                }
                 args.extend(extra.iter().cloned());
                 Ok((PathBuf::from(runtime), args))
             }
@@ -398,6 +445,7 @@ mod tests {
             model: "org/m".parse().expect("model"),
             data_dir: "/tmp".into(),
             env: vec![("HF_TOKEN".into(), "hf_secret".into())],
+            tls: None,
         };
         let (p, args) = l.command(&req).expect("cmd");
         assert_eq!(p, PathBuf::from("vllm"));
@@ -446,5 +494,36 @@ mod tests {
         );
         // The secret's value never appears on the command line.
         assert!(!args.iter().any(|a| a.contains("hf_secret")));
+
+        // Mutual TLS: the files mounted read-only, vLLM's flags over them.
+        let tls = crate::engine::EngineTlsFiles::in_dir("/var/lib/gpufleet/engine-tls".into());
+        let with_tls = LaunchRequest {
+            tls: Some(tls.clone()),
+            ..container
+        };
+        let (_, args) = l.command(&with_tls).expect("cmd");
+        assert_eq!(
+            args.join(" "),
+            "run --rm --name gpufleet-engine --gpus all --ipc=host --network host \
+             -v /var/lib/gpufleet/models:/root/.cache/huggingface \
+             -v /var/lib/gpufleet/engine-tls:/gpufleet-tls:ro -e HF_TOKEN \
+             vllm/vllm-openai:v0.10.1 --model org/m --host 10.0.0.2 --port 8000 \
+             --ssl-keyfile /gpufleet-tls/key.pem --ssl-certfile /gpufleet-tls/cert.pem \
+             --ssl-ca-certs /gpufleet-tls/clients.pem --ssl-cert-reqs 2 --max-model-len 8192"
+        );
+        let vllm = LaunchRequest {
+            spec: EngineSpec::Vllm {
+                port: 9000,
+                command: vec!["vllm".into(), "serve".into()],
+            },
+            ..with_tls
+        };
+        let (_, args) = l.command(&vllm).expect("cmd");
+        assert_eq!(
+            args[7..].join(" "),
+            "--ssl-keyfile /var/lib/gpufleet/engine-tls/key.pem \
+             --ssl-certfile /var/lib/gpufleet/engine-tls/cert.pem \
+             --ssl-ca-certs /var/lib/gpufleet/engine-tls/clients.pem --ssl-cert-reqs 2"
+        );
     }
 }

@@ -4,10 +4,12 @@
 mod launch;
 pub mod probe;
 pub mod supervisor;
+pub mod tls;
 
 pub use launch::{
     EngineLauncher, EngineProcess, ExitInfo, LaunchError, LaunchRequest, ProcessLauncher,
 };
+pub use tls::EngineTlsFiles;
 
 use gpufleet_proto::EngineStatus;
 

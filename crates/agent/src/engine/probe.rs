@@ -1,17 +1,32 @@
 //! Talking to the engine over HTTP: readiness and metrics.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use gpufleet_domain::ModelName;
 
 use crate::scrape::{self, EngineGauges};
 
+/// Reads the engine: plain HTTP, or (once [`EngineProbe::use_tls`] was
+/// called) https with the agent's client certificate, trusting the engine's
+/// certificate alone. Clones share the switch.
 #[derive(Clone)]
 pub struct EngineProbe {
+    target: Arc<RwLock<Target>>,
+    addr: SocketAddr,
+    model: ModelName,
+}
+
+struct Target {
     http: reqwest::Client,
     base: String,
-    model: ModelName,
+}
+
+fn builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(2))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,22 +49,44 @@ impl EngineProbe {
             IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             h => h,
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(2))
-            .build()
-            .unwrap_or_default();
+        let addr = SocketAddr::new(host, port);
+        let http = builder().build().unwrap_or_default();
         Self {
-            http,
-            base: format!("http://{}", SocketAddr::new(host, port)),
+            target: Arc::new(RwLock::new(Target {
+                http,
+                base: format!("http://{addr}"),
+            })),
+            addr,
             model,
         }
     }
 
+    /// Speak https to the engine from now on: trust `engine_cert_pem` alone
+    /// (for the name [`gpufleet_proto::ENGINE_TLS_SERVER_NAME`], at the
+    /// engine's address) and present `identity_pem` (certificate + key).
+    pub fn use_tls(&self, engine_cert_pem: &str, identity_pem: &str) -> Result<(), reqwest::Error> {
+        let name = gpufleet_proto::ENGINE_TLS_SERVER_NAME;
+        let http = builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(engine_cert_pem.as_bytes())?)
+            .tls_built_in_root_certs(false)
+            .identity(reqwest::Identity::from_pem(identity_pem.as_bytes())?)
+            .resolve(name, self.addr)
+            .build()?;
+        let mut t = self.target.write().unwrap_or_else(|p| p.into_inner());
+        *t = Target {
+            http,
+            base: format!("https://{name}:{}", self.addr.port()),
+        };
+        Ok(())
+    }
+
     async fn get(&self, path: &str) -> Result<reqwest::Response, ProbeError> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
+        let (http, url) = {
+            let t = self.target.read().unwrap_or_else(|p| p.into_inner());
+            (t.http.clone(), format!("{}{path}", t.base))
+        };
+        let resp = http
+            .get(url)
             .send()
             .await
             .map_err(ProbeError::Unreachable)?;

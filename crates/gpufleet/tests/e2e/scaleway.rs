@@ -235,12 +235,54 @@ async fn create_to_ready_serves_and_terminate_leaves_nothing() {
         id.to_string().as_str()
     );
 
+    // The engine speaks mutual TLS only (vLLM's --ssl-* flags over the
+    // agent's files, mounted read-only): plain HTTP gets no answer, and an
+    // https client without the router's (or agent's) certificate is refused.
+    assert!(
+        docker_log.contains(":/gpufleet-tls:ro") && docker_log.contains("--ssl-cert-reqs 2"),
+        "{docker_log}"
+    );
+    let engine = std::net::SocketAddr::new(ip, gpufleet_proto::DEFAULT_ENGINE_PORT);
+    let plain = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let answer = plain.get(format!("http://{engine}/v1/models")).send().await;
+    assert!(
+        answer.as_ref().map_or(true, |r| !r.status().is_success()),
+        "plain HTTP to the engine answered: {answer:?}"
+    );
+    let no_cert = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let answer = no_cert
+        .get(format!("https://{engine}/v1/models"))
+        .send()
+        .await;
+    assert!(
+        answer.is_err(),
+        "an https client without a client certificate was answered: {answer:?}"
+    );
+    // The router, with its identity, still gets through (again).
+    let resp = app
+        .http
+        .post(app.url("/v1/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "max_tokens": 3, "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
     // The timeline tells the story.
     let tl = app.timeline(id).await.unwrap();
     let actions: Vec<&str> = tl.events.iter().map(|e| e.action.as_str()).collect();
     for a in [
         "provider.create",
         "agent.registered",
+        "agent.engine_cert",
         "agent.engine_started",
         "agent.engine_ready",
     ] {

@@ -36,11 +36,30 @@ pub mod paths {
     pub const DATA_DIR: &str = "/var/lib/gpufleet";
 }
 
+/// A block volume the machine formats (once) and mounts for the model cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheDisk {
+    /// Its stable device path, e.g. `/dev/disk/by-id/scsi-0SCW_sbs_volume-<id>`.
+    pub device: String,
+    /// Where it is mounted (the engine's cache directory).
+    pub mount_point: String,
+}
+
+/// Filesystem label of the model-cache volume.
+const CACHE_LABEL: &str = "gpufleet-models";
+
 /// The systemd unit's name.
 pub const UNIT_NAME: &str = "gpufleet-agent.service";
 
-/// The `#cloud-config` document for one machine.
-pub fn user_data(bootstrap: &AgentBootstrap, install: &AgentInstall) -> String {
+/// The `#cloud-config` document for one machine; with `disk`, cloud-init
+/// formats it (ext4, only if it holds no filesystem yet) and mounts it before
+/// the agent is installed (`nofail`: without it the cache stays on the root
+/// volume).
+pub fn user_data(
+    bootstrap: &AgentBootstrap,
+    install: &AgentInstall,
+    disk: Option<&CacheDisk>,
+) -> String {
     let bootstrap_json =
         serde_json::to_string(bootstrap).expect("an AgentBootstrap always serializes");
     let mut files = vec![file(paths::BOOTSTRAP, "0600", &bootstrap_json)];
@@ -61,6 +80,16 @@ pub fn user_data(bootstrap: &AgentBootstrap, install: &AgentInstall) -> String {
     out.push_str("write_files:\n");
     for f in files {
         out.push_str(&f);
+    }
+    if let Some(d) = disk {
+        out.push_str(&format!(
+            "fs_setup:\n  - label: {CACHE_LABEL}\n    filesystem: ext4\n    device: {}\n    overwrite: false\n",
+            yaml_str(&d.device)
+        ));
+        out.push_str(&format!(
+            "mounts:\n  - [\"LABEL={CACHE_LABEL}\", {}, \"ext4\", \"defaults,nofail,x-systemd.device-timeout=60s\", \"0\", \"2\"]\n",
+            yaml_str(&d.mount_point)
+        ));
     }
     out.push_str("runcmd:\n");
     out.push_str(&format!("  - [{}]\n", yaml_str(paths::INSTALL_SCRIPT)));
@@ -193,8 +222,9 @@ mod tests {
             binary_sha256: "ab".repeat(32),
             agent_args: vec!["--gpu".into(), "nvml".into()],
         };
-        let ud = user_data(&b, &install);
+        let ud = user_data(&b, &install, None);
         assert!(ud.starts_with("#cloud-config\n"), "{ud}");
+        assert!(!ud.contains("mounts:"));
         assert!(ud.contains(&format!(
             "content: {}",
             base64(serde_json::to_string(&b).unwrap().as_bytes())
@@ -219,7 +249,7 @@ mod tests {
             binary_sha256: "00".repeat(32),
             agent_args: vec![],
         };
-        let ud = user_data(&bootstrap(None), &install);
+        let ud = user_data(&bootstrap(None), &install, None);
         assert!(!ud.contains("control-plane-ca.pem\"\n    permissions"));
         assert!(!install_script(&install, false).contains("--cacert"));
     }

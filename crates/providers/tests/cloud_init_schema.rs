@@ -4,7 +4,7 @@
 
 use gpufleet_domain::{GpuSpec, InstanceId};
 use gpufleet_proto::{AgentBootstrap, EngineSpec};
-use gpufleet_providers::cloudinit::{user_data, AgentInstall};
+use gpufleet_providers::cloudinit::{user_data, AgentInstall, CacheDisk};
 use std::process::Command;
 
 fn validate(doc: &str) -> (bool, String) {
@@ -26,10 +26,12 @@ fn validate(doc: &str) -> (bool, String) {
 
 #[test]
 fn the_user_data_passes_cloud_inits_schema() {
-    for ca in [
-        None,
-        Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"),
-    ] {
+    let disk = CacheDisk {
+        device: "/dev/disk/by-id/scsi-0SCW_sbs_volume-3dcd8901-d213-4ca4-89c5-85ba55a60ff7".into(),
+        mount_point: "/var/lib/gpufleet/models".into(),
+    };
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    for (ca, disk) in [(None, None), (Some(pem), Some(&disk))] {
         let id = InstanceId::new();
         let bootstrap = AgentBootstrap {
             instance_id: id,
@@ -57,7 +59,8 @@ fn the_user_data_passes_cloud_inits_schema() {
             binary_sha256: "ab".repeat(32),
             agent_args: vec!["--gpu".into(), "nvml".into()],
         };
-        let doc = user_data(&bootstrap, &install);
+        let doc = user_data(&bootstrap, &install, disk);
+        assert_eq!(doc.contains("mounts:"), disk.is_some());
         let (ok, text) = validate(&doc);
         assert!(ok, "cloud-init schema rejects the user data: {text}\n{doc}");
     }

@@ -530,7 +530,12 @@ async fn create_runs_every_step_in_order_and_sets_user_data_as_text() {
             .all(|r| r.token.as_deref() == Some(SECRET)));
         let udr = &f.requests[ud];
         assert_eq!(udr.content_type.as_deref(), Some("text/plain"));
-        assert_eq!(udr.body, cloudinit::user_data(&req.bootstrap, &env.install));
+        assert!(udr.body.starts_with("#cloud-config"));
+        assert!(
+            udr.body.contains("scsi-0SCW_sbs_volume-"),
+            "the model volume is formatted and mounted: {}",
+            udr.body
+        );
         assert_eq!(
             serde_json::from_str::<Value>(&f.requests[on].body).unwrap(),
             json!({"action": "poweron"})

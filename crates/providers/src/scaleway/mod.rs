@@ -809,19 +809,28 @@ impl ScalewayProvider {
                 .await
                 .map_err(|e| not_found_is_retryable(e, "the root volume"))?;
         }
-        let keys: api::UserDataKeys = self
-            .json(
-                op,
-                Method::GET,
-                &format!("{base}/user_data"),
-                &[],
-                Body::None,
-                "the user data keys",
-            )
-            .await
-            .map_err(|e| not_found_is_retryable(e, "the server"))?;
-        if !keys.user_data.iter().any(|k| k == "cloud-init") {
-            let ud = cloudinit::user_data(&req.bootstrap, &self.install);
+        // A server this attempt made has no user data yet.
+        let has_user_data = !req.first_attempt && {
+            let keys: api::UserDataKeys = self
+                .json(
+                    op,
+                    Method::GET,
+                    &format!("{base}/user_data"),
+                    &[],
+                    Body::None,
+                    "the user data keys",
+                )
+                .await
+                .map_err(|e| not_found_is_retryable(e, "the server"))?;
+            keys.user_data.iter().any(|k| k == "cloud-init")
+        };
+        if !has_user_data {
+            // The model volume (attached as volume 1) holds the model cache.
+            let disk = server.volumes.get("1").map(|v| cloudinit::CacheDisk {
+                device: format!("/dev/disk/by-id/scsi-0SCW_sbs_volume-{}", v.id),
+                mount_point: MODEL_CACHE_DIR.to_string(),
+            });
+            let ud = cloudinit::user_data(&req.bootstrap, &self.install, disk.as_ref());
             self.api
                 .call(
                     op,

@@ -210,29 +210,30 @@ async fn handle(
             s["commercial_type"] = json_body["commercial_type"].clone();
             s["tags"] = json_body["tags"].clone();
             s["zone"] = json!(ZONE);
+            // Both SBS volumes are made by the server, and a dynamic routed
+            // IP with it (as the real API does for these fields).
+            let model = f.id();
             s["volumes"] = json!({"0": {"boot": false, "volume_type": "sbs_volume", "id": root, "state": "available", "zone": ZONE},
-                                  "1": {"boot": false, "volume_type": "sbs_volume", "id": json_body["volumes"]["1"]["id"], "state": "available", "zone": ZONE}});
-            let ip_id = json_body["public_ips"][0].as_str().unwrap().to_string();
-            let ip = f
-                .ips
-                .iter_mut()
-                .find(|i| i["id"] == json!(ip_id))
-                .expect("the server's IP exists");
+                                  "1": {"boot": false, "volume_type": "sbs_volume", "id": model, "state": "available", "zone": ZONE}});
+            assert_eq!(json_body["dynamic_ip_required"], json!(true), "{json_body}");
+            let mut ip = fixture("ip_create.json")["ip"].clone();
+            let ip_id = f.id();
+            ip["id"] = json!(ip_id);
+            ip["tags"] = json!([]);
             ip["server"] = json!({"id": id, "name": s["name"]});
             ip["state"] = json!("attached");
             let address = ip["address"].clone();
+            f.ips.push(ip);
             s["public_ips"][0]["id"] = json!(ip_id);
             s["public_ips"][0]["address"] = address.clone();
             s["public_ip"]["id"] = json!(ip_id);
             s["public_ip"]["address"] = address;
-            let mut rootv = fixture("block_volume_in_use.json");
-            rootv["id"] = json!(root);
-            rootv["references"][0]["product_resource_id"] = json!(id);
-            f.volumes.push(rootv);
-            let model_id = json_body["volumes"]["1"]["id"].clone();
-            if let Some(v) = f.volumes.iter_mut().find(|v| v["id"] == model_id) {
-                v["status"] = json!("in_use");
-                v["references"] = json!([{"product_resource_type": "instance_server", "product_resource_id": id}]);
+            for vid in [&root, &model] {
+                let mut v = fixture("block_volume_in_use.json");
+                v["id"] = json!(vid);
+                v["tags"] = json!([]);
+                v["references"][0]["product_resource_id"] = json!(id);
+                f.volumes.push(v);
             }
             f.servers.push(s.clone());
             if std::mem::take(&mut f.lose_server_answer) {
@@ -514,10 +515,14 @@ async fn create_runs_every_step_in_order_and_sets_user_data_as_text() {
     let sg = position(&s, image, |x| {
         x.starts_with("POST /instance/v1/zones/fr-par-1/security_groups")
     });
-    let vol = position(&s, sg, |x| x == "POST /block/v1/zones/fr-par-1/volumes");
-    let ip = position(&s, vol, |x| x == "POST /instance/v1/zones/fr-par-1/ips");
-    let server = position(&s, ip, |x| x == format!("POST {servers}"));
-    let ud = position(&s, server, |x| {
+    let server = position(&s, sg, |x| x == format!("POST {servers}"));
+    let root_tags = position(&s, server, |x| {
+        x.starts_with("PATCH /block/v1/zones/fr-par-1/volumes/")
+    });
+    let model_tags = position(&s, root_tags + 1, |x| {
+        x.starts_with("PATCH /block/v1/zones/fr-par-1/volumes/")
+    });
+    let ud = position(&s, model_tags, |x| {
         x.starts_with("PATCH") && x.ends_with("/user_data/cloud-init")
     });
     let on = position(&s, ud, |x| x.starts_with("POST") && x.ends_with("/action"));
@@ -549,11 +554,20 @@ async fn create_runs_every_step_in_order_and_sets_user_data_as_text() {
         assert_eq!(body["commercial_type"], json!("L4-1-24G"));
         assert_eq!(body["image"], json!("8063548b-7ade-4faa-8be1-f48f8d3ba3ea"));
         assert_eq!(body["project"], json!(PROJECT));
-        assert_eq!(body["dynamic_ip_required"], json!(false));
+        // One call makes the server, both volumes and a dynamic routed IP.
+        assert_eq!(body["dynamic_ip_required"], json!(true));
+        assert_eq!(body["routed_ip_enabled"], json!(true));
         assert_eq!(body["volumes"]["0"]["volume_type"], json!("sbs_volume"));
         assert_eq!(body["volumes"]["0"]["size"], json!(54_000_000_000u64));
         assert_eq!(body["volumes"]["1"]["volume_type"], json!("sbs_volume"));
-        assert_eq!(body["public_ips"].as_array().unwrap().len(), 1);
+        assert!(body["volumes"]["1"]["size"].as_u64().unwrap() >= 100_000_000_000);
+        assert!(body.get("public_ips").is_none());
+        let model_patch: Value = serde_json::from_str(&f.requests[model_tags].body).unwrap();
+        assert_eq!(model_patch["perf_iops"], json!(5000));
+        assert!(model_patch["tags"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("gpufleet-volume=models")));
         assert!(body["security_group"].is_string());
         let tags: Vec<&str> = body["tags"]
             .as_array()
@@ -575,16 +589,15 @@ async fn create_runs_every_step_in_order_and_sets_user_data_as_text() {
             .map(|r| r["dest_port_from"].clone())
             .collect();
         assert_eq!(ports, vec![json!(7070), json!(8000)]);
-        // Every volume and the IP carry the instance tag (the root one once tagged).
+        // Both volumes carry the instance tag once tagged; the dynamic IP
+        // belongs to the server.
         let itag = format!("gpufleet-instance={}", req.instance_id);
+        assert_eq!(f.volumes.len(), 2);
         assert!(f
             .volumes
             .iter()
             .all(|v| v["tags"].as_array().unwrap().contains(&json!(itag))));
-        assert!(f
-            .ips
-            .iter()
-            .all(|v| v["tags"].as_array().unwrap().contains(&json!(itag))));
+        assert!(f.ips.iter().all(|i| i["server"]["id"].is_string()));
     }
     // Running now: the IP shows.
     let got = env.provider.get(&m.id).await.unwrap();
@@ -631,8 +644,9 @@ async fn a_lost_create_answer_is_resumed_without_a_second_server() {
             .count()
     };
     assert_eq!(posts(&format!("/instance/v1/zones/{ZONE}/servers")), 1);
-    assert_eq!(posts(&format!("/instance/v1/zones/{ZONE}/ips")), 1);
-    assert_eq!(posts(&format!("/block/v1/zones/{ZONE}/volumes")), 1);
+    // The server makes its volumes and IP: nothing else is made.
+    assert_eq!(posts(&format!("/instance/v1/zones/{ZONE}/ips")), 0);
+    assert_eq!(posts(&format!("/block/v1/zones/{ZONE}/volumes")), 0);
     assert_eq!(f.user_data.len(), 1);
     assert_eq!(f.servers[0]["state"], json!("running"));
 }
@@ -772,7 +786,8 @@ async fn list_and_resources_filter_by_tags() {
     assert_eq!(only_a.len(), 1);
     assert_eq!(only_a[0].id, ma.id);
     let res = env.provider.list_resources(&a.tags).await.unwrap();
-    assert_eq!(res.iter().filter(|r| r.kind == ResourceKind::Ip).count(), 1);
+    // The dynamic IP goes with its server: only the volumes are tagged.
+    assert_eq!(res.iter().filter(|r| r.kind == ResourceKind::Ip).count(), 0);
     assert_eq!(
         res.iter()
             .filter(|r| r.kind == ResourceKind::Volume)

@@ -389,15 +389,19 @@ async fn up_killed_mid_create_never_makes_a_second_server() {
         .times(1),
     );
     let id = cloud.app.create_on("scaleway", L4, 1).await[0].id;
-    // The step before the server create is done: the create is (about to
-    // be) in flight, for 3 s.
-    eventually(Duration::from_secs(30), "the routed IP is made", || {
-        cloud
-            .emu()
-            .ips()
-            .iter()
-            .any(|ip| ip.tags.contains(&format!("gpufleet-instance={id}")))
-    })
+    // The steps before the server create are done (its image and security
+    // group): the create is (about to be) in flight, for 3 s.
+    eventually(
+        Duration::from_secs(30),
+        "the security group is set up",
+        || {
+            cloud
+                .emu()
+                .request_log()
+                .iter()
+                .any(|r| r.path.contains("/security_groups"))
+        },
+    )
     .await;
     cloud.app.kill9();
     cloud.app.restart().await;

@@ -520,11 +520,6 @@ pub struct UserDataKeys {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct IpEnvelope {
-    pub ip: Ip,
-}
-
-#[derive(Debug, Clone, Deserialize)]
 pub struct IpsPage {
     #[serde(default)]
     pub ips: Vec<Ip>,
@@ -537,8 +532,6 @@ pub struct Ip {
     pub server: Option<IdRef>,
     #[serde(default)]
     pub tags: Vec<String>,
-    #[serde(default, rename = "type")]
-    pub kind: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -555,8 +548,6 @@ pub struct VolumesPage {
 #[derive(Debug, Clone, Deserialize)]
 pub struct Volume {
     pub id: String,
-    #[serde(default)]
-    pub status: String,
     #[serde(default)]
     pub tags: Vec<String>,
     #[serde(default)]

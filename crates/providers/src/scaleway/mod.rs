@@ -79,7 +79,6 @@ pub const MODEL_CACHE_DIR: &str = "/var/lib/gpufleet/models";
 
 const PER_PAGE: u32 = 50;
 const MAX_PAGES: u32 = 200;
-const VOLUME_WAIT_TRIES: u32 = 30;
 
 /// Why the provider cannot be built.
 #[derive(Debug, thiserror::Error)]
@@ -691,95 +690,6 @@ impl ScalewayProvider {
         Ok(id)
     }
 
-    async fn model_volume(&self, req: &CreateRequest, zone: &str) -> Result<String, ProviderError> {
-        let op = "create";
-        let mut wanted = self.all_tags(&req.tags, Some("models"));
-        wanted.retain(|t| !self.settings.tags.contains(t));
-        let found = if req.first_attempt {
-            Vec::new()
-        } else {
-            self.list_volumes(op, zone, &wanted).await?
-        };
-        let mut volume = match found.into_iter().next() {
-            Some(v) => v,
-            None => {
-                let gib = model_volume_gib(self.settings.model_volume_min_gib, req.model_size_mib);
-                self.json(
-                    op,
-                    Method::POST,
-                    &format!("/block/v1/zones/{zone}/volumes"),
-                    &[],
-                    Body::Json(json!({
-                        "name": format!("gpufleet-{}-models", req.instance_id),
-                        "perf_iops": self.settings.model_volume_iops,
-                        "project_id": self.config.project_id,
-                        "from_empty": {"size": gib_to_api_bytes(gib)},
-                        "tags": self.all_tags(&req.tags, Some("models")),
-                    })),
-                    "the volume creation",
-                )
-                .await?
-            }
-        };
-        // 50 ms, then doubling up to 1 s: a volume is usually ready at once.
-        let mut pause = Duration::from_millis(50);
-        for attempt in 0..VOLUME_WAIT_TRIES {
-            if volume.status == "available" || volume.status == "in_use" {
-                return Ok(volume.id);
-            }
-            if attempt > 0 {
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-            volume = self
-                .json(
-                    op,
-                    Method::GET,
-                    &format!("/block/v1/zones/{zone}/volumes/{}", volume.id),
-                    &[],
-                    Body::None,
-                    "the volume",
-                )
-                .await
-                .map_err(|e| not_found_is_retryable(e, "the model volume"))?;
-        }
-        Err(ProviderError::retryable(format!(
-            "model volume {} is still {}",
-            volume.id, volume.status
-        )))
-    }
-
-    async fn public_ip(&self, req: &CreateRequest, zone: &str) -> Result<String, ProviderError> {
-        let op = "create";
-        let wanted = encode_tags(&req.tags);
-        if !req.first_attempt {
-            if let Some(ip) = self
-                .list_ips(op, zone, &wanted)
-                .await?
-                .into_iter()
-                .find(|i| i.kind.is_empty() || i.kind == "routed_ipv4")
-            {
-                return Ok(ip.id);
-            }
-        }
-        let made: api::IpEnvelope = self
-            .json(
-                op,
-                Method::POST,
-                &format!("/instance/v1/zones/{zone}/ips"),
-                &[],
-                Body::Json(json!({
-                    "type": "routed_ipv4",
-                    "project": self.config.project_id,
-                    "tags": self.all_tags(&req.tags, None),
-                })),
-                "the IP creation",
-            )
-            .await?;
-        Ok(made.ip.id)
-    }
-
-    /// Takes a found or new server on: user data, poweron.
     async fn resume(
         &self,
         req: &CreateRequest,
@@ -791,23 +701,30 @@ impl ScalewayProvider {
             return Ok(self.machine(zone, &server));
         }
         let base = format!("/instance/v1/zones/{zone}/servers/{}", server.id);
-        // The root volume is made by the server: tag it so that it is found
-        // (and deleted) like the rest.
-        if let Some(root) = server
-            .volumes
-            .get("0")
-            .filter(|v| v.volume_type == "sbs_volume")
-        {
+        // The volumes are made by the server: tag them so that they are
+        // found (and deleted) like the rest; the model volume gets its IOPS.
+        for (index, role) in [("0", "root"), ("1", "models")] {
+            let Some(volume) = server
+                .volumes
+                .get(index)
+                .filter(|v| v.volume_type == "sbs_volume")
+            else {
+                continue;
+            };
+            let mut patch = json!({"tags": self.all_tags(&req.tags, Some(role))});
+            if role == "models" {
+                patch["perf_iops"] = json!(self.settings.model_volume_iops);
+            }
             self.api
                 .call(
                     op,
                     Method::PATCH,
-                    &format!("/block/v1/zones/{zone}/volumes/{}", root.id),
+                    &format!("/block/v1/zones/{zone}/volumes/{}", volume.id),
                     &[],
-                    Body::Json(json!({"tags": self.all_tags(&req.tags, Some("root"))})),
+                    Body::Json(patch),
                 )
                 .await
-                .map_err(|e| not_found_is_retryable(e, "the root volume"))?;
+                .map_err(|e| not_found_is_retryable(e, "a volume of the server"))?;
         }
         // A server this attempt made has no user data yet.
         let has_user_data = !req.first_attempt && {
@@ -986,8 +903,11 @@ impl Provider for ScalewayProvider {
         self.check_stock(zone, &req.instance_type).await?;
         let image = self.image(zone, &req.instance_type).await?;
         let security_group = self.security_group(zone).await?;
-        let volume = self.model_volume(req, zone).await?;
-        let ip = self.public_ip(req, zone).await?;
+        // One call makes the server, its root and model-cache SBS volumes
+        // and a dynamic routed IPv4 (released with the server): under the
+        // API's rate limit, every call of a create counts. The volumes are
+        // tagged (and the model volume's IOPS set) before poweron.
+        let model_gib = model_volume_gib(self.settings.model_volume_min_gib, req.model_size_mib);
         let body = json!({
             "name": format!("gpufleet-{}", req.instance_id),
             "commercial_type": req.instance_type,
@@ -995,16 +915,19 @@ impl Provider for ScalewayProvider {
             "project": self.config.project_id,
             "tags": self.all_tags(&req.tags, None),
             "boot_type": "local",
-            "dynamic_ip_required": false,
+            "dynamic_ip_required": true,
             "routed_ip_enabled": true,
-            "public_ips": [ip],
             "security_group": security_group,
             "volumes": {
                 "0": {
                     "size": gib_to_api_bytes(self.settings.root_volume_gib),
                     "volume_type": "sbs_volume",
                 },
-                "1": {"id": volume, "volume_type": "sbs_volume"},
+                "1": {
+                    "name": format!("gpufleet-{}-models", req.instance_id),
+                    "size": gib_to_api_bytes(model_gib),
+                    "volume_type": "sbs_volume",
+                },
             },
         });
         let made: ServerEnvelope = self

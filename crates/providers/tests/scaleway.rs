@@ -535,11 +535,15 @@ async fn create_runs_every_step_in_order_and_sets_user_data_as_text() {
             .all(|r| r.token.as_deref() == Some(SECRET)));
         let udr = &f.requests[ud];
         assert_eq!(udr.content_type.as_deref(), Some("text/plain"));
-        assert!(udr.body.starts_with("#cloud-config"));
-        assert!(
-            udr.body.contains("scsi-0SCW_sbs_volume-"),
-            "the model volume is formatted and mounted: {}",
-            udr.body
+        // The user data mounts the model volume the server made.
+        let model_volume = f.servers[0]["volumes"]["1"]["id"].as_str().unwrap();
+        let disk = cloudinit::CacheDisk {
+            device: format!("/dev/disk/by-id/scsi-0SCW_sbs_volume-{model_volume}"),
+            mount_point: gpufleet_providers::scaleway::MODEL_CACHE_DIR.to_string(),
+        };
+        assert_eq!(
+            udr.body,
+            cloudinit::user_data(&req.bootstrap, &env.install, Some(&disk))
         );
         assert_eq!(
             serde_json::from_str::<Value>(&f.requests[on].body).unwrap(),

@@ -539,6 +539,53 @@ pub struct IdRef {
     pub id: String,
 }
 
+/// A page of a listing whose items carry tags.
+pub(crate) trait TaggedPage: DeserializeOwned {
+    type Item;
+    fn len(&self) -> usize;
+    fn items(self) -> Vec<Self::Item>;
+    fn tags(item: &Self::Item) -> &[String];
+}
+
+impl TaggedPage for ServersPage {
+    type Item = Server;
+    fn len(&self) -> usize {
+        self.servers.len()
+    }
+    fn items(self) -> Vec<Server> {
+        self.servers
+    }
+    fn tags(item: &Server) -> &[String] {
+        &item.tags
+    }
+}
+
+impl TaggedPage for IpsPage {
+    type Item = Ip;
+    fn len(&self) -> usize {
+        self.ips.len()
+    }
+    fn items(self) -> Vec<Ip> {
+        self.ips
+    }
+    fn tags(item: &Ip) -> &[String] {
+        &item.tags
+    }
+}
+
+impl TaggedPage for VolumesPage {
+    type Item = Volume;
+    fn len(&self) -> usize {
+        self.volumes.len()
+    }
+    fn items(self) -> Vec<Volume> {
+        self.volumes
+    }
+    fn tags(item: &Volume) -> &[String] {
+        &item.tags
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct VolumesPage {
     #[serde(default)]

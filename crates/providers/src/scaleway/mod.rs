@@ -479,30 +479,37 @@ impl ScalewayProvider {
         snapshots.get(zone)?.servers.get(sid).cloned()
     }
 
+    /// Every item of a tag-filtered listing (all pages), keeping only those
+    /// that carry every one of `tags` (the API's filter is not trusted).
+    async fn list_tagged<P: api::TaggedPage>(
+        &self,
+        op: &'static str,
+        path: &str,
+        query: &[(&str, String)],
+        page_size_param: &str,
+        tags: &[String],
+    ) -> Result<Vec<P::Item>, ProviderError> {
+        let pages: Vec<P> = self.pages(op, path, query, page_size_param, P::len).await?;
+        Ok(pages
+            .into_iter()
+            .flat_map(P::items)
+            .filter(|item| tags.iter().all(|t| P::tags(item).contains(t)))
+            .collect())
+    }
+
     async fn list_servers(
         &self,
         op: &'static str,
         zone: &str,
         tags: &[String],
     ) -> Result<Vec<Server>, ProviderError> {
-        let q = vec![
+        let q = [
             ("tags", tags.join(",")),
             ("project", self.config.project_id.clone()),
         ];
-        let pages: Vec<api::ServersPage> = self
-            .pages(
-                op,
-                &format!("/instance/v1/zones/{zone}/servers"),
-                &q,
-                "per_page",
-                |p: &api::ServersPage| p.servers.len(),
-            )
-            .await?;
-        Ok(pages
-            .into_iter()
-            .flat_map(|p| p.servers)
-            .filter(|s| tags.iter().all(|t| s.tags.contains(t)))
-            .collect())
+        let path = format!("/instance/v1/zones/{zone}/servers");
+        self.list_tagged::<api::ServersPage>(op, &path, &q, "per_page", tags)
+            .await
     }
 
     async fn list_ips(
@@ -511,24 +518,13 @@ impl ScalewayProvider {
         zone: &str,
         tags: &[String],
     ) -> Result<Vec<api::Ip>, ProviderError> {
-        let q = vec![
+        let q = [
             ("tags", tags.join(",")),
             ("project", self.config.project_id.clone()),
         ];
-        let pages: Vec<api::IpsPage> = self
-            .pages(
-                op,
-                &format!("/instance/v1/zones/{zone}/ips"),
-                &q,
-                "per_page",
-                |p: &api::IpsPage| p.ips.len(),
-            )
-            .await?;
-        Ok(pages
-            .into_iter()
-            .flat_map(|p| p.ips)
-            .filter(|i| tags.iter().all(|t| i.tags.contains(t)))
-            .collect())
+        let path = format!("/instance/v1/zones/{zone}/ips");
+        self.list_tagged::<api::IpsPage>(op, &path, &q, "per_page", tags)
+            .await
     }
 
     async fn list_volumes(
@@ -537,22 +533,12 @@ impl ScalewayProvider {
         zone: &str,
         tags: &[String],
     ) -> Result<Vec<api::Volume>, ProviderError> {
+        // The Block API repeats `tags` (any of them matches).
         let mut q: Vec<(&str, String)> = tags.iter().map(|t| ("tags", t.clone())).collect();
         q.push(("project_id", self.config.project_id.clone()));
-        let pages: Vec<api::VolumesPage> = self
-            .pages(
-                op,
-                &format!("/block/v1/zones/{zone}/volumes"),
-                &q,
-                "page_size",
-                |p: &api::VolumesPage| p.volumes.len(),
-            )
-            .await?;
-        Ok(pages
-            .into_iter()
-            .flat_map(|p| p.volumes)
-            .filter(|v| tags.iter().all(|t| v.tags.contains(t)))
-            .collect())
+        let path = format!("/block/v1/zones/{zone}/volumes");
+        self.list_tagged::<api::VolumesPage>(op, &path, &q, "page_size", tags)
+            .await
     }
 
     async fn image(&self, zone: &str, instance_type: &str) -> Result<String, ProviderError> {

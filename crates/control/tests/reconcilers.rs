@@ -96,14 +96,7 @@ async fn provisions_and_discovers_the_ip() {
 async fn retries_reuse_the_idempotency_key_and_create_once() {
     let mem = MemoryProvider::new();
     let faulty = Arc::new(FaultyProvider::new(mem.clone()));
-    faulty.fail_next(
-        Op::Create,
-        2,
-        ProviderError::Retryable {
-            message: "503".into(),
-            retry_after_secs: None,
-        },
-    );
+    faulty.fail_next(Op::Create, 2, ProviderError::retryable("503"));
     let h = start(faulty.clone(), fast_config()).await;
     let id = create_one(&h.fleet).await;
     let rec = wait_status(&h.fleet, id, InstanceStatus::Starting).await;
@@ -145,14 +138,7 @@ async fn out_of_capacity_and_exhausted_retries_fail_with_reasons() {
     let rec = wait_status(&h.fleet, a, InstanceStatus::Failed).await;
     assert_eq!(rec.status_reason, Some(FailureReason::OutOfCapacity));
 
-    faulty.fail_next(
-        Op::Create,
-        100,
-        ProviderError::Retryable {
-            message: "timeout".into(),
-            retry_after_secs: None,
-        },
-    );
+    faulty.fail_next(Op::Create, 100, ProviderError::retryable("timeout"));
     let b = create_one(&h.fleet).await;
     let rec = wait_status(&h.fleet, b, InstanceStatus::Failed).await;
     assert_eq!(rec.status_reason, Some(FailureReason::ProvisionFailed));

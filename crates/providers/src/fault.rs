@@ -7,7 +7,7 @@
 //!
 //! ```ignore
 //! let faulty = Arc::new(FaultyProvider::new(mock));
-//! faulty.fail_nth(Op::Create, 1, ProviderError::Retryable { message: "503".into() });
+//! faulty.fail_nth(Op::Create, 1, ProviderError::retryable("503"));
 //! faulty.delay(Op::Get, Duration::from_millis(300));
 //! faulty.create_succeeds_but_errors(1);
 //! faulty.vanish(&machine_id).await?;
@@ -214,11 +214,9 @@ impl Provider for FaultyProvider {
         if lie {
             debug!(machine_id = %machine.id, instance_id = %req.instance_id,
                 "machine created, reporting a failure (injected)");
-            return Err(ProviderError::Retryable {
-                message: "injected fault: the create call failed after the machine was created"
-                    .to_string(),
-                retry_after_secs: None,
-            });
+            return Err(ProviderError::retryable(
+                "injected fault: the create call failed after the machine was created",
+            ));
         }
         Ok(machine)
     }
@@ -374,10 +372,7 @@ mod tests {
     }
 
     fn retryable(msg: &str) -> ProviderError {
-        ProviderError::Retryable {
-            message: msg.to_string(),
-            retry_after_secs: None,
-        }
+        ProviderError::retryable(msg)
     }
 
     fn setup() -> (Arc<Memory>, FaultyProvider) {

@@ -818,14 +818,7 @@ async fn fault_wrapper_over_the_mock() {
     wait_gone(&mock, &m.id).await;
     assert!(!running(pid));
 
-    p.fail_next(
-        Op::Terminate,
-        1,
-        ProviderError::Retryable {
-            message: "503".into(),
-            retry_after_secs: None,
-        },
-    );
+    p.fail_next(Op::Terminate, 1, ProviderError::retryable("503"));
     assert!(p.terminate(&m.id).await.is_err());
     p.terminate(&m.id).await.expect("terminate");
     cleanup(&mock).await;

@@ -107,6 +107,17 @@ impl Cloud {
         .await;
     }
 
+    /// Terminates `id`, waits until nothing billable is left at the
+    /// provider, and stops `up` and the emulator.
+    async fn terminate_and_shut_down(self, id: InstanceId) {
+        self.app.terminate(id).await;
+        self.app
+            .wait_status(&[id], S::Terminated, Duration::from_secs(60))
+            .await;
+        self.wait_nothing_billable().await;
+        self.shutdown().await;
+    }
+
     async fn shutdown(mut self) {
         let _ = self.app.stop(Duration::from_secs(20));
         if let Some(e) = self.emulator.take() {
@@ -367,13 +378,7 @@ async fn a_lost_create_answer_and_429s_still_make_exactly_one_server() {
             .any(|e| e.action == "provider.create" && e.outcome == "failed"),
         "the failed attempt is on the timeline"
     );
-    cloud.app.terminate(id).await;
-    cloud
-        .app
-        .wait_status(&[id], S::Terminated, Duration::from_secs(60))
-        .await;
-    cloud.wait_nothing_billable().await;
-    cloud.shutdown().await;
+    cloud.terminate_and_shut_down(id).await;
 }
 
 #[tokio::test]
@@ -414,13 +419,7 @@ async fn up_killed_mid_create_never_makes_a_second_server() {
         1,
         "the restarted up found the server it made"
     );
-    cloud.app.terminate(id).await;
-    cloud
-        .app
-        .wait_status(&[id], S::Terminated, Duration::from_secs(60))
-        .await;
-    cloud.wait_nothing_billable().await;
-    cloud.shutdown().await;
+    cloud.terminate_and_shut_down(id).await;
 }
 
 #[tokio::test]

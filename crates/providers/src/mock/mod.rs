@@ -721,10 +721,9 @@ impl Inner {
         let mut guard = lock(&self.state);
         let state = &mut *guard;
         if !state.open {
-            return Err(ProviderError::Retryable {
-                message: "the mock provider is shut down".to_string(),
-                retry_after_secs: None,
-            });
+            return Err(ProviderError::retryable(
+                "the mock provider is shut down".to_string(),
+            ));
         }
         if let Some(entry) = state
             .keys
@@ -895,10 +894,9 @@ impl Inner {
             return Ok(());
         }
         if !open {
-            return Err(ProviderError::Retryable {
-                message: "the mock provider is shut down".to_string(),
-                retry_after_secs: None,
-            });
+            return Err(ProviderError::retryable(
+                "the mock provider is shut down".to_string(),
+            ));
         }
         let before = entry.record.state;
         entry.record.state = MachineState::Stopping;
@@ -907,10 +905,9 @@ impl Inner {
         if let Err(e) = self.save(entry) {
             entry.record.state = before;
             entry.dirty = false;
-            return Err(ProviderError::Retryable {
-                message: format!("cannot record the termination of {id}: {e}"),
-                retry_after_secs: None,
-            });
+            return Err(ProviderError::retryable(format!(
+                "cannot record the termination of {id}: {e}"
+            )));
         }
         info!(machine_id = %id, instance_id = %entry.record.instance_id, "terminating machine");
         drop(state);

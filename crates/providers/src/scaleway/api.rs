@@ -67,9 +67,10 @@ pub(crate) struct Answer {
 
 impl Answer {
     pub fn json<T: DeserializeOwned>(&self, what: &str) -> Result<T, ProviderError> {
-        serde_json::from_slice(&self.body).map_err(|e| ProviderError::Retryable {
-            message: format!("Scaleway answered {what} with a body gpufleet cannot read: {e}"),
-            retry_after_secs: None,
+        serde_json::from_slice(&self.body).map_err(|e| {
+            ProviderError::retryable(format!(
+                "Scaleway answered {what} with a body gpufleet cannot read: {e}"
+            ))
         })
     }
     pub fn total_count(&self) -> Option<u64> {
@@ -369,10 +370,9 @@ pub fn map_error(status: u16, retry_after: Option<u64>, body: &[u8]) -> Provider
         404 => ProviderError::NotFound {
             id: ProviderInstanceId::new(b.resource_id.clone().unwrap_or_default()),
         },
-        409 | 412 | 423 => ProviderError::Retryable {
-            message: format!("Scaleway refused for now (HTTP {status}): {what}"),
-            retry_after_secs: None,
-        },
+        409 | 412 | 423 => {
+            ProviderError::retryable(format!("Scaleway refused for now (HTTP {status}): {what}"))
+        }
         _ => ProviderError::Permanent {
             message: format!(
                 "Scaleway refused the request (HTTP {status}{}): {what}{}",

@@ -197,10 +197,9 @@ pub fn gib_to_api_bytes(gib: u64) -> u64 {
 
 fn not_found_is_retryable(e: ProviderError, what: &str) -> ProviderError {
     match e {
-        ProviderError::NotFound { .. } => ProviderError::Retryable {
-            message: format!("{what} vanished while gpufleet used it; the next try looks again"),
-            retry_after_secs: None,
-        },
+        ProviderError::NotFound { .. } => ProviderError::retryable(format!(
+            "{what} vanished while gpufleet used it; the next try looks again"
+        )),
         e => e,
     }
 }

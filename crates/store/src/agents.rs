@@ -7,8 +7,12 @@ use chrono::{DateTime, Utc};
 use gpufleet_domain::InstanceId;
 
 impl Store {
-    /// Consume the bootstrap secret (compare its hash) and store the agent
-    /// token hash, atomically. A secret works once.
+    /// Trade the bootstrap secret (compare its hash) for an agent token,
+    /// atomically. The secret works until the agent's first heartbeat: a
+    /// registration retried because its answer was lost (a replica died
+    /// after committing) succeeds again, and the tokens handed out before
+    /// are revoked, so exactly one token of the instance works. Once the
+    /// agent has sent a heartbeat the secret is refused.
     pub async fn register_agent(
         &self,
         id: InstanceId,
@@ -18,20 +22,30 @@ impl Store {
     ) -> Result<RegisterOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         // The write comes first, so SQLite takes the write lock at once and the
-        // compare-and-clear is one statement on both engines.
-        let consumed = sqlx::query(
-            "UPDATE instances SET bootstrap_secret_hash = NULL \
-             WHERE id = $1 AND bootstrap_secret_hash IS NOT NULL AND bootstrap_secret_hash = $2",
+        // compare-and-mark is one statement on both engines (on PostgreSQL it
+        // locks the row: concurrent registrations take turns).
+        let used = sqlx::query(
+            "UPDATE instances SET bootstrap_used_at = $3 \
+             WHERE id = $1 AND bootstrap_secret_hash IS NOT NULL AND bootstrap_secret_hash = $2 \
+             AND last_heartbeat_seq IS NULL",
         )
         .bind(id.to_string())
         .bind(secret_hash)
+        .bind(millis(at))
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        if consumed == 0 {
+        if used == 0 {
             tx.rollback().await?;
             return Ok(RegisterOutcome::Rejected);
         }
+        sqlx::query(
+            "UPDATE agent_tokens SET revoked_at = $2 WHERE instance_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id.to_string())
+        .bind(millis(at))
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO agent_tokens (token_hash, instance_id, created_at, revoked_at) \
              VALUES ($1, $2, $3, NULL)",

@@ -78,6 +78,34 @@ fn classify(url: &str) -> Result<Target, StoreError> {
 }
 
 impl Store {
+    /// The file of a SQLite database URL (`None` for PostgreSQL, in-memory
+    /// databases and URLs `connect` would refuse).
+    pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+        match classify(url).ok()? {
+            Target::Sqlite { memory: true, .. } | Target::Postgres { .. } => None,
+            Target::Sqlite { url, .. } => {
+                let rest = url
+                    .strip_prefix("sqlite://")
+                    .or_else(|| url.strip_prefix("sqlite:"))?;
+                let path = rest.split('?').next()?;
+                let mut out = Vec::with_capacity(path.len());
+                let mut bytes = path.bytes();
+                while let Some(b) = bytes.next() {
+                    if b == b'%' {
+                        let hex: Vec<u8> = bytes.by_ref().take(2).collect();
+                        let v = std::str::from_utf8(&hex)
+                            .ok()
+                            .and_then(|h| u8::from_str_radix(h, 16).ok())?;
+                        out.push(v);
+                    } else {
+                        out.push(b);
+                    }
+                }
+                String::from_utf8(out).ok().map(std::path::PathBuf::from)
+            }
+        }
+    }
+
     /// Connect to `url` (`sqlite://path?mode=rwc`, `sqlite::memory:`, a bare
     /// file path, or `postgres://...`) and apply migrations.
     ///
@@ -87,8 +115,10 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
         let target = classify(url)?;
+        let mut pg_url = None;
         let (backend, pool) = match target {
             Target::Postgres { url } => {
+                pg_url = Some(std::sync::Arc::from(url.as_str()));
                 let pool = AnyPoolOptions::new()
                     .max_connections(POSTGRES_MAX_CONNECTIONS)
                     .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -153,7 +183,11 @@ impl Store {
         };
         migrator.run(&pool).await.map_err(StoreError::Migrate)?;
         tracing::info!(?backend, "store connected, migrations applied");
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            pg_url,
+        })
     }
 }
 

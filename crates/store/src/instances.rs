@@ -3,8 +3,8 @@
 use crate::rows::{corrupt, flag, millis, millis_opt, RowReader};
 use crate::timeline::insert_event;
 use crate::{
-    InstanceFilter, InstanceRecord, NewInstance, NewTimelineEvent, Outcome, Store, StoreError,
-    TimelineKind,
+    Fence, InstanceFilter, InstanceRecord, NewInstance, NewTimelineEvent, Outcome, Store,
+    StoreError, TimelineKind,
 };
 use gpufleet_domain::{InstanceId, InstanceStatus, Milestones};
 use sqlx::any::AnyRow;
@@ -14,7 +14,8 @@ use sqlx::AnyConnection;
 const FIRST_GENERATION: i64 = 1;
 
 /// Every column an [`InstanceRecord`] is read from (not the secret hash).
-const INSTANCE_COLUMNS: &str = "id, provider, zone, instance_type, model, status, status_reason, \
+pub(crate) const INSTANCE_COLUMNS: &str =
+    "id, provider, zone, instance_type, model, status, status_reason, \
      status_message, milestone_provider_created, milestone_ip_assigned, \
      milestone_agent_registered, milestone_engine_started, idempotency_key, \
      provider_instance_id, ip, generation, provision_attempts, next_attempt_at, \
@@ -22,7 +23,7 @@ const INSTANCE_COLUMNS: &str = "id, provider, zone, instance_type, model, status
      terminate_requested_at, terminated_at, cleanup_started_at, cleaned_up_at, \
      last_heartbeat_seq, last_heartbeat_at, engine_status, engine_cert_pem";
 
-fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
+pub(crate) fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
     let mut r = RowReader::new(row, "instances row");
     let id: InstanceId = r.parsed("id")?;
     r.set_ctx(format!("instances row {id}"));
@@ -241,9 +242,23 @@ impl Store {
         next: &InstanceRecord,
         events: &[NewTimelineEvent],
     ) -> Result<InstanceRecord, StoreError> {
+        self.update_instance_fenced(next, events, None).await
+    }
+
+    /// [`Store::update_instance`], written only while `fence` (a lease
+    /// holder's token) is still valid: otherwise nothing is written and the
+    /// answer is `Fenced`. On PostgreSQL the lease row is share-locked until
+    /// commit, so the lease cannot change hands between the check and the
+    /// write.
+    pub async fn update_instance_fenced(
+        &self,
+        next: &InstanceRecord,
+        events: &[NewTimelineEvent],
+        fence: Option<&Fence>,
+    ) -> Result<InstanceRecord, StoreError> {
         let mut tx = self.pool.begin().await?;
         let m = next.milestones;
-        let updated = sqlx::query(
+        let mut sql = String::from(
             "UPDATE instances SET status = $3, status_reason = $4, status_message = $5, \
              milestone_provider_created = $6, milestone_ip_assigned = $7, \
              milestone_agent_registered = $8, milestone_engine_started = $9, \
@@ -253,44 +268,53 @@ impl Store {
              terminate_requested_at = $18, terminated_at = $19, cleanup_started_at = $20, \
              cleaned_up_at = $21, engine_cert_pem = $22 \
              WHERE id = $1 AND generation = $2",
-        )
-        .bind(next.id.to_string())
-        .bind(next.generation)
-        .bind(next.status.as_str())
-        .bind(next.status_reason.map(|r| r.as_str()))
-        .bind(next.status_message.as_deref())
-        .bind(flag(m.provider_created))
-        .bind(flag(m.ip_assigned))
-        .bind(flag(m.agent_registered))
-        .bind(flag(m.engine_started))
-        .bind(
-            next.provider_instance_id
-                .as_ref()
-                .map(|p| p.as_str().to_string()),
-        )
-        .bind(next.ip.map(|ip| ip.to_string()))
-        .bind(i64::from(next.provision_attempts))
-        .bind(millis_opt(next.next_attempt_at))
-        .bind(millis(next.startup_deadline_at))
-        .bind(millis(next.updated_at))
-        .bind(millis(next.status_changed_at))
-        .bind(millis_opt(next.ready_at))
-        .bind(millis_opt(next.terminate_requested_at))
-        .bind(millis_opt(next.terminated_at))
-        .bind(millis_opt(next.cleanup_started_at))
-        .bind(millis_opt(next.cleaned_up_at))
-        .bind(next.engine_cert_pem.as_deref())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        );
+        if fence.is_some() {
+            sql.push_str(" AND ");
+            sql.push_str(&self.fence_condition(23));
+        }
+        let mut q = sqlx::query(&sql)
+            .bind(next.id.to_string())
+            .bind(next.generation)
+            .bind(next.status.as_str())
+            .bind(next.status_reason.map(|r| r.as_str()))
+            .bind(next.status_message.as_deref())
+            .bind(flag(m.provider_created))
+            .bind(flag(m.ip_assigned))
+            .bind(flag(m.agent_registered))
+            .bind(flag(m.engine_started))
+            .bind(
+                next.provider_instance_id
+                    .as_ref()
+                    .map(|p| p.as_str().to_string()),
+            )
+            .bind(next.ip.map(|ip| ip.to_string()))
+            .bind(i64::from(next.provision_attempts))
+            .bind(millis_opt(next.next_attempt_at))
+            .bind(millis(next.startup_deadline_at))
+            .bind(millis(next.updated_at))
+            .bind(millis(next.status_changed_at))
+            .bind(millis_opt(next.ready_at))
+            .bind(millis_opt(next.terminate_requested_at))
+            .bind(millis_opt(next.terminated_at))
+            .bind(millis_opt(next.cleanup_started_at))
+            .bind(millis_opt(next.cleaned_up_at))
+            .bind(next.engine_cert_pem.as_deref());
+        if let Some(f) = fence {
+            q = f.bind(q);
+        }
+        let updated = q.execute(&mut *tx).await?.rows_affected();
         if updated == 0 {
             tx.rollback().await?;
-            let exists: Option<String> =
-                sqlx::query_scalar("SELECT id FROM instances WHERE id = $1")
+            let generation: Option<i64> =
+                sqlx::query_scalar("SELECT generation FROM instances WHERE id = $1")
                     .bind(next.id.to_string())
                     .fetch_optional(&self.pool)
                     .await?;
-            return Err(match exists {
+            return Err(match generation {
+                Some(g) if g == next.generation && fence.is_some() => StoreError::Fenced {
+                    lease: fence.map(|f| f.name.clone()).unwrap_or_default(),
+                },
                 Some(_) => StoreError::Conflict {
                     id: next.id,
                     expected: next.generation,

@@ -24,6 +24,7 @@ mod connect;
 mod figures;
 mod ingest;
 mod instances;
+mod replicas;
 mod rollup;
 mod rows;
 mod samples;
@@ -35,6 +36,7 @@ pub use api_keys::{
     ApiKeyId, ApiKeyIdError, ApiKeyRecord, NewApiKey, UsageCounts, UsageDelta, UsageRecord,
     UsageScope,
 };
+pub use replicas::{ChangeListener, DbChange, Fence, Lease, LeaseInfo};
 pub use rollup::{RetentionReport, RollupReport};
 pub use series::{
     FleetNow, FleetPoint, FleetSeries, FleetStatusFigures, GpuPoint, GpuSeries, MetricSeries,
@@ -70,6 +72,13 @@ pub enum StoreError {
     Conflict { id: InstanceId, expected: i64 },
     #[error("instance {id} not found")]
     NotFound { id: InstanceId },
+    /// A write made under a lease that is no longer held (it expired or
+    /// changed hands): nothing was written.
+    #[error("lease {lease} is no longer held by this replica")]
+    Fenced { lease: String },
+    /// Only PostgreSQL can do this (e.g. listen for other replicas' changes).
+    #[error("{what} needs PostgreSQL")]
+    NeedsPostgres { what: &'static str },
     /// A row holds a value the code cannot read (e.g. an unknown status).
     #[error("corrupt row: {what}")]
     Corrupt { what: String },
@@ -363,6 +372,8 @@ impl FromStr for Outcome {
 pub struct Store {
     pool: sqlx::AnyPool,
     backend: Backend,
+    /// The PostgreSQL URL, for the change listener's own connection.
+    pg_url: Option<std::sync::Arc<str>>,
 }
 
 impl fmt::Debug for Store {

@@ -511,15 +511,29 @@ pub async fn register_agent_once(ctx: Ctx) {
         RegisterOutcome::Registered
     );
     assert_eq!(s.instance_for_token("token-1").await.unwrap(), Some(n.id));
-    // Second use of the same secret is refused and stores nothing.
+    // Until the first heartbeat the secret works again (the answer may have
+    // been lost): a new token, and the earlier one stops working.
     assert_eq!(
         s.register_agent(n.id, &n.bootstrap_secret_hash, "token-2", t(20))
             .await
             .unwrap(),
+        RegisterOutcome::Registered
+    );
+    assert_eq!(s.instance_for_token("token-1").await.unwrap(), None);
+    assert_eq!(s.instance_for_token("token-2").await.unwrap(), Some(n.id));
+    // Once the agent has sent a heartbeat, the secret is refused and
+    // nothing is stored.
+    s.record_heartbeat(&heartbeat(n.id, 1, 1), t(25))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.register_agent(n.id, &n.bootstrap_secret_hash, "token-3", t(30))
+            .await
+            .unwrap(),
         RegisterOutcome::Rejected
     );
-    assert_eq!(s.instance_for_token("token-2").await.unwrap(), None);
-    assert_eq!(s.instance_for_token("token-1").await.unwrap(), Some(n.id));
+    assert_eq!(s.instance_for_token("token-3").await.unwrap(), None);
+    assert_eq!(s.instance_for_token("token-2").await.unwrap(), Some(n.id));
     // Registration is not a lifecycle write.
     assert_eq!(
         s.get_instance(n.id).await.unwrap().unwrap().generation,
@@ -565,7 +579,7 @@ pub async fn register_agent_wrong_secret_rejected(ctx: Ctx) {
     );
 }
 
-pub async fn register_agent_concurrently_one_wins(ctx: Ctx) {
+pub async fn register_agent_concurrently_one_token_works(ctx: Ctx) {
     let s = ctx.store.clone();
     let n = new_instance(0);
     s.insert_instances(std::slice::from_ref(&n)).await.unwrap();
@@ -578,13 +592,22 @@ pub async fn register_agent_concurrently_one_wins(ctx: Ctx) {
                 .await
         }));
     }
-    let mut registered = 0;
     for task in tasks {
-        if task.await.unwrap().unwrap() == RegisterOutcome::Registered {
-            registered += 1;
+        assert_eq!(task.await.unwrap().unwrap(), RegisterOutcome::Registered);
+    }
+    // They took turns: exactly one token works, the last one handed out.
+    let mut valid = 0;
+    for i in 0..6 {
+        if s.instance_for_token(&format!("race-token-{i}"))
+            .await
+            .unwrap()
+            == Some(n.id)
+        {
+            valid += 1;
         }
     }
-    assert_eq!(registered, 1);
+    assert_eq!(valid, 1);
+    assert_eq!(s.agent_token_digests(n.id).await.unwrap().len(), 1);
 }
 
 pub async fn tokens_lookup_and_revoke(ctx: Ctx) {

@@ -8,6 +8,7 @@
 mod api_key_cases;
 mod cases;
 mod harness;
+mod replica_cases;
 
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
@@ -44,7 +45,7 @@ store_tests!(
     timeline_append_list_and_paging,
     register_agent_once,
     register_agent_wrong_secret_rejected,
-    register_agent_concurrently_one_wins,
+    register_agent_concurrently_one_token_works,
     tokens_lookup_and_revoke,
     heartbeat_applied_then_stale_ignored,
     heartbeat_does_not_bump_generation_and_update_keeps_heartbeat_columns,
@@ -88,3 +89,31 @@ macro_rules! api_key_store_tests {
 }
 
 api_key_store_tests!(api_keys_insert_lookup_list_revoke, usage_counters_add_up);
+
+macro_rules! replica_store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod replicas_sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::harness::run_sqlite(crate::replica_cases::$name).await;
+                }
+            )*
+        }
+        mod replicas_postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::harness::run_postgres(crate::replica_cases::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+replica_store_tests!(
+    leases_are_exclusive_and_change_hands,
+    an_expired_lease_is_taken_over,
+    fenced_writes_need_the_current_lease,
+    committed_changes_are_announced,
+);

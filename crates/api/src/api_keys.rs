@@ -238,6 +238,9 @@ pub async fn revoke(
         .await
         .map_err(store_error)?
         .ok_or_else(|| ApiError::not_found(format!("API key {id} not found")))?;
+    // This replica's router forgets the key now; the others hear it from
+    // the database.
+    state.fleet.api_key_changed(&rec.key_hash);
     tracing::info!(api_key_id = %rec.id, "API key revoked");
     Ok(Json(ApiKeyView::from(&rec)))
 }

@@ -1,9 +1,24 @@
-//! Instance changes, pushed to subscribers as they happen (the SSE stream
-//! reads from here; nothing polls the database for it).
+//! Changes, pushed to subscribers as they happen (the SSE stream, the
+//! router's pools, the agents' token cache read from here; nothing polls the
+//! database for them).
+//!
+//! Every replica publishes its own writes at once. On PostgreSQL,
+//! [`follow_database`] also publishes every other replica's: triggers
+//! `NOTIFY` each committed lifecycle write and API key change, the listener
+//! reads the instance back and publishes it here (and wakes the reconciler
+//! that acts on its new status). After the listener's connection was lost it
+//! reads back everything changed meanwhile. The bus publishes each instance's
+//! generations in order and each at most once, whichever way it arrived.
 
-use gpufleet_store::InstanceRecord;
+use crate::driver::Tasks;
+use crate::fleet::task;
+use gpufleet_domain::{InstanceId, InstanceStatus};
+use gpufleet_store::{DbChange, InstanceRecord, Store};
 use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -19,22 +34,191 @@ pub struct InstanceChange {
     pub instance: InstanceRecord,
 }
 
-/// Broadcast channel of changes. Slow subscribers lag and are told so.
+/// An API key changed (was revoked or deleted) on some replica: caches of
+/// it must go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    /// The key with this SHA-256 hex digest.
+    Key(String),
+    /// Any key may have changed (changes may have been missed).
+    All,
+}
+
+/// Broadcast channels of changes. Slow subscribers lag and are told so.
 #[derive(Clone)]
 pub struct Bus {
     tx: broadcast::Sender<InstanceChange>,
+    keys: broadcast::Sender<KeyChange>,
+    /// The newest generation published of each instance.
+    seen: Arc<Mutex<HashMap<InstanceId, i64>>>,
 }
 
 impl Bus {
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity);
-        Self { tx }
+        let (keys, _) = broadcast::channel(256);
+        Self {
+            tx,
+            keys,
+            seen: Arc::default(),
+        }
     }
+
+    /// Publish `instance` unless this generation (or a newer one) already was.
     pub fn publish(&self, kind: ChangeKind, instance: InstanceRecord) {
+        if !self.is_news(instance.id, instance.generation) {
+            return;
+        }
         // No subscribers is fine.
         let _ = self.tx.send(InstanceChange { kind, instance });
     }
+
     pub fn subscribe(&self) -> broadcast::Receiver<InstanceChange> {
         self.tx.subscribe()
+    }
+
+    pub fn publish_key(&self, change: KeyChange) {
+        let _ = self.keys.send(change);
+    }
+
+    pub fn subscribe_keys(&self) -> broadcast::Receiver<KeyChange> {
+        self.keys.subscribe()
+    }
+
+    /// Whether `generation` of `id` is newer than anything published;
+    /// records it if so.
+    fn is_news(&self, id: InstanceId, generation: i64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.get(&id) {
+            Some(&g) if g >= generation => false,
+            _ => {
+                seen.insert(id, generation);
+                true
+            }
+        }
+    }
+
+    fn published(&self, id: InstanceId) -> Option<i64> {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied()
+    }
+}
+
+/// Generation of a freshly inserted instance.
+const FIRST_GENERATION: i64 = 1;
+
+/// How far back the catch-up read after a lost connection looks, before the
+/// last change seen (clocks of replicas differ a little).
+const CATCH_UP_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
+
+/// Publish the changes every replica commits (PostgreSQL), until `stop`.
+/// Returns at once on SQLite (one replica: its own writes are all there is).
+pub async fn follow_database(
+    store: Store,
+    bus: Bus,
+    tasks: Tasks,
+    stop: CancellationToken,
+) -> Result<(), gpufleet_store::StoreError> {
+    if store.backend() != gpufleet_store::Backend::Postgres {
+        return Ok(());
+    }
+    let mut listener = store.listen().await?;
+    tokio::spawn(async move {
+        let mut last_seen = chrono::Utc::now();
+        loop {
+            let change = tokio::select! {
+                _ = stop.cancelled() => return,
+                c = listener.recv() => c,
+            };
+            match change {
+                DbChange::Instance { id, generation } => {
+                    if bus.published(id).is_some_and(|g| g >= generation) {
+                        continue;
+                    }
+                    match store.get_instance(id).await {
+                        Ok(Some(rec)) => {
+                            last_seen = last_seen.max(rec.updated_at);
+                            publish_remote(&bus, &tasks, rec);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(instance_id = %id, error = %e, "reading a changed instance failed")
+                        }
+                    }
+                }
+                DbChange::ApiKey { key_hash } => bus.publish_key(KeyChange::Key(key_hash)),
+                DbChange::Resumed => {
+                    bus.publish_key(KeyChange::All);
+                    match store
+                        .instances_updated_since(last_seen - CATCH_UP_MARGIN)
+                        .await
+                    {
+                        Ok(list) => {
+                            tracing::info!(
+                                instances = list.len(),
+                                "change listener back: caught up"
+                            );
+                            for rec in list {
+                                last_seen = last_seen.max(rec.updated_at);
+                                publish_remote(&bus, &tasks, rec);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "catch-up read failed"),
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Publish another replica's change and wake the reconciler that acts on
+/// the instance's new status (if this replica runs it).
+fn publish_remote(bus: &Bus, tasks: &Tasks, rec: InstanceRecord) {
+    if !bus.is_news(rec.id, rec.generation) {
+        return;
+    }
+    let kind = if rec.generation == FIRST_GENERATION {
+        ChangeKind::Created
+    } else {
+        ChangeKind::Updated
+    };
+    let wake = match rec.status {
+        InstanceStatus::Provisioning => Some(task::PROVISIONER),
+        InstanceStatus::Booting => Some(task::BOOT_WATCHER),
+        InstanceStatus::Starting | InstanceStatus::Ready | InstanceStatus::Unhealthy => {
+            Some(task::HEALTH)
+        }
+        InstanceStatus::Draining | InstanceStatus::Terminating => Some(task::TERMINATOR),
+        InstanceStatus::Failed => Some(task::FAILED_CLEANUP),
+        InstanceStatus::Terminated | InstanceStatus::Archived => None,
+    };
+    let _ = bus.tx.send(InstanceChange {
+        kind,
+        instance: rec,
+    });
+    if let Some(name) = wake {
+        tasks.wake(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publishes_each_generation_once_and_in_order() {
+        let bus = Bus::new(16);
+        let mut rx = bus.subscribe();
+        let id = InstanceId::new();
+        assert!(bus.is_news(id, 2));
+        assert!(!bus.is_news(id, 2));
+        assert!(!bus.is_news(id, 1));
+        assert!(bus.is_news(id, 3));
+        assert_eq!(bus.published(id), Some(3));
+        assert!(rx.try_recv().is_err());
     }
 }

@@ -48,6 +48,9 @@ pub struct ControlConfig {
     pub provision_backoff_max_ms: u64,
     /// How often each reconciler runs when nothing wakes it earlier.
     pub reconcile_interval_ms: u64,
+    /// How long a reconciler's lease lasts unless renewed: with several
+    /// replicas, the longest the work of a dead one waits for another.
+    pub lease_ttl_ms: u64,
     /// Timeout of one readiness probe of an agent's `/readyz`.
     pub probe_timeout_ms: u64,
     /// Longest a draining instance waits for in-flight requests.
@@ -115,6 +118,7 @@ impl Default for ControlConfig {
             provision_backoff_base_ms: 1_000,
             provision_backoff_max_ms: 30_000,
             reconcile_interval_ms: 1_000,
+            lease_ttl_ms: 3_000,
             probe_timeout_ms: 2_000,
             drain_timeout_secs: 30,
             max_instances_per_request: 100,

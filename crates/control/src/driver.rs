@@ -1,5 +1,14 @@
 //! Runs reconcilers: each periodically and whenever it is woken, never two
 //! activations of one reconciler at once, and keeps each one's last status.
+//!
+//! With [`Tasks::with_leases`] (every `gpufleet up`), a reconciler runs only
+//! on the replica that holds its lease in the database (one lease per
+//! reconciler, so work spreads over replicas). The lease is renewed while
+//! the reconciler runs; a replica that stops renewing (killed, stalled, cut
+//! off from the database) loses it after its TTL and another replica takes
+//! over. Every lifecycle write an activation makes carries the lease's
+//! fencing token ([`current_fence`]): once the lease has changed hands, the
+//! old holder's writes are refused, so nothing is done twice.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -13,6 +22,51 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+use gpufleet_store::{Fence, Store};
+
+tokio::task_local! {
+    /// The fence of the lease under which the current activation runs.
+    static FENCE: Fence;
+}
+
+/// The fencing token writes of the running activation must carry (`None`
+/// outside a leased activation: API commands, agents, tests).
+pub fn current_fence() -> Option<Fence> {
+    FENCE.try_with(Clone::clone).ok()
+}
+
+/// Leases in the database, shared by every replica on it.
+#[derive(Clone)]
+pub struct Leases {
+    pub store: Store,
+    /// This replica's name in the leases table (unique per process).
+    pub holder: String,
+    /// How long a lease lasts unless renewed: the longest a dead holder's
+    /// work waits for another replica.
+    pub ttl: Duration,
+}
+
+impl Leases {
+    /// A holder name for this process: host, pid and a random suffix.
+    pub fn holder_name() -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "host".into());
+        format!(
+            "{host}:{}:{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )
+    }
+}
+
+/// The lease of one reconciler as this replica last saw it.
+struct Held {
+    fence: Fence,
+    /// Renew once this passes (a third of the TTL after it was granted).
+    renew_at: Instant,
+}
 
 /// What one activation did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
@@ -52,6 +106,14 @@ pub struct TaskStatus {
     pub last_report: Option<TaskReport>,
     /// Activations whose report held errors.
     pub runs_with_errors: u64,
+    /// Whether this replica holds the reconciler's lease (runs it); with
+    /// several replicas exactly one does.
+    #[serde(default = "default_true")]
+    pub leader: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Wakes reconcilers by name and reads their statuses. Cheap to clone.
@@ -60,6 +122,7 @@ pub struct Tasks {
     notifies: Arc<Mutex<BTreeMap<&'static str, Arc<Notify>>>>,
     statuses: Arc<Mutex<BTreeMap<&'static str, TaskStatus>>>,
     metrics: TaskMetrics,
+    leases: Option<Leases>,
 }
 
 /// Prometheus figures of the reconcilers, by `task` (registered by
@@ -94,6 +157,17 @@ impl Default for TaskMetrics {
 }
 
 impl Tasks {
+    /// Run each reconciler only while this replica holds its lease.
+    pub fn with_leases(mut self, leases: Leases) -> Self {
+        self.leases = Some(leases);
+        self
+    }
+
+    /// This replica's lease holder name, when reconcilers are leased.
+    pub fn holder(&self) -> Option<&str> {
+        self.leases.as_ref().map(|l| l.holder.as_str())
+    }
+
     /// Ask the named reconciler to run soon (coalesces with a pending wake).
     pub fn wake(&self, name: &str) {
         let notify = self.lock_notifies().get(name).cloned();
@@ -138,6 +212,7 @@ impl Tasks {
                 last_duration_ms: None,
                 last_report: None,
                 runs_with_errors: 0,
+                leader: self.leases.is_none(),
             },
         );
         notify
@@ -146,6 +221,102 @@ impl Tasks {
     fn update(&self, name: &'static str, f: impl FnOnce(&mut TaskStatus)) {
         if let Some(st) = self.lock_statuses().get_mut(name) {
             f(st);
+        }
+    }
+
+    /// One activation with its bookkeeping (status, metrics).
+    async fn run_once(&self, name: &'static str, r: &dyn Reconciler) {
+        let tasks = self;
+        tasks.update(name, |s| {
+            s.running = true;
+            s.last_started_at = Some(Utc::now());
+        });
+        let started = Instant::now();
+        let report = r.activate().await;
+        let took = started.elapsed();
+        let labels = TaskLabels { task: name };
+        tasks.metrics.runs.get_or_create(&labels).inc();
+        tasks
+            .metrics
+            .errors
+            .get_or_create(&labels)
+            .inc_by(report.errors.len() as u64);
+        tasks
+            .metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if !report.errors.is_empty() {
+            tracing::debug!(task = name, errors = ?report.errors, "reconciler reported errors");
+        }
+        tasks.update(name, |s| {
+            s.running = false;
+            s.runs += 1;
+            s.last_finished_at = Some(Utc::now());
+            s.last_duration_ms = Some(took.as_millis() as u64);
+            if !report.errors.is_empty() {
+                s.runs_with_errors += 1;
+            }
+            s.last_report = Some(report);
+        });
+    }
+
+    /// Take or renew `name`'s lease when due; `None` while another replica
+    /// holds it (or the database cannot be reached: acting without a
+    /// lease is never safe).
+    async fn hold(&self, leases: &Leases, name: &'static str, held: Option<Held>) -> Option<Held> {
+        if let Some(h) = held {
+            if Instant::now() < h.renew_at {
+                return Some(h);
+            }
+        }
+        let asked = Instant::now();
+        let got = match leases
+            .store
+            .acquire_lease(name, &leases.holder, leases.ttl)
+            .await
+        {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::warn!(task = name, error = %e, "cannot take or renew the lease");
+                None
+            }
+        };
+        let leader = got.is_some();
+        let was = self
+            .lock_statuses()
+            .get(name)
+            .map(|s| s.leader)
+            .unwrap_or(false);
+        if was != leader {
+            tracing::info!(task = name, holder = %leases.holder, leader, "reconciler lease {}", if leader { "taken" } else { "lost" });
+        }
+        self.update(name, |s| s.leader = leader);
+        got.map(|l| Held {
+            fence: l.fence(),
+            renew_at: asked + leases.ttl / 3,
+        })
+    }
+
+    /// Renew the lease every third of its TTL while an activation runs
+    /// (never returns; dropped when the activation ends). A renewal that
+    /// fails leaves the lease to expire: the activation's writes are then
+    /// refused by the fence.
+    async fn renew_while(&self, leases: &Leases, name: &'static str, fence: Fence) {
+        loop {
+            tokio::time::sleep(leases.ttl / 3).await;
+            match leases
+                .store
+                .acquire_lease(name, &leases.holder, leases.ttl)
+                .await
+            {
+                Ok(Some(l)) if l.token == fence.token => {}
+                Ok(_) => {
+                    tracing::warn!(task = name, "lease lost while running");
+                    self.update(name, |s| s.leader = false);
+                }
+                Err(e) => tracing::warn!(task = name, error = %e, "cannot renew the lease"),
+            }
         }
     }
 
@@ -163,44 +334,61 @@ impl Tasks {
             let tasks = self.clone();
             let shutdown = shutdown.clone();
             set.spawn(async move {
+                let mut held: Option<Held> = None;
+                // Run at once on start (and on taking a lease).
+                let mut due = tokio::time::Instant::now();
                 loop {
-                    tasks.update(name, |s| {
-                        s.running = true;
-                        s.last_started_at = Some(Utc::now());
-                    });
-                    let started = Instant::now();
-                    let report = r.activate().await;
-                    let took = started.elapsed();
-                    let labels = TaskLabels { task: name };
-                    tasks.metrics.runs.get_or_create(&labels).inc();
-                    tasks
-                        .metrics
-                        .errors
-                        .get_or_create(&labels)
-                        .inc_by(report.errors.len() as u64);
-                    tasks
-                        .metrics
-                        .duration
-                        .get_or_create(&labels)
-                        .observe(took.as_secs_f64());
-                    if !report.errors.is_empty() {
-                        tracing::debug!(task = name, errors = ?report.errors, "reconciler reported errors");
-                    }
-                    tasks.update(name, |s| {
-                        s.running = false;
-                        s.runs += 1;
-                        s.last_finished_at = Some(Utc::now());
-                        s.last_duration_ms = Some(took.as_millis() as u64);
-                        if !report.errors.is_empty() {
-                            s.runs_with_errors += 1;
+                    if let Some(leases) = &tasks.leases {
+                        let had = held.is_some();
+                        held = tasks.hold(leases, name, held).await;
+                        let Some(lease) = &held else {
+                            // Standby: look again soon, so a dead holder's
+                            // work is taken over within the TTL and a bit.
+                            let wait = period.min(leases.ttl / 3);
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                            continue;
+                        };
+                        if !had {
+                            due = tokio::time::Instant::now();
                         }
-                        s.last_report = Some(report);
-                    });
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = notify.notified() => {}
-                        _ = tokio::time::sleep(period) => {}
+                        if tokio::time::Instant::now() >= due {
+                            let fence = lease.fence.clone();
+                            let renewing = tasks.renew_while(leases, name, fence.clone());
+                            let started = Instant::now();
+                            tokio::select! {
+                                _ = FENCE.scope(fence, tasks.run_once(name, &*r)) => {}
+                                _ = renewing => {}
+                            }
+                            if started.elapsed() >= leases.ttl / 3 {
+                                // Renewed (or lost) meanwhile: look again now.
+                                held = None;
+                            }
+                            due = tokio::time::Instant::now() + period;
+                        }
+                        // Idle until due or woken, but renew the lease on
+                        // time meanwhile (a period may be longer than the TTL).
+                        let renew_at = held.as_ref().map_or_else(Instant::now, |h| h.renew_at);
+                        let renew_at = tokio::time::Instant::from_std(renew_at);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = notify.notified() => due = tokio::time::Instant::now(),
+                            _ = tokio::time::sleep_until(due.min(renew_at)) => {}
+                        }
+                    } else {
+                        tasks.run_once(name, &*r).await;
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = notify.notified() => {}
+                            _ = tokio::time::sleep(period) => {}
+                        }
                     }
+                }
+                if let Some(leases) = &tasks.leases {
+                    // Hand over at once rather than after the TTL.
+                    let _ = leases.store.release_lease(name, &leases.holder).await;
                 }
             });
         }

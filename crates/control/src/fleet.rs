@@ -93,7 +93,11 @@ impl Fleet {
     ) -> Result<Fleet, ControlError> {
         let cluster_id = store.cluster_id().await?;
         let bootstrap_key = store.secret_key().await?;
-        let tasks = Tasks::default();
+        let tasks = Tasks::default().with_leases(crate::driver::Leases {
+            store: store.clone(),
+            holder: crate::driver::Leases::holder_name(),
+            ttl: Duration::from_millis(config.lease_ttl_ms.max(100)),
+        });
         let telemetry = Arc::new(crate::telemetry::Telemetry::new(&tasks));
         let providers = crate::metered::MeteredProvider::wrap_all(&providers, &telemetry);
         let writer =
@@ -400,7 +404,7 @@ impl Fleet {
                     self.inner.tasks.wake(task::TERMINATOR);
                     return Ok(next);
                 }
-                Err(ApplyError::Conflict) => continue,
+                Err(ApplyError::Conflict | ApplyError::Fenced(_)) => continue,
                 Err(ApplyError::Invalid(e)) => {
                     return Err(ControlError::Conflict {
                         message: e.to_string(),
@@ -457,7 +461,7 @@ impl Fleet {
                 .await
             {
                 Ok(next) => return Ok(next),
-                Err(ApplyError::Conflict) => continue,
+                Err(ApplyError::Conflict | ApplyError::Fenced(_)) => continue,
                 Err(ApplyError::Invalid(e)) => {
                     return Err(ControlError::Conflict {
                         message: e.to_string(),
@@ -647,7 +651,10 @@ impl Fleet {
                 )
                 .await
             {
-                Ok(_) | Err(ApplyError::Conflict) | Err(ApplyError::Invalid(_)) => {}
+                Ok(_)
+                | Err(ApplyError::Conflict)
+                | Err(ApplyError::Fenced(_))
+                | Err(ApplyError::Invalid(_)) => {}
                 Err(ApplyError::Store(e)) => return Err(e.into()),
             }
             self.inner.tasks.wake(task::HEALTH);
@@ -789,6 +796,38 @@ impl Fleet {
         self.inner.bus.subscribe()
     }
 
+    /// API key changes (revocations), from every replica.
+    pub fn subscribe_keys(&self) -> broadcast::Receiver<crate::bus::KeyChange> {
+        self.inner.bus.subscribe_keys()
+    }
+
+    /// Tell this replica's caches that the key with this digest changed
+    /// (other replicas hear it from the database).
+    pub fn api_key_changed(&self, key_hash: &str) {
+        self.inner
+            .bus
+            .publish_key(crate::bus::KeyChange::Key(key_hash.to_string()));
+    }
+
+    /// Publish the changes other replicas commit to the same PostgreSQL
+    /// database on this replica's bus, until `stop` (nothing to do on
+    /// SQLite, which serves one replica).
+    pub async fn follow_replicas(&self, stop: CancellationToken) -> Result<(), ControlError> {
+        crate::bus::follow_database(
+            self.inner.store.clone(),
+            self.inner.bus.clone(),
+            self.inner.tasks.clone(),
+            stop,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// This replica's name in the leases table.
+    pub fn replica_name(&self) -> &str {
+        self.inner.tasks.holder().unwrap_or("local")
+    }
+
     /// Last status of every reconciler.
     pub fn task_statuses(&self) -> Vec<TaskStatus> {
         self.inner.tasks.statuses()
@@ -831,9 +870,16 @@ impl Fleet {
         }
         let mut events = extra;
         events.push(t);
-        let stored = match self.inner.store.update_instance(&next, &events).await {
+        let fence = crate::driver::current_fence();
+        let stored = match self
+            .inner
+            .store
+            .update_instance_fenced(&next, &events, fence.as_ref())
+            .await
+        {
             Ok(s) => s,
             Err(StoreError::Conflict { .. }) => return Err(ApplyError::Conflict),
+            Err(StoreError::Fenced { lease }) => return Err(ApplyError::Fenced(lease)),
             Err(e) => return Err(ApplyError::Store(e)),
         };
         tracing::info!(instance_id = %rec.id, from = %rec.status, to = %to, "{message}");
@@ -859,7 +905,13 @@ impl Fleet {
                 return Ok(rec);
             }
             next.updated_at = Utc::now();
-            match self.inner.store.update_instance(&next, &events).await {
+            let fence = crate::driver::current_fence();
+            match self
+                .inner
+                .store
+                .update_instance_fenced(&next, &events, fence.as_ref())
+                .await
+            {
                 Ok(stored) => {
                     self.inner.bus.publish(ChangeKind::Updated, stored.clone());
                     return Ok(stored);
@@ -900,6 +952,9 @@ impl Fleet {
 pub(crate) enum ApplyError {
     #[error("the instance changed concurrently")]
     Conflict,
+    /// The reconciler's lease changed hands: another replica acts now.
+    #[error("lease {0} was lost; another replica acts")]
+    Fenced(String),
     #[error(transparent)]
     Invalid(gpufleet_domain::InvalidTransition),
     #[error(transparent)]

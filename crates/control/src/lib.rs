@@ -26,7 +26,7 @@ pub mod timeline;
 pub mod traffic;
 pub mod validate;
 
-pub use bus::{ChangeKind, InstanceChange};
+pub use bus::{ChangeKind, InstanceChange, KeyChange};
 pub use config::{ControlConfig, EngineConfig, IngestConfig, ModelSpec, SecretEnv};
 pub use driver::{TaskReport, TaskStatus};
 pub use error::ControlError;

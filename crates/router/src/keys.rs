@@ -52,6 +52,20 @@ impl KeyCache {
         }
     }
 
+    /// Forget what is cached of a key that changed (a revocation).
+    pub fn forget(&self, change: &gpufleet_control::KeyChange) {
+        let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        match change {
+            gpufleet_control::KeyChange::All => entries.clear(),
+            gpufleet_control::KeyChange::Key(hex_digest) => {
+                let mut hash = [0u8; 32];
+                if hex::decode_to_slice(hex_digest, &mut hash).is_ok() {
+                    entries.remove(&hash);
+                }
+            }
+        }
+    }
+
     /// The key whose secret is `secret`; `InvalidKey` if none or revoked.
     pub async fn verify(&self, secret: &str) -> Result<Arc<AuthedKey>, RouterError> {
         let hash = digest_bytes(secret);

@@ -112,6 +112,11 @@ impl RouterState {
         };
         fleet.set_traffic_source(Arc::new(Traffic(pools)));
         tokio::spawn(follow(state.clone(), changes, shutdown.clone()));
+        tokio::spawn(follow_keys(
+            state.clone(),
+            fleet.subscribe_keys(),
+            shutdown.clone(),
+        ));
         tokio::spawn(flush_usage_periodically(state.clone(), shutdown));
         Ok(state)
     }
@@ -180,6 +185,25 @@ fn all_live() -> InstanceFilter {
 }
 
 /// Keep the pools current from the fleet's changes; re-list after missing some.
+/// Forget cached API keys as they are revoked, on any replica.
+async fn follow_keys(
+    state: RouterState,
+    mut changes: tokio::sync::broadcast::Receiver<gpufleet_control::KeyChange>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let change = tokio::select! {
+            () = shutdown.cancelled() => return,
+            c = changes.recv() => c,
+        };
+        match change {
+            Ok(c) => state.inner.keys.forget(&c),
+            Err(RecvError::Lagged(_)) => state.inner.keys.forget(&gpufleet_control::KeyChange::All),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 async fn follow(
     state: RouterState,
     mut changes: tokio::sync::broadcast::Receiver<gpufleet_control::InstanceChange>,

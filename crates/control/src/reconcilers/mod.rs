@@ -116,6 +116,12 @@ pub(crate) async fn apply(
         }
         // Someone else changed it first: the next activation sees the new state.
         Err(ApplyError::Conflict) => None,
+        // The lease changed hands while this replica was slow: the new
+        // holder acts.
+        Err(ApplyError::Fenced(lease)) => {
+            tracing::warn!(instance_id = %rec.id, lease, "write refused: lease lost");
+            None
+        }
         Err(e) => {
             tracing::warn!(instance_id = %rec.id, error = %e, "applying {} failed", event.name());
             report.error(format!("{}: {e}", rec.id));

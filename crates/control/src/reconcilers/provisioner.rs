@@ -89,9 +89,18 @@ impl Provisioner {
             ),
         )
         .meta(serde_json::json!({ "attempt": attempt, "idempotency_key": rec.idempotency_key }));
-        let rec = match fleet.store().update_instance(&pending, &[intent]).await {
+        // Fenced: a replica that lost the provisioner's lease calls nothing.
+        let fence = crate::driver::current_fence();
+        let rec = match fleet
+            .store()
+            .update_instance_fenced(&pending, &[intent], fence.as_ref())
+            .await
+        {
             Ok(r) => r,
-            Err(gpufleet_store::StoreError::Conflict { .. }) => return report,
+            Err(
+                gpufleet_store::StoreError::Conflict { .. }
+                | gpufleet_store::StoreError::Fenced { .. },
+            ) => return report,
             Err(e) => {
                 report.error(format!("{}: {e}", rec.id));
                 return report;
@@ -206,9 +215,10 @@ impl Provisioner {
                                 wait.as_secs()
                             ),
                         );
+                        let fence = crate::driver::current_fence();
                         if let Err(e) = fleet
                             .store()
-                            .update_instance(&later, &[entry, note_entry])
+                            .update_instance_fenced(&later, &[entry, note_entry], fence.as_ref())
                             .await
                         {
                             report.error(format!("{}: {e}", rec.id));

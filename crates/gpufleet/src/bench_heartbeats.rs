@@ -66,6 +66,13 @@ pub struct HeartbeatsArgs {
     /// metric queries through the API.
     #[arg(long)]
     pub query_check: bool,
+    /// Control-plane replicas on the one database (each its own Fleet,
+    /// reconcilers under leases, API server and change listener; agents
+    /// spread over them). More than one needs a postgres:// --database.
+    /// Also reports each reconciler's longest pass and how fast a change
+    /// made on one replica reaches the others.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -262,18 +269,11 @@ struct Server {
 async fn start_server(
     args: &HeartbeatsArgs,
     provider: Arc<BenchProvider>,
+    url: &str,
+    dir: Option<tempfile::TempDir>,
+    seed: bool,
 ) -> anyhow::Result<(Server, Option<InstanceId>)> {
-    let (url, dir) = match &args.database {
-        Some(u) => (u.clone(), None),
-        None => {
-            let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
-            (
-                format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()),
-                Some(dir),
-            )
-        }
-    };
-    let store = Store::connect(&url)
+    let store = Store::connect(url)
         .await
         .context("cannot open the database")?;
     let stop = CancellationToken::new();
@@ -292,11 +292,12 @@ async fn start_server(
     let fleet = Fleet::new(store, providers, config)
         .await
         .context("cannot start the control plane")?;
-    let history = if args.query_check {
+    let history = if seed {
         Some(seed_history(&fleet, args.gpus).await?)
     } else {
         None
     };
+    fleet.follow_replicas(stop.clone()).await?;
     let reconcilers = fleet.start(stop.clone());
     let router = gpufleet_api::router(gpufleet_api::ApiState::new(fleet.clone(), ADMIN_TOKEN));
     let server = tokio::spawn(gpufleet_api::serve(
@@ -343,7 +344,38 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         machines: Mutex::new(HashMap::new()),
         secrets: Mutex::new(HashMap::new()),
     });
-    let (srv, history) = start_server(&args, provider.clone()).await?;
+    let (url, dir) = match &args.database {
+        Some(u) => (u.clone(), None),
+        None => {
+            let dir = tempfile::tempdir().context("cannot make a temporary directory")?;
+            (
+                format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()),
+                Some(dir),
+            )
+        }
+    };
+    if args.replicas > 1 && !url.starts_with("postgres") {
+        bail!("--replicas above 1 needs a postgres:// --database (SQLite serves one replica)");
+    }
+    let replicas = args.replicas.max(1);
+    let (srv, history) = start_server(&args, provider.clone(), &url, dir, args.query_check).await?;
+    let mut others = Vec::new();
+    for _ in 1..replicas {
+        others.push(
+            start_server(&args, provider.clone(), &url, None, false)
+                .await?
+                .0,
+        );
+    }
+    let bases: Vec<String> = std::iter::once(srv.base.clone())
+        .chain(others.iter().map(|o| o.base.clone()))
+        .collect();
+    let addrs: Vec<SocketAddr> = std::iter::once(srv.addr)
+        .chain(others.iter().map(|o| o.addr))
+        .collect();
+    let fleets: Vec<Fleet> = std::iter::once(srv.fleet.clone())
+        .chain(others.iter().map(|o| o.fleet.clone()))
+        .collect();
     let backend = match srv.fleet.store().backend() {
         gpufleet_store::Backend::Sqlite => "SQLite",
         gpufleet_store::Backend::Postgres => "PostgreSQL",
@@ -363,10 +395,11 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
     }
     let secrets = provider.secrets().clone();
     let mut agents: Vec<(InstanceId, String)> = Vec::with_capacity(ids.len());
-    for chunk in ids.chunks(64) {
-        let regs = chunk.iter().map(|id| {
+    for (c, chunk) in ids.chunks(64).enumerate() {
+        let bases = &bases;
+        let regs = chunk.iter().enumerate().map(|(k, id)| {
             let client = client.clone();
-            let url = format!("{}{}", srv.base, paths::REGISTER);
+            let url = format!("{}{}", bases[(c * 64 + k) % bases.len()], paths::REGISTER);
             let secret = secrets[id].clone();
             async move {
                 let resp = client
@@ -394,10 +427,15 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
     let mut warm_seq = 0;
     let ready = loop {
         warm_seq += 1;
-        for chunk in agents.chunks(64) {
-            let posts = chunk.iter().map(|(id, token)| {
+        for (c, chunk) in agents.chunks(64).enumerate() {
+            let bases = &bases;
+            let posts = chunk.iter().enumerate().map(|(k, (id, token))| {
                 client
-                    .post(format!("{}{}", srv.base, paths::HEARTBEAT))
+                    .post(format!(
+                        "{}{}",
+                        bases[(c * 64 + k) % bases.len()],
+                        paths::HEARTBEAT
+                    ))
                     .bearer_auth(token)
                     .json(&heartbeat(*id, warm_seq, args.gpus, 0.0))
                     .send()
@@ -422,14 +460,15 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
     println!(
-        "backend {backend}; {} agents ({ready} ready), {} GPU(s) each; target {:.0} heartbeats/s for {}s",
+        "backend {backend}; {replicas} replica(s); {} agents ({ready} ready), {} GPU(s) each; target {:.0} heartbeats/s for {}s",
         agents.len(),
         args.gpus,
         args.rate,
         args.duration.as_secs()
     );
 
-    let all = load(&args, srv.addr, &agents).await?;
+    let passes = tokio::spawn(longest_passes(fleets.clone(), args.duration));
+    let all = load(&args, &addrs, &agents).await?;
     let elapsed = args.duration.as_secs_f64();
     let l = &all.latencies_us;
     println!(
@@ -449,8 +488,28 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         percentile_ms(l, 1.0)
     );
 
+    let passes = passes.await?;
+    println!(
+        "longest reconciler pass during the load (any replica): {}",
+        passes
+            .iter()
+            .map(|(t, ms)| format!("{t} {ms} ms"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if replicas > 1 {
+        propagation(&fleets, &ids).await?;
+    }
+
     if let Some(id) = history {
         time_queries(&srv, &client, id).await?;
+    }
+    for o in others {
+        o.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), o.server).await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), o.reconcilers).await;
+        o.fleet.stop_ingest().await;
+        o.fleet.store().close().await;
     }
     srv.stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), srv.server).await;
@@ -470,7 +529,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
 /// built and serialized afresh.
 async fn load(
     args: &HeartbeatsArgs,
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     agents: &[(InstanceId, String)],
 ) -> anyhow::Result<Tally> {
     let period = Duration::from_secs_f64(agents.len() as f64 / args.rate);
@@ -478,16 +537,20 @@ async fn load(
     let start = tokio::time::Instant::now() + Duration::from_millis(200 + agents.len() as u64);
     let end = start + args.duration;
     let n = agents.len();
-    let host = HeaderValue::from_str(&addr.to_string())?;
     let tasks: Vec<_> = agents
         .iter()
         .cloned()
         .enumerate()
         .map(|(i, (id, token))| {
             let gpus = args.gpus;
-            let host = host.clone();
+            let addr = addrs[i % addrs.len()];
+            let host = HeaderValue::from_str(&addr.to_string());
             tokio::spawn(async move {
                 let mut tally = Tally::default();
+                let Ok(host) = host else {
+                    *tally.errors.entry("host".into()).or_default() += 1;
+                    return tally;
+                };
                 let Ok(auth) = HeaderValue::from_str(&format!("Bearer {token}")) else {
                     *tally.errors.entry("token".into()).or_default() += 1;
                     return tally;
@@ -570,6 +633,81 @@ async fn load(
     }
     all.latencies_us.sort_unstable();
     Ok(all)
+}
+
+/// Each reconciler's longest pass on any replica, sampled from the task
+/// statuses every 100 ms for `over`.
+async fn longest_passes(fleets: Vec<Fleet>, over: Duration) -> BTreeMap<String, u64> {
+    let mut longest: BTreeMap<String, u64> = BTreeMap::new();
+    let end = Instant::now() + over;
+    while Instant::now() < end {
+        for f in &fleets {
+            for t in f.task_statuses() {
+                if let Some(ms) = t.last_duration_ms {
+                    let e = longest.entry(t.name).or_default();
+                    *e = (*e).max(ms);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    longest
+}
+
+/// Terminate every instance through the last replica and time how long
+/// each change (ready → draining, written there) takes to reach the other
+/// replicas' buses: now − the record's `updated_at` (one host, one clock).
+async fn propagation(fleets: &[Fleet], ids: &[InstanceId]) -> anyhow::Result<()> {
+    let (writer, observers) = fleets.split_last().expect("replicas");
+    let mut rxs: Vec<_> = observers.iter().map(|f| f.subscribe()).collect();
+    let collect = rxs
+        .drain(..)
+        .map(|mut rx| {
+            let want = ids.len();
+            tokio::spawn(async move {
+                let mut lat_us: Vec<u32> = Vec::with_capacity(want);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                while lat_us.len() < want {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Ok(c)) if c.instance.status == InstanceStatus::Draining => {
+                            let us = (Utc::now() - c.instance.updated_at)
+                                .num_microseconds()
+                                .unwrap_or(0)
+                                .max(0);
+                            lat_us.push(us as u32);
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                        _ => break,
+                    }
+                }
+                lat_us
+            })
+        })
+        .collect::<Vec<_>>();
+    use futures::StreamExt;
+    futures::stream::iter(ids.iter().copied())
+        .map(|id| {
+            let w = writer.clone();
+            async move { w.terminate_instance(id).await }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let mut all = Vec::new();
+    for c in collect {
+        all.extend(c.await?);
+    }
+    all.sort_unstable();
+    println!(
+        "change propagation between replicas ({} changes seen by {} other replica(s)):          p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        all.len(),
+        observers.len(),
+        percentile_ms(&all, 0.5),
+        percentile_ms(&all, 0.99),
+        percentile_ms(&all, 1.0)
+    );
+    Ok(())
 }
 
 /// Send `req` on the agent's connection; the status and the whole body.

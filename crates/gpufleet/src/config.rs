@@ -90,6 +90,10 @@ impl Default for UpConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MockSection {
+    /// A `gpufleet mock-provider` service to use instead of running the Mock
+    /// provider in this process (how several replicas share its machines),
+    /// e.g. `http://127.0.0.1:7600`. Empty: run it here.
+    pub url: String,
     /// Loopback addresses handed to machines, an IPv4 CIDR inside 127.0.0.0/8.
     pub ip_pool: String,
     /// Time from create until a machine's IP becomes visible, in milliseconds.
@@ -106,6 +110,7 @@ impl Default for MockSection {
     fn default() -> Self {
         let d = MockConfig::new("unused", "unused");
         Self {
+            url: String::new(),
             ip_pool: d.ip_pool,
             ip_delay_ms: d.ip_delay_ms,
             boot_delay_ms: d.boot_delay_ms,

@@ -8,6 +8,8 @@ mod bench_scaleway;
 mod client;
 mod cloud;
 mod config;
+mod mock_service;
+mod replica_lock;
 mod signals;
 mod tls;
 mod token;
@@ -42,6 +44,9 @@ struct Cli {
 enum Command {
     /// Run the control plane, the API and the Mock provider in this process.
     Up(up::UpArgs),
+    /// Serve the Mock provider to several control planes (`up` with
+    /// `[mock] url = "http://<this address>"`), so replicas share its machines.
+    MockProvider(mock_service::MockProviderArgs),
     /// Run the worker agent of one instance (started by a provider).
     Agent(AgentCmd),
     /// Print one GPU sample as the agent reads it (its DCGM `/metrics`
@@ -115,7 +120,7 @@ struct SimCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Up(_) | Command::Agent(_) | Command::Sim(_) => "info",
+        Command::Up(_) | Command::Agent(_) | Command::Sim(_) | Command::MockProvider(_) => "info",
         _ => "warn",
     };
     init_tracing(cli.log_level.as_deref(), default_level);
@@ -141,6 +146,7 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) => up::run(args).await,
+        Command::MockProvider(args) => mock_service::run(args).await,
         Command::Agent(cmd) => {
             gpufleet_agent::run(cmd.args, async {
                 signals::shutdown_signal().await;

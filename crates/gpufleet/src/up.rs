@@ -68,17 +68,44 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         token::resolve(std::env::var("GPUFLEET_ADMIN_TOKEN").ok(), &token_path)?;
 
     let db_url = config.database_url();
+    // SQLite serves one replica: a second `up` on the same file is refused
+    // (several replicas need PostgreSQL).
+    let _sqlite_lock = match gpufleet_store::Store::sqlite_file(&db_url) {
+        Some(file) => Some(crate::replica_lock::lock_sqlite(&file)?),
+        None => None,
+    };
     let store = gpufleet_store::Store::connect(&db_url)
         .await
         .with_context(|| format!("cannot open the database {}", redact_url(&db_url)))?;
 
-    let agent_program = std::env::current_exe().context("cannot find this program's path")?;
-    let mock_config = config
-        .mock
-        .to_mock_config(config.data_dir.join("mock"), agent_program);
-    let mock = MockProvider::open(mock_config).context("cannot open the Mock provider")?;
     let mut providers = ProviderRegistry::new();
-    providers.register(mock.clone());
+    let mock = if config.mock.url.is_empty() {
+        let agent_program = std::env::current_exe().context("cannot find this program's path")?;
+        let mock_config = config
+            .mock
+            .to_mock_config(config.data_dir.join("mock"), agent_program);
+        let mock = MockProvider::open(mock_config).with_context(|| {
+            format!(
+                "cannot open the Mock provider in {}; to run several replicas, run \
+                 `gpufleet mock-provider` once and set [mock] url in each replica's config",
+                config.data_dir.join("mock").display()
+            )
+        })?;
+        providers.register(mock.clone());
+        Some(mock)
+    } else {
+        let remote = gpufleet_providers::remote::RemoteProvider::connect(&config.mock.url)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot reach the Mock provider service at {} ([mock] url); start it with \
+                     `gpufleet mock-provider`",
+                    config.mock.url
+                )
+            })?;
+        providers.register(std::sync::Arc::new(remote));
+        None
+    };
     let agent_binary = cloud::register(&config, &mut providers).await?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -108,6 +135,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the control plane")?;
     let cancel = CancellationToken::new();
+    fleet
+        .follow_replicas(cancel.child_token())
+        .await
+        .context("cannot listen for the other replicas' changes")?;
     let reconcilers = fleet.start(cancel.child_token());
     let openai = gpufleet_router::RouterState::start(
         fleet.clone(),
@@ -164,6 +195,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         out.flush()?;
     }
     tracing::info!(%addr, data_dir = %config.data_dir.display(), database = %redact_url(&db_url),
+        replica = fleet.replica_name(),
         agent_control_url = %config.control.agent_control_url, "gpufleet up");
 
     let early_exit = tokio::select! {
@@ -185,7 +217,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if let Some(tls_server) = tls_server {
             let _ = tls_server.await;
         }
-        mock.shutdown().await;
+        if let Some(mock) = &mock {
+            mock.shutdown().await;
+        }
         if let Err(e) = openai.flush_usage().await {
             tracing::warn!(
                 error = &e as &dyn std::error::Error,

@@ -15,6 +15,7 @@
 pub mod cloudinit;
 pub mod fault;
 pub mod mock;
+pub mod remote;
 pub mod scaleway;
 
 use async_trait::async_trait;
@@ -101,7 +102,7 @@ impl ProviderError {
 }
 
 /// Ask for one machine.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CreateRequest {
     pub instance_id: InstanceId,
     /// Generated once when the intent is persisted; reused on every retry.

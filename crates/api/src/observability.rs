@@ -94,8 +94,10 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[utoipa::path(
     get, path = "/metrics", tag = "system",
     responses(
-        (status = 200, description = "Prometheus text format 0.0.4 (or OpenMetrics 1.0 on request)", content_type = "text/plain", body = String),
+        (status = 200, description = "Prometheus text format 0.0.4 (or OpenMetrics 1.0 when `Accept` names `application/openmetrics-text`)",
+         content((String = "text/plain"), (String = "application/openmetrics-text"))),
         (status = 500, description = "The store could not be read", body = ErrorBody),
+        (status = 503, description = "The metrics could not be encoded", body = ErrorBody),
     )
 )]
 pub async fn prometheus(
@@ -134,6 +136,7 @@ pub async fn prometheus(
 pub struct FleetParams {
     /// How far back the series go, e.g. `15m`, `1h`, `7d` (5 minutes to 30
     /// days; default 1h).
+    #[param(pattern = "^[0-9]{1,9}[smhd]$", example = "1h")]
     pub window: Option<String>,
 }
 
@@ -163,7 +166,7 @@ fn parse_window(raw: &str) -> Option<i64> {
     params(FleetParams),
     responses(
         (status = 200, description = "Fleet figures", body = FleetMetricsView),
-        (status = 400, description = "Bad `window`", body = ErrorBody),
+        (status = 400, description = "Malformed `window`, or one outside 5 minutes to 30 days", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
     ),
     security(("bearer" = []))

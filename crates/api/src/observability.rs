@@ -177,17 +177,21 @@ pub async fn fleet(
 ) -> Result<Json<FleetMetricsView>, ApiError> {
     let window_ms = match params.window.as_deref() {
         None => 3_600_000,
-        Some(raw) => parse_window(raw).ok_or_else(|| {
-            ApiError::invalid(
-                "window",
-                format!(
-                    "invalid window: {raw:?} is not a duration like 15m, 1h or 7d \
-                     (from {} to {} minutes)",
-                    MIN_WINDOW_MS / 60_000,
-                    MAX_WINDOW_MS / 60_000
-                ),
-            )
-        })?,
+        // Out of range is checked here too, so that every bad window is
+        // answered about `window` (not about the `from`/`to` it turns into).
+        Some(raw) => parse_window(raw)
+            .filter(|ms| (MIN_WINDOW_MS..=MAX_WINDOW_MS).contains(ms))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "window",
+                    format!(
+                        "invalid window: {raw:?} is not a duration of {} to {} minutes \
+                         such as 15m, 1h or 7d",
+                        MIN_WINDOW_MS / 60_000,
+                        MAX_WINDOW_MS / 60_000
+                    ),
+                )
+            })?,
     };
     let figures = state.fleet.fleet_metrics(window_ms).await?;
     Ok(Json(FleetMetricsView::from(&figures)))

@@ -30,9 +30,13 @@ const MAX_MODELS: usize = 100;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKeyBody {
-    /// A name to recognise the key by (1–100 characters, not all blank;
-    /// leading and trailing blanks are dropped).
-    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
+    /// A name to recognise the key by (1–100 characters, not all blank
+    /// (Unicode `White_Space`); leading and trailing blanks are dropped).
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "[^\\t\\n\\v\\f\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+    )]
     pub name: String,
     /// Models the key may use (at most 100); absent or null: every model.
     #[serde(default)]
@@ -166,7 +170,7 @@ fn store_error(e: gpufleet_store::StoreError) -> ApiError {
 /// Edge validation of a create body: name length, model names.
 fn validate(body: CreateApiKeyBody) -> Result<(String, Option<Vec<String>>), ApiError> {
     let name = body.name.trim().to_string();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+    if name.is_empty() || body.name.chars().count() > MAX_NAME_CHARS {
         return Err(ApiError::invalid(
             "name",
             format!("invalid name: must be 1 to {MAX_NAME_CHARS} characters"),
@@ -344,6 +348,18 @@ mod tests {
         assert_eq!(ok, ("ci".to_string(), Some(vec!["a/b".to_string()])));
         let e = validate(CreateApiKeyBody {
             name: "".into(),
+            models: None,
+        })
+        .unwrap_err();
+        assert_eq!(e.field(), Some("name"));
+        // At most 100 characters as sent, blanks included (as the schema says).
+        assert!(validate(CreateApiKeyBody {
+            name: "x".repeat(100),
+            models: None,
+        })
+        .is_ok());
+        let e = validate(CreateApiKeyBody {
+            name: format!("{} ", "x".repeat(100)),
             models: None,
         })
         .unwrap_err();

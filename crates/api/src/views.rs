@@ -16,10 +16,18 @@ pub struct CreateInstancesBody {
     pub provider: String,
     /// Zone; default: the first zone offering the type.
     #[serde(default)]
-    #[schema(min_length = 1, pattern = "\\S", examples("local-1"))]
+    #[schema(
+        min_length = 1,
+        pattern = "[^\\t\\n\\v\\f\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]",
+        examples("local-1")
+    )]
     pub zone: Option<String>,
     /// Instance type name from `GET /api/v1/providers/{name}/instance-types`.
-    #[schema(min_length = 1, pattern = "\\S", examples("mock-l4-1"))]
+    #[schema(
+        min_length = 1,
+        pattern = "[^\\t\\n\\v\\f\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]",
+        examples("mock-l4-1")
+    )]
     pub instance_type: String,
     /// Model from `GET /api/v1/models`.
     #[schema(value_type = ModelName)]

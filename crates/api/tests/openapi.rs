@@ -417,3 +417,35 @@ async fn patterns_accept_what_the_parsers_accept() {
         assert_eq!(resp.status(), want, "DELETE /api/v1/api-keys/{s}");
     }
 }
+
+/// The "not blank" patterns (instance type, zone, API key name) rule out
+/// exactly what the server trims to nothing.
+#[tokio::test]
+async fn not_blank_patterns_match_what_the_server_trims() {
+    let app = TestApp::spawn().await;
+    let doc: Value = expect_json(app.get("/api/v1/openapi.json").await, StatusCode::OK).await;
+    let schemas = &doc["components"]["schemas"];
+    for (schema, field) in [
+        ("CreateInstancesBody", "instance_type"),
+        ("CreateInstancesBody", "zone"),
+        ("CreateApiKeyBody", "name"),
+    ] {
+        let pattern = schemas[schema]["properties"][field]["pattern"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{schema}.{field} has no pattern"));
+        // Unanchored, as JSON Schema patterns are.
+        let re = regex::Regex::new(pattern).expect("pattern compiles");
+        let chars = (0u32..=0x3100)
+            .chain([0xfeff, 0x1f600])
+            .filter_map(char::from_u32);
+        for c in chars {
+            for s in [c.to_string(), format!(" {c}\t"), format!("{c}{c}")] {
+                assert_eq!(
+                    re.is_match(&s),
+                    !s.trim().is_empty(),
+                    "{schema}.{field}: pattern {pattern} and trim disagree on {s:?}"
+                );
+            }
+        }
+    }
+}

@@ -93,8 +93,9 @@ fn validate_create(body: CreateInstancesBody, max_count: u32) -> Result<CreateIn
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
-    /// Comma-separated statuses, e.g. `ready,unhealthy`. Default: all but archived.
-    #[param(value_type = Option<Vec<InstanceStatus>>, style = Form, explode = false)]
+    /// Comma-separated statuses, e.g. `ready,unhealthy` (no blanks, no empty
+    /// items). Default: all but archived.
+    #[param(value_type = Option<Vec<InstanceStatus>>, style = Form, explode = false, min_items = 1)]
     pub status: Option<String>,
     /// Include archived instances (default false).
     pub include_archived: Option<bool>,
@@ -110,10 +111,9 @@ impl ListParams {
     fn filter(self) -> Result<InstanceFilter, ApiError> {
         let statuses = match self.status.as_deref() {
             None => Vec::new(),
+            // Exactly as the document says: no blanks, no empty items.
             Some(s) => s
                 .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
                 .map(|p| {
                     p.parse::<InstanceStatus>()
                         .map_err(|e| ApiError::invalid("status", e.to_string()))
@@ -329,7 +329,17 @@ fn history_window(p: &MetricsParams) -> Result<Option<Window>, ApiError> {
         return Ok(None);
     }
     let time = |field: &'static str, raw: &str| {
-        DateTime::parse_from_rfc3339(raw.trim())
+        // RFC 3339 as JSON Schema's `date-time` has it: `T` (or `t`) between
+        // date and time, where chrono would take a blank too.
+        if !matches!(raw.as_bytes().get(10), Some(b'T' | b't')) {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "invalid {field}: {raw:?} is not an RFC 3339 time, e.g. 2025-01-31T12:00:00Z"
+                ),
+            ));
+        }
+        DateTime::parse_from_rfc3339(raw)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| {
                 ApiError::invalid(
@@ -450,7 +460,7 @@ mod tests {
     #[test]
     fn list_params_parse_statuses() {
         let f = ListParams {
-            status: Some("ready, failed".into()),
+            status: Some("ready,failed".into()),
             ..Default::default()
         }
         .filter()
@@ -459,13 +469,15 @@ mod tests {
             f.statuses,
             vec![InstanceStatus::Ready, InstanceStatus::Failed]
         );
-        let e = ListParams {
-            status: Some("ready,bogus".into()),
-            ..Default::default()
+        for bad in ["ready,bogus", "ready, failed", "", "ready,", ",ready"] {
+            let e = ListParams {
+                status: Some(bad.into()),
+                ..Default::default()
+            }
+            .filter()
+            .unwrap_err();
+            assert_eq!(e.field(), Some("status"), "{bad:?}");
         }
-        .filter()
-        .unwrap_err();
-        assert_eq!(e.field(), Some("status"));
         let e = ListParams {
             limit: Some(0),
             ..Default::default()

@@ -140,9 +140,9 @@ pub struct FleetParams {
     pub window: Option<String>,
 }
 
-/// `<digits><s|m|h|d>` in milliseconds.
+/// `<digits><s|m|h|d>` (nothing around it) in milliseconds.
 fn parse_window(raw: &str) -> Option<i64> {
-    let t = raw.trim();
+    let t = raw;
     let split = t.find(|c: char| !c.is_ascii_digit())?;
     let (digits, unit) = t.split_at(split);
     if digits.is_empty() || digits.len() > 9 {
@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(parse_window("1h"), Some(3_600_000));
         assert_eq!(parse_window("15m"), Some(900_000));
         assert_eq!(parse_window("7d"), Some(604_800_000));
-        for bad in ["", "h", "1", "1.5h", "-1h", "1w"] {
+        for bad in ["", "h", "1", "1.5h", "-1h", "1w", " 1h", "1h "] {
             assert_eq!(parse_window(bad), None, "{bad}");
         }
     }

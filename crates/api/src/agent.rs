@@ -22,6 +22,8 @@ use gpufleet_proto::{
         (status = 200, description = "Registered", body = RegisterResponse),
         (status = 400, description = "Malformed body", body = ErrorBody),
         (status = 401, description = "Unknown instance, wrong or used secret", body = ErrorBody),
+        (status = 413, description = "Body over 256 KiB", body = ErrorBody),
+        (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
     )
 )]
 pub async fn register(
@@ -41,6 +43,7 @@ pub async fn register(
         (status = 401, description = "Missing or unknown agent token", body = ErrorBody),
         (status = 403, description = "The heartbeat names another instance", body = ErrorBody),
         (status = 413, description = "Body over 256 KiB", body = ErrorBody),
+        (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
         (status = 503, description = "Too many heartbeats queued; retry", body = ErrorBody),
     ),
     security(("agent_token" = []))
@@ -62,6 +65,8 @@ pub async fn heartbeat(
         (status = 204, description = "Recorded"),
         (status = 400, description = "Malformed body", body = ErrorBody),
         (status = 401, description = "Missing or unknown agent token", body = ErrorBody),
+        (status = 413, description = "Body over 256 KiB", body = ErrorBody),
+        (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
     ),
     security(("agent_token" = []))
 )]
@@ -102,6 +107,8 @@ pub async fn engine_env(
         (status = 400, description = "Malformed body, or not a PEM certificate", body = ErrorBody),
         (status = 401, description = "Missing or unknown agent token", body = ErrorBody),
         (status = 404, description = "The instance is gone", body = ErrorBody),
+        (status = 413, description = "Body over 256 KiB", body = ErrorBody),
+        (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
     ),
     security(("agent_token" = []))
 )]

@@ -30,17 +30,25 @@ const MAX_MODELS: usize = 100;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateApiKeyBody {
-    /// A name to recognise the key by (1–100 characters).
+    /// A name to recognise the key by (1–100 characters, not all blank
+    /// (Unicode `White_Space`); leading and trailing blanks are dropped).
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "[^\\t\\n\\v\\f\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+    )]
     pub name: String,
-    /// Models the key may use; absent or null: every model.
+    /// Models the key may use (at most 100); absent or null: every model.
     #[serde(default)]
+    #[schema(value_type = Option<Vec<ModelName>>, max_items = 100)]
     pub models: Option<Vec<String>>,
 }
 
 /// An API key (never with its secret).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiKeyView {
-    /// `ak-` followed by 32 hex digits.
+    /// `ak-` followed by 32 lowercase hex digits.
+    #[schema(value_type = ApiKeyIdSchema)]
     pub id: String,
     pub name: String,
     /// Models the key may use; null: every model.
@@ -100,6 +108,39 @@ pub struct UsageReport {
     pub instances: Vec<UsageView>,
 }
 
+/// The schema of an API key id: what [`ApiKeyIdPath`] accepts.
+pub struct ApiKeyIdSchema;
+
+impl ApiKeyIdSchema {
+    /// `ak-` and the id's UUID in simple (lowercase hex) form, as ids are
+    /// written: only that spelling is accepted.
+    pub const PATTERN: &'static str = "^ak-[0-9a-f]{32}$";
+}
+
+impl utoipa::PartialSchema for ApiKeyIdSchema {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(Self::PATTERN))
+            .examples([serde_json::Value::from(
+                "ak-0192f5a0c3b47d1e9a4b5c6d7e8f9a0b",
+            )])
+            .into()
+    }
+}
+impl utoipa::ToSchema for ApiKeyIdSchema {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "ApiKeyId".into()
+    }
+}
+
+/// Whether `raw` is an API key id in its canonical spelling.
+fn is_canonical_key_id(raw: &str) -> bool {
+    raw.strip_prefix("ak-").is_some_and(|hex| {
+        hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 /// The `{id}` path parameter as an API key id; 400 naming `id` otherwise.
 pub struct ApiKeyIdPath(pub ApiKeyId);
 
@@ -110,6 +151,12 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiKeyIdPath {
         let Path(raw) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|r| ApiError::invalid("id", format!("invalid id: {}", r.body_text())))?;
+        if !is_canonical_key_id(&raw) {
+            return Err(ApiError::invalid(
+                "id",
+                format!("invalid API key id {raw:?}: expected \"ak-\" followed by 32 lowercase hex digits"),
+            ));
+        }
         raw.parse()
             .map(ApiKeyIdPath)
             .map_err(|e: gpufleet_store::ApiKeyIdError| ApiError::invalid("id", e.to_string()))
@@ -123,7 +170,7 @@ fn store_error(e: gpufleet_store::StoreError) -> ApiError {
 /// Edge validation of a create body: name length, model names.
 fn validate(body: CreateApiKeyBody) -> Result<(String, Option<Vec<String>>), ApiError> {
     let name = body.name.trim().to_string();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS {
+    if name.is_empty() || body.name.chars().count() > MAX_NAME_CHARS {
         return Err(ApiError::invalid(
             "name",
             format!("invalid name: must be 1 to {MAX_NAME_CHARS} characters"),
@@ -160,8 +207,10 @@ fn validate(body: CreateApiKeyBody) -> Result<(String, Option<Vec<String>>), Api
     request_body = CreateApiKeyBody,
     responses(
         (status = 201, description = "Key created; `key` holds the secret, shown once", body = CreatedApiKey),
-        (status = 400, description = "Invalid input (`field` names it)", body = ErrorBody),
+        (status = 400, description = "Malformed JSON, or invalid input (`field` names it)", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -218,7 +267,7 @@ pub async fn list(State(state): State<SharedState>) -> Result<Json<ApiKeyList>, 
 /// `router.api_key_cache_ttl_ms`.
 #[utoipa::path(
     delete, path = "/api/v1/api-keys/{id}", tag = "api-keys",
-    params(("id" = String, Path, description = "API key id (`ak-...`)")),
+    params(("id" = ApiKeyIdSchema, Path, description = "API key id (`ak-` and 32 lowercase hex digits)")),
     responses(
         (status = 200, description = "The key, revoked", body = ApiKeyView),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -302,6 +351,18 @@ mod tests {
         assert_eq!(ok, ("ci".to_string(), Some(vec!["a/b".to_string()])));
         let e = validate(CreateApiKeyBody {
             name: "".into(),
+            models: None,
+        })
+        .unwrap_err();
+        assert_eq!(e.field(), Some("name"));
+        // At most 100 characters as sent, blanks included (as the schema says).
+        assert!(validate(CreateApiKeyBody {
+            name: "x".repeat(100),
+            models: None,
+        })
+        .is_ok());
+        let e = validate(CreateApiKeyBody {
+            name: format!("{} ", "x".repeat(100)),
             models: None,
         })
         .unwrap_err();

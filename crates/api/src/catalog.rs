@@ -6,7 +6,7 @@ use crate::SharedState;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::Json;
-use gpufleet_domain::InstanceStatus;
+use gpufleet_domain::{InstanceStatus, ProviderName};
 use gpufleet_store::InstanceFilter;
 use std::collections::HashMap;
 
@@ -40,9 +40,10 @@ pub async fn providers(State(state): State<SharedState>) -> Result<Json<Provider
 /// A provider's instance types.
 #[utoipa::path(
     get, path = "/api/v1/providers/{name}/instance-types", tag = "catalog",
-    params(("name" = String, Path, description = "Provider name, e.g. `mock`")),
+    params(("name" = ProviderName, Path, description = "Provider name, e.g. `mock`")),
     responses(
         (status = 200, description = "Instance types", body = InstanceTypeList),
+        (status = 400, description = "Malformed provider name", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
         (status = 404, description = "No such provider", body = ErrorBody),
         (status = 503, description = "The provider's catalog is unavailable", body = ErrorBody),
@@ -53,10 +54,13 @@ pub async fn instance_types(
     State(state): State<SharedState>,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Json<InstanceTypeList>, ApiError> {
-    let Path(name) = name.map_err(|r| ApiError::invalid("name", r.body_text()))?;
-    let catalog = state.fleet.catalog(&name).await?;
+    let Path(raw) = name.map_err(|r| ApiError::invalid("name", r.body_text()))?;
+    let name: ProviderName = raw
+        .parse()
+        .map_err(|e| ApiError::invalid("name", format!("{e}")))?;
+    let catalog = state.fleet.catalog(name.as_str()).await?;
     Ok(Json(InstanceTypeList {
-        provider: name,
+        provider: name.to_string(),
         instance_types: catalog.instance_types,
     }))
 }

@@ -4,6 +4,7 @@
 //! and holds no secret.
 
 use crate::error::ApiError;
+use crate::views::ErrorBody;
 use crate::SharedState;
 use axum::body::Body;
 use axum::extract::State;
@@ -40,6 +41,17 @@ impl AgentBinary {
     }
 }
 
+/// The agent binary cloud machines install (no auth).
+#[utoipa::path(
+    get, path = "/downloads/gpufleet", tag = "agent",
+    responses(
+        (status = 200, description = "The binary; `x-checksum-sha256` holds its lowercase hex SHA-256",
+         content_type = "application/octet-stream", body = Vec<u8>,
+         headers(("x-checksum-sha256" = String, description = "SHA-256 of the body, lowercase hex"))),
+        (status = 404, description = "This control plane serves no agent binary (no public URL)", body = ErrorBody),
+        (status = 503, description = "The binary cannot be read", body = ErrorBody),
+    )
+)]
 pub async fn agent_binary(State(state): State<SharedState>) -> Result<Response, ApiError> {
     let Some(bin) = &state.agent_binary else {
         return Err(ApiError::not_found(

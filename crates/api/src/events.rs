@@ -38,6 +38,7 @@ pub mod names {
 #[into_params(parameter_in = Query)]
 pub struct StreamParams {
     /// Only this instance's changes (and only it in snapshots).
+    #[param(value_type = Option<InstanceId>)]
     pub instance: Option<String>,
 }
 

@@ -13,7 +13,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use gpufleet_control::CreateInstances;
 use gpufleet_domain::metrics::{parse_step, Step};
-use gpufleet_domain::{InstanceStatus, ModelName, ProviderName};
+use gpufleet_domain::{InstanceId, InstanceStatus, ModelName, ProviderName};
 use gpufleet_store::InstanceFilter;
 use serde::Deserialize;
 
@@ -30,11 +30,11 @@ const METRICS_MAX_LIMIT: i64 = 1000;
     request_body = CreateInstancesBody,
     responses(
         (status = 202, description = "Instances recorded; provisioning starts", body = CreatedInstances),
-        (status = 400, description = "Invalid input (`field` names it)", body = ErrorBody),
+        (status = 400, description = "Malformed JSON, or invalid input (`field` names it: e.g. an unknown provider, instance type, zone or model, or `count` out of range)", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
-        (status = 404, description = "Unknown provider", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
-        (status = 503, description = "Provider unavailable", body = ErrorBody),
+        (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+        (status = 503, description = "The provider's catalog is unavailable; retry", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -93,13 +93,17 @@ fn validate_create(body: CreateInstancesBody, max_count: u32) -> Result<CreateIn
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
-    /// Comma-separated statuses, e.g. `ready,unhealthy`. Default: all but archived.
+    /// Comma-separated statuses, e.g. `ready,unhealthy` (no blanks, no empty
+    /// items). Default: all but archived.
+    #[param(value_type = Option<Vec<InstanceStatus>>, style = Form, explode = false, min_items = 1)]
     pub status: Option<String>,
     /// Include archived instances (default false).
     pub include_archived: Option<bool>,
     /// Only this provider's instances.
+    #[param(value_type = Option<ProviderName>)]
     pub provider: Option<String>,
     /// At most this many instances (at least 1).
+    #[param(minimum = 1)]
     pub limit: Option<i64>,
 }
 
@@ -107,10 +111,9 @@ impl ListParams {
     fn filter(self) -> Result<InstanceFilter, ApiError> {
         let statuses = match self.status.as_deref() {
             None => Vec::new(),
+            // Exactly as the document says: no blanks, no empty items.
             Some(s) => s
                 .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
                 .map(|p| {
                     p.parse::<InstanceStatus>()
                         .map_err(|e| ApiError::invalid("status", e.to_string()))
@@ -166,7 +169,7 @@ pub async fn list(
 /// One instance.
 #[utoipa::path(
     get, path = "/api/v1/instances/{id}", tag = "instances",
-    params(("id" = String, Path, description = "Instance id, `i-` and 32 hex digits")),
+    params(("id" = InstanceId, Path, description = "Instance id, `i-` and 32 lowercase hex digits")),
     responses(
         (status = 200, description = "The instance", body = InstanceView),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -186,7 +189,7 @@ pub async fn get(
 /// Ask for termination. Idempotent: a terminating or terminated instance is returned as it is.
 #[utoipa::path(
     delete, path = "/api/v1/instances/{id}", tag = "instances",
-    params(("id" = String, Path, description = "Instance id")),
+    params(("id" = InstanceId, Path, description = "Instance id")),
     responses(
         (status = 202, description = "Termination requested (or already under way)", body = InstanceView),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -207,7 +210,7 @@ pub async fn terminate(
 /// Hide a terminated (or cleaned-up failed) instance from default listings.
 #[utoipa::path(
     post, path = "/api/v1/instances/{id}/archive", tag = "instances",
-    params(("id" = String, Path, description = "Instance id")),
+    params(("id" = InstanceId, Path, description = "Instance id")),
     responses(
         (status = 200, description = "Archived", body = InstanceView),
         (status = 400, description = "Malformed id", body = ErrorBody),
@@ -231,14 +234,15 @@ pub async fn archive(
 pub struct EventsParams {
     /// Only entries with an id above this (for paging / following).
     pub after: Option<i64>,
-    /// At most this many entries (default 100, max 1000).
+    /// At most this many entries (default 100; more than 1000 reads as 1000).
+    #[param(minimum = 1)]
     pub limit: Option<i64>,
 }
 
 /// The instance's timeline, oldest first.
 #[utoipa::path(
     get, path = "/api/v1/instances/{id}/events", tag = "instances",
-    params(("id" = String, Path, description = "Instance id"), EventsParams),
+    params(("id" = InstanceId, Path, description = "Instance id"), EventsParams),
     responses(
         (status = 200, description = "Timeline", body = Timeline),
         (status = 400, description = "Malformed id or query", body = ErrorBody),
@@ -267,14 +271,17 @@ pub async fn timeline(
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct MetricsParams {
-    /// At most this many recent samples (default 60, max 1000).
+    /// At most this many recent samples (default 60; more than 1000 reads as 1000).
+    #[param(minimum = 1)]
     pub limit: Option<i64>,
     /// Start of the history window, RFC 3339 (default: `to` − 1 h).
+    #[param(value_type = Option<DateTime<Utc>>)]
     pub from: Option<String>,
     /// End of the history window, RFC 3339 (default: now).
+    #[param(value_type = Option<DateTime<Utc>>)]
     pub to: Option<String>,
-    /// Bucket width: 5s, 10s, 15s, 30s, 1m, 2m, 5m, 10m, 15m, 30m, 1h, 2h, 3h,
-    /// 6h, 12h or 1d (default: the finest giving at most 1,500 buckets).
+    /// Bucket width (default: the finest giving at most 1,500 buckets).
+    #[param(value_type = Option<crate::views::MetricStep>, inline)]
     pub step: Option<String>,
 }
 
@@ -285,7 +292,7 @@ pub struct MetricsParams {
 /// (whichever fits the step and still holds the window).
 #[utoipa::path(
     get, path = "/api/v1/instances/{id}/metrics", tag = "instances",
-    params(("id" = String, Path, description = "Instance id"), MetricsParams),
+    params(("id" = InstanceId, Path, description = "Instance id"), MetricsParams),
     responses(
         (status = 200, description = "Samples (and series)", body = InstanceMetrics),
         (status = 400, description = "Malformed id or query; `field` names `from`, `to`, `step` or `limit`", body = ErrorBody),
@@ -322,7 +329,17 @@ fn history_window(p: &MetricsParams) -> Result<Option<Window>, ApiError> {
         return Ok(None);
     }
     let time = |field: &'static str, raw: &str| {
-        DateTime::parse_from_rfc3339(raw.trim())
+        // RFC 3339 as JSON Schema's `date-time` has it: `T` (or `t`) between
+        // date and time, where chrono would take a blank too.
+        if !matches!(raw.as_bytes().get(10), Some(b'T' | b't')) {
+            return Err(ApiError::invalid(
+                field,
+                format!(
+                    "invalid {field}: {raw:?} is not an RFC 3339 time, e.g. 2025-01-31T12:00:00Z"
+                ),
+            ));
+        }
+        DateTime::parse_from_rfc3339(raw)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|e| {
                 ApiError::invalid(
@@ -443,7 +460,7 @@ mod tests {
     #[test]
     fn list_params_parse_statuses() {
         let f = ListParams {
-            status: Some("ready, failed".into()),
+            status: Some("ready,failed".into()),
             ..Default::default()
         }
         .filter()
@@ -452,13 +469,15 @@ mod tests {
             f.statuses,
             vec![InstanceStatus::Ready, InstanceStatus::Failed]
         );
-        let e = ListParams {
-            status: Some("ready,bogus".into()),
-            ..Default::default()
+        for bad in ["ready,bogus", "ready, failed", "", "ready,", ",ready"] {
+            let e = ListParams {
+                status: Some(bad.into()),
+                ..Default::default()
+            }
+            .filter()
+            .unwrap_err();
+            assert_eq!(e.field(), Some("status"), "{bad:?}");
         }
-        .filter()
-        .unwrap_err();
-        assert_eq!(e.field(), Some("status"));
         let e = ListParams {
             limit: Some(0),
             ..Default::default()

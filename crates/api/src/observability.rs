@@ -94,8 +94,10 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[utoipa::path(
     get, path = "/metrics", tag = "system",
     responses(
-        (status = 200, description = "Prometheus text format 0.0.4 (or OpenMetrics 1.0 on request)", content_type = "text/plain", body = String),
+        (status = 200, description = "Prometheus text format 0.0.4 (or OpenMetrics 1.0 when `Accept` names `application/openmetrics-text`)",
+         content((String = "text/plain"), (String = "application/openmetrics-text"))),
         (status = 500, description = "The store could not be read", body = ErrorBody),
+        (status = 503, description = "The metrics could not be encoded", body = ErrorBody),
     )
 )]
 pub async fn prometheus(
@@ -134,12 +136,13 @@ pub async fn prometheus(
 pub struct FleetParams {
     /// How far back the series go, e.g. `15m`, `1h`, `7d` (5 minutes to 30
     /// days; default 1h).
+    #[param(pattern = "^[0-9]{1,9}[smhd]$", example = "1h")]
     pub window: Option<String>,
 }
 
-/// `<digits><s|m|h|d>` in milliseconds.
+/// `<digits><s|m|h|d>` (nothing around it) in milliseconds.
 fn parse_window(raw: &str) -> Option<i64> {
-    let t = raw.trim();
+    let t = raw;
     let split = t.find(|c: char| !c.is_ascii_digit())?;
     let (digits, unit) = t.split_at(split);
     if digits.is_empty() || digits.len() > 9 {
@@ -163,7 +166,7 @@ fn parse_window(raw: &str) -> Option<i64> {
     params(FleetParams),
     responses(
         (status = 200, description = "Fleet figures", body = FleetMetricsView),
-        (status = 400, description = "Bad `window`", body = ErrorBody),
+        (status = 400, description = "Malformed `window`, or one outside 5 minutes to 30 days", body = ErrorBody),
         (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
     ),
     security(("bearer" = []))
@@ -174,17 +177,21 @@ pub async fn fleet(
 ) -> Result<Json<FleetMetricsView>, ApiError> {
     let window_ms = match params.window.as_deref() {
         None => 3_600_000,
-        Some(raw) => parse_window(raw).ok_or_else(|| {
-            ApiError::invalid(
-                "window",
-                format!(
-                    "invalid window: {raw:?} is not a duration like 15m, 1h or 7d \
-                     (from {} to {} minutes)",
-                    MIN_WINDOW_MS / 60_000,
-                    MAX_WINDOW_MS / 60_000
-                ),
-            )
-        })?,
+        // Out of range is checked here too, so that every bad window is
+        // answered about `window` (not about the `from`/`to` it turns into).
+        Some(raw) => parse_window(raw)
+            .filter(|ms| (MIN_WINDOW_MS..=MAX_WINDOW_MS).contains(ms))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "window",
+                    format!(
+                        "invalid window: {raw:?} is not a duration of {} to {} minutes \
+                         such as 15m, 1h or 7d",
+                        MIN_WINDOW_MS / 60_000,
+                        MAX_WINDOW_MS / 60_000
+                    ),
+                )
+            })?,
     };
     let figures = state.fleet.fleet_metrics(window_ms).await?;
     Ok(Json(FleetMetricsView::from(&figures)))
@@ -217,7 +224,7 @@ mod tests {
         assert_eq!(parse_window("1h"), Some(3_600_000));
         assert_eq!(parse_window("15m"), Some(900_000));
         assert_eq!(parse_window("7d"), Some(604_800_000));
-        for bad in ["", "h", "1", "1.5h", "-1h", "1w"] {
+        for bad in ["", "h", "1", "1.5h", "-1h", "1w", " 1h", "1h "] {
             assert_eq!(parse_window(bad), None, "{bad}");
         }
     }

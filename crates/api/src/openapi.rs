@@ -1,7 +1,9 @@
 //! `GET /api/v1/openapi.json`: the OpenAPI 3.1 document of every public route.
 
 use crate::views::ErrorBody;
-use crate::{agent, api_keys, catalog, events, instances, observability, system};
+use crate::SharedState;
+use crate::{agent, api_keys, catalog, downloads, events, instances, observability, system};
+use axum::extract::State;
 use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::OpenApi as OpenApiDoc;
@@ -40,6 +42,7 @@ use utoipa::{Modify, OpenApi};
         observability::fleet,
         observability::targets,
         observability::prometheus,
+        downloads::agent_binary,
     ),
     modifiers(&SecuritySchemes),
     tags(
@@ -91,8 +94,32 @@ impl Modify for SecuritySchemes {
     ),
     security(("bearer" = []))
 )]
-pub async fn document() -> Json<OpenApiDoc> {
-    Json(ApiDoc::openapi())
+pub async fn document(State(state): State<SharedState>) -> Json<OpenApiDoc> {
+    Json(ApiDoc::for_server(
+        state.fleet.config().max_instances_per_request,
+    ))
+}
+
+impl ApiDoc {
+    /// The document with the limits of this server's configuration filled
+    /// in (`count` of a create is at most `max_instances_per_request`).
+    pub fn for_server(max_instances_per_request: u32) -> OpenApiDoc {
+        use utoipa::openapi::schema::Schema;
+        use utoipa::openapi::RefOr;
+        let mut doc = ApiDoc::openapi();
+        let count = doc
+            .components
+            .as_mut()
+            .and_then(|c| c.schemas.get_mut("CreateInstancesBody"))
+            .and_then(|s| match s {
+                RefOr::T(Schema::Object(o)) => o.properties.get_mut("count"),
+                _ => None,
+            });
+        if let Some(RefOr::T(Schema::Object(count))) = count {
+            count.maximum = Some(f64::from(max_instances_per_request).into());
+        }
+        doc
+    }
 }
 
 #[cfg(test)]

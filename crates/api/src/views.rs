@@ -2,7 +2,9 @@
 //! these same types.
 
 use chrono::{DateTime, Utc};
-use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, InstanceType, Zone};
+use gpufleet_domain::{
+    FailureReason, InstanceId, InstanceStatus, InstanceType, ModelName, ProviderName, Zone,
+};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
@@ -10,18 +12,50 @@ use std::net::IpAddr;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateInstancesBody {
     /// Provider name, e.g. `mock`.
+    #[schema(value_type = ProviderName)]
     pub provider: String,
     /// Zone; default: the first zone offering the type.
     #[serde(default)]
+    #[schema(
+        min_length = 1,
+        pattern = "[^\\t\\n\\v\\f\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]",
+        examples("local-1")
+    )]
     pub zone: Option<String>,
     /// Instance type name from `GET /api/v1/providers/{name}/instance-types`.
+    #[schema(
+        min_length = 1,
+        pattern = "[^\\t\\n\\v\\f\\r \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]",
+        examples("mock-l4-1")
+    )]
     pub instance_type: String,
     /// Model from `GET /api/v1/models`.
+    #[schema(value_type = ModelName)]
     pub model: String,
-    /// How many instances (default 1).
+    /// How many instances (default 1; at most the server's
+    /// `max_instances_per_request`, the `maximum` here).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub count: Option<u32>,
 }
+
+/// A bucket width of `GET /api/v1/instances/{id}/metrics`: one of the
+/// allowed steps, written as the server writes them.
+pub struct MetricStep;
+
+impl utoipa::PartialSchema for MetricStep {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let steps = gpufleet_domain::metrics::ALLOWED_STEPS_MS
+            .iter()
+            .filter_map(|ms| gpufleet_domain::metrics::Step::from_millis(*ms))
+            .map(|s| s.to_string());
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .enum_values(Some(steps))
+            .into()
+    }
+}
+impl utoipa::ToSchema for MetricStep {}
 
 /// An instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -78,7 +112,8 @@ pub struct TimelineEntryView {
     pub duration_ms: Option<i64>,
     pub error_code: Option<String>,
     pub message: String,
-    #[schema(value_type = Object)]
+    /// Details of the entry (an object), or null when it has none.
+    #[schema(value_type = Option<Object>)]
     pub metadata: serde_json::Value,
 }
 

@@ -397,6 +397,8 @@ async fn bad_query_parameters_name_themselves() {
     let app = TestApp::spawn().await;
     for (query, field) in [
         ("status=ready,bogus", "status"),
+        ("status=ready,%20failed", "status"),
+        ("status=", "status"),
         ("limit=abc", "limit"),
         ("limit=0", "limit"),
         ("include_archived=maybe", "include_archived"),
@@ -413,6 +415,8 @@ async fn bad_query_parameters_name_themselves() {
     for path in [
         format!("/api/v1/instances/{id}/metrics?limit=0"),
         format!("/api/v1/instances/{id}/events?after=x"),
+        format!("/api/v1/instances/{id}/metrics?from=2025-01-31%2012:00:00Z"),
+        format!("/api/v1/instances/{id}/metrics?to=%202025-01-31T12:00:00Z"),
     ] {
         expect_error(app.get(&path).await, StatusCode::BAD_REQUEST).await;
     }

@@ -311,7 +311,7 @@ async fn fleet_figures_now_and_over_a_window() {
     let f: FleetMetricsView =
         expect_json(app.get("/api/v1/metrics/fleet").await, StatusCode::OK).await;
     assert_eq!(f.series.tier, "raw");
-    for bad in ["1m", "31d", "soon"] {
+    for bad in ["1m", "31d", "soon", "0d", "0s", "999999999d"] {
         let err = expect_error(
             app.get(&format!("/api/v1/metrics/fleet?window={bad}"))
                 .await,

@@ -16,12 +16,17 @@ pub struct IdParseError {
 }
 
 /// gpufleet's own id of an instance: `i-` followed by a UUIDv7 in simple
-/// (hex, no dashes) form, so ids sort by creation time.
+/// (lowercase hex, no dashes) form, so ids sort by creation time. Only that
+/// canonical spelling parses ([`InstanceId::PATTERN`]), so one instance has
+/// one id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceId(Uuid);
 
 impl InstanceId {
     pub const PREFIX: &'static str = "i-";
+    /// What [`FromStr`] accepts, as a regular expression (the OpenAPI
+    /// `pattern` of every instance id).
+    pub const PATTERN: &'static str = "^i-[0-9a-f]{32}$";
 
     /// A new, time-ordered id.
     pub fn new() -> Self {
@@ -55,10 +60,10 @@ impl FromStr for InstanceId {
         let err = || IdParseError {
             kind: "instance",
             value: s.to_string(),
-            expected: "\"i-\" followed by 32 hex digits",
+            expected: "\"i-\" followed by 32 lowercase hex digits",
         };
         let rest = s.strip_prefix(Self::PREFIX).ok_or_else(err)?;
-        if rest.len() != 32 {
+        if rest.len() != 32 || !rest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(err());
         }
         Uuid::parse_str(rest).map(Self).map_err(|_| err())
@@ -82,7 +87,7 @@ impl utoipa::PartialSchema for InstanceId {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         utoipa::openapi::ObjectBuilder::new()
             .schema_type(utoipa::openapi::schema::Type::String)
-            .pattern(Some("^i-[0-9a-f]{32}$"))
+            .pattern(Some(Self::PATTERN))
             .examples([serde_json::Value::from(
                 "i-0192f5a0c3b47d1e9a4b5c6d7e8f9a0b",
             )])
@@ -135,6 +140,9 @@ mod tests {
             "x-0192f5a0c3b47d1e9a4b5c6d7e8f9a0b",
             "i-zz",
             "0192f5a0c3b47d1e9a4b5c6d7e8f9a0b",
+            "i-0192F5A0C3B47D1E9A4B5C6D7E8F9A0B",
+            "i-0192f5a0-c3b4-7d1e-9a4b-5c6d7e8f9a0b",
+            " i-0192f5a0c3b47d1e9a4b5c6d7e8f9a0b",
         ] {
             assert!(bad.parse::<InstanceId>().is_err(), "{bad} should not parse");
         }

@@ -21,6 +21,11 @@ pub struct NameError {
 pub struct ModelName(String);
 
 impl ModelName {
+    /// What [`FromStr`] accepts, as a regular expression (the OpenAPI
+    /// `pattern` of model names).
+    pub const PATTERN: &'static str =
+        "^[A-Za-z0-9._:@-]([A-Za-z0-9._:/@-]{0,198}[A-Za-z0-9._:@-])?$";
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -76,6 +81,10 @@ impl fmt::Display for ModelName {
 pub struct ProviderName(String);
 
 impl ProviderName {
+    /// What [`FromStr`] accepts, as a regular expression (the OpenAPI
+    /// `pattern` of provider names).
+    pub const PATTERN: &'static str = "^[a-z0-9-]{1,32}$";
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -115,6 +124,35 @@ impl fmt::Display for ProviderName {
         f.write_str(&self.0)
     }
 }
+
+/// A string schema with `pattern` and an example.
+fn string_schema(
+    pattern: &str,
+    max_length: usize,
+    example: &str,
+) -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .pattern(Some(pattern))
+        .min_length(Some(1))
+        .max_length(Some(max_length))
+        .examples([serde_json::Value::from(example)])
+        .into()
+}
+
+impl utoipa::PartialSchema for ModelName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(Self::PATTERN, 200, "meta-llama/Llama-3.1-8B-Instruct")
+    }
+}
+impl utoipa::ToSchema for ModelName {}
+
+impl utoipa::PartialSchema for ProviderName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        string_schema(Self::PATTERN, 32, "mock")
+    }
+}
+impl utoipa::ToSchema for ProviderName {}
 
 #[cfg(test)]
 mod tests {

@@ -8,8 +8,8 @@ use common::*;
 use gpufleet_api::views::*;
 use gpufleet_domain::{InstanceId, InstanceStatus};
 use gpufleet_proto::{paths, Heartbeat, HeartbeatAck};
-use reqwest::StatusCode;
 use gpufleet_test_support::promtool::{assert_metrics_pass, no_lint};
+use reqwest::StatusCode;
 
 /// An instance whose agent registered; returns its id and agent token.
 async fn registered(app: &TestApp) -> (InstanceId, String) {

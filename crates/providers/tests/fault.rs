@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-
 fn request(key: &str) -> CreateRequest {
     let instance_id = InstanceId::new();
     CreateRequest {
@@ -140,11 +139,7 @@ async fn create_succeeds_but_errors_leaves_the_machine_behind() {
         .await
         .expect_err("reported as failed");
     assert!(err.is_retryable());
-    assert_eq!(
-        memory.created(),
-        1,
-        "the machine exists"
-    );
+    assert_eq!(memory.created(), 1, "the machine exists");
     // The retry with the same key finds it; nothing is created twice.
     let m = p.create(&request("k")).await.expect("retry");
     assert_eq!(memory.created(), 1);

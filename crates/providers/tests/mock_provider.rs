@@ -513,9 +513,11 @@ async fn reopen_adopts_live_machines_and_reports_dead_ones_gone() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill the group");
-    wait_until("the dead machine's processes are gone", DEADLINE, || async {
-        group_members(dead_pid).is_empty()
-    })
+    wait_until(
+        "the dead machine's processes are gone",
+        DEADLINE,
+        || async { group_members(dead_pid).is_empty() },
+    )
     .await;
 
     let p = fx.open();

@@ -11,6 +11,7 @@
 //! [`TestDb::sqlite`] and [`TestDb::postgres`] directly.
 
 use sqlx::{Connection, Executor, PgConnection};
+use std::path::Path;
 use std::time::Duration;
 
 /// The environment variable that picks the backend of [`TestDb::fresh`].
@@ -56,8 +57,12 @@ pub struct TestDb {
 
 #[derive(Debug)]
 enum Kind {
-    Sqlite(#[allow(dead_code)] tempfile::TempDir),
-    Postgres { admin_url: String, name: String },
+    /// The temporary directory it owns (none when the caller owns it).
+    Sqlite(#[allow(dead_code)] Option<tempfile::TempDir>),
+    Postgres {
+        admin_url: String,
+        name: String,
+    },
 }
 
 impl TestDb {
@@ -65,6 +70,19 @@ impl TestDb {
     pub async fn fresh() -> TestDb {
         match Backend::from_env() {
             Backend::Sqlite => TestDb::sqlite(),
+            Backend::Postgres => TestDb::postgres().await,
+        }
+    }
+
+    /// A fresh database of the backend `GPUFLEET_TEST_DATABASE` names; a
+    /// SQLite one is `dir/gpufleet.db` (where `gpufleet up --data-dir dir`
+    /// puts it by default), so whatever looks through `dir` sees it too.
+    pub async fn fresh_in(dir: &Path) -> TestDb {
+        match Backend::from_env() {
+            Backend::Sqlite => TestDb {
+                url: format!("sqlite://{}?mode=rwc", dir.join("gpufleet.db").display()),
+                kind: Kind::Sqlite(None),
+            },
             Backend::Postgres => TestDb::postgres().await,
         }
     }
@@ -78,7 +96,7 @@ impl TestDb {
         let url = format!("sqlite://{}/test.db?mode=rwc", dir.path().display());
         TestDb {
             url,
-            kind: Kind::Sqlite(dir),
+            kind: Kind::Sqlite(Some(dir)),
         }
     }
 

@@ -1,7 +1,8 @@
 //! The end-to-end test harness: the real `gpufleet up` as a child process on
-//! a loopback port, a temporary data directory (admin token, Mock machines), a
-//! fresh database ([`TestDb::fresh`]: SQLite, or PostgreSQL with
-//! `GPUFLEET_TEST_DATABASE=postgres`), real agents and engines, and helpers
+//! a loopback port, a temporary data directory (admin token, Mock machines),
+//! a fresh database ([`TestDb::fresh_in`]: SQLite in the data directory, or
+//! PostgreSQL with `GPUFLEET_TEST_DATABASE=postgres`), real agents and
+//! engines, and helpers
 //! that wait on conditions with deadlines — never on fixed sleeps.
 //!
 //! The binary is a parameter: only the gpufleet crate's own tests know its
@@ -86,7 +87,9 @@ impl TestApp {
             .prefix("gpufleet-e2e-")
             .tempdir()
             .expect("temp dir");
-        let db = TestDb::fresh().await;
+        // SQLite: the default file in the data directory, as `up` makes it,
+        // so the tests that look through the data directory see it.
+        let db = TestDb::fresh_in(tmp.path()).await;
         let mut app = Self::prepare(bin.as_ref(), tmp.path().to_path_buf(), db, options);
         app._tmp = Some(tmp);
         app.start(0).await.expect("gpufleet up starts");

@@ -662,8 +662,7 @@ pub fn render(agent: &AgentFigures, gpus: &[GpuSample], host: &HostFigures) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::process::{Command, Stdio};
+    use gpufleet_test_support::promtool::{assert_metrics_pass, check_metrics};
 
     pub(crate) fn agent() -> AgentFigures {
         AgentFigures {
@@ -723,36 +722,6 @@ mod tests {
             }],
             networks: vec![("eth0".into(), 1000, 2000), ("lo".into(), 5, 5)],
             cpus: parse_proc_stat("cpu  1 2 3 4\ncpu0 100 0 50 1000 2 0 1 0 0 0\n", 100.0),
-        }
-    }
-
-    /// Runs promtool; Err with its output unless it passes or reports only
-    /// [`UPSTREAM_LINT`]. Panics when promtool is missing.
-    pub(crate) fn promtool(text: &str) -> Result<(), String> {
-        let mut child = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool must be installed (apt-get install prometheus)");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write");
-        let out = child.wait_with_output().expect("promtool output");
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        match out.status.code() {
-            Some(0) => Ok(()),
-            // 3: lint findings only (the text parsed).
-            Some(3) if said.lines().all(is_upstream_lint) => Ok(()),
-            _ => Err(said),
         }
     }
 
@@ -832,7 +801,7 @@ mod tests {
             !text.contains("gpufleet_agent_gpu_fault{"),
             "no fault yet: {text}"
         );
-        promtool(&text).unwrap_or_else(|p| panic!("promtool:\n{p}\n---\n{text}"));
+        assert_metrics_pass(&text, is_upstream_lint);
     }
 
     #[test]
@@ -855,7 +824,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gpufleet_agent_gpu_faults_total 1"), "{text}");
-        promtool(&text).unwrap_or_else(|p| panic!("promtool:\n{p}\n---\n{text}"));
+        assert_metrics_pass(&text, is_upstream_lint);
     }
 
     #[test]
@@ -881,7 +850,7 @@ mod tests {
                 && l.ends_with(" 10240")),
             "{text}"
         );
-        promtool(&text).unwrap_or_else(|p| panic!("promtool:\n{p}\n---\n{text}"));
+        assert_metrics_pass(&text, is_upstream_lint);
     }
 
     #[test]
@@ -890,24 +859,24 @@ mod tests {
         a.hostname = "we\"ird\\host\nname".into();
         let text = render(&a, &[gpu(0)], &host());
         assert!(text.contains(r#"Hostname="we\"ird\\host\nname""#), "{text}");
-        promtool(&text).unwrap_or_else(|p| panic!("promtool:\n{p}\n---\n{text}"));
+        assert_metrics_pass(&text, is_upstream_lint);
     }
 
     #[test]
     fn passes_promtool() {
         let text = render(&agent(), &[gpu(0), gpu(1)], &host());
-        promtool(&text).unwrap_or_else(|p| panic!("promtool:\n{p}\n---\n{text}"));
+        assert_metrics_pass(&text, is_upstream_lint);
         let live = HostCollector::new().collect();
         assert!(live.mem_total_bytes > 0);
         let text = render(&agent(), &[], &live);
-        promtool(&text).unwrap_or_else(|p| panic!("promtool:\n{p}\n---\n{text}"));
+        assert_metrics_pass(&text, is_upstream_lint);
     }
 
     #[test]
     fn a_parse_error_is_not_excused() {
-        assert!(promtool("not a metric line {\n").is_err());
+        assert!(check_metrics("not a metric line {\n", is_upstream_lint).is_err());
         assert!(
-            promtool("# TYPE x counter\nx 1\n").is_err(),
+            check_metrics("# TYPE x counter\nx 1\n", is_upstream_lint).is_err(),
             "lint other than upstream's"
         );
     }

@@ -2,7 +2,6 @@
 //! either the simulator in-process or a real child process.
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -23,8 +22,9 @@ use gpufleet_proto::{
     paths, AgentBootstrap, AgentEvent, AgentEventKind, AgentInfo, EngineSpec, EngineStatus,
     GpuSource, Heartbeat, HeartbeatAck, RegisterRequest, RegisterResponse,
 };
+use gpufleet_test_support::promtool::assert_metrics_pass;
+use gpufleet_test_support::wait::wait_until;
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const SECRET: &str = "one-time-secret";
@@ -237,21 +237,6 @@ fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 struct Setup {
@@ -546,7 +531,7 @@ async fn registers_heartbeats_serves_and_reuses_its_token() {
         .parse()
         .expect("number");
     assert!(sent >= 3.0, "{text}");
-    promtool_check(&text);
+    assert_metrics_pass(&text, gpufleet_agent::metrics::is_upstream_lint);
 
     agent.shutdown().await;
     assert!(
@@ -844,37 +829,4 @@ async fn a_rejected_token_leads_to_registration_retries_without_crashing() {
     assert_eq!(stored.trim(), "token-2");
     agent.shutdown().await;
     cp.stop().await;
-}
-
-/// `promtool check metrics` on `text`; panics unless it passes or reports only
-/// the camel case of the upstream DCGM/node-exporter names, and when promtool
-/// is missing (CI installs Debian's `prometheus`).
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool must be installed (apt-get install prometheus)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("promtool");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ok = match out.status.code() {
-        Some(0) => true,
-        Some(3) => said.lines().all(gpufleet_agent::metrics::is_upstream_lint),
-        _ => false,
-    };
-    assert!(ok, "promtool check metrics failed:\n{said}\n---\n{text}");
 }

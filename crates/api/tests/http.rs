@@ -343,7 +343,7 @@ async fn create_rejects_bad_input_and_creates_nothing() {
         app.list_all().await.is_empty(),
         "no instance may have been created"
     );
-    assert!(app.provider.creates().is_empty());
+    assert!(app.provider.requests().is_empty());
 }
 
 #[tokio::test]

@@ -8,9 +8,8 @@ use common::*;
 use gpufleet_api::views::*;
 use gpufleet_domain::{InstanceId, InstanceStatus};
 use gpufleet_proto::{paths, Heartbeat, HeartbeatAck};
+use gpufleet_test_support::promtool::{assert_metrics_pass, no_lint};
 use reqwest::StatusCode;
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 /// An instance whose agent registered; returns its id and agent token.
 async fn registered(app: &TestApp) -> (InstanceId, String) {
@@ -365,35 +364,6 @@ async fn prometheus_targets_list_ready_agents() {
     .await;
 }
 
-/// `promtool check metrics` on `text`: Ok, or what promtool said. Fails the
-/// test (never skips) when promtool is missing: CI installs it
-/// (Debian's `prometheus` package).
-fn promtool_check(text: &str) -> Result<(), String> {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool must be installed (apt-get install prometheus)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 #[tokio::test]
 async fn prometheus_exposition_passes_promtool() {
     let app = TestApp::spawn().await;
@@ -445,9 +415,8 @@ async fn prometheus_exposition_passes_promtool() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
-    if let Err(problems) = promtool_check(&text) {
-        panic!("promtool check metrics failed:\n{problems}\n---\n{text}");
-    }
+    // Strict: the control plane's own names carry no lint to excuse.
+    assert_metrics_pass(&text, no_lint);
 
     // The Grafana dashboard uses only names this exposition has.
     let dashboard = std::fs::read_to_string(concat!(

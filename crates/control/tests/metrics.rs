@@ -77,7 +77,7 @@ fn config() -> ControlConfig {
 
 #[tokio::test]
 async fn rollups_fill_the_coarser_tiers_and_retention_trims_raw() {
-    let h = start(MemoryProvider::new(), config()).await;
+    let h = start(memory_provider(), config()).await;
     let id = create_one(&h.fleet).await;
     let store = h.fleet.store();
     // Ten minutes of history 30 hours ago (past raw retention) and ten
@@ -175,7 +175,7 @@ async fn rollups_fill_the_coarser_tiers_and_retention_trims_raw() {
 
 #[tokio::test]
 async fn impossible_heartbeats_are_rejected_before_the_store() {
-    let h = start(MemoryProvider::new(), fast_config()).await;
+    let h = start(memory_provider(), fast_config()).await;
     let id = create_one(&h.fleet).await;
     let check = |mutate: fn(&mut Heartbeat), want: &'static str| {
         let fleet = h.fleet.clone();
@@ -218,7 +218,7 @@ async fn impossible_heartbeats_are_rejected_before_the_store() {
 
 #[tokio::test]
 async fn concurrent_heartbeats_are_batched_and_each_gets_its_outcome() {
-    let h = start(MemoryProvider::new(), fast_config()).await;
+    let h = start(memory_provider(), fast_config()).await;
     let mut ids = Vec::new();
     for _ in 0..20 {
         ids.push(create_one(&h.fleet).await);
@@ -257,7 +257,7 @@ async fn stopping_ingest_moves_what_is_staged_and_refuses_later_heartbeats() {
     let mut cfg = fast_config();
     cfg.ingest.compact_interval_ms = 3_600_000;
     cfg.ingest.compact_heartbeats = 1_000_000;
-    let h = start(MemoryProvider::new(), cfg).await;
+    let h = start(memory_provider(), cfg).await;
     let id = create_one(&h.fleet).await;
     for seq in 1..=5 {
         let ack = h

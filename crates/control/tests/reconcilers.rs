@@ -9,10 +9,9 @@ use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus};
 use gpufleet_proto::{
     EngineSample, EngineStatus, GpuSource, Heartbeat, RegisterRequest, SystemSample,
 };
-use gpufleet_providers::fault::{FaultyProvider, Op};
+use gpufleet_providers::fault::Op;
 use gpufleet_providers::{tags, ProviderError};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 fn req(count: u32) -> CreateInstances {
@@ -54,7 +53,7 @@ fn heartbeat(id: InstanceId, seq: u64) -> Heartbeat {
 
 #[tokio::test]
 async fn provisions_and_discovers_the_ip() {
-    let mem = MemoryProvider::new();
+    let mem = memory_provider();
     let h = start(mem.clone(), fast_config()).await;
     let id = create_one(&h.fleet).await;
     let rec = wait_status(&h.fleet, id, InstanceStatus::Starting).await;
@@ -76,15 +75,7 @@ async fn provisions_and_discovers_the_ip() {
         ]
     );
     // The machine carries our tags.
-    let m = mem
-        .state
-        .lock()
-        .unwrap()
-        .machines
-        .values()
-        .next()
-        .cloned()
-        .unwrap();
+    let m = mem.machines().into_iter().next().unwrap();
     assert_eq!(m.tags.get(tags::INSTANCE), Some(&id.to_string()));
     assert_eq!(
         m.tags.get(tags::CLUSTER).map(String::as_str),
@@ -94,22 +85,26 @@ async fn provisions_and_discovers_the_ip() {
 
 #[tokio::test]
 async fn retries_reuse_the_idempotency_key_and_create_once() {
-    let mem = MemoryProvider::new();
-    let faulty = Arc::new(FaultyProvider::new(mem.clone()));
+    let mem = memory_provider();
+    let faulty = mem.faulty();
     faulty.fail_next(Op::Create, 2, ProviderError::retryable("503"));
     let h = start(faulty.clone(), fast_config()).await;
     let id = create_one(&h.fleet).await;
     let rec = wait_status(&h.fleet, id, InstanceStatus::Starting).await;
     assert_eq!(rec.provision_attempts, 3);
     assert_eq!(mem.machine_count(), 1);
-    let keys = mem.state.lock().unwrap().create_keys.clone();
+    let keys: Vec<_> = mem
+        .requests()
+        .into_iter()
+        .map(|r| r.idempotency_key)
+        .collect();
     assert!(keys.iter().all(|k| *k == rec.idempotency_key), "{keys:?}");
 }
 
 #[tokio::test]
 async fn create_that_succeeded_but_reported_failure_is_not_duplicated() {
-    let mem = MemoryProvider::new();
-    let faulty = Arc::new(FaultyProvider::new(mem.clone()));
+    let mem = memory_provider();
+    let faulty = mem.faulty();
     faulty.create_succeeds_but_errors(1);
     let h = start(faulty.clone(), fast_config()).await;
     let id = create_one(&h.fleet).await;
@@ -124,8 +119,8 @@ async fn create_that_succeeded_but_reported_failure_is_not_duplicated() {
 
 #[tokio::test]
 async fn out_of_capacity_and_exhausted_retries_fail_with_reasons() {
-    let mem = MemoryProvider::new();
-    let faulty = Arc::new(FaultyProvider::new(mem.clone()));
+    let mem = memory_provider();
+    let faulty = mem.faulty();
     faulty.fail_next(
         Op::Create,
         1,
@@ -166,8 +161,8 @@ async fn out_of_capacity_and_exhausted_retries_fail_with_reasons() {
 
 #[tokio::test]
 async fn terminate_during_a_slow_create_leaks_nothing() {
-    let mem = MemoryProvider::new();
-    let faulty = Arc::new(FaultyProvider::new(mem.clone()));
+    let mem = memory_provider();
+    let faulty = mem.faulty();
     faulty.delay(Op::Create, Duration::from_millis(400));
     let h = start(faulty.clone(), fast_config()).await;
     let id = create_one(&h.fleet).await;
@@ -195,7 +190,7 @@ async fn terminate_during_a_slow_create_leaks_nothing() {
 
 #[tokio::test]
 async fn archive_refuses_live_instances() {
-    let mem = MemoryProvider::new();
+    let mem = memory_provider();
     let h = start(mem.clone(), fast_config()).await;
     let id = create_one(&h.fleet).await;
     wait_status(&h.fleet, id, InstanceStatus::Starting).await;
@@ -211,7 +206,7 @@ async fn archive_refuses_live_instances() {
 
 #[tokio::test]
 async fn startup_timeout_then_late_heartbeat_recovers() {
-    let mem = MemoryProvider::new();
+    let mem = memory_provider();
     let mut cfg = fast_config();
     cfg.startup_timeout_secs = 1;
     let h = start(mem.clone(), cfg).await;
@@ -273,7 +268,7 @@ async fn startup_timeout_then_late_heartbeat_recovers() {
 
 #[tokio::test]
 async fn an_agent_token_only_works_for_its_own_instance() {
-    let mem = MemoryProvider::new();
+    let mem = memory_provider();
     let h = start(mem.clone(), fast_config()).await;
     let a = create_one(&h.fleet).await;
     let b = create_one(&h.fleet).await;
@@ -315,7 +310,7 @@ async fn an_agent_token_only_works_for_its_own_instance() {
 
 #[tokio::test]
 async fn failed_instances_are_cleaned_up_after_the_grace_period() {
-    let mem = MemoryProvider::new();
+    let mem = memory_provider();
     let mut cfg = fast_config();
     cfg.startup_timeout_secs = 1;
     cfg.failed_cleanup_grace_secs = 0;
@@ -337,7 +332,7 @@ async fn failed_instances_are_cleaned_up_after_the_grace_period() {
 
 #[tokio::test]
 async fn orphaned_machines_tagged_with_our_cluster_are_reaped() {
-    let mem = MemoryProvider::new();
+    let mem = memory_provider();
     let h = start(mem.clone(), fast_config()).await;
     let mut ours = BTreeMap::new();
     ours.insert(tags::CLUSTER.to_string(), h.fleet.cluster_id().to_string());
@@ -347,20 +342,19 @@ async fn orphaned_machines_tagged_with_our_cluster_are_reaped() {
     theirs.insert(tags::CLUSTER.to_string(), "someone-else".to_string());
     let foreign = mem.insert_foreign(theirs);
     eventually(10, "orphan reaped", || async {
-        let st = mem.state.lock().unwrap();
-        (!st.machines.contains_key(&orphan)).then_some(())
+        (!mem.has_machine(&orphan)).then_some(())
     })
     .await;
     assert!(
-        mem.state.lock().unwrap().machines.contains_key(&foreign),
+        mem.has_machine(&foreign),
         "machines of other clusters are left alone"
     );
 }
 
 #[tokio::test]
 async fn machine_vanishing_while_booting_fails_the_instance() {
-    let mem = MemoryProvider::new();
-    let faulty = Arc::new(FaultyProvider::new(mem.clone()));
+    let mem = memory_provider();
+    let faulty = mem.faulty();
     faulty.fail_next(
         Op::Get,
         1000,
@@ -376,7 +370,7 @@ async fn machine_vanishing_while_booting_fails_the_instance() {
 
 #[tokio::test]
 async fn bad_create_requests_change_nothing() {
-    let mem = MemoryProvider::new();
+    let mem = memory_provider();
     let h = start(mem.clone(), fast_config()).await;
     let cases: Vec<(CreateInstances, &str)> = vec![
         (

@@ -96,10 +96,13 @@ async fn wait_all(
 async fn main() {
     let singles = env_usize("GPUFLEET_BENCH_SINGLE", 15);
     let bulk = env_usize("GPUFLEET_BENCH_BULK", 100) as u32;
-    let app = TestApp::spawn_with(common::Options {
-        bench: true,
-        ..Default::default()
-    })
+    let app = TestApp::spawn_with(
+        common::BIN,
+        common::Options {
+            bench: true,
+            ..Default::default()
+        },
+    )
     .await;
     let pid = app.pid().expect("control plane pid");
     println!(

@@ -10,7 +10,7 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::TestApp;
+use common::{TestApp, BIN};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -66,7 +66,7 @@ async fn console_in_a_real_browser() {
     let shots = screenshot_dir(&root);
     std::fs::create_dir_all(&shots).expect("screenshot directory");
 
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn(BIN).await;
 
     // The console must be served by `up` itself, at `/`.
     let resp = app.http.get(app.url("/")).send().await.expect("GET /");

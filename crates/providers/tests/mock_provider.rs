@@ -8,8 +8,8 @@ use gpufleet_proto::{AgentBootstrap, EngineSpec};
 use gpufleet_providers::fault::{FaultyProvider, Op};
 use gpufleet_providers::mock::{MockConfig, MockError, MockProvider, MACHINE_ENV};
 use gpufleet_providers::{tags, CreateRequest, MachineState, Provider, ProviderError};
+use gpufleet_test_support::wait::wait_until;
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -119,31 +119,15 @@ fn request_with_tags(key: &str, extra: &[(&str, &str)]) -> CreateRequest {
     }
 }
 
-/// Polls `check` until it holds, failing the test after `DEADLINE`.
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "timed out after {DEADLINE:?} waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn wait_running(p: &MockProvider, id: &ProviderInstanceId) {
-    wait_until("the machine runs", || async {
+    wait_until("the machine runs", DEADLINE, || async {
         matches!(p.get(id).await, Ok(m) if m.state == MachineState::Running && p.agent_pid(id).is_some())
     })
     .await;
 }
 
 async fn wait_gone(p: &MockProvider, id: &ProviderInstanceId) {
-    wait_until("the machine is gone", || async {
+    wait_until("the machine is gone", DEADLINE, || async {
         matches!(p.get(id).await, Err(ProviderError::NotFound { .. }))
     })
     .await;
@@ -152,7 +136,7 @@ async fn wait_gone(p: &MockProvider, id: &ProviderInstanceId) {
 /// Lets the supervisor look at the world `n` more times.
 async fn wait_ticks(p: &MockProvider, n: u64) {
     let target = p.supervisor_ticks() + n;
-    wait_until("the supervisor ticked", || async {
+    wait_until("the supervisor ticked", DEADLINE, || async {
         p.supervisor_ticks() >= target
     })
     .await;
@@ -261,7 +245,7 @@ async fn create_boots_a_machine_with_an_ip_and_a_process_group() {
     // A live process group: the agent leads it, its child is in it.
     let pid = p.agent_pid(&m.id).expect("agent pid");
     assert!(running(pid));
-    wait_until("the agent's child runs", || async {
+    wait_until("the agent's child runs", DEADLINE, || async {
         group_members(pid).len() >= 2
     })
     .await;
@@ -391,7 +375,7 @@ async fn terminate_kills_the_whole_group_and_frees_the_ip() {
     let m = p.create(&first_req).await.expect("create");
     wait_running(&p, &m.id).await;
     let pid = p.agent_pid(&m.id).expect("pid");
-    wait_until("the agent's child runs", || async {
+    wait_until("the agent's child runs", DEADLINE, || async {
         group_members(pid).len() >= 2
     })
     .await;
@@ -439,7 +423,7 @@ async fn an_agent_ignoring_sigterm_is_killed_after_the_grace_period() {
     let m = p.create(&request("stubborn")).await.expect("create");
     wait_running(&p, &m.id).await;
     let pid = p.agent_pid(&m.id).expect("pid");
-    wait_until("the agent's child runs", || async {
+    wait_until("the agent's child runs", DEADLINE, || async {
         group_members(pid).len() >= 2
     })
     .await;
@@ -448,7 +432,7 @@ async fn an_agent_ignoring_sigterm_is_killed_after_the_grace_period() {
     let start = Instant::now();
     p.terminate(&m.id).await.expect("terminate");
     // Well inside the grace period, TERM was ignored: still stopping.
-    wait_until("SIGTERM was sent", || async {
+    wait_until("SIGTERM was sent", DEADLINE, || async {
         read(&p.machine_dir(&m.id).join("agent.log")).contains("SIGTERM")
     })
     .await;
@@ -477,7 +461,7 @@ async fn a_killed_agent_is_restarted_by_the_supervisor() {
     let m = p.create(&request("restart")).await.expect("create");
     wait_running(&p, &m.id).await;
     let old = p.agent_pid(&m.id).expect("pid");
-    wait_until("the agent's child runs", || async {
+    wait_until("the agent's child runs", DEADLINE, || async {
         group_members(old).len() >= 2
     })
     .await;
@@ -488,7 +472,7 @@ async fn a_killed_agent_is_restarted_by_the_supervisor() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill the agent");
-    wait_until("a new agent runs", || async {
+    wait_until("a new agent runs", DEADLINE, || async {
         p.agent_pid(&m.id)
             .is_some_and(|pid| pid != old && running(pid))
     })
@@ -499,7 +483,7 @@ async fn a_killed_agent_is_restarted_by_the_supervisor() {
         MachineState::Running
     );
     // The old agent's leftover child went with it, like systemd's control-group kill mode.
-    wait_until("the old group is gone", || async {
+    wait_until("the old group is gone", DEADLINE, || async {
         old_group.iter().all(|pid| !running(*pid))
     })
     .await;
@@ -529,9 +513,11 @@ async fn reopen_adopts_live_machines_and_reports_dead_ones_gone() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill the group");
-    wait_until("the dead machine's processes are gone", || async {
-        group_members(dead_pid).is_empty()
-    })
+    wait_until(
+        "the dead machine's processes are gone",
+        DEADLINE,
+        || async { group_members(dead_pid).is_empty() },
+    )
     .await;
 
     let p = fx.open();
@@ -735,7 +721,7 @@ async fn an_agent_that_cannot_start_is_retried_and_logged() {
     let p = fx.open();
     let m = p.create(&request("broken")).await.expect("create");
     let log = p.machine_dir(&m.id).join("agent.log");
-    wait_until("the failure is logged twice", || async {
+    wait_until("the failure is logged twice", DEADLINE, || async {
         std::fs::read_to_string(&log)
             .is_ok_and(|l| l.matches("cannot start the agent").count() >= 2)
     })

@@ -1,10 +1,10 @@
 //! The simulator over real HTTP on 127.0.0.1:0.
 
-use std::future::Future;
 use std::time::Duration;
 
 use futures::StreamExt;
 use gpufleet_sim::{SimArgs, SimServer};
+use gpufleet_test_support::wait::wait_until;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -85,22 +85,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no sample of {name} in\n{text}"))
-}
-
-/// Polls `check` until it holds or the deadline passes.
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn args(model: &str) -> SimArgs {

@@ -1,29 +1,29 @@
 //! Test harness: the real router served on 127.0.0.1:0, over a real `Fleet`
-//! with a fresh SQLite database and an in-test provider that records calls and
-//! hands out machines (no processes). A fake agent answers `/readyz` on
+//! with a fresh database (SQLite, or PostgreSQL with
+//! `GPUFLEET_TEST_DATABASE=postgres`) and the in-memory provider of
+//! `gpufleet_test_support`, which records calls and hands out machines (no
+//! processes). A fake agent answers `/readyz` on
 //! 127.0.0.1 when asked to, for the last agent registered through
 //! [`TestApp::register_agent`] (with its identity proof), so instances can
 //! reach `ready`.
 
 #![allow(dead_code)]
 
-use async_trait::async_trait;
 use axum::response::IntoResponse;
 use chrono::Utc;
 use gpufleet_api::views::{ErrorBody, InstanceView};
 use gpufleet_api::{router, serve, ApiState};
 use gpufleet_control::{ControlConfig, Fleet};
-use gpufleet_domain::{GpuSpec, InstanceId, InstanceType, ProviderInstanceId, ProviderName, Zone};
-use gpufleet_providers::{
-    Catalog, CreateRequest, Machine, MachineState, Provider, ProviderError, ProviderRegistry,
-};
+use gpufleet_domain::InstanceId;
+use gpufleet_providers::{Catalog, ProviderRegistry};
 use gpufleet_store::Store;
+pub use gpufleet_test_support::db::TestDb;
+use gpufleet_test_support::provider::{l4_type, zone, FakeProvider, Ips};
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,129 +43,23 @@ pub const MAX_COUNT: u32 = 3;
 /// How long a wait on a condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-/// A provider that keeps machines in memory and records every create.
-pub struct TestProvider {
-    name: ProviderName,
-    machines: Mutex<HashMap<String, Machine>>,
-    creates: Mutex<Vec<CreateRequest>>,
-}
-
-impl TestProvider {
-    fn new() -> Self {
-        Self {
-            name: PROVIDER.parse().expect("valid provider name"),
-            machines: Mutex::new(HashMap::new()),
-            creates: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Every create request received so far.
-    pub fn creates(&self) -> Vec<CreateRequest> {
-        self.creates.lock().unwrap().clone()
-    }
-
-    /// The bootstrap secret handed to `id`'s machine, once it was created.
-    pub fn bootstrap_secret(&self, id: InstanceId) -> Option<String> {
-        self.creates
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|r| r.instance_id == id)
-            .map(|r| r.bootstrap.bootstrap_secret.clone())
-    }
-
-    pub fn machine_count(&self) -> usize {
-        self.machines.lock().unwrap().len()
-    }
-}
-
-#[async_trait]
-impl Provider for TestProvider {
-    fn name(&self) -> &ProviderName {
-        &self.name
-    }
-
-    async fn create(&self, req: &CreateRequest) -> Result<Machine, ProviderError> {
-        self.creates.lock().unwrap().push(req.clone());
-        let mut machines = self.machines.lock().unwrap();
-        let machine = machines
-            .entry(req.idempotency_key.clone())
-            .or_insert_with(|| Machine {
-                id: ProviderInstanceId::new(format!("m-{}", req.instance_id)),
-                state: MachineState::Running,
-                ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-                zone: req.zone.clone(),
-                instance_type: req.instance_type.clone(),
-                tags: req.tags.clone(),
-                created_at: Utc::now(),
-            });
-        Ok(machine.clone())
-    }
-
-    async fn get(&self, id: &ProviderInstanceId) -> Result<Machine, ProviderError> {
-        self.machines
-            .lock()
-            .unwrap()
-            .values()
-            .find(|m| &m.id == id)
-            .cloned()
-            .ok_or_else(|| ProviderError::NotFound { id: id.clone() })
-    }
-
-    async fn terminate(&self, id: &ProviderInstanceId) -> Result<(), ProviderError> {
-        self.machines.lock().unwrap().retain(|_, m| &m.id != id);
-        Ok(())
-    }
-
-    async fn list(&self, tags: &BTreeMap<String, String>) -> Result<Vec<Machine>, ProviderError> {
-        Ok(self
-            .machines
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|m| tags.iter().all(|(k, v)| m.tags.get(k) == Some(v)))
-            .cloned()
-            .collect())
-    }
-
-    async fn catalog(&self) -> Result<Catalog, ProviderError> {
-        let itype = |name: &str, vram_mib, zones: &[&str]| InstanceType {
-            name: name.to_string(),
-            gpu: GpuSpec {
-                model: "NVIDIA L4".into(),
-                count: 1,
-                vram_mib,
-                power_limit_w: 72.0,
-            },
-            vcpus: 8,
-            ram_mib: 32_768,
-            price_per_hour: 0.75,
-            currency: "EUR".into(),
-            zones: zones.iter().map(|z| z.to_string()).collect(),
-        };
-        Ok(Catalog {
-            zones: vec![
-                Zone {
-                    name: ZONE.into(),
-                    description: "Zone A".into(),
-                },
-                Zone {
-                    name: OTHER_ZONE.into(),
-                    description: "Zone B".into(),
-                },
-            ],
-            instance_types: vec![
-                itype(TYPE, 24_576, &[ZONE, OTHER_ZONE]),
-                itype(SMALL_TYPE, 8_192, &[ZONE]),
-            ],
-        })
-    }
+/// The provider the tests create on: [`PROVIDER`] with two zones and two
+/// types; every machine gets 127.0.0.1, where the fake agent answers.
+fn test_provider() -> Arc<FakeProvider> {
+    let catalog = Catalog {
+        zones: vec![zone(ZONE, "Zone A"), zone(OTHER_ZONE, "Zone B")],
+        instance_types: vec![
+            l4_type(TYPE, 24_576, 32_768, &[ZONE, OTHER_ZONE]),
+            l4_type(SMALL_TYPE, 8_192, 32_768, &[ZONE]),
+        ],
+    };
+    Arc::new(FakeProvider::new(PROVIDER, catalog).with_ips(Ips::Localhost))
 }
 
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
-    pub provider: Arc<TestProvider>,
+    pub provider: Arc<FakeProvider>,
     pub fleet: Fleet,
     /// Whether the fake agent answers `/readyz` with 200.
     pub agents_ready: Arc<AtomicBool>,
@@ -174,14 +68,14 @@ pub struct TestApp {
     stop: CancellationToken,
     server: Option<JoinHandle<std::io::Result<()>>>,
     tasks: Option<JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    /// Dropped after `drop` stops the server and the reconcilers.
+    pub db: TestDb,
 }
 
 impl TestApp {
     pub async fn spawn() -> TestApp {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}/db?mode=rwc", dir.path().display());
-        let store = Store::connect(&url).await.expect("store connects");
+        let db = TestDb::fresh().await;
+        let store = Store::connect(db.url()).await.expect("store connects");
 
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind api");
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -201,7 +95,7 @@ impl TestApp {
             agent_port,
             ..ControlConfig::default()
         };
-        let provider = Arc::new(TestProvider::new());
+        let provider = test_provider();
         let mut providers = ProviderRegistry::new();
         providers.register(provider.clone());
         let fleet = Fleet::new(store, providers, config)
@@ -231,7 +125,7 @@ impl TestApp {
             stop,
             server: Some(server),
             tasks: Some(tasks),
-            _dir: dir,
+            db,
         }
     }
 
@@ -401,22 +295,12 @@ async fn spawn_fake_agent(ready: Arc<AtomicBool>, agents: FakeAgents) -> u16 {
 }
 
 /// Poll `probe` until it yields a value, failing the test after [`DEADLINE`].
-pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    gpufleet_test_support::wait::wait_for(what, DEADLINE, probe).await
 }
 
 /// Assert the status and decode the JSON body.

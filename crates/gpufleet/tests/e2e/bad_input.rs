@@ -52,7 +52,7 @@ async fn expect_rejected(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_rejected_and_change_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn(BIN).await;
     let two: Vec<InstanceId> = app.create(2).await.iter().map(|v| v.id).collect();
     let (a, b) = (two[0], two[1]);
     let before = ids(&app).await;

@@ -7,7 +7,7 @@ use std::process::Output;
 
 /// Runs `gpufleet <args>` with a clean environment plus `env`.
 async fn gpufleet(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gpufleet"));
+    let mut cmd = tokio::process::Command::new(BIN);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("GPUFLEET_") {
             cmd.env_remove(k);
@@ -26,7 +26,7 @@ fn text(b: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_creates_waits_lists_and_explains_missing_tokens() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn(BIN).await;
     let server = app.base_url.as_str();
     let env = [
         ("GPUFLEET_ADMIN_TOKEN", app.token.as_str()),

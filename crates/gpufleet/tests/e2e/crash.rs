@@ -8,10 +8,13 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_while_booting_then_restart_finishes_the_job() {
-    let mut app = TestApp::spawn_with(Options {
-        boot_delay_ms: 1500,
-        ..Default::default()
-    })
+    let mut app = TestApp::spawn_with(
+        BIN,
+        Options {
+            boot_delay_ms: 1500,
+            ..Default::default()
+        },
+    )
     .await;
     let ids: Vec<InstanceId> = app.create(3).await.iter().map(|v| v.id).collect();
 

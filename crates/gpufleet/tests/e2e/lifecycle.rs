@@ -8,7 +8,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn five_instances_live_and_die() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn(BIN).await;
 
     // Five concurrent POSTs.
     let creates = (0..5).map(|_| app.create(1));
@@ -209,7 +209,7 @@ async fn five_instances_live_and_die() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archiving_a_live_instance_is_a_conflict() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn(BIN).await;
     let id = app.create(1).await[0].id;
     let status = app.archive(id).await;
     assert_eq!(

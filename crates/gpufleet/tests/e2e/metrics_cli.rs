@@ -2,15 +2,17 @@
 //! a live instance, and a live agent's own `/metrics` through promtool.
 
 use crate::common::*;
+use gpufleet_agent::metrics::is_upstream_lint;
 use gpufleet_api::views::InstanceMetrics;
 use gpufleet_domain::InstanceStatus as S;
 use gpufleet_proto::GpuSource;
+use gpufleet_test_support::promtool::assert_metrics_pass;
 use std::net::SocketAddr;
 use std::process::Output;
 use std::time::Duration;
 
 async fn gpufleet(app: &TestApp, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_gpufleet"));
+    let mut cmd = tokio::process::Command::new(BIN);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("GPUFLEET_") {
             cmd.env_remove(k);
@@ -30,39 +32,9 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// `promtool check metrics`: passes, or lints only the upstream camel case.
-pub(crate) fn promtool_check(exposition: &str) {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool must be installed (apt-get install prometheus)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(exposition.as_bytes())
-        .expect("write");
-    let out = child.wait_with_output().expect("promtool");
-    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
-    let ok = match out.status.code() {
-        Some(0) => true,
-        Some(3) => said.lines().all(gpufleet_agent::metrics::is_upstream_lint),
-        _ => false,
-    };
-    assert!(
-        ok,
-        "promtool check metrics failed:\n{said}\n---\n{exposition}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_metrics_cli_and_the_agents_prometheus_endpoint() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn(BIN).await;
     let id = app.create(1).await[0].id;
     let ready = app
         .wait_status(&[id], S::Ready, Duration::from_secs(60))
@@ -203,5 +175,5 @@ async fn instance_metrics_cli_and_the_agents_prometheus_endpoint() {
         exposition.contains("gpu_source=\"simulated\""),
         "{exposition}"
     );
-    promtool_check(&exposition);
+    assert_metrics_pass(&exposition, is_upstream_lint);
 }

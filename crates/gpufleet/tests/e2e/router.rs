@@ -31,10 +31,13 @@ breaker_cooldown_ms = 500
 "#;
 
 async fn spawn_app(policy: &str) -> TestApp {
-    TestApp::spawn_with(Options {
-        extra_toml: format!("{ROUTER_TOML}policy = \"{policy}\"\n"),
-        ..Default::default()
-    })
+    TestApp::spawn_with(
+        BIN,
+        Options {
+            extra_toml: format!("{ROUTER_TOML}policy = \"{policy}\"\n"),
+            ..Default::default()
+        },
+    )
     .await
 }
 
@@ -370,7 +373,10 @@ async fn an_openai_client_talks_to_the_fleet() {
         .unwrap_or_else(|| panic!("no router usage for the key in /metrics:\n{exposition}"));
     let requests: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(requests >= 7.0, "{line}");
-    crate::metrics_cli::promtool_check(&exposition);
+    gpufleet_test_support::promtool::assert_metrics_pass(
+        &exposition,
+        gpufleet_agent::metrics::is_upstream_lint,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -497,10 +503,15 @@ async fn traffic_only_reaches_ready_instances_and_survives_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_and_failing_instances_are_routed_around() {
-    let app = TestApp::spawn_with(Options {
-        extra_toml: format!("{ROUTER_TOML}first_byte_timeout_ms = 400\npolicy = \"round_robin\"\n"),
-        ..Default::default()
-    })
+    let app = TestApp::spawn_with(
+        BIN,
+        Options {
+            extra_toml: format!(
+                "{ROUTER_TOML}first_byte_timeout_ms = 400\npolicy = \"round_robin\"\n"
+            ),
+            ..Default::default()
+        },
+    )
     .await;
     let (_, key) = create_key(&app, "faults", None).await;
     let instances = ready_instances(&app, 2).await;

@@ -75,15 +75,18 @@ impl Cloud {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let app = TestApp::spawn_with(Options {
-            extra_toml: format!(
-                "[tls]\nlisten = \"127.0.0.1:{tls_port}\"\n\n\
+        let app = TestApp::spawn_with(
+            BIN,
+            Options {
+                extra_toml: format!(
+                    "[tls]\nlisten = \"127.0.0.1:{tls_port}\"\n\n\
                  [providers.scaleway]\nagent_gpu = \"simulated\"\ncatalog_ttl_secs = 1\n"
-            ),
-            control_toml: control_toml.to_string(),
-            env,
-            ..Default::default()
-        })
+                ),
+                control_toml: control_toml.to_string(),
+                env,
+                ..Default::default()
+            },
+        )
         .await;
         Cloud {
             emulator: Some(emulator),

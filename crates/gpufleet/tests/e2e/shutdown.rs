@@ -7,7 +7,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_then_up_again_readopts_running_machines() {
-    let mut app = TestApp::spawn().await;
+    let mut app = TestApp::spawn(BIN).await;
     let ids: Vec<InstanceId> = app.create(2).await.iter().map(|v| v.id).collect();
     app.wait_status(&ids, S::Ready, Duration::from_secs(60))
         .await;

@@ -1,8 +1,8 @@
 //! The store test suite: every case runs on SQLite and on PostgreSQL.
 //!
-//! PostgreSQL: `GPUFLEET_TEST_POSTGRES_URL` (default
-//! `postgres://postgres@127.0.0.1:5432/postgres`) must reach a server that lets
-//! us create databases; each case gets its own. Set
+//! PostgreSQL: `GPUFLEET_TEST_PG_URL` (default
+//! `postgres://postgres@127.0.0.1:5432`) must reach a server that lets us
+//! create databases; each case gets its own (`gpufleet_test_support::db`). Set
 //! `GPUFLEET_TEST_SKIP_POSTGRES=1` to skip (loudly) where there is none.
 
 mod api_key_cases;

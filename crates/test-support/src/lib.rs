@@ -1,0 +1,23 @@
+//! What gpufleet's test suites share, written once:
+//!
+//! - [`provider::FakeProvider`]: an in-memory [`Provider`](gpufleet_providers::Provider)
+//!   (no processes) with a configurable catalog, counters and recorded
+//!   requests; failures are injected by the product's own
+//!   [`FaultyProvider`](gpufleet_providers::fault::FaultyProvider) around it.
+//! - [`db::TestDb`]: a fresh database per test, SQLite in a temporary
+//!   directory or, with `GPUFLEET_TEST_DATABASE=postgres`, a new PostgreSQL
+//!   database dropped when the handle drops.
+//! - [`wait`]: waits on a condition with a deadline, never fixed sleeps.
+//! - [`promtool`]: `promtool check metrics` over an exposition; fails (never
+//!   skips) when promtool is missing.
+//! - [`e2e`] (feature `e2e`): the end-to-end harness around the real
+//!   `gpufleet up` (a child process), its real agents and engines.
+//!
+//! A dev-dependency only; never part of a shipped binary.
+
+pub mod db;
+#[cfg(feature = "e2e")]
+pub mod e2e;
+pub mod promtool;
+pub mod provider;
+pub mod wait;

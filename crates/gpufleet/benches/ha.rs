@@ -12,13 +12,8 @@
 //! Heartbeat throughput, reconciler passes with 1,000 instances and event
 //! propagation are measured by `gpufleet bench heartbeats --replicas 3`.
 
-#[path = "../tests/ha/cluster.rs"]
-mod cluster;
-#[path = "../tests/common/mod.rs"]
-mod common;
-
-use cluster::{Cluster, ClusterOptions};
-use common::{MODEL, TYPE};
+use gpufleet_test_support::cluster::{Cluster, ClusterOptions};
+use gpufleet_test_support::e2e::{MODEL, TYPE};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -62,11 +57,14 @@ async fn statuses(c: &Cluster, i: usize) -> Vec<(String, String)> {
 async fn main() {
     let runs = env_usize("GPUFLEET_BENCH_RUNS", 5);
     let batch = env_usize("GPUFLEET_BENCH_BATCH", 10);
-    let c = Cluster::start(ClusterOptions {
-        replicas: 2,
-        proxied: vec![],
-        lease_ttl_ms: 3000,
-    })
+    let c = Cluster::start(
+        env!("CARGO_BIN_EXE_gpufleet"),
+        ClusterOptions {
+            replicas: 2,
+            proxied: vec![],
+            lease_ttl_ms: 3000,
+        },
+    )
     .await;
     println!("failover: 2 replicas, lease TTL 3 s, {runs} runs of {batch} instances");
     let mut resumed = Vec::new();

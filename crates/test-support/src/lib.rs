@@ -11,10 +11,15 @@
 //! - [`promtool`]: `promtool check metrics` over an exposition; fails (never
 //!   skips) when promtool is missing.
 //! - [`e2e`] (feature `e2e`): the end-to-end harness around the real
-//!   `gpufleet up` (a child process), its real agents and engines.
+//!   `gpufleet up` (a child process), its real agents and engines; and
+//!   [`cluster`]: several replicas on one fresh PostgreSQL database sharing
+//!   a `gpufleet mock-provider`, behind a TCP load balancer, with a proxy
+//!   that stalls one replica's database connections (a partition).
 //!
 //! A dev-dependency only; never part of a shipped binary.
 
+#[cfg(feature = "e2e")]
+pub mod cluster;
 pub mod db;
 #[cfg(feature = "e2e")]
 pub mod e2e;

@@ -7,11 +7,11 @@
 //! answered by some replica (a retry on another replica is allowed, as a
 //! client behind a load balancer would).
 
-use crate::cluster::{Cluster, ClusterOptions, TOKEN};
 use crate::common::MODEL;
 use crate::replicas::{chain_is_complete, create_key, machines, TASKS};
 use gpufleet_api::views::{CreatedInstances, InstanceList, Timeline};
 use gpufleet_domain::{InstanceId, InstanceStatus as S};
+use gpufleet_test_support::cluster::{Cluster, ClusterOptions, TOKEN};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
@@ -118,7 +118,7 @@ impl Rotating {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_survive_a_sigkill_storm() {
-    let c = Arc::new(Cluster::start(ClusterOptions::default()).await);
+    let c = Arc::new(Cluster::start(crate::common::BIN, ClusterOptions::default()).await);
     let client = Rotating {
         c: c.clone(),
         next: AtomicUsize::new(0),

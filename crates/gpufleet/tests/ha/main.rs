@@ -8,5 +8,4 @@
 mod common;
 
 mod chaos;
-mod cluster;
 mod replicas;

@@ -2,11 +2,11 @@
 //! work is taken over; a replica cut off from the database stops acting and
 //! rejoins; SQLite refuses a second replica.
 
-use crate::cluster::{Cluster, ClusterOptions};
 use crate::common::{transitions, MODEL, TYPE};
 use futures::StreamExt;
 use gpufleet_api::views::{CreatedInstances, InstanceList, Timeline};
 use gpufleet_domain::{InstanceId, InstanceStatus as S};
+use gpufleet_test_support::cluster::{spawn_logged, Cluster, ClusterOptions};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -174,7 +174,7 @@ pub async fn chat(c: &Cluster, i: usize, key: &str) -> reqwest::Result<reqwest::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_share_work_and_every_change() {
-    let c = Cluster::start(ClusterOptions::default()).await;
+    let c = Cluster::start(crate::common::BIN, ClusterOptions::default()).await;
 
     // SSE on replica 2 sees what replica 0 creates.
     let sse = c
@@ -273,10 +273,13 @@ async fn replicas_share_work_and_every_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replicas_work_is_taken_over() {
-    let c = Cluster::start(ClusterOptions {
-        replicas: 2,
-        ..Default::default()
-    })
+    let c = Cluster::start(
+        crate::common::BIN,
+        ClusterOptions {
+            replicas: 2,
+            ..Default::default()
+        },
+    )
     .await;
     let mut leader = None;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -323,11 +326,14 @@ async fn a_killed_replicas_work_is_taken_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitioned_replica_stops_acting_and_rejoins() {
-    let c = Cluster::start(ClusterOptions {
-        replicas: 2,
-        proxied: vec![0],
-        ..Default::default()
-    })
+    let c = Cluster::start(
+        crate::common::BIN,
+        ClusterOptions {
+            replicas: 2,
+            proxied: vec![0],
+            ..Default::default()
+        },
+    )
     .await;
     // Replica 0 started first: it takes the leases.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -411,16 +417,26 @@ async fn a_partitioned_replica_stops_acting_and_rejoins() {
 #[tokio::test]
 async fn sqlite_serves_one_replica() {
     let dir = tempfile::tempdir().unwrap();
-    let mut first = crate::common::TestApp::spawn_in(dir.path()).await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpufleet"))
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env_remove("GPUFLEET_DATABASE_URL")
-        .output()
-        .unwrap();
+    let log = dir.path().join("up.log");
+    let up = || {
+        let mut cmd = std::process::Command::new(crate::common::BIN);
+        cmd.args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path());
+        cmd
+    };
+    let (mut first, _) =
+        spawn_logged(&mut up(), &log, "gpufleet listening on ").expect("the first replica starts");
+    let out = up().env_remove("GPUFLEET_DATABASE_URL").output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("SQLite serves one replica"), "{err}");
     assert!(err.contains("--database postgres://"), "{err}");
-    first.stop(Duration::from_secs(15)).unwrap();
+    // The first one is untouched and still serves.
+    assert!(first.try_wait().unwrap().is_none());
+    let _ = first.kill();
+    let _ = first.wait();
+    let (mut again, _) = spawn_logged(&mut up(), &log, "gpufleet listening on ")
+        .expect("the lock goes with its holder");
+    let _ = again.kill();
+    let _ = again.wait();
 }

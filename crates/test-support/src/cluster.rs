@@ -7,9 +7,8 @@
 //! Dropping a [`Cluster`] kills every replica, the Mock service and every
 //! Mock machine process, and drops the database.
 
-#![allow(dead_code)]
-
-use crate::common::{cmdline, kill9, pids_with_env, MACHINE_ENV};
+use crate::db::TestDb;
+use crate::e2e::{cmdline, kill9, pids_with_env, MACHINE_ENV};
 use anyhow::{bail, Context};
 use reqwest::Method;
 use std::io::{BufRead, BufReader};
@@ -22,95 +21,41 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_gpufleet")
-}
-
 /// The admin token every replica shares (`GPUFLEET_ADMIN_TOKEN`).
 pub const TOKEN: &str = "gpufleet-ha-test-admin-token";
 
-/// A database of its own on the test PostgreSQL server, dropped at the end.
-pub struct PgDb {
-    admin: String,
-    pub name: String,
-    pub url: String,
+/// The address (host:port) a PostgreSQL URL names.
+fn pg_addr(url: &str) -> SocketAddr {
+    let rest = url.rsplit('@').next().unwrap_or(url);
+    let rest = rest
+        .trim_start_matches("postgres://")
+        .trim_start_matches("postgresql://");
+    let hostport = rest.split('/').next().unwrap_or_default();
+    hostport
+        .parse()
+        .expect("host:port in the test database URL")
 }
 
-impl PgDb {
-    pub async fn fresh() -> PgDb {
-        let base = std::env::var("GPUFLEET_TEST_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-        let admin = format!("{base}/postgres");
-        let name = format!("gpufleet_ha_{:016x}", rand::random::<u64>());
-        psql(&admin, &format!("CREATE DATABASE {name}")).expect(
-            "PostgreSQL at 127.0.0.1:5432 (GPUFLEET_TEST_PG_URL) must accept CREATE DATABASE: \
-             scripts/test starts it",
-        );
-        PgDb {
-            url: format!("{base}/{name}"),
-            admin,
-            name,
-        }
-    }
-
-    /// The database's address (host:port) as its URL names it.
-    pub fn addr(&self) -> SocketAddr {
-        let rest = self.url.split("@").nth(1).unwrap_or("127.0.0.1:5432/x");
-        let hostport = rest.split('/').next().unwrap();
-        hostport
-            .parse()
-            .expect("host:port in the test database URL")
-    }
-
-    /// The same database reached through `via`.
-    pub fn url_via(&self, via: SocketAddr) -> String {
-        self.url.replace(&self.addr().to_string(), &via.to_string())
-    }
-
-    /// Run one SQL statement, returning its rows as text (psql -At).
-    pub fn query(&self, sql: &str) -> String {
-        psql(&self.url, sql).expect("query the test database")
-    }
-}
-
-fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
-    // sqlx is async and pooled; a one-off statement is simplest over psql.
-    let out = Command::new("psql")
-        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", url, "-c", sql])
-        .output()
-        .context("run psql")?;
-    if !out.status.success() {
-        bail!("psql: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let _ = psql(
-            &self.admin,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-        );
-    }
+/// `url` reached through `via` instead of its own host:port.
+fn pg_url_via(url: &str, via: SocketAddr) -> String {
+    url.replacen(&pg_addr(url).to_string(), &via.to_string(), 1)
 }
 
 /// A TCP load balancer: each connection goes to the next backend that
 /// accepts it (round robin), like a cloud load balancer with health checks.
 pub struct LoadBalancer {
     pub addr: SocketAddr,
-    backends: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
 impl LoadBalancer {
     pub async fn start(backends: Vec<SocketAddr>) -> LoadBalancer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let backends = Arc::new(Mutex::new(backends));
-        let list = backends.clone();
+        let list = Arc::new(backends);
         let next = Arc::new(AtomicUsize::new(0));
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let list = list.lock().unwrap().clone();
+                let list = list.clone();
                 let start = next.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     for k in 0..list.len() {
@@ -126,7 +71,7 @@ impl LoadBalancer {
                 });
             }
         });
-        LoadBalancer { addr, backends }
+        LoadBalancer { addr }
     }
 }
 
@@ -209,8 +154,14 @@ async fn pipe(a: TcpStream, b: TcpStream, stall: Option<Arc<AtomicBool>>) {
     tokio::join!(up, down);
 }
 
-/// A process started by the cluster, with its stdout's first line read.
-fn spawn_logged(cmd: &mut Command, log: &Path, marker: &str) -> anyhow::Result<(Child, String)> {
+/// Start `cmd` (without the caller's `GPUFLEET_*` environment), its stderr
+/// appended to `log`, and wait (60 s at most) for the stdout line starting
+/// with `marker`; returns the child and the rest of that line.
+pub fn spawn_logged(
+    cmd: &mut Command,
+    log: &Path,
+    marker: &str,
+) -> anyhow::Result<(Child, String)> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -256,6 +207,7 @@ fn spawn_logged(cmd: &mut Command, log: &Path, marker: &str) -> anyhow::Result<(
     }
 }
 
+/// The last 30 lines of a log file.
 pub fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
@@ -304,7 +256,7 @@ impl Default for ClusterOptions {
 
 pub struct Cluster {
     pub tmp: tempfile::TempDir,
-    pub db: PgDb,
+    pub db: TestDb,
     pub lb: LoadBalancer,
     pub proxies: Vec<(usize, StallProxy)>,
     pub mock_url: String,
@@ -313,6 +265,7 @@ pub struct Cluster {
     pub replicas: Vec<Replica>,
     pub http: reqwest::Client,
     config: PathBuf,
+    bin: PathBuf,
 }
 
 /// A free loopback port (bound and released: replicas come back on theirs).
@@ -325,12 +278,14 @@ fn free_port() -> u16 {
 }
 
 impl Cluster {
-    pub async fn start(options: ClusterOptions) -> Cluster {
+    /// Start the cluster around the `gpufleet` binary `bin`.
+    pub async fn start(bin: impl AsRef<Path>, options: ClusterOptions) -> Cluster {
+        let bin = bin.as_ref().to_path_buf();
         let tmp = tempfile::Builder::new()
             .prefix("gpufleet-ha-")
             .tempdir()
             .unwrap();
-        let db = PgDb::fresh().await;
+        let db = TestDb::postgres().await;
         let a: u8 = rand::random_range(100..=250);
         let b: u8 = rand::random::<u8>() & 0xf0;
         let ip_pool = format!("127.{a}.{b}.0/20");
@@ -348,7 +303,7 @@ impl Cluster {
         )
         .unwrap();
         let (mock, mock_url) = spawn_logged(
-            Command::new(bin())
+            Command::new(&bin)
                 .args(["mock-provider", "--listen", "127.0.0.1:0", "--data-dir"])
                 .arg(&mock_dir)
                 .arg("--config")
@@ -401,12 +356,12 @@ connect_timeout_ms = 500
         let mut replicas = Vec::new();
         for (index, addr) in addrs.into_iter().enumerate() {
             let database_url = if options.proxied.contains(&index) {
-                let proxy = StallProxy::start(db.addr()).await;
-                let url = db.url_via(proxy.addr);
+                let proxy = StallProxy::start(pg_addr(db.url())).await;
+                let url = pg_url_via(db.url(), proxy.addr);
                 proxies.push((index, proxy));
                 url
             } else {
-                db.url.clone()
+                db.url().to_string()
             };
             let data_dir = tmp.path().join(format!("replica-{index}"));
             std::fs::create_dir_all(&data_dir).unwrap();
@@ -432,6 +387,7 @@ connect_timeout_ms = 500
                 .build()
                 .unwrap(),
             config,
+            bin,
         };
         for i in 0..cluster.replicas.len() {
             cluster.start_replica(i).expect("replica starts");
@@ -444,7 +400,7 @@ connect_timeout_ms = 500
         let r = &self.replicas[i];
         assert!(!r.running(), "replica {i} already runs");
         let (child, _) = spawn_logged(
-            Command::new(bin())
+            Command::new(&self.bin)
                 .args(["up", "--listen", &r.addr.to_string(), "--data-dir"])
                 .arg(&r.data_dir)
                 .arg("--config")

@@ -31,11 +31,67 @@ impl TaskReport {
     }
 }
 
+/// The reconcilers, one variant each: what [`Waker::wake`] takes and what
+/// the driver keys them by. Ordered (and listed) by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskName {
+    Provisioner,
+    BootWatcher,
+    Health,
+    Terminator,
+    FailedCleanup,
+    OrphanReaper,
+    MetricsRollup,
+}
+
+impl TaskName {
+    pub const ALL: [TaskName; 7] = [
+        TaskName::Provisioner,
+        TaskName::BootWatcher,
+        TaskName::Health,
+        TaskName::Terminator,
+        TaskName::FailedCleanup,
+        TaskName::OrphanReaper,
+        TaskName::MetricsRollup,
+    ];
+
+    /// The name in task statuses (`GET /api/v1/system/tasks`) and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TaskName::Provisioner => "provisioner",
+            TaskName::BootWatcher => "boot_watcher",
+            TaskName::Health => "health",
+            TaskName::Terminator => "terminator",
+            TaskName::FailedCleanup => "failed_cleanup",
+            TaskName::OrphanReaper => "orphan_reaper",
+            TaskName::MetricsRollup => "metrics_rollup",
+        }
+    }
+}
+
+impl Ord for TaskName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialOrd for TaskName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::fmt::Display for TaskName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A background concern: looks at the whole world, does one bounded batch of
 /// idempotent work, reports. No inline retries: the next activation retries.
 #[async_trait]
 pub trait Reconciler: Send + Sync + 'static {
-    fn name(&self) -> &'static str;
+    fn name(&self) -> TaskName;
     async fn activate(&self) -> TaskReport;
 }
 
@@ -54,11 +110,39 @@ pub struct TaskStatus {
     pub runs_with_errors: u64,
 }
 
-/// Wakes reconcilers by name and reads their statuses. Cheap to clone.
+/// Wakes reconcilers: the one handle commands, services and reconcilers
+/// get (not [`Tasks`]). Cheap to clone; waking a reconciler not started is
+/// a no-op.
+#[derive(Clone, Default)]
+pub struct Waker {
+    notifies: Arc<Mutex<BTreeMap<TaskName, Arc<Notify>>>>,
+}
+
+impl Waker {
+    /// Ask `task` to run soon (coalesces with a pending wake).
+    pub fn wake(&self, task: TaskName) {
+        let notify = self.lock().get(&task).cloned();
+        if let Some(n) = notify {
+            n.notify_one();
+        }
+    }
+
+    pub fn wake_all(&self) {
+        for n in self.lock().values() {
+            n.notify_one();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<TaskName, Arc<Notify>>> {
+        self.notifies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs the reconcilers and reads their statuses. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Tasks {
-    notifies: Arc<Mutex<BTreeMap<&'static str, Arc<Notify>>>>,
-    statuses: Arc<Mutex<BTreeMap<&'static str, TaskStatus>>>,
+    waker: Waker,
+    statuses: Arc<Mutex<BTreeMap<TaskName, TaskStatus>>>,
     metrics: TaskMetrics,
 }
 
@@ -94,20 +178,12 @@ impl Default for TaskMetrics {
 }
 
 impl Tasks {
-    /// Ask the named reconciler to run soon (coalesces with a pending wake).
-    pub fn wake(&self, name: &str) {
-        let notify = self.lock_notifies().get(name).cloned();
-        if let Some(n) = notify {
-            n.notify_one();
-        }
+    /// The handle that wakes these reconcilers.
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
     }
 
-    pub fn wake_all(&self) {
-        for n in self.lock_notifies().values() {
-            n.notify_one();
-        }
-    }
-
+    /// Each started reconciler's status, by name.
     pub fn statuses(&self) -> Vec<TaskStatus> {
         self.lock_statuses().values().cloned().collect()
     }
@@ -116,20 +192,17 @@ impl Tasks {
         &self.metrics
     }
 
-    fn lock_notifies(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Arc<Notify>>> {
-        self.notifies.lock().unwrap_or_else(|p| p.into_inner())
-    }
-    fn lock_statuses(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, TaskStatus>> {
+    fn lock_statuses(&self) -> std::sync::MutexGuard<'_, BTreeMap<TaskName, TaskStatus>> {
         self.statuses.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(&self, name: &'static str, period: Duration) -> Arc<Notify> {
+    fn register(&self, name: TaskName, period: Duration) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());
-        self.lock_notifies().insert(name, notify.clone());
+        self.waker.lock().insert(name, notify.clone());
         self.lock_statuses().insert(
             name,
             TaskStatus {
-                name: name.to_string(),
+                name: name.as_str().to_string(),
                 period_ms: period.as_millis() as u64,
                 runs: 0,
                 running: false,
@@ -143,8 +216,8 @@ impl Tasks {
         notify
     }
 
-    fn update(&self, name: &'static str, f: impl FnOnce(&mut TaskStatus)) {
-        if let Some(st) = self.lock_statuses().get_mut(name) {
+    fn update(&self, name: TaskName, f: impl FnOnce(&mut TaskStatus)) {
+        if let Some(st) = self.lock_statuses().get_mut(&name) {
             f(st);
         }
     }
@@ -171,7 +244,9 @@ impl Tasks {
                     let started = Instant::now();
                     let report = r.activate().await;
                     let took = started.elapsed();
-                    let labels = TaskLabels { task: name };
+                    let labels = TaskLabels {
+                        task: name.as_str(),
+                    };
                     tasks.metrics.runs.get_or_create(&labels).inc();
                     tasks
                         .metrics
@@ -184,7 +259,7 @@ impl Tasks {
                         .get_or_create(&labels)
                         .observe(took.as_secs_f64());
                     if !report.errors.is_empty() {
-                        tracing::debug!(task = name, errors = ?report.errors, "reconciler reported errors");
+                        tracing::debug!(task = name.as_str(), errors = ?report.errors, "reconciler reported errors");
                     }
                     tasks.update(name, |s| {
                         s.running = false;
@@ -221,8 +296,8 @@ mod tests {
 
     #[async_trait]
     impl Reconciler for Counting {
-        fn name(&self) -> &'static str {
-            "counting"
+        fn name(&self) -> TaskName {
+            TaskName::MetricsRollup
         }
         async fn activate(&self) -> TaskReport {
             let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
@@ -236,6 +311,28 @@ mod tests {
                 errors: vec![],
             }
         }
+    }
+
+    #[test]
+    fn task_names_keep_their_strings_and_sort_by_them() {
+        let names: Vec<_> = TaskName::ALL.iter().map(|t| t.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "provisioner",
+                "boot_watcher",
+                "health",
+                "terminator",
+                "failed_cleanup",
+                "orphan_reaper",
+                "metrics_rollup"
+            ]
+        );
+        let mut sorted = TaskName::ALL;
+        sorted.sort();
+        let mut by_str = names.clone();
+        by_str.sort();
+        assert_eq!(sorted.map(|t| t.as_str()).to_vec(), by_str);
     }
 
     #[tokio::test(start_paused = true)]
@@ -252,8 +349,9 @@ mod tests {
         while r.runs.load(Ordering::SeqCst) < 1 {
             tokio::task::yield_now().await;
         }
+        let waker = tasks.waker();
         for _ in 0..10 {
-            tasks.wake("counting");
+            waker.wake(TaskName::MetricsRollup);
         }
         while r.runs.load(Ordering::SeqCst) < 2 {
             tokio::task::yield_now().await;
@@ -267,6 +365,7 @@ mod tests {
         let st = tasks.statuses();
         assert_eq!(st.len(), 1);
         assert!(st[0].runs >= 2);
+        assert_eq!(st[0].name, "metrics_rollup");
         stop.cancel();
         handle.await.unwrap();
     }

@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
-use gpufleet_control::{ControlConfig, CreateInstances, Fleet};
+use gpufleet_control::{ControlConfig, ControlPlane, CreateInstances, Fleet};
 use gpufleet_domain::metrics::Tier;
 use gpufleet_domain::{
     GpuSpec, InstanceId, InstanceStatus, InstanceType, ProviderInstanceId, ProviderName, Zone,
@@ -248,7 +248,7 @@ fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
 struct Server {
     base: String,
     addr: SocketAddr,
-    fleet: Fleet,
+    control: ControlPlane,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     reconcilers: tokio::task::JoinHandle<()>,
@@ -289,16 +289,16 @@ async fn start_server(
     };
     let mut providers = ProviderRegistry::new();
     providers.register(provider);
-    let fleet = Fleet::new(store, providers, config)
+    let control = ControlPlane::build(store, providers, config)
         .await
         .context("cannot start the control plane")?;
     let history = if args.query_check {
-        Some(seed_history(&fleet, args.gpus).await?)
+        Some(seed_history(&control.fleet, args.gpus).await?)
     } else {
         None
     };
-    let reconcilers = fleet.start(stop.clone());
-    let router = gpufleet_api::router(gpufleet_api::ApiState::new(fleet.clone(), ADMIN_TOKEN));
+    let reconcilers = control.start(stop.clone());
+    let router = gpufleet_api::router(gpufleet_api::ApiState::new(&control, ADMIN_TOKEN));
     let server = tokio::spawn(gpufleet_api::serve(
         listener,
         router,
@@ -308,7 +308,7 @@ async fn start_server(
         Server {
             base,
             addr,
-            fleet,
+            control,
             stop,
             server,
             reconcilers,
@@ -344,7 +344,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         secrets: Mutex::new(HashMap::new()),
     });
     let (srv, history) = start_server(&args, provider.clone()).await?;
-    let backend = match srv.fleet.store().backend() {
+    let backend = match srv.control.store.backend() {
         gpufleet_store::Backend::Sqlite => "SQLite",
         gpufleet_store::Backend::Postgres => "PostgreSQL",
     };
@@ -353,7 +353,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         .build()?;
 
     // Instances, their machines and agent tokens.
-    let ids = create(&srv.fleet, args.agents).await?;
+    let ids = create(&srv.control.fleet, args.agents).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while !ids.iter().all(|id| provider.secrets().contains_key(id)) {
         if Instant::now() > deadline {
@@ -407,6 +407,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
             }
         }
         let ready = srv
+            .control
             .fleet
             .list_instances(&InstanceFilter {
                 statuses: vec![InstanceStatus::Ready],
@@ -455,8 +456,8 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
     srv.stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), srv.server).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), srv.reconcilers).await;
-    srv.fleet.stop_ingest().await;
-    srv.fleet.store().close().await;
+    srv.control.agents.stop_ingest().await;
+    srv.control.store.close().await;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use crate::config::{UpConfig, UpOverrides};
 use crate::signals;
 use crate::token;
 use anyhow::Context;
-use gpufleet_control::Fleet;
+use gpufleet_control::ControlPlane;
 use gpufleet_providers::mock::MockProvider;
 use gpufleet_providers::ProviderRegistry;
 use std::io::Write;
@@ -104,13 +104,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .context("cannot set up the router's client identity for engines")?;
     config.control.engine_client_ca_pem = Some(client_cert.clone());
 
-    let fleet = Fleet::new(store.clone(), providers, config.control.clone())
+    let control = ControlPlane::build(store.clone(), providers, config.control.clone())
         .await
         .context("cannot start the control plane")?;
     let cancel = CancellationToken::new();
-    let reconcilers = fleet.start(cancel.child_token());
+    let reconcilers = control.start(cancel.child_token());
     let openai = gpufleet_router::RouterState::start(
-        fleet.clone(),
+        control.fleet.clone(),
+        &control.catalogs,
         config.router.clone(),
         Some(gpufleet_router::EngineClientIdentity {
             cert_pem: client_cert,
@@ -123,7 +124,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let router_metrics = openai.clone();
     let router = gpufleet_api::router({
-        let state = gpufleet_api::ApiState::new(fleet.clone(), admin_token).with_extra_metrics(
+        let state = gpufleet_api::ApiState::new(&control, admin_token).with_extra_metrics(
             std::sync::Arc::new(move || router_metrics.render_prometheus()),
         );
         match agent_binary {
@@ -192,7 +193,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "last usage flush failed"
             );
         }
-        fleet.stop_ingest().await;
+        control.agents.stop_ingest().await;
         store.close().await;
         server_result
     };

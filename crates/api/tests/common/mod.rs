@@ -1,4 +1,4 @@
-//! Test harness: the real router served on 127.0.0.1:0, over a real `Fleet`
+//! Test harness: the real router served on 127.0.0.1:0, over a real control plane
 //! with a fresh SQLite database and an in-test provider that records calls and
 //! hands out machines (no processes). A fake agent answers `/readyz` on
 //! 127.0.0.1 when asked to, for the last agent registered through
@@ -12,7 +12,7 @@ use axum::response::IntoResponse;
 use chrono::Utc;
 use gpufleet_api::views::{ErrorBody, InstanceView};
 use gpufleet_api::{router, serve, ApiState};
-use gpufleet_control::{ControlConfig, Fleet};
+use gpufleet_control::{ControlConfig, ControlPlane, Fleet, Tasks};
 use gpufleet_domain::{GpuSpec, InstanceId, InstanceType, ProviderInstanceId, ProviderName, Zone};
 use gpufleet_providers::{
     Catalog, CreateRequest, Machine, MachineState, Provider, ProviderError, ProviderRegistry,
@@ -167,6 +167,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub provider: Arc<TestProvider>,
     pub fleet: Fleet,
+    /// The reconcilers' driver (their statuses).
+    pub driver: Tasks,
     /// Whether the fake agent answers `/readyz` with 200.
     pub agents_ready: Arc<AtomicBool>,
     /// Agents registered by the tests; the fake agent speaks for the last.
@@ -204,18 +206,13 @@ impl TestApp {
         let provider = Arc::new(TestProvider::new());
         let mut providers = ProviderRegistry::new();
         providers.register(provider.clone());
-        let fleet = Fleet::new(store, providers, config)
+        let control = ControlPlane::build(store, providers, config)
             .await
-            .expect("fleet builds");
+            .expect("control plane builds");
 
         let stop = CancellationToken::new();
-        let tasks = fleet.start(stop.clone());
-        let app = router(ApiState {
-            fleet: fleet.clone(),
-            admin_token: ADMIN_TOKEN.to_string(),
-            extra_metrics: None,
-            agent_binary: None,
-        });
+        let tasks = control.start(stop.clone());
+        let app = router(ApiState::new(&control, ADMIN_TOKEN));
         let server = tokio::spawn(serve(listener, app, stop.clone().cancelled_owned()));
 
         TestApp {
@@ -225,7 +222,8 @@ impl TestApp {
                 .build()
                 .unwrap(),
             provider,
-            fleet,
+            fleet: control.fleet,
+            driver: control.tasks,
             agents_ready,
             agents,
             stop,

@@ -1,11 +1,11 @@
-//! Test support: an in-memory provider (no processes) and a fleet over a
-//! temporary SQLite store.
+//! Test support: an in-memory provider (no processes) and a control plane
+//! over a temporary SQLite store.
 
 #![allow(dead_code)]
 
 use async_trait::async_trait;
 use chrono::Utc;
-use gpufleet_control::{ControlConfig, Fleet};
+use gpufleet_control::{AgentService, ControlConfig, ControlPlane, Fleet, History, Tasks};
 use gpufleet_domain::{
     GpuSpec, InstanceId, InstanceStatus, InstanceType, ProviderInstanceId, ProviderName, Zone,
 };
@@ -180,6 +180,9 @@ pub fn fast_config() -> ControlConfig {
 
 pub struct Harness {
     pub fleet: Fleet,
+    pub agents: AgentService,
+    pub history: History,
+    pub tasks: Tasks,
     pub stop: CancellationToken,
     pub _dir: tempfile::TempDir,
 }
@@ -197,11 +200,14 @@ pub async fn start(provider: Arc<dyn Provider>, config: ControlConfig) -> Harnes
         .unwrap();
     let mut reg = ProviderRegistry::new();
     reg.register(provider);
-    let fleet = Fleet::new(store, reg, config).await.unwrap();
+    let control = ControlPlane::build(store, reg, config).await.unwrap();
     let stop = CancellationToken::new();
-    fleet.start(stop.clone());
+    control.start(stop.clone());
     Harness {
-        fleet,
+        fleet: control.fleet,
+        agents: control.agents,
+        history: control.history,
+        tasks: control.tasks,
         stop,
         _dir: dir,
     }

@@ -100,6 +100,18 @@ impl Lifecycle {
         Ok(stored)
     }
 
+    /// Write `next` (changed by the caller from the record as read) with
+    /// compare-and-swap, with `events`, without publishing it: bookkeeping
+    /// no subscriber needs (the provisioner's attempt counter and next
+    /// attempt time). `Conflict` if the record changed meanwhile.
+    pub async fn save(
+        &self,
+        next: &InstanceRecord,
+        events: &[NewTimelineEvent],
+    ) -> Result<InstanceRecord, StoreError> {
+        self.store.update_instance(next, events).await
+    }
+
     /// Change non-status fields with compare-and-swap, re-reading on conflict.
     /// `mutate` returns false when there is nothing to change.
     pub async fn update_with_retry(

@@ -107,7 +107,7 @@ impl ControlPlane {
                     lifecycle.clone(),
                     providers.clone(),
                     waker.clone(),
-                    config.clone(),
+                    config.startup_timeout_secs,
                 )),
                 period,
             ),
@@ -125,7 +125,7 @@ impl ControlPlane {
                     lifecycle.clone(),
                     providers.clone(),
                     waker,
-                    config.clone(),
+                    chrono::Duration::seconds(config.drain_timeout_secs as i64),
                     cluster_id.clone(),
                     creating.clone(),
                     traffic,
@@ -136,7 +136,7 @@ impl ControlPlane {
                 Arc::new(reconcilers::FailedCleanup::new(
                     lifecycle,
                     providers.clone(),
-                    config.clone(),
+                    chrono::Duration::seconds(config.failed_cleanup_grace_secs as i64),
                     cluster_id.clone(),
                     creating.clone(),
                 )),
@@ -146,7 +146,7 @@ impl ControlPlane {
                 Arc::new(reconcilers::OrphanReaper::new(
                     store.clone(),
                     providers,
-                    config.clone(),
+                    Duration::from_secs(config.orphan_grace_secs),
                     cluster_id,
                     creating,
                 )),
@@ -155,7 +155,7 @@ impl ControlPlane {
             (
                 Arc::new(reconcilers::MetricsRollup::new(
                     store.clone(),
-                    config.retention.clone(),
+                    config.retention,
                 )),
                 Duration::from_millis(config.metrics_rollup_interval_ms.max(10)),
             ),

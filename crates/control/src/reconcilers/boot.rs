@@ -3,7 +3,6 @@
 //! their startup deadline.
 
 use super::{apply, call_entry, fan_out, instances_in, note, CONCURRENCY};
-use crate::config::ControlConfig;
 use crate::driver::{Reconciler, TaskName, TaskReport, Waker};
 use crate::lifecycle::Lifecycle;
 
@@ -14,7 +13,7 @@ use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, LifecycleEvent}
 use gpufleet_providers::{ProviderError, ProviderRegistry};
 use gpufleet_store::{InstanceRecord, Outcome, Store, TimelineKind};
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 pub struct BootWatcher {
@@ -22,7 +21,8 @@ pub struct BootWatcher {
     lifecycle: Lifecycle,
     providers: ProviderRegistry,
     waker: Waker,
-    config: Arc<ControlConfig>,
+    /// `startup_timeout_secs`, for the failure message.
+    startup_timeout_secs: u64,
     /// Instances whose "waiting for an IP" is already on the timeline.
     waiting_noted: Mutex<HashSet<InstanceId>>,
 }
@@ -32,14 +32,14 @@ impl BootWatcher {
         lifecycle: Lifecycle,
         providers: ProviderRegistry,
         waker: Waker,
-        config: Arc<ControlConfig>,
+        startup_timeout_secs: u64,
     ) -> Self {
         Self {
             store: lifecycle.store().clone(),
             lifecycle,
             providers,
             waker,
-            config,
+            startup_timeout_secs,
             waiting_noted: Mutex::new(HashSet::new()),
         }
     }
@@ -143,7 +143,7 @@ impl Reconciler for BootWatcher {
                     LifecycleEvent::Fail(FailureReason::StartupTimeout),
                     &format!(
                         "not ready {secs} s after creation (startup timeout {} s)",
-                        self.config.startup_timeout_secs
+                        self.startup_timeout_secs
                     ),
                     vec![],
                     |_| {},

@@ -5,7 +5,6 @@
 
 use super::terminator::{delete_machines, Deletion};
 use super::{fan_out, instances_in, Creating, CONCURRENCY};
-use crate::config::ControlConfig;
 use crate::lifecycle::Lifecycle;
 
 use crate::driver::{Reconciler, TaskName, TaskReport};
@@ -15,13 +14,13 @@ use chrono::Utc;
 use gpufleet_domain::InstanceStatus;
 use gpufleet_providers::ProviderRegistry;
 use gpufleet_store::{InstanceRecord, Outcome, Store, TimelineKind};
-use std::sync::Arc;
 
 pub struct FailedCleanup {
     store: Store,
     lifecycle: Lifecycle,
     providers: ProviderRegistry,
-    config: Arc<ControlConfig>,
+    /// `failed_cleanup_grace_secs`: how long a late agent may still recover it.
+    grace: chrono::Duration,
     cluster_id: String,
     creating: Creating,
 }
@@ -30,7 +29,7 @@ impl FailedCleanup {
     pub(crate) fn new(
         lifecycle: Lifecycle,
         providers: ProviderRegistry,
-        config: Arc<ControlConfig>,
+        grace: chrono::Duration,
         cluster_id: String,
         creating: Creating,
     ) -> Self {
@@ -38,7 +37,7 @@ impl FailedCleanup {
             store: lifecycle.store().clone(),
             lifecycle,
             providers,
-            config,
+            grace,
             cluster_id,
             creating,
         }
@@ -46,7 +45,7 @@ impl FailedCleanup {
 
     async fn clean(&self, rec: InstanceRecord) -> TaskReport {
         let mut report = TaskReport::default();
-        let grace = chrono::Duration::seconds(self.config.failed_cleanup_grace_secs as i64);
+        let grace = self.grace;
         if rec.cleaned_up_at.is_some()
             || Utc::now() < rec.status_changed_at + grace
             || self.creating.contains(rec.id)

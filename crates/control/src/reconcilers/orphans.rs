@@ -6,7 +6,6 @@
 //! in progress makes them before its machine).
 
 use super::Creating;
-use crate::config::ControlConfig;
 use crate::driver::{Reconciler, TaskName, TaskReport};
 use crate::timeline;
 use async_trait::async_trait;
@@ -15,13 +14,14 @@ use gpufleet_domain::{InstanceId, InstanceStatus};
 use gpufleet_providers::{tags, ProviderRegistry, ResourceKind};
 use gpufleet_store::{InstanceRecord, Outcome, Store, TimelineKind};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub struct OrphanReaper {
     store: Store,
     providers: ProviderRegistry,
-    config: Arc<ControlConfig>,
+    /// `orphan_grace_secs`: how long a resource must look orphaned.
+    grace: Duration,
     cluster_id: String,
     creating: Creating,
     /// When each resource (provider, kind, id) was first seen orphaned.
@@ -32,14 +32,14 @@ impl OrphanReaper {
     pub(crate) fn new(
         store: Store,
         providers: ProviderRegistry,
-        config: Arc<ControlConfig>,
+        grace: Duration,
         cluster_id: String,
         creating: Creating,
     ) -> Self {
         Self {
             store,
             providers,
-            config,
+            grace,
             cluster_id,
             creating,
             suspects: Mutex::new(HashMap::new()),
@@ -88,7 +88,7 @@ impl OrphanReaper {
                 return;
             }
         };
-        let grace = Duration::from_secs(self.config.orphan_grace_secs);
+        let grace = self.grace;
         let mut seen = HashSet::new();
         for r in resources {
             report.examined += 1;

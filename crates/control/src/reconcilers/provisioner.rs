@@ -120,7 +120,7 @@ impl Provisioner {
             ),
         )
         .meta(serde_json::json!({ "attempt": attempt, "idempotency_key": rec.idempotency_key }));
-        let rec = match self.store.update_instance(&pending, &[intent]).await {
+        let rec = match self.lifecycle.save(&pending, &[intent]).await {
             Ok(r) => r,
             Err(gpufleet_store::StoreError::Conflict { .. }) => return report,
             Err(e) => {
@@ -238,11 +238,7 @@ impl Provisioner {
                                 wait.as_secs()
                             ),
                         );
-                        if let Err(e) = self
-                            .store
-                            .update_instance(&later, &[entry, note_entry])
-                            .await
-                        {
+                        if let Err(e) = self.lifecycle.save(&later, &[entry, note_entry]).await {
                             report.error(format!("{}: {e}", rec.id));
                         }
                     }

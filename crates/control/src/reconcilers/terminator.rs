@@ -3,7 +3,6 @@
 
 use super::Creating;
 use super::{apply, call_entry, fan_out, instances_in, note, CONCURRENCY};
-use crate::config::ControlConfig;
 use crate::driver::{Reconciler, TaskName, TaskReport, Waker};
 use crate::lifecycle::Lifecycle;
 use crate::traffic::TrafficSlot;
@@ -23,7 +22,8 @@ pub struct Terminator {
     lifecycle: Lifecycle,
     providers: ProviderRegistry,
     waker: Waker,
-    config: Arc<ControlConfig>,
+    /// `drain_timeout_secs`: the longest a drain waits for requests in flight.
+    drain_timeout: chrono::Duration,
     cluster_id: String,
     creating: Creating,
     /// Requests in flight per instance (the router), once one is set.
@@ -46,7 +46,7 @@ impl Terminator {
         lifecycle: Lifecycle,
         providers: ProviderRegistry,
         waker: Waker,
-        config: Arc<ControlConfig>,
+        drain_timeout: chrono::Duration,
         cluster_id: String,
         creating: Creating,
         traffic: TrafficSlot,
@@ -56,7 +56,7 @@ impl Terminator {
             lifecycle,
             providers,
             waker,
-            config,
+            drain_timeout,
             cluster_id,
             creating,
             traffic,
@@ -66,8 +66,7 @@ impl Terminator {
 
     async fn drain(&self, rec: InstanceRecord) -> TaskReport {
         let mut report = TaskReport::default();
-        let deadline = rec.status_changed_at
-            + chrono::Duration::seconds(self.config.drain_timeout_secs as i64);
+        let deadline = rec.status_changed_at + self.drain_timeout;
         let in_flight = match self.traffic.in_flight(rec.id) {
             // The router's own count: exact and current.
             Some(n) => n as f64,

@@ -369,7 +369,7 @@ impl AgentService {
 
     /// Validate `hb` (see [`validate_heartbeat`]) and write it through the
     /// batching writer.
-    pub(crate) async fn write_heartbeat(
+    async fn write_heartbeat(
         &self,
         id: InstanceId,
         hb: &mut Heartbeat,
@@ -422,10 +422,7 @@ impl AgentService {
 
     /// The instance an agent token belongs to: from the cache (verified in
     /// the last [`TOKEN_TTL`]), else from the store.
-    pub(crate) async fn agent_for_token(
-        &self,
-        digest: &str,
-    ) -> Result<Option<InstanceId>, ControlError> {
+    async fn agent_for_token(&self, digest: &str) -> Result<Option<InstanceId>, ControlError> {
         let hot = self.hot();
         if let Some((id, at)) = hot.tokens().get(digest) {
             if at.elapsed() < TOKEN_TTL {
@@ -450,7 +447,7 @@ impl AgentService {
 
     /// Whether the post-heartbeat logic has nothing to do for `hb`, judged
     /// from the instance's last published record (no store read).
-    pub(crate) fn routine_heartbeat(&self, id: InstanceId, hb: &Heartbeat) -> bool {
+    fn routine_heartbeat(&self, id: InstanceId, hb: &Heartbeat) -> bool {
         self.hot()
             .records()
             .get(&id)

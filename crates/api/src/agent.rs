@@ -30,7 +30,7 @@ pub async fn register(
     State(state): State<SharedState>,
     ApiJson(req): ApiJson<RegisterRequest>,
 ) -> Result<Json<RegisterResponse>, ApiError> {
-    Ok(Json(state.fleet.register_agent(req).await?))
+    Ok(Json(state.agents.register_agent(req).await?))
 }
 
 /// A heartbeat from the agent of the token's instance.
@@ -53,8 +53,8 @@ pub async fn heartbeat(
     AgentAuth(agent): AgentAuth,
     ApiJson(hb): ApiJson<Heartbeat>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
-    // An agent token speaks for its own instance only: Fleet answers 403.
-    Ok(Json(state.fleet.ingest_heartbeat(agent, hb).await?))
+    // An agent token speaks for its own instance only: the service answers 403.
+    Ok(Json(state.agents.ingest_heartbeat(agent, hb).await?))
 }
 
 /// Something the agent wants on its instance's timeline.
@@ -75,7 +75,7 @@ pub async fn events(
     AgentAuth(agent): AgentAuth,
     ApiJson(ev): ApiJson<AgentEvent>,
 ) -> Result<StatusCode, ApiError> {
-    state.fleet.record_agent_event(agent, ev).await?;
+    state.agents.record_agent_event(agent, ev).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -94,7 +94,7 @@ pub async fn engine_env(
     State(state): State<SharedState>,
     AgentAuth(agent): AgentAuth,
 ) -> Result<Json<EngineEnv>, ApiError> {
-    Ok(Json(state.fleet.engine_env(agent).await?))
+    Ok(Json(state.agents.engine_env(agent).await?))
 }
 
 /// The certificate the engine of the token's instance serves (mutual TLS
@@ -117,6 +117,6 @@ pub async fn engine_cert(
     AgentAuth(agent): AgentAuth,
     ApiJson(cert): ApiJson<EngineCert>,
 ) -> Result<StatusCode, ApiError> {
-    state.fleet.record_engine_cert(agent, cert).await?;
+    state.agents.record_engine_cert(agent, cert).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -56,7 +56,7 @@ impl FromRequestParts<SharedState> for AgentAuth {
         let token = bearer(&parts.headers).ok_or_else(|| {
             ApiError::unauthorized("missing `Authorization: Bearer <agent token>` header")
         })?;
-        let id = state.fleet.authenticate_agent(token).await?;
+        let id = state.agents.authenticate_agent(token).await?;
         Ok(AgentAuth(id))
     }
 }

@@ -21,9 +21,9 @@ use std::collections::HashMap;
     security(("bearer" = []))
 )]
 pub async fn providers(State(state): State<SharedState>) -> Result<Json<ProviderList>, ApiError> {
-    let names = state.fleet.provider_names();
+    let names = state.catalogs.provider_names();
     let catalogs =
-        futures::future::try_join_all(names.iter().map(|n| state.fleet.catalog(n.as_str())))
+        futures::future::try_join_all(names.iter().map(|n| state.catalogs.catalog(n.as_str())))
             .await?;
     let providers = names
         .iter()
@@ -58,7 +58,7 @@ pub async fn instance_types(
     let name: ProviderName = raw
         .parse()
         .map_err(|e| ApiError::invalid("name", format!("{e}")))?;
-    let catalog = state.fleet.catalog(name.as_str()).await?;
+    let catalog = state.catalogs.catalog(name.as_str()).await?;
     Ok(Json(InstanceTypeList {
         provider: name.to_string(),
         instance_types: catalog.instance_types,
@@ -87,7 +87,7 @@ pub async fn models(State(state): State<SharedState>) -> Result<Json<ModelList>,
         *per_model.entry(rec.model.as_str()).or_default() += 1;
     }
     let models = state
-        .fleet
+        .catalogs
         .models()
         .iter()
         .map(|m| ModelView {

@@ -314,7 +314,7 @@ pub async fn metrics(
     let newest_first = state.fleet.instance_samples(id, limit).await?;
     let mut metrics = InstanceMetrics::from_newest_first(id, &newest_first);
     if let Some((from, to, step)) = window {
-        let series = state.fleet.metric_series(id, from, to, step).await?;
+        let series = state.history.metric_series(id, from, to, step).await?;
         metrics.series = Some(MetricSeriesView::from(&series));
     }
     Ok(Json(metrics))

@@ -33,7 +33,7 @@ pub use openapi::ApiDoc;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::{middleware, Extension, Router};
-use gpufleet_control::Fleet;
+use gpufleet_control::{AgentService, Catalogs, ControlPlane, Fleet, History, Tasks};
 use gpufleet_proto::paths;
 use std::future::Future;
 use std::sync::Arc;
@@ -42,7 +42,15 @@ use tower_http::trace::TraceLayer;
 
 /// What the handlers need.
 pub struct ApiState {
+    /// Commands on instances.
     pub fleet: Fleet,
+    /// The agent routes' service.
+    pub agents: AgentService,
+    pub catalogs: Catalogs,
+    pub history: History,
+    /// The reconcilers' statuses.
+    pub tasks: Tasks,
+    pub telemetry: Arc<gpufleet_control::telemetry::Telemetry>,
     /// The token `/api/` callers present as `Authorization: Bearer <token>`.
     /// An empty token admits nobody.
     pub admin_token: String,
@@ -57,9 +65,14 @@ pub struct ApiState {
 pub type ExtraMetrics = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
 
 impl ApiState {
-    pub fn new(fleet: Fleet, admin_token: impl Into<String>) -> Self {
+    pub fn new(control: &ControlPlane, admin_token: impl Into<String>) -> Self {
         Self {
-            fleet,
+            fleet: control.fleet.clone(),
+            agents: control.agents.clone(),
+            catalogs: control.catalogs.clone(),
+            history: control.history.clone(),
+            tasks: control.tasks.clone(),
+            telemetry: control.telemetry.clone(),
             admin_token: admin_token.into(),
             extra_metrics: None,
             agent_binary: None,

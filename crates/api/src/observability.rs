@@ -106,7 +106,10 @@ pub async fn prometheus(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let mut text = String::with_capacity(16 * 1024);
-    state.fleet.encode_metrics(&mut text).await?;
+    state
+        .telemetry
+        .encode_metrics(state.fleet.store(), &mut text)
+        .await?;
     encode_registry(&mut text, &http.registry).map_err(|_| ApiError::internal())?;
     encode_eof(&mut text).map_err(|_| ApiError::internal())?;
     let wants_openmetrics = headers
@@ -193,7 +196,7 @@ pub async fn fleet(
                 )
             })?,
     };
-    let figures = state.fleet.fleet_metrics(window_ms).await?;
+    let figures = state.history.fleet_metrics(window_ms).await?;
     Ok(Json(FleetMetricsView::from(&figures)))
 }
 
@@ -211,7 +214,7 @@ pub async fn fleet(
 pub async fn targets(
     State(state): State<SharedState>,
 ) -> Result<Json<Vec<ScrapeTargetGroup>>, ApiError> {
-    let targets = state.fleet.scrape_targets().await?;
+    let targets = state.history.scrape_targets().await?;
     Ok(Json(targets.iter().map(ScrapeTargetGroup::from).collect()))
 }
 

@@ -27,6 +27,6 @@ pub async fn healthz() -> Json<Health> {
 )]
 pub async fn tasks(State(state): State<SharedState>) -> Json<TaskList> {
     Json(TaskList {
-        tasks: state.fleet.task_statuses(),
+        tasks: state.tasks.statuses(),
     })
 }

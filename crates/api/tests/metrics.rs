@@ -381,8 +381,8 @@ async fn prometheus_exposition_passes_promtool() {
     expect_error(send(&app, &ta, &bad).await, StatusCode::BAD_REQUEST).await;
     expect_json::<HeartbeatAck>(send(&app, &ta, &heartbeat(a, 2)).await, StatusCode::OK).await;
     wait_for("a reconciler run", || async {
-        app.fleet
-            .task_statuses()
+        app.driver
+            .statuses()
             .iter()
             .all(|t| t.runs > 0)
             .then_some(())

@@ -10,8 +10,7 @@
 //! reads back everything changed meanwhile. The bus publishes each instance's
 //! generations in order and each at most once, whichever way it arrived.
 
-use crate::driver::Tasks;
-use crate::fleet::task;
+use crate::driver::{TaskName, Waker};
 use gpufleet_domain::{InstanceId, InstanceStatus};
 use gpufleet_store::{DbChange, InstanceRecord, Store};
 use serde::Serialize;
@@ -119,7 +118,7 @@ const CATCH_UP_MARGIN: chrono::Duration = chrono::Duration::seconds(30);
 pub async fn follow_database(
     store: Store,
     bus: Bus,
-    tasks: Tasks,
+    tasks: Waker,
     stop: CancellationToken,
 ) -> Result<(), gpufleet_store::StoreError> {
     if store.backend() != gpufleet_store::Backend::Postgres {
@@ -177,7 +176,7 @@ pub async fn follow_database(
 
 /// Publish another replica's change and wake the reconciler that acts on
 /// the instance's new status (if this replica runs it).
-fn publish_remote(bus: &Bus, tasks: &Tasks, rec: InstanceRecord) {
+fn publish_remote(bus: &Bus, tasks: &Waker, rec: InstanceRecord) {
     if !bus.is_news(rec.id, rec.generation) {
         return;
     }
@@ -187,13 +186,13 @@ fn publish_remote(bus: &Bus, tasks: &Tasks, rec: InstanceRecord) {
         ChangeKind::Updated
     };
     let wake = match rec.status {
-        InstanceStatus::Provisioning => Some(task::PROVISIONER),
-        InstanceStatus::Booting => Some(task::BOOT_WATCHER),
+        InstanceStatus::Provisioning => Some(TaskName::Provisioner),
+        InstanceStatus::Booting => Some(TaskName::BootWatcher),
         InstanceStatus::Starting | InstanceStatus::Ready | InstanceStatus::Unhealthy => {
-            Some(task::HEALTH)
+            Some(TaskName::Health)
         }
-        InstanceStatus::Draining | InstanceStatus::Terminating => Some(task::TERMINATOR),
-        InstanceStatus::Failed => Some(task::FAILED_CLEANUP),
+        InstanceStatus::Draining | InstanceStatus::Terminating => Some(TaskName::Terminator),
+        InstanceStatus::Failed => Some(TaskName::FailedCleanup),
         InstanceStatus::Terminated | InstanceStatus::Archived => None,
     };
     let _ = bus.tx.send(InstanceChange {

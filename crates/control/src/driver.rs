@@ -4,11 +4,12 @@
 //! With [`Tasks::with_leases`] (every `gpufleet up`), a reconciler runs only
 //! on the replica that holds its lease in the database (one lease per
 //! reconciler, so work spreads over replicas). The lease is renewed while
-//! the reconciler runs; a replica that stops renewing (killed, stalled, cut
-//! off from the database) loses it after its TTL and another replica takes
-//! over. Every lifecycle write an activation makes carries the lease's
-//! fencing token ([`current_fence`]): once the lease has changed hands, the
-//! old holder's writes are refused, so nothing is done twice.
+//! the reconciler runs and while it idles; a replica that stops renewing
+//! (killed, stalled, cut off from the database) loses it after its TTL and
+//! another replica takes over. Every lifecycle write an activation makes
+//! carries the lease's fencing token ([`current_fence`]): once the lease has
+//! changed hands, the old holder's writes are refused, so nothing is done
+//! twice.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -85,11 +86,67 @@ impl TaskReport {
     }
 }
 
+/// The reconcilers, one variant each: what [`Waker::wake`] takes and what
+/// the driver keys them by. Ordered (and listed) by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskName {
+    Provisioner,
+    BootWatcher,
+    Health,
+    Terminator,
+    FailedCleanup,
+    OrphanReaper,
+    MetricsRollup,
+}
+
+impl TaskName {
+    pub const ALL: [TaskName; 7] = [
+        TaskName::Provisioner,
+        TaskName::BootWatcher,
+        TaskName::Health,
+        TaskName::Terminator,
+        TaskName::FailedCleanup,
+        TaskName::OrphanReaper,
+        TaskName::MetricsRollup,
+    ];
+
+    /// The name in task statuses (`GET /api/v1/system/tasks`) and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TaskName::Provisioner => "provisioner",
+            TaskName::BootWatcher => "boot_watcher",
+            TaskName::Health => "health",
+            TaskName::Terminator => "terminator",
+            TaskName::FailedCleanup => "failed_cleanup",
+            TaskName::OrphanReaper => "orphan_reaper",
+            TaskName::MetricsRollup => "metrics_rollup",
+        }
+    }
+}
+
+impl Ord for TaskName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialOrd for TaskName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::fmt::Display for TaskName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A background concern: looks at the whole world, does one bounded batch of
 /// idempotent work, reports. No inline retries: the next activation retries.
 #[async_trait]
 pub trait Reconciler: Send + Sync + 'static {
-    fn name(&self) -> &'static str;
+    fn name(&self) -> TaskName;
     async fn activate(&self) -> TaskReport;
 }
 
@@ -116,11 +173,39 @@ fn default_true() -> bool {
     true
 }
 
-/// Wakes reconcilers by name and reads their statuses. Cheap to clone.
+/// Wakes reconcilers: the one handle commands, services and reconcilers
+/// get (not [`Tasks`]). Cheap to clone; waking a reconciler not started is
+/// a no-op.
+#[derive(Clone, Default)]
+pub struct Waker {
+    notifies: Arc<Mutex<BTreeMap<TaskName, Arc<Notify>>>>,
+}
+
+impl Waker {
+    /// Ask `task` to run soon (coalesces with a pending wake).
+    pub fn wake(&self, task: TaskName) {
+        let notify = self.lock().get(&task).cloned();
+        if let Some(n) = notify {
+            n.notify_one();
+        }
+    }
+
+    pub fn wake_all(&self) {
+        for n in self.lock().values() {
+            n.notify_one();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<TaskName, Arc<Notify>>> {
+        self.notifies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs the reconcilers and reads their statuses. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Tasks {
-    notifies: Arc<Mutex<BTreeMap<&'static str, Arc<Notify>>>>,
-    statuses: Arc<Mutex<BTreeMap<&'static str, TaskStatus>>>,
+    waker: Waker,
+    statuses: Arc<Mutex<BTreeMap<TaskName, TaskStatus>>>,
     metrics: TaskMetrics,
     leases: Option<Leases>,
 }
@@ -168,20 +253,12 @@ impl Tasks {
         self.leases.as_ref().map(|l| l.holder.as_str())
     }
 
-    /// Ask the named reconciler to run soon (coalesces with a pending wake).
-    pub fn wake(&self, name: &str) {
-        let notify = self.lock_notifies().get(name).cloned();
-        if let Some(n) = notify {
-            n.notify_one();
-        }
+    /// The handle that wakes these reconcilers.
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
     }
 
-    pub fn wake_all(&self) {
-        for n in self.lock_notifies().values() {
-            n.notify_one();
-        }
-    }
-
+    /// Each started reconciler's status, by name.
     pub fn statuses(&self) -> Vec<TaskStatus> {
         self.lock_statuses().values().cloned().collect()
     }
@@ -190,20 +267,17 @@ impl Tasks {
         &self.metrics
     }
 
-    fn lock_notifies(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Arc<Notify>>> {
-        self.notifies.lock().unwrap_or_else(|p| p.into_inner())
-    }
-    fn lock_statuses(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, TaskStatus>> {
+    fn lock_statuses(&self) -> std::sync::MutexGuard<'_, BTreeMap<TaskName, TaskStatus>> {
         self.statuses.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(&self, name: &'static str, period: Duration) -> Arc<Notify> {
+    fn register(&self, name: TaskName, period: Duration) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());
-        self.lock_notifies().insert(name, notify.clone());
+        self.waker.lock().insert(name, notify.clone());
         self.lock_statuses().insert(
             name,
             TaskStatus {
-                name: name.to_string(),
+                name: name.as_str().to_string(),
                 period_ms: period.as_millis() as u64,
                 runs: 0,
                 running: false,
@@ -218,38 +292,37 @@ impl Tasks {
         notify
     }
 
-    fn update(&self, name: &'static str, f: impl FnOnce(&mut TaskStatus)) {
-        if let Some(st) = self.lock_statuses().get_mut(name) {
+    fn update(&self, name: TaskName, f: impl FnOnce(&mut TaskStatus)) {
+        if let Some(st) = self.lock_statuses().get_mut(&name) {
             f(st);
         }
     }
 
     /// One activation with its bookkeeping (status, metrics).
-    async fn run_once(&self, name: &'static str, r: &dyn Reconciler) {
-        let tasks = self;
-        tasks.update(name, |s| {
+    async fn run_once(&self, name: TaskName, r: &dyn Reconciler) {
+        self.update(name, |s| {
             s.running = true;
             s.last_started_at = Some(Utc::now());
         });
         let started = Instant::now();
         let report = r.activate().await;
         let took = started.elapsed();
-        let labels = TaskLabels { task: name };
-        tasks.metrics.runs.get_or_create(&labels).inc();
-        tasks
-            .metrics
+        let labels = TaskLabels {
+            task: name.as_str(),
+        };
+        self.metrics.runs.get_or_create(&labels).inc();
+        self.metrics
             .errors
             .get_or_create(&labels)
             .inc_by(report.errors.len() as u64);
-        tasks
-            .metrics
+        self.metrics
             .duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
         if !report.errors.is_empty() {
-            tracing::debug!(task = name, errors = ?report.errors, "reconciler reported errors");
+            tracing::debug!(task = name.as_str(), errors = ?report.errors, "reconciler reported errors");
         }
-        tasks.update(name, |s| {
+        self.update(name, |s| {
             s.running = false;
             s.runs += 1;
             s.last_finished_at = Some(Utc::now());
@@ -262,9 +335,9 @@ impl Tasks {
     }
 
     /// Take or renew `name`'s lease when due; `None` while another replica
-    /// holds it (or the database cannot be reached: acting without a
-    /// lease is never safe).
-    async fn hold(&self, leases: &Leases, name: &'static str, held: Option<Held>) -> Option<Held> {
+    /// holds it (or the database cannot be reached: acting without a lease
+    /// is never safe).
+    async fn hold(&self, leases: &Leases, name: TaskName, held: Option<Held>) -> Option<Held> {
         if let Some(h) = held {
             if Instant::now() < h.renew_at {
                 return Some(h);
@@ -273,23 +346,24 @@ impl Tasks {
         let asked = Instant::now();
         let got = match leases
             .store
-            .acquire_lease(name, &leases.holder, leases.ttl)
+            .acquire_lease(name.as_str(), &leases.holder, leases.ttl)
             .await
         {
             Ok(got) => got,
             Err(e) => {
-                tracing::warn!(task = name, error = %e, "cannot take or renew the lease");
+                tracing::warn!(task = name.as_str(), error = %e, "cannot take or renew the lease");
                 None
             }
         };
         let leader = got.is_some();
         let was = self
             .lock_statuses()
-            .get(name)
+            .get(&name)
             .map(|s| s.leader)
             .unwrap_or(false);
         if was != leader {
-            tracing::info!(task = name, holder = %leases.holder, leader, "reconciler lease {}", if leader { "taken" } else { "lost" });
+            tracing::info!(task = name.as_str(), holder = %leases.holder, leader,
+                "reconciler lease {}", if leader { "taken" } else { "lost" });
         }
         self.update(name, |s| s.leader = leader);
         got.map(|l| Held {
@@ -302,20 +376,22 @@ impl Tasks {
     /// (never returns; dropped when the activation ends). A renewal that
     /// fails leaves the lease to expire: the activation's writes are then
     /// refused by the fence.
-    async fn renew_while(&self, leases: &Leases, name: &'static str, fence: Fence) {
+    async fn renew_while(&self, leases: &Leases, name: TaskName, fence: Fence) {
         loop {
             tokio::time::sleep(leases.ttl / 3).await;
             match leases
                 .store
-                .acquire_lease(name, &leases.holder, leases.ttl)
+                .acquire_lease(name.as_str(), &leases.holder, leases.ttl)
                 .await
             {
                 Ok(Some(l)) if l.token == fence.token => {}
                 Ok(_) => {
-                    tracing::warn!(task = name, "lease lost while running");
+                    tracing::warn!(task = name.as_str(), "lease lost while running");
                     self.update(name, |s| s.leader = false);
                 }
-                Err(e) => tracing::warn!(task = name, error = %e, "cannot renew the lease"),
+                Err(e) => {
+                    tracing::warn!(task = name.as_str(), error = %e, "cannot renew the lease")
+                }
             }
         }
     }
@@ -338,57 +414,60 @@ impl Tasks {
                 // Run at once on start (and on taking a lease).
                 let mut due = tokio::time::Instant::now();
                 loop {
-                    if let Some(leases) = &tasks.leases {
-                        let had = held.is_some();
-                        held = tasks.hold(leases, name, held).await;
-                        let Some(lease) = &held else {
-                            // Standby: look again soon, so a dead holder's
-                            // work is taken over within the TTL and a bit.
-                            let wait = period.min(leases.ttl / 3);
-                            tokio::select! {
-                                _ = shutdown.cancelled() => break,
-                                _ = tokio::time::sleep(wait) => {}
-                            }
-                            continue;
-                        };
-                        if !had {
-                            due = tokio::time::Instant::now();
-                        }
-                        if tokio::time::Instant::now() >= due {
-                            let fence = lease.fence.clone();
-                            let renewing = tasks.renew_while(leases, name, fence.clone());
-                            let started = Instant::now();
-                            tokio::select! {
-                                _ = FENCE.scope(fence, tasks.run_once(name, &*r)) => {}
-                                _ = renewing => {}
-                            }
-                            if started.elapsed() >= leases.ttl / 3 {
-                                // Renewed (or lost) meanwhile: look again now.
-                                held = None;
-                            }
-                            due = tokio::time::Instant::now() + period;
-                        }
-                        // Idle until due or woken, but renew the lease on
-                        // time meanwhile (a period may be longer than the TTL).
-                        let renew_at = held.as_ref().map_or_else(Instant::now, |h| h.renew_at);
-                        let renew_at = tokio::time::Instant::from_std(renew_at);
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break,
-                            _ = notify.notified() => due = tokio::time::Instant::now(),
-                            _ = tokio::time::sleep_until(due.min(renew_at)) => {}
-                        }
-                    } else {
+                    let Some(leases) = &tasks.leases else {
                         tasks.run_once(name, &*r).await;
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
                             _ = notify.notified() => {}
                             _ = tokio::time::sleep(period) => {}
                         }
+                        continue;
+                    };
+                    let had = held.is_some();
+                    held = tasks.hold(leases, name, held).await;
+                    let Some(lease) = &held else {
+                        // Standby: look again soon, so a dead holder's work
+                        // is taken over within the TTL and a bit.
+                        let wait = period.min(leases.ttl / 3);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                        continue;
+                    };
+                    if !had {
+                        due = tokio::time::Instant::now();
+                    }
+                    if tokio::time::Instant::now() >= due {
+                        let fence = lease.fence.clone();
+                        let renewing = tasks.renew_while(leases, name, fence.clone());
+                        let started = Instant::now();
+                        tokio::select! {
+                            _ = FENCE.scope(fence, tasks.run_once(name, &*r)) => {}
+                            _ = renewing => {}
+                        }
+                        if started.elapsed() >= leases.ttl / 3 {
+                            // Renewed (or lost) meanwhile: look again now.
+                            held = None;
+                        }
+                        due = tokio::time::Instant::now() + period;
+                    }
+                    // Idle until due or woken, but renew the lease on time
+                    // meanwhile (a period may be longer than the TTL).
+                    let renew_at = held.as_ref().map_or_else(Instant::now, |h| h.renew_at);
+                    let renew_at = tokio::time::Instant::from_std(renew_at);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = notify.notified() => due = tokio::time::Instant::now(),
+                        _ = tokio::time::sleep_until(due.min(renew_at)) => {}
                     }
                 }
                 if let Some(leases) = &tasks.leases {
                     // Hand over at once rather than after the TTL.
-                    let _ = leases.store.release_lease(name, &leases.holder).await;
+                    let _ = leases
+                        .store
+                        .release_lease(name.as_str(), &leases.holder)
+                        .await;
                 }
             });
         }
@@ -409,8 +488,8 @@ mod tests {
 
     #[async_trait]
     impl Reconciler for Counting {
-        fn name(&self) -> &'static str {
-            "counting"
+        fn name(&self) -> TaskName {
+            TaskName::MetricsRollup
         }
         async fn activate(&self) -> TaskReport {
             let now = self.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
@@ -424,6 +503,28 @@ mod tests {
                 errors: vec![],
             }
         }
+    }
+
+    #[test]
+    fn task_names_keep_their_strings_and_sort_by_them() {
+        let names: Vec<_> = TaskName::ALL.iter().map(|t| t.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "provisioner",
+                "boot_watcher",
+                "health",
+                "terminator",
+                "failed_cleanup",
+                "orphan_reaper",
+                "metrics_rollup"
+            ]
+        );
+        let mut sorted = TaskName::ALL;
+        sorted.sort();
+        let mut by_str = names.clone();
+        by_str.sort();
+        assert_eq!(sorted.map(|t| t.as_str()).to_vec(), by_str);
     }
 
     #[tokio::test(start_paused = true)]
@@ -440,8 +541,9 @@ mod tests {
         while r.runs.load(Ordering::SeqCst) < 1 {
             tokio::task::yield_now().await;
         }
+        let waker = tasks.waker();
         for _ in 0..10 {
-            tasks.wake("counting");
+            waker.wake(TaskName::MetricsRollup);
         }
         while r.runs.load(Ordering::SeqCst) < 2 {
             tokio::task::yield_now().await;
@@ -455,6 +557,7 @@ mod tests {
         let st = tasks.statuses();
         assert_eq!(st.len(), 1);
         assert!(st[0].runs >= 2);
+        assert_eq!(st[0].name, "metrics_rollup");
         stop.cancel();
         handle.await.unwrap();
     }

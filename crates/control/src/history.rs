@@ -2,14 +2,16 @@
 //! window, and the Prometheus service-discovery targets. The limits every
 //! client shares live in [`gpufleet_domain::metrics`].
 
-use crate::fleet::Fleet;
+use crate::catalog::Catalogs;
+use crate::config::ControlConfig;
 use crate::ControlError;
 use chrono::{DateTime, Utc};
 use gpufleet_domain::metrics::{validate_window, MetricsError, Step, Tier};
 use gpufleet_domain::{InstanceId, InstanceStatus, ModelName, ProviderName};
-use gpufleet_store::{FleetNow, FleetSeries, InstanceFilter, MetricSeries};
+use gpufleet_store::{FleetNow, FleetSeries, InstanceFilter, MetricSeries, Store};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// The query parameter a [`MetricsError`] is about.
 pub fn metrics_error_field(e: &MetricsError) -> &'static str {
@@ -51,7 +53,38 @@ pub struct ScrapeTarget {
     pub model: ModelName,
 }
 
-impl Fleet {
+/// Reads metric history and what the fleet looks like now. Cheap to clone.
+#[derive(Clone)]
+pub struct History {
+    store: Store,
+    /// The providers' catalogs price billable instances.
+    catalogs: Catalogs,
+    config: Arc<ControlConfig>,
+}
+
+impl History {
+    pub(crate) fn new(store: Store, catalogs: Catalogs, config: Arc<ControlConfig>) -> Self {
+        Self {
+            store,
+            catalogs,
+            config,
+        }
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+    fn config(&self) -> &ControlConfig {
+        &self.config
+    }
+    async fn get_instance(&self, id: InstanceId) -> Result<(), ControlError> {
+        self.store
+            .get_instance(id)
+            .await?
+            .map(|_| ())
+            .ok_or_else(|| ControlError::not_found("instance", id))
+    }
+
     /// One instance's history over `[from, to)`, in buckets of `step`
     /// (default: the finest step that fits, [`Step::for_window`]), read from
     /// the tier [`Tier::for_query`] picks. `InvalidInput` naming `from`, `to`
@@ -114,7 +147,7 @@ impl Fleet {
         let mut price: BTreeMap<String, f64> = BTreeMap::new();
         for r in &billable {
             if !catalogs.contains_key(&r.provider) {
-                let catalog = match self.provider(&r.provider) {
+                let catalog = match self.catalogs.provider(&r.provider) {
                     Some(p) => p.catalog().await.ok(),
                     None => None,
                 };

@@ -16,14 +16,12 @@
 
 use crate::bus::InstanceChange;
 use crate::config::IngestConfig;
-use crate::fleet::Fleet;
 use crate::telemetry::Telemetry;
-use crate::validate::{validate_heartbeat, GpuCountContext};
+use crate::validate::GpuCountContext;
 use crate::ControlError;
 use chrono::{DateTime, Utc};
 use gpufleet_domain::InstanceId;
 use gpufleet_domain::InstanceStatus;
-use gpufleet_proto::EngineStatus;
 use gpufleet_proto::Heartbeat;
 use gpufleet_store::{
     Backend, HeartbeatOutcome, IngestSession, InstanceRecord, Store, STAGING_PARTS,
@@ -383,10 +381,10 @@ pub(crate) struct GpuCounts {
 }
 
 impl GpuCounts {
-    fn get(&self, id: InstanceId) -> Option<GpuCountContext> {
+    pub(crate) fn get(&self, id: InstanceId) -> Option<GpuCountContext> {
         self.lock().get(&id).copied()
     }
-    fn put(&self, id: InstanceId, ctx: GpuCountContext) {
+    pub(crate) fn put(&self, id: InstanceId, ctx: GpuCountContext) {
         self.lock().insert(id, ctx);
     }
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, GpuCountContext>> {
@@ -410,12 +408,12 @@ pub(crate) struct HotCache {
 }
 
 impl HotCache {
-    fn tokens(
+    pub(crate) fn tokens(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, (InstanceId, std::time::Instant)>> {
         self.tokens.lock().unwrap_or_else(|p| p.into_inner())
     }
-    fn records(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, InstanceRecord>> {
+    pub(crate) fn records(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, InstanceRecord>> {
         self.records.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -459,157 +457,6 @@ impl HotCache {
                 }
             }
         });
-    }
-}
-
-/// Nothing in [`Fleet`]'s post-heartbeat logic applies to `rec` for `hb`
-/// (see `after_heartbeat`): not a startup-timeout failure awaiting recovery,
-/// engine milestone already recorded, nothing to wake.
-fn routine(rec: &InstanceRecord, hb: &Heartbeat) -> bool {
-    let recoverable = rec.status == InstanceStatus::Failed
-        && rec.status_reason == Some(gpufleet_domain::FailureReason::StartupTimeout)
-        && rec.cleanup_started_at.is_none();
-    let engine_up = matches!(
-        hb.engine.status,
-        EngineStatus::Starting | EngineStatus::Ready
-    );
-    let milestone = engine_up && !rec.milestones.engine_started && !rec.status.is_terminal();
-    let wake_health = hb.engine.status == EngineStatus::Ready
-        && matches!(
-            rec.status,
-            InstanceStatus::Starting | InstanceStatus::Unhealthy
-        );
-    !recoverable && !milestone && !wake_health && rec.status != InstanceStatus::Booting
-}
-
-impl Fleet {
-    /// Validate `hb` (see [`validate_heartbeat`]) and write it through the
-    /// batching writer.
-    pub(crate) async fn write_heartbeat(
-        &self,
-        id: InstanceId,
-        hb: &mut Heartbeat,
-        received_at: DateTime<Utc>,
-    ) -> Result<HeartbeatOutcome, ControlError> {
-        let telemetry = self.telemetry();
-        telemetry.observe_lag(hb.sent_at, received_at);
-        let ctx = self.gpu_context(id).await?;
-        if let Err(e) = validate_heartbeat(hb, ctx) {
-            telemetry.heartbeat("rejected");
-            tracing::debug!(instance_id = %id, field = %e.field, "heartbeat rejected: {}", e.message);
-            return Err(e.into());
-        }
-        let outcome = match self.writer().write(hb.clone(), received_at).await {
-            Ok(o) => o,
-            Err(e) => {
-                telemetry.heartbeat("unavailable");
-                return Err(e);
-            }
-        };
-        telemetry.heartbeat(match outcome {
-            HeartbeatOutcome::Applied => "applied",
-            HeartbeatOutcome::Stale => "stale",
-            HeartbeatOutcome::UnknownInstance | HeartbeatOutcome::Invalid => "rejected",
-        });
-        match outcome {
-            HeartbeatOutcome::Applied => {
-                self.gpu_counts().put(
-                    id,
-                    GpuCountContext {
-                        previous: Some(hb.gpus.len()),
-                        ..ctx
-                    },
-                );
-            }
-            HeartbeatOutcome::UnknownInstance => {
-                return Err(ControlError::not_found("instance", id));
-            }
-            // Validation lets nothing through that the store cannot hold.
-            HeartbeatOutcome::Invalid => {
-                return Err(ControlError::invalid(
-                    "heartbeat",
-                    "holds a value that cannot be stored",
-                ));
-            }
-            HeartbeatOutcome::Stale => {}
-        }
-        Ok(outcome)
-    }
-
-    /// The instance an agent token belongs to: from the cache (verified in
-    /// the last [`TOKEN_TTL`]), else from the store.
-    pub(crate) async fn agent_for_token(
-        &self,
-        digest: &str,
-    ) -> Result<Option<InstanceId>, ControlError> {
-        let hot = self.hot();
-        if let Some((id, at)) = hot.tokens().get(digest) {
-            if at.elapsed() < TOKEN_TTL {
-                return Ok(Some(*id));
-            }
-        }
-        let found = self.store().instance_for_token(digest).await?;
-        if let Some(id) = found {
-            // Not for an instance whose tokens are being revoked.
-            let ending = hot.records().get(&id).is_some_and(|r| {
-                r.status.is_terminal()
-                    || r.status == InstanceStatus::Terminating
-                    || r.cleanup_started_at.is_some()
-            });
-            if !ending {
-                hot.tokens()
-                    .insert(digest.to_string(), (id, std::time::Instant::now()));
-            }
-        }
-        Ok(found)
-    }
-
-    /// Whether the post-heartbeat logic has nothing to do for `hb`, judged
-    /// from the instance's last published record (no store read).
-    pub(crate) fn routine_heartbeat(&self, id: InstanceId, hb: &Heartbeat) -> bool {
-        self.hot()
-            .records()
-            .get(&id)
-            .is_some_and(|rec| routine(rec, hb))
-    }
-
-    /// The instance's catalog GPU count and last GPU count, read once and
-    /// then kept up to date in memory.
-    async fn gpu_context(&self, id: InstanceId) -> Result<GpuCountContext, ControlError> {
-        if let Some(ctx) = self.gpu_counts().get(id) {
-            return Ok(ctx);
-        }
-        let rec = self.get_instance(id).await?;
-        let catalog = match self.provider(&rec.provider) {
-            Some(p) => match p.catalog().await {
-                Ok(c) => c.instance_type(&rec.instance_type).map(|t| t.gpu.count),
-                // Not worth refusing heartbeats over; the next miss asks again.
-                Err(_) => return self.previous_only(id).await,
-            },
-            None => None,
-        };
-        let previous = self
-            .store()
-            .recent_samples(id, 1)
-            .await?
-            .first()
-            .map(|s| s.gpus.len());
-        let ctx = GpuCountContext { catalog, previous };
-        self.gpu_counts().put(id, ctx);
-        Ok(ctx)
-    }
-
-    async fn previous_only(&self, id: InstanceId) -> Result<GpuCountContext, ControlError> {
-        let previous = self
-            .store()
-            .recent_samples(id, 1)
-            .await?
-            .first()
-            .map(|s| s.gpus.len());
-        Ok(GpuCountContext {
-            catalog: None,
-            previous,
-        })
     }
 }
 

@@ -1,23 +1,36 @@
 //! The control plane's core.
 //!
-//! - [`Fleet`]: the commands (create, terminate, archive, agent registration,
-//!   heartbeat ingestion). Commands only *record intent* in the store and wake
-//!   the reconcilers; they never call a provider inline.
+//! - [`wiring`]: builds everything below over a store and the providers
+//!   ([`ControlPlane`]); what `gpufleet up` calls.
+//! - [`Fleet`]: the commands on instances (create, terminate, archive,
+//!   reads). Commands only *record intent* in the store and wake the
+//!   reconcilers; they never call a provider inline.
+//! - [`agents::AgentService`]: agent registration, token authentication,
+//!   heartbeat ingestion (with [`validate`] and the batching writer in
+//!   `ingest`), the engine's environment and certificate, agent events.
+//! - [`lifecycle::Lifecycle`]: the one write path for instance records
+//!   (compare-and-swap, timeline entries in the same transaction, publish on
+//!   the [`bus`] after the commit), used by all of the above.
 //! - [`reconcilers`]: small level-triggered workers of one shape (see
 //!   [`driver::Reconciler`]) that look at the whole store, do one bounded batch
 //!   of idempotent work (provider calls preceded by persisted intent) and
 //!   report a typed status.
-//! - [`driver`]: runs each reconciler periodically and on demand, never twice
-//!   at once, and keeps its last status for `GET /api/v1/system/tasks`.
-//! - [`bus`]: instance changes broadcast to subscribers (the SSE stream).
+//! - [`driver`]: runs each reconciler periodically and when woken through a
+//!   [`Waker`] (by [`TaskName`]), never twice at once, and keeps its last
+//!   status for `GET /api/v1/system/tasks`.
+//! - [`catalog`], [`history`], [`telemetry`]: reads (the providers' catalogs
+//!   and models; metric history; Prometheus metrics).
 
+pub mod agents;
 pub mod bus;
+pub mod catalog;
 pub mod config;
 pub mod driver;
 pub mod error;
 pub mod fleet;
 pub mod history;
 mod ingest;
+pub mod lifecycle;
 pub mod metered;
 pub mod reconcilers;
 pub mod secrets;
@@ -25,10 +38,15 @@ pub mod telemetry;
 pub mod timeline;
 pub mod traffic;
 pub mod validate;
+pub mod wiring;
 
+pub use agents::AgentService;
 pub use bus::{ChangeKind, InstanceChange, KeyChange};
+pub use catalog::Catalogs;
 pub use config::{ControlConfig, EngineConfig, IngestConfig, ModelSpec, SecretEnv};
-pub use driver::{TaskReport, TaskStatus};
+pub use driver::{TaskName, TaskReport, TaskStatus, Tasks, Waker};
 pub use error::ControlError;
 pub use fleet::{CreateInstances, Fleet};
+pub use history::History;
 pub use traffic::TrafficSource;
+pub use wiring::ControlPlane;

@@ -1,5 +1,5 @@
 //! A [`Provider`] wrapper that times every call and counts failures by
-//! error code, for `/metrics`. The fleet wraps each configured provider in
+//! error code, for `/metrics`. The wiring wraps each configured provider in
 //! one, so every call site (reconcilers, catalog look-ups) is measured.
 
 use crate::telemetry::{label, ProviderErrorLabels, ProviderOpLabels, Telemetry};

@@ -1,4 +1,5 @@
-//! Random secrets and their stored digests.
+//! Random secrets, their stored digests, and the derivation of each
+//! instance's one-time bootstrap secret.
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -24,6 +25,33 @@ pub fn digest_bytes(secret: &str) -> [u8; 32] {
 /// [`digest_bytes`]' digest as stored: hex.
 pub fn digest_hex(digest: &[u8; 32]) -> String {
     hex::encode(digest)
+}
+
+/// The server key from which each instance's one-time bootstrap secret is
+/// derived (HMAC of the instance id), so the store keeps only digests and a
+/// retried create hands out the same secret. Cheap to clone.
+#[derive(Clone)]
+pub struct BootstrapKey(std::sync::Arc<str>);
+
+impl BootstrapKey {
+    pub fn new(key: impl Into<std::sync::Arc<str>>) -> Self {
+        Self(key.into())
+    }
+
+    /// The one-time secret handed to the instance's agent.
+    pub fn secret(&self, id: gpufleet_domain::InstanceId) -> String {
+        use hmac::{Mac, SimpleHmac};
+        let mut mac = <SimpleHmac<Sha256> as Mac>::new_from_slice(self.0.as_bytes())
+            .expect("HMAC takes keys of any length");
+        mac.update(id.to_string().as_bytes());
+        format!("gfb_{}", hex::encode(mac.finalize().into_bytes()))
+    }
+}
+
+impl std::fmt::Debug for BootstrapKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BootstrapKey(***)")
+    }
 }
 
 /// Compare two strings in time independent of where they differ.

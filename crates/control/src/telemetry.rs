@@ -11,11 +11,10 @@
 //! Names follow Prometheus conventions: a `gpufleet_` prefix, base units
 //! (seconds, bytes, watts, celsius) in the name, `_total` on counters.
 
-use crate::fleet::Fleet;
 use crate::ControlError;
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{InstanceId, InstanceStatus};
-use gpufleet_store::{InstanceFilter, SampleRecord};
+use gpufleet_store::{InstanceFilter, SampleRecord, Store};
 use prometheus_client::encoding::text::encode_registry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -222,17 +221,19 @@ const REPORTING: [InstanceStatus; 5] = [
 /// Most instances exported per scrape.
 const MAX_EXPORTED_INSTANCES: i64 = 2_000;
 
-impl Fleet {
+impl Telemetry {
     /// The control plane's metrics in OpenMetrics text, without the final
     /// `# EOF` (so the HTTP edge can append its own): what was recorded, and
-    /// instances and their latest figures read from the store now.
-    pub async fn encode_metrics(&self, out: &mut String) -> Result<(), ControlError> {
-        let telemetry = self.telemetry();
-        encode_registry(out, &telemetry.registry).map_err(|_| encode_error())?;
+    /// instances and their latest figures read from `store` now.
+    pub async fn encode_metrics(
+        &self,
+        store: &Store,
+        out: &mut String,
+    ) -> Result<(), ControlError> {
+        encode_registry(out, &self.registry).map_err(|_| encode_error())?;
 
         let mut scrape = Registry::default();
-        let instances = self
-            .store()
+        let instances = store
             .list_instances(&InstanceFilter {
                 include_archived: false,
                 ..InstanceFilter::default()
@@ -275,8 +276,7 @@ impl Fleet {
         let power_limit = Family::<GpuLabels, FloatGauge>::default();
         let now = Utc::now();
         // Each reporting instance's latest sample, in one read.
-        let mut latest: HashMap<InstanceId, SampleRecord> = self
-            .store()
+        let mut latest: HashMap<InstanceId, SampleRecord> = store
             .latest_samples(&REPORTING)
             .await?
             .into_iter()

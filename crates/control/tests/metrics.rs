@@ -143,16 +143,16 @@ async fn rollups_fill_the_coarser_tiers_and_retention_trims_raw() {
         .unwrap();
     assert_eq!(recent.points.iter().map(|p| p.samples).sum::<i64>(), 120);
 
-    // Through the Fleet: a 31-hour window at 1 h reads the hour tier.
+    // Through History: a 31-hour window at 1 h reads the hour tier.
     let s = h
-        .fleet
+        .history
         .metric_series(id, now - Duration::hours(31), now, Some(Step::HOUR))
         .await
         .unwrap();
     assert_eq!(s.tier, Tier::Hour);
     // A 5 s step around 30 h ago: raw is gone there, so minute rollups.
     let s = h
-        .fleet
+        .history
         .metric_series(id, old.0, old.1, Some(Step::MIN))
         .await
         .unwrap();
@@ -163,8 +163,8 @@ async fn rollups_fill_the_coarser_tiers_and_retention_trims_raw() {
     // after its writes were read above.
     eventually(30, "the rollup reconciler to count its run", || async {
         let task = h
-            .fleet
-            .task_statuses()
+            .tasks
+            .statuses()
             .into_iter()
             .find(|t| t.name == "metrics_rollup")
             .expect("the rollup reconciler is registered");
@@ -178,11 +178,11 @@ async fn impossible_heartbeats_are_rejected_before_the_store() {
     let h = start(memory_provider(), fast_config()).await;
     let id = create_one(&h.fleet).await;
     let check = |mutate: fn(&mut Heartbeat), want: &'static str| {
-        let fleet = h.fleet.clone();
+        let agents = h.agents.clone();
         async move {
             let mut hb = heartbeat(id, 5, 50.0);
             mutate(&mut hb);
-            match fleet.ingest_heartbeat(id, hb).await {
+            match agents.ingest_heartbeat(id, hb).await {
                 Err(ControlError::InvalidHeartbeat(e)) => assert_eq!(e.field, want),
                 other => panic!("{want}: {other:?}"),
             }
@@ -208,7 +208,7 @@ async fn impossible_heartbeats_are_rejected_before_the_store() {
 
     // A good one goes through the batching writer and is applied.
     let ack = h
-        .fleet
+        .agents
         .ingest_heartbeat(id, heartbeat(id, 6, 50.0))
         .await
         .unwrap();
@@ -226,10 +226,10 @@ async fn concurrent_heartbeats_are_batched_and_each_gets_its_outcome() {
     let mut calls = Vec::new();
     for (n, id) in ids.iter().enumerate() {
         for seq in [10u64, 5] {
-            let fleet = h.fleet.clone();
+            let agents = h.agents.clone();
             let id = *id;
             calls.push(tokio::spawn(async move {
-                let r = fleet
+                let r = agents
                     .ingest_heartbeat(id, heartbeat(id, seq + n as u64 * 100, 10.0))
                     .await;
                 (seq, r)
@@ -261,7 +261,7 @@ async fn stopping_ingest_moves_what_is_staged_and_refuses_later_heartbeats() {
     let id = create_one(&h.fleet).await;
     for seq in 1..=5 {
         let ack = h
-            .fleet
+            .agents
             .ingest_heartbeat(id, heartbeat(id, seq, 20.0))
             .await
             .unwrap();
@@ -270,13 +270,13 @@ async fn stopping_ingest_moves_what_is_staged_and_refuses_later_heartbeats() {
     let store = h.fleet.store();
     assert_eq!(store.staged_heartbeats().await.unwrap(), 5);
 
-    h.fleet.stop_ingest().await;
+    h.agents.stop_ingest().await;
     assert_eq!(store.staged_heartbeats().await.unwrap(), 0);
     assert_eq!(h.fleet.instance_samples(id, 10).await.unwrap().len(), 5);
-    match h.fleet.ingest_heartbeat(id, heartbeat(id, 6, 20.0)).await {
+    match h.agents.ingest_heartbeat(id, heartbeat(id, 6, 20.0)).await {
         Err(ControlError::Unavailable { .. }) => {}
         other => panic!("expected Unavailable after stop_ingest, got {other:?}"),
     }
     // Stopping twice is harmless.
-    h.fleet.stop_ingest().await;
+    h.agents.stop_ingest().await;
 }

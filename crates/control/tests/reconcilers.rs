@@ -221,7 +221,7 @@ async fn startup_timeout_then_late_heartbeat_recovers() {
 
     let secret = mem.request_for(id).unwrap().bootstrap.bootstrap_secret;
     let reg = h
-        .fleet
+        .agents
         .register_agent(RegisterRequest {
             instance_id: id,
             bootstrap_secret: secret.clone(),
@@ -232,7 +232,7 @@ async fn startup_timeout_then_late_heartbeat_recovers() {
         .unwrap();
     // The secret works once.
     let again = h
-        .fleet
+        .agents
         .register_agent(RegisterRequest {
             instance_id: id,
             bootstrap_secret: secret,
@@ -241,10 +241,10 @@ async fn startup_timeout_then_late_heartbeat_recovers() {
         })
         .await;
     assert!(matches!(again, Err(ControlError::Unauthorized { .. })));
-    let who = h.fleet.authenticate_agent(&reg.token).await.unwrap();
+    let who = h.agents.authenticate_agent(&reg.token).await.unwrap();
     assert_eq!(who, id);
     let ack = h
-        .fleet
+        .agents
         .ingest_heartbeat(id, heartbeat(id, 10))
         .await
         .unwrap();
@@ -255,7 +255,7 @@ async fn startup_timeout_then_late_heartbeat_recovers() {
     assert!(rec.startup_deadline_at > Utc::now());
     // A stale heartbeat is ignored.
     let ack = h
-        .fleet
+        .agents
         .ingest_heartbeat(id, heartbeat(id, 9))
         .await
         .unwrap();
@@ -278,7 +278,7 @@ async fn an_agent_token_only_works_for_its_own_instance() {
     .await;
     let secret = mem.request_for(a).unwrap().bootstrap.bootstrap_secret;
     let reg = h
-        .fleet
+        .agents
         .register_agent(RegisterRequest {
             instance_id: a,
             bootstrap_secret: secret,
@@ -287,8 +287,8 @@ async fn an_agent_token_only_works_for_its_own_instance() {
         })
         .await
         .unwrap();
-    let who = h.fleet.authenticate_agent(&reg.token).await.unwrap();
-    let r = h.fleet.ingest_heartbeat(who, heartbeat(b, 1)).await;
+    let who = h.agents.authenticate_agent(&reg.token).await.unwrap();
+    let r = h.agents.ingest_heartbeat(who, heartbeat(b, 1)).await;
     assert!(matches!(r, Err(ControlError::Forbidden { .. })));
     assert_eq!(
         h.fleet.get_instance(b).await.unwrap().last_heartbeat_seq,
@@ -297,7 +297,7 @@ async fn an_agent_token_only_works_for_its_own_instance() {
     // A bootstrap secret of one instance does not register another.
     let secret_a = mem.request_for(a).unwrap().bootstrap.bootstrap_secret;
     let r = h
-        .fleet
+        .agents
         .register_agent(RegisterRequest {
             instance_id: b,
             bootstrap_secret: secret_a,

@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Utc;
-use gpufleet_control::{ControlConfig, CreateInstances, Fleet};
+use gpufleet_control::{ControlConfig, ControlPlane, CreateInstances, Fleet};
 use gpufleet_domain::metrics::Tier;
 use gpufleet_domain::{
     GpuSpec, InstanceId, InstanceStatus, InstanceType, ProviderInstanceId, ProviderName, Zone,
@@ -255,7 +255,7 @@ fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
 struct Server {
     base: String,
     addr: SocketAddr,
-    fleet: Fleet,
+    control: ControlPlane,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     reconcilers: tokio::task::JoinHandle<()>,
@@ -289,17 +289,17 @@ async fn start_server(
     };
     let mut providers = ProviderRegistry::new();
     providers.register(provider);
-    let fleet = Fleet::new(store, providers, config)
+    let control = ControlPlane::build(store, providers, config)
         .await
         .context("cannot start the control plane")?;
     let history = if seed {
-        Some(seed_history(&fleet, args.gpus).await?)
+        Some(seed_history(&control.fleet, args.gpus).await?)
     } else {
         None
     };
-    fleet.follow_replicas(stop.clone()).await?;
-    let reconcilers = fleet.start(stop.clone());
-    let router = gpufleet_api::router(gpufleet_api::ApiState::new(fleet.clone(), ADMIN_TOKEN));
+    control.follow_replicas(stop.clone()).await?;
+    let reconcilers = control.start(stop.clone());
+    let router = gpufleet_api::router(gpufleet_api::ApiState::new(&control, ADMIN_TOKEN));
     let server = tokio::spawn(gpufleet_api::serve(
         listener,
         router,
@@ -309,7 +309,7 @@ async fn start_server(
         Server {
             base,
             addr,
-            fleet,
+            control,
             stop,
             server,
             reconcilers,
@@ -373,10 +373,13 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
     let addrs: Vec<SocketAddr> = std::iter::once(srv.addr)
         .chain(others.iter().map(|o| o.addr))
         .collect();
-    let fleets: Vec<Fleet> = std::iter::once(srv.fleet.clone())
-        .chain(others.iter().map(|o| o.fleet.clone()))
+    let fleets: Vec<Fleet> = std::iter::once(srv.control.fleet.clone())
+        .chain(others.iter().map(|o| o.control.fleet.clone()))
         .collect();
-    let backend = match srv.fleet.store().backend() {
+    let drivers: Vec<gpufleet_control::Tasks> = std::iter::once(srv.control.tasks.clone())
+        .chain(others.iter().map(|o| o.control.tasks.clone()))
+        .collect();
+    let backend = match srv.control.store.backend() {
         gpufleet_store::Backend::Sqlite => "SQLite",
         gpufleet_store::Backend::Postgres => "PostgreSQL",
     };
@@ -385,7 +388,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         .build()?;
 
     // Instances, their machines and agent tokens.
-    let ids = create(&srv.fleet, args.agents).await?;
+    let ids = create(&srv.control.fleet, args.agents).await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     while !ids.iter().all(|id| provider.secrets().contains_key(id)) {
         if Instant::now() > deadline {
@@ -445,6 +448,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
             }
         }
         let ready = srv
+            .control
             .fleet
             .list_instances(&InstanceFilter {
                 statuses: vec![InstanceStatus::Ready],
@@ -467,7 +471,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         args.duration.as_secs()
     );
 
-    let passes = tokio::spawn(longest_passes(fleets.clone(), args.duration));
+    let passes = tokio::spawn(longest_passes(drivers, args.duration));
     let all = load(&args, &addrs, &agents).await?;
     let elapsed = args.duration.as_secs_f64();
     let l = &all.latencies_us;
@@ -508,14 +512,14 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         o.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), o.server).await;
         let _ = tokio::time::timeout(Duration::from_secs(10), o.reconcilers).await;
-        o.fleet.stop_ingest().await;
-        o.fleet.store().close().await;
+        o.control.agents.stop_ingest().await;
+        o.control.store.close().await;
     }
     srv.stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), srv.server).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), srv.reconcilers).await;
-    srv.fleet.stop_ingest().await;
-    srv.fleet.store().close().await;
+    srv.control.agents.stop_ingest().await;
+    srv.control.store.close().await;
     Ok(())
 }
 
@@ -637,12 +641,15 @@ async fn load(
 
 /// Each reconciler's longest pass on any replica, sampled from the task
 /// statuses every 100 ms for `over`.
-async fn longest_passes(fleets: Vec<Fleet>, over: Duration) -> BTreeMap<String, u64> {
+async fn longest_passes(
+    drivers: Vec<gpufleet_control::Tasks>,
+    over: Duration,
+) -> BTreeMap<String, u64> {
     let mut longest: BTreeMap<String, u64> = BTreeMap::new();
     let end = Instant::now() + over;
     while Instant::now() < end {
-        for f in &fleets {
-            for t in f.task_statuses() {
+        for d in &drivers {
+            for t in d.statuses() {
                 if let Some(ms) = t.last_duration_ms {
                     let e = longest.entry(t.name).or_default();
                     *e = (*e).max(ms);

@@ -14,7 +14,7 @@ use crate::config::{UpConfig, UpOverrides};
 use crate::signals;
 use crate::token;
 use anyhow::Context;
-use gpufleet_control::Fleet;
+use gpufleet_control::ControlPlane;
 use gpufleet_providers::mock::MockProvider;
 use gpufleet_providers::ProviderRegistry;
 use std::io::Write;
@@ -131,17 +131,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .context("cannot set up the router's client identity for engines")?;
     config.control.engine_client_ca_pem = Some(client_cert.clone());
 
-    let fleet = Fleet::new(store.clone(), providers, config.control.clone())
+    let control = ControlPlane::build(store.clone(), providers, config.control.clone())
         .await
         .context("cannot start the control plane")?;
     let cancel = CancellationToken::new();
-    fleet
+    control
         .follow_replicas(cancel.child_token())
         .await
         .context("cannot listen for the other replicas' changes")?;
-    let reconcilers = fleet.start(cancel.child_token());
+    let reconcilers = control.start(cancel.child_token());
     let openai = gpufleet_router::RouterState::start(
-        fleet.clone(),
+        control.fleet.clone(),
+        &control.catalogs,
         config.router.clone(),
         Some(gpufleet_router::EngineClientIdentity {
             cert_pem: client_cert,
@@ -154,7 +155,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let router_metrics = openai.clone();
     let router = gpufleet_api::router({
-        let state = gpufleet_api::ApiState::new(fleet.clone(), admin_token).with_extra_metrics(
+        let state = gpufleet_api::ApiState::new(&control, admin_token).with_extra_metrics(
             std::sync::Arc::new(move || router_metrics.render_prometheus()),
         );
         match agent_binary {
@@ -195,7 +196,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         out.flush()?;
     }
     tracing::info!(%addr, data_dir = %config.data_dir.display(), database = %redact_url(&db_url),
-        replica = fleet.replica_name(),
+        replica = control.replica_name(),
         agent_control_url = %config.control.agent_control_url, "gpufleet up");
 
     let early_exit = tokio::select! {
@@ -226,7 +227,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "last usage flush failed"
             );
         }
-        fleet.stop_ingest().await;
+        control.agents.stop_ingest().await;
         store.close().await;
         server_result
     };

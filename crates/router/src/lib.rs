@@ -35,7 +35,7 @@ pub use tls::EngineClientIdentity;
 pub use usage::{SubjectUsage, UsageFigures};
 
 use axum::routing::{get, post};
-use gpufleet_control::{Fleet, TrafficSource};
+use gpufleet_control::{Catalogs, Fleet, TrafficSource};
 use gpufleet_domain::InstanceId;
 use gpufleet_store::InstanceFilter;
 use std::sync::Arc;
@@ -50,6 +50,8 @@ pub struct RouterState {
 
 pub(crate) struct Inner {
     pub fleet: Fleet,
+    /// The models served (and the providers' whereabouts).
+    pub catalogs: Catalogs,
     pub config: RouterConfig,
     pub pools: Arc<pool::Pools>,
     pub keys: keys::KeyCache,
@@ -75,16 +77,17 @@ impl RouterState {
     /// `engine_identity` (without it, they are not routed to).
     pub async fn start(
         fleet: Fleet,
+        catalogs: &Catalogs,
         config: RouterConfig,
         engine_identity: Option<EngineClientIdentity>,
         shutdown: CancellationToken,
     ) -> Result<RouterState, RouterError> {
         let usage = Arc::new(usage::Usage::default());
         // Providers are fixed for the process's life.
-        let remote: std::collections::HashSet<_> = fleet
+        let remote: std::collections::HashSet<_> = catalogs
             .provider_names()
             .into_iter()
-            .filter(|p| fleet.provider_is_remote(p))
+            .filter(|p| catalogs.provider_is_remote(p))
             .collect();
         let pools = Arc::new(pool::Pools::with_tls(
             &config,
@@ -104,6 +107,7 @@ impl RouterState {
                     usage.clone(),
                 ),
                 fleet: fleet.clone(),
+                catalogs: catalogs.clone(),
                 config,
                 pools: pools.clone(),
                 usage,

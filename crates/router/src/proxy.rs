@@ -161,7 +161,7 @@ async fn forward_as(
         let starting = inner.pools.starting(&model);
         if starting > 0
             || inner
-                .fleet
+                .catalogs
                 .models()
                 .iter()
                 .any(|m| m.name.as_str() == model)

@@ -1,5 +1,5 @@
-//! Test harness: the real router served on 127.0.0.1:0, over a real `Fleet`
-//! with a fresh database (SQLite, or PostgreSQL with
+//! Test harness: the real router served on 127.0.0.1:0, over a real control
+//! plane with a fresh database (SQLite, or PostgreSQL with
 //! `GPUFLEET_TEST_DATABASE=postgres`) and the in-memory provider of
 //! `gpufleet_test_support`, which records calls and hands out machines (no
 //! processes). A fake agent answers `/readyz` on
@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use chrono::Utc;
 use gpufleet_api::views::{ErrorBody, InstanceView};
 use gpufleet_api::{router, serve, ApiState};
-use gpufleet_control::{ControlConfig, Fleet};
+use gpufleet_control::{ControlConfig, ControlPlane, Fleet, Tasks};
 use gpufleet_domain::InstanceId;
 use gpufleet_providers::{Catalog, ProviderRegistry};
 use gpufleet_store::Store;
@@ -61,6 +61,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub provider: Arc<FakeProvider>,
     pub fleet: Fleet,
+    /// The reconcilers' driver (their statuses).
+    pub driver: Tasks,
     /// Whether the fake agent answers `/readyz` with 200.
     pub agents_ready: Arc<AtomicBool>,
     /// Agents registered by the tests; the fake agent speaks for the last.
@@ -98,18 +100,13 @@ impl TestApp {
         let provider = test_provider();
         let mut providers = ProviderRegistry::new();
         providers.register(provider.clone());
-        let fleet = Fleet::new(store, providers, config)
+        let control = ControlPlane::build(store, providers, config)
             .await
-            .expect("fleet builds");
+            .expect("control plane builds");
 
         let stop = CancellationToken::new();
-        let tasks = fleet.start(stop.clone());
-        let app = router(ApiState {
-            fleet: fleet.clone(),
-            admin_token: ADMIN_TOKEN.to_string(),
-            extra_metrics: None,
-            agent_binary: None,
-        });
+        let tasks = control.start(stop.clone());
+        let app = router(ApiState::new(&control, ADMIN_TOKEN));
         let server = tokio::spawn(serve(listener, app, stop.clone().cancelled_owned()));
 
         TestApp {
@@ -119,7 +116,8 @@ impl TestApp {
                 .build()
                 .unwrap(),
             provider,
-            fleet,
+            fleet: control.fleet,
+            driver: control.tasks,
             agents_ready,
             agents,
             stop,

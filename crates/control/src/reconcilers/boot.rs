@@ -3,28 +3,43 @@
 //! their startup deadline.
 
 use super::{apply, call_entry, fan_out, instances_in, note, CONCURRENCY};
-use crate::driver::{Reconciler, TaskReport};
-use crate::fleet::{task, Fleet};
+use crate::driver::{Reconciler, TaskName, TaskReport, Waker};
+use crate::lifecycle::Lifecycle;
+
 use crate::timeline::{self, EntryExt};
 use async_trait::async_trait;
 use chrono::Utc;
 use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, LifecycleEvent};
-use gpufleet_providers::ProviderError;
-use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
+use gpufleet_providers::{ProviderError, ProviderRegistry};
+use gpufleet_store::{InstanceRecord, Outcome, Store, TimelineKind};
 use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Instant;
 
 pub struct BootWatcher {
-    fleet: Fleet,
+    store: Store,
+    lifecycle: Lifecycle,
+    providers: ProviderRegistry,
+    waker: Waker,
+    /// `startup_timeout_secs`, for the failure message.
+    startup_timeout_secs: u64,
     /// Instances whose "waiting for an IP" is already on the timeline.
     waiting_noted: Mutex<HashSet<InstanceId>>,
 }
 
 impl BootWatcher {
-    pub fn new(fleet: Fleet) -> Self {
+    pub(crate) fn new(
+        lifecycle: Lifecycle,
+        providers: ProviderRegistry,
+        waker: Waker,
+        startup_timeout_secs: u64,
+    ) -> Self {
         Self {
-            fleet,
+            store: lifecycle.store().clone(),
+            lifecycle,
+            providers,
+            waker,
+            startup_timeout_secs,
             waiting_noted: Mutex::new(HashSet::new()),
         }
     }
@@ -38,9 +53,8 @@ impl BootWatcher {
 
     async fn watch(&self, rec: InstanceRecord) -> TaskReport {
         let mut report = TaskReport::default();
-        let fleet = &self.fleet;
         let (Some(provider), Some(mid)) = (
-            fleet.provider(&rec.provider).cloned(),
+            self.providers.get(&rec.provider).cloned(),
             rec.provider_instance_id.clone(),
         ) else {
             return report;
@@ -56,7 +70,7 @@ impl BootWatcher {
                         Ok(format!("machine {mid} has IP {ip}")),
                     );
                     apply(
-                        fleet,
+                        &self.lifecycle,
                         &mut report,
                         &rec,
                         LifecycleEvent::IpAssigned,
@@ -68,7 +82,7 @@ impl BootWatcher {
                         },
                     )
                     .await;
-                    fleet.tasks().wake(task::HEALTH);
+                    self.waker.wake(TaskName::Health);
                 }
                 None => {
                     if self.first_wait(rec.id) {
@@ -81,14 +95,14 @@ impl BootWatcher {
                             format!("machine {mid} has no IP yet; waiting"),
                         )
                         .duration(started.elapsed().as_millis() as i64);
-                        note(fleet, &mut report, vec![e]).await;
+                        note(&self.store, &mut report, vec![e]).await;
                     }
                 }
             },
             Err(e @ ProviderError::NotFound { .. }) => {
                 let entry = call_entry(&rec, "provider.get", started, Err(&e));
                 apply(
-                    fleet,
+                    &self.lifecycle,
                     &mut report,
                     &rec,
                     LifecycleEvent::Fail(FailureReason::ProviderDeleted),
@@ -101,7 +115,7 @@ impl BootWatcher {
             Err(e) => {
                 report.error(format!("{}: get: {e}", rec.id));
                 let entry = call_entry(&rec, "provider.get", started, Err(&e));
-                note(fleet, &mut report, vec![entry]).await;
+                note(&self.store, &mut report, vec![entry]).await;
             }
         }
         report
@@ -110,26 +124,26 @@ impl BootWatcher {
 
 #[async_trait]
 impl Reconciler for BootWatcher {
-    fn name(&self) -> &'static str {
-        task::BOOT_WATCHER
+    fn name(&self) -> TaskName {
+        TaskName::BootWatcher
     }
 
     async fn activate(&self) -> TaskReport {
         let mut report = TaskReport::default();
         let now = Utc::now();
-        let live = instances_in(&self.fleet, &InstanceStatus::STARTING_UP, &mut report).await;
+        let live = instances_in(&self.store, &InstanceStatus::STARTING_UP, &mut report).await;
         let mut booting = Vec::new();
         for rec in live {
             if rec.startup_deadline_at <= now {
                 let secs = (now - rec.created_at).num_seconds();
                 apply(
-                    &self.fleet,
+                    &self.lifecycle,
                     &mut report,
                     &rec,
                     LifecycleEvent::Fail(FailureReason::StartupTimeout),
                     &format!(
                         "not ready {secs} s after creation (startup timeout {} s)",
-                        self.fleet.config().startup_timeout_secs
+                        self.startup_timeout_secs
                     ),
                     vec![],
                     |_| {},

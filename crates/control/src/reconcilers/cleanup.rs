@@ -4,35 +4,55 @@
 //! (with its reason) and becomes archivable once the provider confirms.
 
 use super::terminator::{delete_machines, Deletion};
-use super::{fan_out, instances_in, CONCURRENCY};
-use crate::driver::{Reconciler, TaskReport};
-use crate::fleet::{task, Fleet};
+use super::{fan_out, instances_in, Creating, CONCURRENCY};
+use crate::lifecycle::Lifecycle;
+
+use crate::driver::{Reconciler, TaskName, TaskReport};
 use crate::timeline;
 use async_trait::async_trait;
 use chrono::Utc;
 use gpufleet_domain::InstanceStatus;
-use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
+use gpufleet_providers::ProviderRegistry;
+use gpufleet_store::{InstanceRecord, Outcome, Store, TimelineKind};
 
 pub struct FailedCleanup {
-    fleet: Fleet,
+    store: Store,
+    lifecycle: Lifecycle,
+    providers: ProviderRegistry,
+    /// `failed_cleanup_grace_secs`: how long a late agent may still recover it.
+    grace: chrono::Duration,
+    cluster_id: String,
+    creating: Creating,
 }
 
 impl FailedCleanup {
-    pub fn new(fleet: Fleet) -> Self {
-        Self { fleet }
+    pub(crate) fn new(
+        lifecycle: Lifecycle,
+        providers: ProviderRegistry,
+        grace: chrono::Duration,
+        cluster_id: String,
+        creating: Creating,
+    ) -> Self {
+        Self {
+            store: lifecycle.store().clone(),
+            lifecycle,
+            providers,
+            grace,
+            cluster_id,
+            creating,
+        }
     }
 
     async fn clean(&self, rec: InstanceRecord) -> TaskReport {
         let mut report = TaskReport::default();
-        let fleet = &self.fleet;
-        let grace = chrono::Duration::seconds(fleet.config().failed_cleanup_grace_secs as i64);
+        let grace = self.grace;
         if rec.cleaned_up_at.is_some()
             || Utc::now() < rec.status_changed_at + grace
-            || fleet.is_creating(rec.id)
+            || self.creating.contains(rec.id)
         {
             return report;
         }
-        let Some(provider) = fleet.provider(&rec.provider).cloned() else {
+        let Some(provider) = self.providers.get(&rec.provider).cloned() else {
             report.error(format!(
                 "{}: provider {} not configured",
                 rec.id, rec.provider
@@ -49,7 +69,8 @@ impl FailedCleanup {
                 Outcome::InProgress,
                 "grace period over: deleting the failed instance's machine",
             );
-            match fleet
+            match self
+                .lifecycle
                 .update_with_retry(rec.id, vec![e], |r| {
                     let changed =
                         r.cleanup_started_at.is_none() && r.status == InstanceStatus::Failed;
@@ -70,7 +91,16 @@ impl FailedCleanup {
         } else {
             rec
         };
-        if let Deletion::Gone = delete_machines(fleet, &provider, &rec, true, &mut report).await {
+        if let Deletion::Gone = delete_machines(
+            &self.store,
+            &self.cluster_id,
+            &provider,
+            &rec,
+            true,
+            &mut report,
+        )
+        .await
+        {
             let e = timeline::entry(
                 rec.id,
                 Utc::now(),
@@ -79,7 +109,8 @@ impl FailedCleanup {
                 Outcome::Success,
                 "the failed instance's machine is gone; it can be archived",
             );
-            match fleet
+            match self
+                .lifecycle
                 .update_with_retry(rec.id, vec![e], |r| {
                     let changed = r.cleaned_up_at.is_none();
                     r.cleaned_up_at = Some(Utc::now());
@@ -89,7 +120,7 @@ impl FailedCleanup {
             {
                 Ok(_) => {
                     report.acted += 1;
-                    let _ = fleet.store().revoke_tokens(rec.id, Utc::now()).await;
+                    let _ = self.store.revoke_tokens(rec.id, Utc::now()).await;
                 }
                 Err(e) => report.error(format!("{}: {e}", rec.id)),
             }
@@ -100,13 +131,13 @@ impl FailedCleanup {
 
 #[async_trait]
 impl Reconciler for FailedCleanup {
-    fn name(&self) -> &'static str {
-        task::FAILED_CLEANUP
+    fn name(&self) -> TaskName {
+        TaskName::FailedCleanup
     }
 
     async fn activate(&self) -> TaskReport {
         let mut report = TaskReport::default();
-        let list: Vec<_> = instances_in(&self.fleet, &[InstanceStatus::Failed], &mut report)
+        let list: Vec<_> = instances_in(&self.store, &[InstanceStatus::Failed], &mut report)
             .await
             .into_iter()
             .filter(|r| r.cleaned_up_at.is_none())

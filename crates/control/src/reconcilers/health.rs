@@ -14,22 +14,29 @@
 //!   provider → `failed` (provider_deleted).
 
 use super::{apply, call_entry, fan_out, instances_in, CONCURRENCY};
-use crate::driver::{Reconciler, TaskReport};
-use crate::fleet::{task, Fleet};
+use crate::config::ControlConfig;
+use crate::driver::{Reconciler, TaskName, TaskReport};
+use crate::lifecycle::Lifecycle;
+
 use crate::timeline;
 use crate::timeline::EntryExt;
 use async_trait::async_trait;
 use chrono::Utc;
 use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, LifecycleEvent};
 use gpufleet_proto::{identity, Readiness};
-use gpufleet_providers::ProviderError;
-use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
+use gpufleet_providers::{ProviderError, ProviderRegistry};
+use gpufleet_store::{InstanceRecord, Outcome, Store, TimelineKind};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 pub struct Health {
-    fleet: Fleet,
+    store: Store,
+    lifecycle: Lifecycle,
+    providers: ProviderRegistry,
+    config: Arc<ControlConfig>,
+    /// Probes the agents (timeout: `probe_timeout_ms`).
+    http: reqwest::Client,
     /// Consecutive failed probes per ready instance.
     failures: Mutex<HashMap<InstanceId, u32>>,
     /// Token digests of each probed instance's agent, read from the store
@@ -43,9 +50,18 @@ enum Probe {
 }
 
 impl Health {
-    pub fn new(fleet: Fleet) -> Self {
+    pub(crate) fn new(
+        lifecycle: Lifecycle,
+        providers: ProviderRegistry,
+        config: Arc<ControlConfig>,
+        http: reqwest::Client,
+    ) -> Self {
         Self {
-            fleet,
+            store: lifecycle.store().clone(),
+            lifecycle,
+            providers,
+            config,
+            http,
             failures: Mutex::new(HashMap::new()),
             digests: Mutex::new(HashMap::new()),
         }
@@ -66,8 +82,7 @@ impl Health {
             return Ok(true);
         }
         let fresh = self
-            .fleet
-            .store()
+            .store
             .agent_token_digests(id)
             .await
             .map_err(|e| format!("cannot read the agent's token: {e}"))?;
@@ -91,13 +106,13 @@ impl Health {
         let Some(ip) = rec.ip else {
             return Probe::NotReady("no IP".into());
         };
-        let addr = std::net::SocketAddr::new(ip, self.fleet.config().agent_port);
+        let addr = std::net::SocketAddr::new(ip, self.config.agent_port);
         let challenge = crate::secrets::generate("");
         let url = format!(
             "http://{addr}/readyz?{}={challenge}",
             identity::CHALLENGE_PARAM
         );
-        let resp = match self.fleet.inner.http.get(&url).send().await {
+        let resp = match self.http.get(&url).send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => return Probe::NotReady("readyz timed out".into()),
             Err(e) if e.is_connect() => return Probe::NotReady("agent not reachable".into()),
@@ -151,8 +166,7 @@ impl Health {
 
     async fn check(&self, rec: InstanceRecord) -> TaskReport {
         let mut report = TaskReport::default();
-        let fleet = &self.fleet;
-        let cfg = fleet.config();
+        let cfg = &self.config;
         let now = Utc::now();
         let stale_after = chrono::Duration::milliseconds(
             (cfg.heartbeat_interval_ms * u64::from(cfg.missed_heartbeats_unhealthy.max(1))) as i64,
@@ -174,7 +188,7 @@ impl Health {
                     )
                     .duration(started.elapsed().as_millis() as i64);
                     apply(
-                        fleet,
+                        &self.lifecycle,
                         &mut report,
                         &rec,
                         LifecycleEvent::EngineReady,
@@ -225,7 +239,7 @@ impl Health {
                     )
                     .error_code("unhealthy");
                     apply(
-                        fleet,
+                        &self.lifecycle,
                         &mut report,
                         &rec,
                         LifecycleEvent::HeartbeatsMissed,
@@ -253,7 +267,7 @@ impl Health {
                             "heartbeats resumed and readiness probe passed",
                         );
                         apply(
-                            fleet,
+                            &self.lifecycle,
                             &mut report,
                             &rec,
                             LifecycleEvent::HealthRestored,
@@ -267,7 +281,7 @@ impl Health {
                     > chrono::Duration::seconds(cfg.agent_lost_after_secs as i64)
                 {
                     apply(
-                        fleet,
+                        &self.lifecycle,
                         &mut report,
                         &rec,
                         LifecycleEvent::Fail(FailureReason::AgentLost),
@@ -277,14 +291,14 @@ impl Health {
                     )
                     .await;
                 } else if let (Some(p), Some(mid)) = (
-                    fleet.provider(&rec.provider).cloned(),
+                    self.providers.get(&rec.provider).cloned(),
                     rec.provider_instance_id.clone(),
                 ) {
                     let started = Instant::now();
                     if let Err(e @ ProviderError::NotFound { .. }) = p.get(&mid).await {
                         let entry = call_entry(&rec, "provider.get", started, Err(&e));
                         apply(
-                            fleet,
+                            &self.lifecycle,
                             &mut report,
                             &rec,
                             LifecycleEvent::Fail(FailureReason::ProviderDeleted),
@@ -304,14 +318,14 @@ impl Health {
 
 #[async_trait]
 impl Reconciler for Health {
-    fn name(&self) -> &'static str {
-        task::HEALTH
+    fn name(&self) -> TaskName {
+        TaskName::Health
     }
 
     async fn activate(&self) -> TaskReport {
         let mut report = TaskReport::default();
         let list = instances_in(
-            &self.fleet,
+            &self.store,
             &[
                 InstanceStatus::Starting,
                 InstanceStatus::Ready,

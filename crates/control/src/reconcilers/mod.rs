@@ -29,20 +29,48 @@ pub use rollup::MetricsRollup;
 pub use terminator::Terminator;
 
 use crate::driver::TaskReport;
-use crate::fleet::{ApplyError, Fleet};
+use crate::lifecycle::{ApplyError, Lifecycle};
 use crate::timeline;
 use crate::timeline::EntryExt;
 use chrono::Utc;
-use gpufleet_domain::{InstanceStatus, LifecycleEvent};
+use gpufleet_domain::{InstanceId, InstanceStatus, LifecycleEvent};
 use gpufleet_providers::ProviderError;
-use gpufleet_store::{InstanceFilter, InstanceRecord, NewTimelineEvent, Outcome, TimelineKind};
+use gpufleet_store::{
+    InstanceFilter, InstanceRecord, NewTimelineEvent, Outcome, Store, TimelineKind,
+};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Provider calls in flight at once within one activation.
 pub(crate) const CONCURRENCY: usize = 16;
 
+/// Instances whose provider create call is in flight in this process: the
+/// provisioner marks them, the terminator, failed-instance cleanup and the
+/// orphan reaper leave them alone. Cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct Creating(Arc<Mutex<HashSet<InstanceId>>>);
+
+impl Creating {
+    pub(crate) fn mark(&self, id: InstanceId, on: bool) {
+        let mut set = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if on {
+            set.insert(id);
+        } else {
+            set.remove(&id);
+        }
+    }
+
+    pub(crate) fn contains(&self, id: InstanceId) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+}
+
 pub(crate) async fn instances_in(
-    fleet: &Fleet,
+    store: &Store,
     statuses: &[InstanceStatus],
     report: &mut TaskReport,
 ) -> Vec<InstanceRecord> {
@@ -54,7 +82,7 @@ pub(crate) async fn instances_in(
         // more than the cap share these statuses (the list is newest first).
         limit: None,
     };
-    match fleet.store().list_instances(&filter).await {
+    match store.list_instances(&filter).await {
         Ok(list) => {
             report.examined += list.len() as u32;
             list
@@ -101,7 +129,7 @@ pub(crate) fn call_entry(
 /// Apply an event, folding the outcome into the report. Returns the new
 /// record when applied.
 pub(crate) async fn apply(
-    fleet: &Fleet,
+    lifecycle: &Lifecycle,
     report: &mut TaskReport,
     rec: &InstanceRecord,
     event: LifecycleEvent,
@@ -109,7 +137,7 @@ pub(crate) async fn apply(
     extra: Vec<NewTimelineEvent>,
     mutate: impl FnOnce(&mut InstanceRecord),
 ) -> Option<InstanceRecord> {
-    match fleet.apply(rec, event, message, extra, mutate).await {
+    match lifecycle.apply(rec, event, message, extra, mutate).await {
         Ok(next) => {
             report.acted += 1;
             Some(next)
@@ -154,8 +182,8 @@ pub(crate) async fn fan_out<T, F, Fut>(
 }
 
 /// Append entries, folding errors into the report.
-pub(crate) async fn note(fleet: &Fleet, report: &mut TaskReport, entries: Vec<NewTimelineEvent>) {
-    if let Err(e) = fleet.store().append_events(&entries).await {
+pub(crate) async fn note(store: &Store, report: &mut TaskReport, entries: Vec<NewTimelineEvent>) {
+    if let Err(e) = store.append_events(&entries).await {
         report.error(format!("appending timeline: {e}"));
     }
 }

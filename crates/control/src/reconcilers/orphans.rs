@@ -5,28 +5,43 @@
 //! same way once they have looked orphaned for `orphan_grace_secs` (a create
 //! in progress makes them before its machine).
 
-use crate::driver::{Reconciler, TaskReport};
-use crate::fleet::{task, Fleet};
+use super::Creating;
+use crate::driver::{Reconciler, TaskName, TaskReport};
 use crate::timeline;
 use async_trait::async_trait;
 use chrono::Utc;
 use gpufleet_domain::{InstanceId, InstanceStatus};
-use gpufleet_providers::{tags, ResourceKind};
-use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
+use gpufleet_providers::{tags, ProviderRegistry, ResourceKind};
+use gpufleet_store::{InstanceRecord, Outcome, Store, TimelineKind};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub struct OrphanReaper {
-    fleet: Fleet,
+    store: Store,
+    providers: ProviderRegistry,
+    /// `orphan_grace_secs`: how long a resource must look orphaned.
+    grace: Duration,
+    cluster_id: String,
+    creating: Creating,
     /// When each resource (provider, kind, id) was first seen orphaned.
     suspects: Mutex<HashMap<(String, ResourceKind, String), Instant>>,
 }
 
 impl OrphanReaper {
-    pub fn new(fleet: Fleet) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        providers: ProviderRegistry,
+        grace: Duration,
+        cluster_id: String,
+        creating: Creating,
+    ) -> Self {
         Self {
-            fleet,
+            store,
+            providers,
+            grace,
+            cluster_id,
+            creating,
             suspects: Mutex::new(HashMap::new()),
         }
     }
@@ -41,8 +56,7 @@ impl OrphanReaper {
             .and_then(|s| s.parse::<InstanceId>().ok());
         let rec = match owner {
             Some(id) => self
-                .fleet
-                .store()
+                .store
                 .get_instance(id)
                 .await
                 .map_err(|e| format!("{id}: {e}"))?,
@@ -53,7 +67,7 @@ impl OrphanReaper {
             Some(r) => {
                 (r.status.is_terminal()
                     || (r.status == InstanceStatus::Failed && r.cleaned_up_at.is_some()))
-                    && !self.fleet.is_creating(r.id)
+                    && !self.creating.contains(r.id)
             }
         };
         Ok((rec, gone))
@@ -74,7 +88,7 @@ impl OrphanReaper {
                 return;
             }
         };
-        let grace = Duration::from_secs(self.fleet.config().orphan_grace_secs);
+        let grace = self.grace;
         let mut seen = HashSet::new();
         for r in resources {
             report.examined += 1;
@@ -119,7 +133,7 @@ impl OrphanReaper {
                                 r.kind, r.id
                             ),
                         );
-                        let _ = self.fleet.store().append_events(&[e]).await;
+                        let _ = self.store.append_events(&[e]).await;
                     }
                 }
                 Err(e) => report.error(format!(
@@ -138,16 +152,15 @@ impl OrphanReaper {
 
 #[async_trait]
 impl Reconciler for OrphanReaper {
-    fn name(&self) -> &'static str {
-        task::ORPHANS
+    fn name(&self) -> TaskName {
+        TaskName::OrphanReaper
     }
 
     async fn activate(&self) -> TaskReport {
         let mut report = TaskReport::default();
-        let fleet = &self.fleet;
         let mut filter = BTreeMap::new();
-        filter.insert(tags::CLUSTER.to_string(), fleet.cluster_id().to_string());
-        for (name, provider) in fleet.inner.providers.iter() {
+        filter.insert(tags::CLUSTER.to_string(), self.cluster_id.clone());
+        for (name, provider) in self.providers.iter() {
             self.reap_resources(name.as_str(), provider.as_ref(), &filter, &mut report)
                 .await;
             let machines = match provider.list(&filter).await {
@@ -164,7 +177,7 @@ impl Reconciler for OrphanReaper {
                     .get(tags::INSTANCE)
                     .and_then(|s| s.parse::<InstanceId>().ok());
                 let owner_rec = match owner {
-                    Some(id) => match fleet.store().get_instance(id).await {
+                    Some(id) => match self.store.get_instance(id).await {
                         Ok(r) => r,
                         Err(e) => {
                             report.error(format!("{id}: {e}"));
@@ -182,7 +195,11 @@ impl Reconciler for OrphanReaper {
                             || r.provider_instance_id.as_ref().is_some_and(|id| *id != m.id)
                     }
                 };
-                if !orphan || owner_rec.as_ref().is_some_and(|r| fleet.is_creating(r.id)) {
+                if !orphan
+                    || owner_rec
+                        .as_ref()
+                        .is_some_and(|r| self.creating.contains(r.id))
+                {
                     continue;
                 }
                 tracing::warn!(provider = %name, machine = %m.id, instance_id = ?owner, "deleting orphaned machine");
@@ -201,7 +218,7 @@ impl Reconciler for OrphanReaper {
                                     m.id
                                 ),
                             );
-                            let _ = fleet.store().append_events(&[e]).await;
+                            let _ = self.store.append_events(&[e]).await;
                         }
                     }
                     Err(e) => report.error(format!("{name}: terminate orphan {}: {e}", m.id)),

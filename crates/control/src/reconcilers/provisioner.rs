@@ -6,35 +6,66 @@
 //! retry with the same idempotency key — the provider returns the machine it
 //! already made instead of a second one.
 
+use super::Creating;
 use super::{apply, backoff_ms, call_entry, fan_out, instances_in, note, CONCURRENCY};
-use crate::driver::{Reconciler, TaskReport};
-use crate::fleet::{task, Fleet};
+use crate::catalog::Catalogs;
+use crate::config::ControlConfig;
+use crate::driver::{Reconciler, TaskName, TaskReport, Waker};
+use crate::lifecycle::Lifecycle;
+use crate::secrets::BootstrapKey;
+
 use crate::timeline::{self, EntryExt};
 use async_trait::async_trait;
 use chrono::Utc;
 use gpufleet_domain::{FailureReason, InstanceStatus, LifecycleEvent};
 use gpufleet_proto::AgentBootstrap;
 use gpufleet_providers::{tags, CreateRequest, ProviderError};
-use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
+use gpufleet_store::{InstanceRecord, Outcome, Store, TimelineKind};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub struct Provisioner {
-    fleet: Fleet,
+    store: Store,
+    lifecycle: Lifecycle,
+    /// The providers, and the models' sizes.
+    catalogs: Catalogs,
+    waker: Waker,
+    config: Arc<ControlConfig>,
+    cluster_id: String,
+    bootstrap: BootstrapKey,
+    creating: Creating,
 }
 
 impl Provisioner {
-    pub fn new(fleet: Fleet) -> Self {
-        Self { fleet }
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        lifecycle: Lifecycle,
+        catalogs: Catalogs,
+        waker: Waker,
+        config: Arc<ControlConfig>,
+        cluster_id: String,
+        bootstrap: BootstrapKey,
+        creating: Creating,
+    ) -> Self {
+        Self {
+            store: lifecycle.store().clone(),
+            lifecycle,
+            catalogs,
+            waker,
+            config,
+            cluster_id,
+            bootstrap,
+            creating,
+        }
     }
 
     async fn provision(&self, rec: InstanceRecord) -> TaskReport {
         let mut report = TaskReport::default();
-        let fleet = &self.fleet;
-        let cfg = fleet.config();
-        let Some(provider) = fleet.provider(&rec.provider).cloned() else {
+        let cfg = &self.config;
+        let Some(provider) = self.catalogs.provider(&rec.provider).cloned() else {
             apply(
-                fleet,
+                &self.lifecycle,
                 &mut report,
                 &rec,
                 LifecycleEvent::Fail(FailureReason::ProvisionFailed),
@@ -54,7 +85,7 @@ impl Provisioner {
         };
         let Some(itype) = catalog.instance_type(&rec.instance_type).cloned() else {
             apply(
-                fleet,
+                &self.lifecycle,
                 &mut report,
                 &rec,
                 LifecycleEvent::Fail(FailureReason::ProvisionFailed),
@@ -89,14 +120,9 @@ impl Provisioner {
             ),
         )
         .meta(serde_json::json!({ "attempt": attempt, "idempotency_key": rec.idempotency_key }));
-        // Fenced: a replica that lost the provisioner's lease calls nothing.
-        let fence = crate::driver::current_fence();
-        let rec = match fleet
-            .store()
-            .update_instance_fenced(&pending, &[intent], fence.as_ref())
-            .await
-        {
+        let rec = match self.lifecycle.save(&pending, &[intent]).await {
             Ok(r) => r,
+            // Fenced: this replica lost the provisioner's lease; it calls nothing.
             Err(
                 gpufleet_store::StoreError::Conflict { .. }
                 | gpufleet_store::StoreError::Fenced { .. },
@@ -108,7 +134,7 @@ impl Provisioner {
         };
 
         let mut tag_map = BTreeMap::new();
-        tag_map.insert(tags::CLUSTER.to_string(), fleet.cluster_id().to_string());
+        tag_map.insert(tags::CLUSTER.to_string(), self.cluster_id.clone());
         tag_map.insert(tags::INSTANCE.to_string(), rec.id.to_string());
         // Machines on this host reach the control plane where it listens;
         // cloud machines at its public URL, pinning its certificate.
@@ -127,17 +153,17 @@ impl Provisioner {
             bootstrap: AgentBootstrap {
                 instance_id: rec.id,
                 control_plane_url: control_url.to_string(),
-                bootstrap_secret: fleet.bootstrap_secret(rec.id),
+                bootstrap_secret: self.bootstrap.secret(rec.id),
                 model: rec.model.clone(),
                 agent_port: cfg.agent_port,
                 engine: provider.engine().unwrap_or_else(|| cfg.engine.spec()),
                 gpu: itype.gpu.clone(),
                 control_plane_ca_pem: ca_pem,
             },
-            model_size_mib: fleet.model_size_mib(&rec.model),
+            model_size_mib: self.catalogs.model_size_mib(&rec.model),
             first_attempt: attempt == 1,
         };
-        fleet.mark_creating(rec.id, true);
+        self.creating.mark(rec.id, true);
         let started = Instant::now();
         let result = provider.create(&req).await;
         match result {
@@ -149,7 +175,7 @@ impl Provisioner {
                     Ok(format!("created machine {}", machine.id)),
                 );
                 let applied = apply(
-                    fleet,
+                    &self.lifecycle,
                     &mut report,
                     &rec,
                     LifecycleEvent::ProviderCreated,
@@ -166,7 +192,8 @@ impl Provisioner {
                     // The instance moved on meanwhile (e.g. terminate): still
                     // record the machine so the terminator deletes it.
                     let id = machine.id.clone();
-                    if let Err(e) = fleet
+                    if let Err(e) = self
+                        .lifecycle
                         .update_with_retry(rec.id, vec![entry], move |r| {
                             let changed = r.provider_instance_id.is_none();
                             r.provider_instance_id = Some(id.clone());
@@ -178,7 +205,7 @@ impl Provisioner {
                         report.error(format!("{}: recording machine: {e}", rec.id));
                     }
                 }
-                fleet.tasks().wake(task::BOOT_WATCHER);
+                self.waker.wake(TaskName::BootWatcher);
             }
             Err(e) => {
                 let entry = call_entry(&rec, "provider.create", started, Err(&e));
@@ -215,19 +242,14 @@ impl Provisioner {
                                 wait.as_secs()
                             ),
                         );
-                        let fence = crate::driver::current_fence();
-                        if let Err(e) = fleet
-                            .store()
-                            .update_instance_fenced(&later, &[entry, note_entry], fence.as_ref())
-                            .await
-                        {
+                        if let Err(e) = self.lifecycle.save(&later, &[entry, note_entry]).await {
                             report.error(format!("{}: {e}", rec.id));
                         }
                     }
-                    None => note(fleet, &mut report, vec![entry]).await,
+                    None => note(&self.store, &mut report, vec![entry]).await,
                     Some(reason) => {
                         apply(
-                            fleet,
+                            &self.lifecycle,
                             &mut report,
                             &rec,
                             LifecycleEvent::Fail(reason),
@@ -240,21 +262,21 @@ impl Provisioner {
                 }
             }
         }
-        fleet.mark_creating(rec.id, false);
+        self.creating.mark(rec.id, false);
         report
     }
 }
 
 #[async_trait]
 impl Reconciler for Provisioner {
-    fn name(&self) -> &'static str {
-        task::PROVISIONER
+    fn name(&self) -> TaskName {
+        TaskName::Provisioner
     }
 
     async fn activate(&self) -> TaskReport {
         let mut report = TaskReport::default();
         let now = Utc::now();
-        let due: Vec<_> = instances_in(&self.fleet, &[InstanceStatus::Provisioning], &mut report)
+        let due: Vec<_> = instances_in(&self.store, &[InstanceStatus::Provisioning], &mut report)
             .await
             .into_iter()
             .filter(|r| r.next_attempt_at.is_none_or(|t| t <= now))

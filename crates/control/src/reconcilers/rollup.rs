@@ -3,11 +3,11 @@
 //! store keeps watermarks, so each activation resumes where the last one
 //! stopped; a lagging rollup never loses history (retention waits for it).
 
-use crate::driver::{Reconciler, TaskReport};
-use crate::fleet::{task, Fleet};
+use crate::driver::{Reconciler, TaskName, TaskReport};
 use async_trait::async_trait;
 use chrono::Utc;
-use gpufleet_domain::metrics::Tier;
+use gpufleet_domain::metrics::{RetentionConfig, Tier};
+use gpufleet_store::Store;
 
 /// Buckets still being written are left alone: rollups stop this far before now.
 pub const ROLLUP_DELAY: chrono::Duration = chrono::Duration::seconds(10);
@@ -15,24 +15,25 @@ pub const ROLLUP_DELAY: chrono::Duration = chrono::Duration::seconds(10);
 const MAX_CALLS_PER_TIER: u32 = 64;
 
 pub struct MetricsRollup {
-    fleet: Fleet,
+    store: Store,
+    retention: RetentionConfig,
 }
 
 impl MetricsRollup {
-    pub fn new(fleet: Fleet) -> Self {
-        Self { fleet }
+    pub(crate) fn new(store: Store, retention: RetentionConfig) -> Self {
+        Self { store, retention }
     }
 }
 
 #[async_trait]
 impl Reconciler for MetricsRollup {
-    fn name(&self) -> &'static str {
-        task::METRICS_ROLLUP
+    fn name(&self) -> TaskName {
+        TaskName::MetricsRollup
     }
 
     async fn activate(&self) -> TaskReport {
         let mut report = TaskReport::default();
-        let store = self.fleet.store();
+        let store = &self.store;
         let now = Utc::now();
         let up_to = now - ROLLUP_DELAY;
         // Minutes first: hours are built from them.
@@ -54,10 +55,7 @@ impl Reconciler for MetricsRollup {
                 }
             }
         }
-        match store
-            .enforce_retention(&self.fleet.config().retention, now)
-            .await
-        {
+        match store.enforce_retention(&self.retention, now).await {
             Ok(r) => {
                 let deleted = r.raw_samples
                     + r.raw_gpu_samples

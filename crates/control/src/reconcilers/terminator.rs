@@ -1,21 +1,33 @@
 //! Terminator: drains, then deletes machines of instances in `terminating`
 //! until the provider confirms they are gone → `terminated`.
 
+use super::Creating;
 use super::{apply, call_entry, fan_out, instances_in, note, CONCURRENCY};
-use crate::driver::{Reconciler, TaskReport};
-use crate::fleet::{task, Fleet};
+use crate::driver::{Reconciler, TaskName, TaskReport, Waker};
+use crate::lifecycle::Lifecycle;
+use crate::traffic::TrafficSlot;
+
 use crate::timeline;
 use async_trait::async_trait;
 use chrono::Utc;
 use gpufleet_domain::{InstanceId, InstanceStatus, LifecycleEvent};
-use gpufleet_providers::{tags, Provider, ProviderError};
-use gpufleet_store::{InstanceRecord, Outcome, TimelineKind};
+use gpufleet_providers::{tags, Provider, ProviderError, ProviderRegistry};
+use gpufleet_store::{InstanceRecord, Outcome, Store, TimelineKind};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 pub struct Terminator {
-    fleet: Fleet,
+    store: Store,
+    lifecycle: Lifecycle,
+    providers: ProviderRegistry,
+    waker: Waker,
+    /// `drain_timeout_secs`: the longest a drain waits for requests in flight.
+    drain_timeout: chrono::Duration,
+    cluster_id: String,
+    creating: Creating,
+    /// Requests in flight per instance (the router), once one is set.
+    traffic: TrafficSlot,
     /// Instances whose delete request this process already sent (timeline once).
     requested: Mutex<HashSet<InstanceId>>,
 }
@@ -29,22 +41,36 @@ pub(crate) enum Deletion {
 }
 
 impl Terminator {
-    pub fn new(fleet: Fleet) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        lifecycle: Lifecycle,
+        providers: ProviderRegistry,
+        waker: Waker,
+        drain_timeout: chrono::Duration,
+        cluster_id: String,
+        creating: Creating,
+        traffic: TrafficSlot,
+    ) -> Self {
         Self {
-            fleet,
+            store: lifecycle.store().clone(),
+            lifecycle,
+            providers,
+            waker,
+            drain_timeout,
+            cluster_id,
+            creating,
+            traffic,
             requested: Mutex::new(HashSet::new()),
         }
     }
 
     async fn drain(&self, rec: InstanceRecord) -> TaskReport {
         let mut report = TaskReport::default();
-        let fleet = &self.fleet;
-        let deadline = rec.status_changed_at
-            + chrono::Duration::seconds(fleet.config().drain_timeout_secs as i64);
-        let in_flight = match fleet.traffic_in_flight(rec.id) {
+        let deadline = rec.status_changed_at + self.drain_timeout;
+        let in_flight = match self.traffic.in_flight(rec.id) {
             // The router's own count: exact and current.
             Some(n) => n as f64,
-            None => match fleet.store().recent_samples(rec.id, 1).await {
+            None => match self.store.recent_samples(rec.id, 1).await {
                 Ok(s) => s
                     .first()
                     .map(|s| s.engine.requests_running + s.engine.requests_waiting)
@@ -63,7 +89,7 @@ impl Terminator {
             return report;
         };
         apply(
-            fleet,
+            &self.lifecycle,
             &mut report,
             &rec,
             LifecycleEvent::DrainComplete,
@@ -77,12 +103,11 @@ impl Terminator {
 
     async fn terminate(&self, rec: InstanceRecord) -> TaskReport {
         let mut report = TaskReport::default();
-        let fleet = &self.fleet;
-        if fleet.is_creating(rec.id) {
+        if self.creating.contains(rec.id) {
             // A create call is in flight; its machine id lands first.
             return report;
         }
-        let Some(provider) = fleet.provider(&rec.provider).cloned() else {
+        let Some(provider) = self.providers.get(&rec.provider).cloned() else {
             report.error(format!(
                 "{}: provider {} not configured",
                 rec.id, rec.provider
@@ -94,10 +119,19 @@ impl Terminator {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(rec.id);
-        match delete_machines(fleet, &provider, &rec, first, &mut report).await {
+        match delete_machines(
+            &self.store,
+            &self.cluster_id,
+            &provider,
+            &rec,
+            first,
+            &mut report,
+        )
+        .await
+        {
             Deletion::Gone => {
                 if let Some(_next) = apply(
-                    fleet,
+                    &self.lifecycle,
                     &mut report,
                     &rec,
                     LifecycleEvent::ProviderConfirmedGone,
@@ -107,7 +141,7 @@ impl Terminator {
                 )
                 .await
                 {
-                    if let Err(e) = fleet.store().revoke_tokens(rec.id, Utc::now()).await {
+                    if let Err(e) = self.store.revoke_tokens(rec.id, Utc::now()).await {
                         report.error(format!("{}: revoking tokens: {e}", rec.id));
                     }
                     self.requested
@@ -126,7 +160,8 @@ impl Terminator {
 /// recorded but a create may have happened — any machine tagged with its id.
 /// `note_request` puts the delete request on the timeline.
 pub(crate) async fn delete_machines(
-    fleet: &Fleet,
+    store: &Store,
+    cluster_id: &str,
     provider: &Arc<dyn Provider>,
     rec: &InstanceRecord,
     note_request: bool,
@@ -137,7 +172,7 @@ pub(crate) async fn delete_machines(
         None if rec.provision_attempts == 0 => return Deletion::Gone,
         None => {
             let mut t = BTreeMap::new();
-            t.insert(tags::CLUSTER.to_string(), fleet.cluster_id().to_string());
+            t.insert(tags::CLUSTER.to_string(), cluster_id.to_string());
             t.insert(tags::INSTANCE.to_string(), rec.id.to_string());
             let started = Instant::now();
             match provider.list(&t).await {
@@ -153,14 +188,14 @@ pub(crate) async fn delete_machines(
                                 ids.len()
                             )),
                         );
-                        note(fleet, report, vec![e]).await;
+                        note(store, report, vec![e]).await;
                     }
                     ids
                 }
                 Err(e) => {
                     report.error(format!("{}: list: {e}", rec.id));
                     let entry = call_entry(rec, "provider.list", started, Err(&e));
-                    note(fleet, report, vec![entry]).await;
+                    note(store, report, vec![entry]).await;
                     return Deletion::Pending;
                 }
             }
@@ -178,14 +213,14 @@ pub(crate) async fn delete_machines(
                         started,
                         Ok(format!("deletion of {mid} requested")),
                     );
-                    note(fleet, report, vec![e]).await;
+                    note(store, report, vec![e]).await;
                 }
             }
             Err(e) => {
                 all_gone = false;
                 report.error(format!("{}: terminate {mid}: {e}", rec.id));
                 let entry = call_entry(rec, "provider.terminate", started, Err(&e));
-                note(fleet, report, vec![entry]).await;
+                note(store, report, vec![entry]).await;
                 continue;
             }
         }
@@ -202,7 +237,7 @@ pub(crate) async fn delete_machines(
                 );
                 let e =
                     crate::timeline::EntryExt::duration(e, started.elapsed().as_millis() as i64);
-                note(fleet, report, vec![e]).await;
+                note(store, report, vec![e]).await;
             }
             Ok(_) => all_gone = false,
             Err(e) => {
@@ -220,14 +255,14 @@ pub(crate) async fn delete_machines(
 
 #[async_trait]
 impl Reconciler for Terminator {
-    fn name(&self) -> &'static str {
-        task::TERMINATOR
+    fn name(&self) -> TaskName {
+        TaskName::Terminator
     }
 
     async fn activate(&self) -> TaskReport {
         let mut report = TaskReport::default();
         let list = instances_in(
-            &self.fleet,
+            &self.store,
             &[InstanceStatus::Draining, InstanceStatus::Terminating],
             &mut report,
         )
@@ -242,7 +277,7 @@ impl Reconciler for Terminator {
         let again = report.acted > 0;
         if again {
             // A drained instance can be deleted right away.
-            self.fleet.tasks().wake(task::TERMINATOR);
+            self.waker.wake(TaskName::Terminator);
         }
         report
     }

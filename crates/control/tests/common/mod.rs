@@ -1,10 +1,10 @@
-//! Test support: the in-memory provider and a fleet over a fresh database
-//! (`gpufleet_test_support`: SQLite, or PostgreSQL with
+//! Test support: the in-memory provider and a control plane over a fresh
+//! database (`gpufleet_test_support`: SQLite, or PostgreSQL with
 //! `GPUFLEET_TEST_DATABASE=postgres`).
 
 #![allow(dead_code)]
 
-use gpufleet_control::{ControlConfig, Fleet};
+use gpufleet_control::{AgentService, ControlConfig, ControlPlane, Fleet, History, Tasks};
 use gpufleet_domain::{InstanceId, InstanceStatus};
 use gpufleet_providers::{Catalog, Provider, ProviderRegistry};
 use gpufleet_store::{InstanceRecord, Store};
@@ -42,6 +42,9 @@ pub fn fast_config() -> ControlConfig {
 
 pub struct Harness {
     pub fleet: Fleet,
+    pub agents: AgentService,
+    pub history: History,
+    pub tasks: Tasks,
     pub stop: CancellationToken,
     /// Dropped after `drop` stops the reconcilers.
     pub db: TestDb,
@@ -58,10 +61,17 @@ pub async fn start(provider: Arc<dyn Provider>, config: ControlConfig) -> Harnes
     let store = Store::connect(db.url()).await.unwrap();
     let mut reg = ProviderRegistry::new();
     reg.register(provider);
-    let fleet = Fleet::new(store, reg, config).await.unwrap();
+    let control = ControlPlane::build(store, reg, config).await.unwrap();
     let stop = CancellationToken::new();
-    fleet.start(stop.clone());
-    Harness { fleet, stop, db }
+    control.start(stop.clone());
+    Harness {
+        fleet: control.fleet,
+        agents: control.agents,
+        history: control.history,
+        tasks: control.tasks,
+        stop,
+        db,
+    }
 }
 
 /// Poll `f` until it returns `Some`, failing after `secs`.

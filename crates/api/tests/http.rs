@@ -698,16 +698,20 @@ async fn agents_register_heartbeat_and_stay_in_their_lane() {
     let (a, b) = (created[0].id, created[1].id);
     let secret = app.bootstrap_secret(a).await;
 
-    // Wrong secret, then the right one, then the right one again (used).
+    // Wrong secret, then the right one; the right one again before any
+    // heartbeat (the first answer was lost) gets a new token and the first
+    // token stops working.
     expect_error(
         register(&app, a, "gfb_wrong").await,
         StatusCode::UNAUTHORIZED,
     )
     .await;
+    let lost: RegisterResponse =
+        expect_json(register(&app, a, &secret).await, StatusCode::OK).await;
     let reg: RegisterResponse = expect_json(register(&app, a, &secret).await, StatusCode::OK).await;
     assert!(!reg.token.is_empty());
+    assert_ne!(reg.token, lost.token);
     assert!(reg.heartbeat_interval_ms > 0);
-    expect_error(register(&app, a, &secret).await, StatusCode::UNAUTHORIZED).await;
     // A's secret is not B's.
     expect_error(register(&app, b, &secret).await, StatusCode::UNAUTHORIZED).await;
 
@@ -723,10 +727,17 @@ async fn agents_register_heartbeat_and_stay_in_their_lane() {
         .send()
     };
 
+    expect_error(
+        hb(a, 9, Some(&lost.token)).await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
     // Own heartbeat: applied; a stale one is not.
     let ack: HeartbeatAck =
         expect_json(hb(a, 10, Some(&reg.token)).await.unwrap(), StatusCode::OK).await;
     assert!(ack.applied);
+    // After the first heartbeat the secret is spent.
+    expect_error(register(&app, a, &secret).await, StatusCode::UNAUTHORIZED).await;
     let ack: HeartbeatAck =
         expect_json(hb(a, 5, Some(&reg.token)).await.unwrap(), StatusCode::OK).await;
     assert!(!ack.applied);

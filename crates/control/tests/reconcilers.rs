@@ -230,7 +230,14 @@ async fn startup_timeout_then_late_heartbeat_recovers() {
         })
         .await
         .unwrap();
-    // The secret works once.
+    let who = h.agents.authenticate_agent(&reg.token).await.unwrap();
+    assert_eq!(who, id);
+    let ack = h
+        .agents
+        .ingest_heartbeat(id, heartbeat(id, 10))
+        .await
+        .unwrap();
+    // The secret is spent once the agent has sent a heartbeat.
     let again = h
         .agents
         .register_agent(RegisterRequest {
@@ -241,13 +248,6 @@ async fn startup_timeout_then_late_heartbeat_recovers() {
         })
         .await;
     assert!(matches!(again, Err(ControlError::Unauthorized { .. })));
-    let who = h.agents.authenticate_agent(&reg.token).await.unwrap();
-    assert_eq!(who, id);
-    let ack = h
-        .agents
-        .ingest_heartbeat(id, heartbeat(id, 10))
-        .await
-        .unwrap();
     assert!(ack.applied);
     let rec = h.fleet.get_instance(id).await.unwrap();
     assert_eq!(rec.status, InstanceStatus::Starting);

@@ -118,6 +118,7 @@ impl Rotating {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_survive_a_sigkill_storm() {
+    let _one = crate::ONE_CLUSTER_AT_A_TIME.lock().await;
     let c = Arc::new(Cluster::start(crate::common::BIN, ClusterOptions::default()).await);
     let client = Rotating {
         c: c.clone(),

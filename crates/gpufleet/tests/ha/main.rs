@@ -9,3 +9,8 @@ mod common;
 
 mod chaos;
 mod replicas;
+
+/// The tests here each run a cluster of real processes: one at a time, so
+/// that on a small machine none starves another's replicas of CPU (a
+/// starved replica loses its leases, which is what they test).
+pub static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -174,6 +174,7 @@ pub async fn chat(c: &Cluster, i: usize, key: &str) -> reqwest::Result<reqwest::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_share_work_and_every_change() {
+    let _one = crate::ONE_CLUSTER_AT_A_TIME.lock().await;
     let c = Cluster::start(crate::common::BIN, ClusterOptions::default()).await;
 
     // SSE on replica 2 sees what replica 0 creates.
@@ -273,6 +274,7 @@ async fn replicas_share_work_and_every_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replicas_work_is_taken_over() {
+    let _one = crate::ONE_CLUSTER_AT_A_TIME.lock().await;
     let c = Cluster::start(
         crate::common::BIN,
         ClusterOptions {
@@ -326,6 +328,7 @@ async fn a_killed_replicas_work_is_taken_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitioned_replica_stops_acting_and_rejoins() {
+    let _one = crate::ONE_CLUSTER_AT_A_TIME.lock().await;
     let c = Cluster::start(
         crate::common::BIN,
         ClusterOptions {
@@ -416,6 +419,7 @@ async fn a_partitioned_replica_stops_acting_and_rejoins() {
 
 #[tokio::test]
 async fn sqlite_serves_one_replica() {
+    let _one = crate::ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("up.log");
     let up = || {

@@ -128,51 +128,62 @@ pub async fn follow_database(
     tokio::spawn(async move {
         let mut last_seen = chrono::Utc::now();
         loop {
-            let change = tokio::select! {
+            let changes = tokio::select! {
                 _ = stop.cancelled() => return,
-                c = listener.recv() => c,
+                c = listener.recv_batch(BATCH) => c,
             };
-            match change {
-                DbChange::Instance { id, generation } => {
-                    if bus.published(id).is_some_and(|g| g >= generation) {
-                        continue;
-                    }
-                    match store.get_instance(id).await {
-                        Ok(Some(rec)) => {
-                            last_seen = last_seen.max(rec.updated_at);
-                            publish_remote(&bus, &tasks, rec);
+            // Instances announced with a generation not yet published, read
+            // back in one query per batch.
+            let mut wanted: Vec<InstanceId> = Vec::new();
+            for change in changes {
+                match change {
+                    DbChange::Instance { id, generation } => {
+                        if bus.published(id).is_none_or(|g| g < generation) && !wanted.contains(&id)
+                        {
+                            wanted.push(id);
                         }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!(instance_id = %id, error = %e, "reading a changed instance failed")
+                    }
+                    DbChange::ApiKey { key_hash } => bus.publish_key(KeyChange::Key(key_hash)),
+                    DbChange::Resumed => {
+                        bus.publish_key(KeyChange::All);
+                        match store
+                            .instances_updated_since(last_seen - CATCH_UP_MARGIN)
+                            .await
+                        {
+                            Ok(list) => {
+                                tracing::info!(
+                                    instances = list.len(),
+                                    "change listener back: caught up"
+                                );
+                                for rec in list {
+                                    last_seen = last_seen.max(rec.updated_at);
+                                    publish_remote(&bus, &tasks, rec);
+                                }
+                            }
+                            Err(e) => tracing::warn!(error = %e, "catch-up read failed"),
                         }
                     }
                 }
-                DbChange::ApiKey { key_hash } => bus.publish_key(KeyChange::Key(key_hash)),
-                DbChange::Resumed => {
-                    bus.publish_key(KeyChange::All);
-                    match store
-                        .instances_updated_since(last_seen - CATCH_UP_MARGIN)
-                        .await
-                    {
-                        Ok(list) => {
-                            tracing::info!(
-                                instances = list.len(),
-                                "change listener back: caught up"
-                            );
-                            for rec in list {
-                                last_seen = last_seen.max(rec.updated_at);
-                                publish_remote(&bus, &tasks, rec);
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "catch-up read failed"),
+            }
+            match store.get_instances(&wanted).await {
+                Ok(mut list) => {
+                    list.sort_by_key(|r| r.updated_at);
+                    for rec in list {
+                        last_seen = last_seen.max(rec.updated_at);
+                        publish_remote(&bus, &tasks, rec);
                     }
+                }
+                Err(e) => {
+                    tracing::warn!(instances = wanted.len(), error = %e, "reading changed instances failed")
                 }
             }
         }
     });
     Ok(())
 }
+
+/// Notifications handled together at most (one read of their instances).
+const BATCH: usize = 256;
 
 /// Publish another replica's change and wake the reconciler that acts on
 /// the instance's new status (if this replica runs it).

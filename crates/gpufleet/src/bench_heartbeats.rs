@@ -28,8 +28,8 @@ use gpufleet_domain::{
     GpuSpec, InstanceId, InstanceStatus, InstanceType, ProviderInstanceId, ProviderName, Zone,
 };
 use gpufleet_proto::{
-    paths, EngineSample, EngineStatus, GpuSample, GpuSource, Heartbeat, RegisterRequest,
-    RegisterResponse, SystemSample,
+    identity, paths, EngineSample, EngineStatus, GpuSample, GpuSource, Heartbeat, Readiness,
+    RegisterRequest, RegisterResponse, SystemSample,
 };
 use gpufleet_providers::{
     Catalog, CreateRequest, Machine, MachineState, Provider, ProviderError, ProviderRegistry,
@@ -92,12 +92,17 @@ const PROVIDER: &str = "bench";
 const TYPE: &str = "bench-gpu";
 const ADMIN_TOKEN: &str = "bench-admin-token";
 
-/// Machines in memory on 127.0.0.1; remembers each instance's bootstrap secret.
+/// Machines in memory, each on its own loopback address (127.88.x.y, where
+/// every replica's fake `/readyz` listens); remembers each instance's
+/// bootstrap secret, and the agent token the load generator got for it, so
+/// `/readyz` can prove it is that instance's agent.
 struct BenchProvider {
     name: ProviderName,
     gpus: u32,
     machines: Mutex<HashMap<String, Machine>>,
     secrets: Mutex<HashMap<InstanceId, String>>,
+    by_ip: Mutex<HashMap<IpAddr, InstanceId>>,
+    tokens: Mutex<HashMap<InstanceId, String>>,
 }
 
 impl BenchProvider {
@@ -106,6 +111,12 @@ impl BenchProvider {
     }
     fn machines(&self) -> std::sync::MutexGuard<'_, HashMap<String, Machine>> {
         self.machines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn by_ip(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, InstanceId>> {
+        self.by_ip.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn tokens(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, String>> {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -117,17 +128,22 @@ impl Provider for BenchProvider {
     async fn create(&self, req: &CreateRequest) -> Result<Machine, ProviderError> {
         self.secrets()
             .insert(req.instance_id, req.bootstrap.bootstrap_secret.clone());
-        Ok(self
-            .machines()
+        let mut machines = self.machines();
+        let n = machines.len() as u32;
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 88, (n / 250) as u8, (n % 250 + 1) as u8));
+        Ok(machines
             .entry(req.idempotency_key.clone())
-            .or_insert_with(|| Machine {
-                id: ProviderInstanceId::new(format!("bench-{}", req.instance_id)),
-                state: MachineState::Running,
-                ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-                zone: req.zone.clone(),
-                instance_type: req.instance_type.clone(),
-                tags: req.tags.clone(),
-                created_at: Utc::now(),
+            .or_insert_with(|| {
+                self.by_ip().insert(ip, req.instance_id);
+                Machine {
+                    id: ProviderInstanceId::new(format!("bench-{}", req.instance_id)),
+                    state: MachineState::Running,
+                    ip: Some(ip),
+                    zone: req.zone.clone(),
+                    instance_type: req.instance_type.clone(),
+                    tags: req.tags.clone(),
+                    created_at: Utc::now(),
+                }
             })
             .clone())
     }
@@ -175,10 +191,49 @@ impl Provider for BenchProvider {
 }
 
 /// `/readyz` → 200, for every simulated agent (they all share 127.0.0.1).
-async fn serve_readyz(stop: CancellationToken) -> anyhow::Result<u16> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// The machines' `/readyz` on every loopback address: ready, naming the
+/// instance whose machine has the address asked (the `Host`), with the
+/// identity proof of its agent token once the load generator has one.
+async fn serve_readyz(
+    stop: CancellationToken,
+    provider: Arc<BenchProvider>,
+) -> anyhow::Result<u16> {
+    use axum::extract::{Query, State};
+    use axum::http::HeaderMap;
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await?;
     let port = listener.local_addr()?.port();
-    let app = axum::Router::new().route("/readyz", axum::routing::get(|| async { "ready" }));
+    async fn readyz(
+        State(p): State<Arc<BenchProvider>>,
+        headers: HeaderMap,
+        Query(q): Query<HashMap<String, String>>,
+    ) -> Result<axum::Json<Readiness>, axum::http::StatusCode> {
+        let host = headers
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<SocketAddr>().ok())
+            .ok_or(axum::http::StatusCode::BAD_REQUEST)?;
+        let id = *p
+            .by_ip()
+            .get(&host.ip())
+            .ok_or(axum::http::StatusCode::NOT_FOUND)?;
+        let proof = match (q.get(identity::CHALLENGE_PARAM), p.tokens().get(&id)) {
+            (Some(challenge), Some(token)) => Some(identity::readiness_proof(
+                &gpufleet_control::secrets::digest(token),
+                id,
+                challenge,
+            )),
+            _ => None,
+        };
+        Ok(axum::Json(Readiness {
+            ready: true,
+            instance_id: id,
+            reason: None,
+            proof,
+        }))
+    }
+    let app = axum::Router::new()
+        .route("/readyz", axum::routing::get(readyz))
+        .with_state(provider);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(stop.cancelled_owned())
@@ -272,12 +327,13 @@ async fn start_server(
     url: &str,
     dir: Option<tempfile::TempDir>,
     seed: bool,
+    agent_port: u16,
 ) -> anyhow::Result<(Server, Option<InstanceId>)> {
     let store = Store::connect(url)
         .await
         .context("cannot open the database")?;
     let stop = CancellationToken::new();
-    let agent_port = serve_readyz(stop.clone()).await?;
+
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let base = format!("http://{addr}");
@@ -343,6 +399,8 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         gpus: args.gpus,
         machines: Mutex::new(HashMap::new()),
         secrets: Mutex::new(HashMap::new()),
+        by_ip: Mutex::new(HashMap::new()),
+        tokens: Mutex::new(HashMap::new()),
     });
     let (url, dir) = match &args.database {
         Some(u) => (u.clone(), None),
@@ -358,11 +416,21 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         bail!("--replicas above 1 needs a postgres:// --database (SQLite serves one replica)");
     }
     let replicas = args.replicas.max(1);
-    let (srv, history) = start_server(&args, provider.clone(), &url, dir, args.query_check).await?;
+    let readyz_stop = CancellationToken::new();
+    let agent_port = serve_readyz(readyz_stop.clone(), provider.clone()).await?;
+    let (srv, history) = start_server(
+        &args,
+        provider.clone(),
+        &url,
+        dir,
+        args.query_check,
+        agent_port,
+    )
+    .await?;
     let mut others = Vec::new();
     for _ in 1..replicas {
         others.push(
-            start_server(&args, provider.clone(), &url, None, false)
+            start_server(&args, provider.clone(), &url, None, false, agent_port)
                 .await?
                 .0,
         );
@@ -421,7 +489,9 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
             }
         });
         for r in futures::future::join_all(regs).await {
-            agents.push(r.context("agent registration failed")?);
+            let (id, token) = r.context("agent registration failed")?;
+            provider.tokens().insert(id, token.clone());
+            agents.push((id, token));
         }
     }
     // Heartbeats every 2 s (as agents do while they start) until the fleet
@@ -515,6 +585,7 @@ pub async fn run(args: HeartbeatsArgs) -> anyhow::Result<()> {
         o.control.agents.stop_ingest().await;
         o.control.store.close().await;
     }
+    readyz_stop.cancel();
     srv.stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), srv.server).await;
     let _ = tokio::time::timeout(Duration::from_secs(10), srv.reconcilers).await;
@@ -665,18 +736,35 @@ async fn longest_passes(
 /// each change (ready → draining, written there) takes to reach the other
 /// replicas' buses: now − the record's `updated_at` (one host, one clock).
 async fn propagation(fleets: &[Fleet], ids: &[InstanceId]) -> anyhow::Result<()> {
+    // A steady trickle (a change every 20 ms), then the rest all at once.
+    let paced = ids.len().min(200);
+    propagation_of(fleets, &ids[..paced], Some(Duration::from_millis(20))).await?;
+    propagation_of(fleets, &ids[paced..], None).await
+}
+
+async fn propagation_of(
+    fleets: &[Fleet],
+    ids: &[InstanceId],
+    every: Option<Duration>,
+) -> anyhow::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
     let (writer, observers) = fleets.split_last().expect("replicas");
-    let mut rxs: Vec<_> = observers.iter().map(|f| f.subscribe()).collect();
-    let collect = rxs
-        .drain(..)
-        .map(|mut rx| {
-            let want = ids.len();
+    let collect = observers
+        .iter()
+        .map(|f| {
+            let mut rx = f.subscribe();
+            let want: std::collections::HashSet<InstanceId> = ids.iter().copied().collect();
             tokio::spawn(async move {
-                let mut lat_us: Vec<u32> = Vec::with_capacity(want);
+                let mut lat_us: Vec<u32> = Vec::with_capacity(want.len());
                 let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-                while lat_us.len() < want {
+                while lat_us.len() < want.len() {
                     match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Ok(c)) if c.instance.status == InstanceStatus::Draining => {
+                        Ok(Ok(c))
+                            if c.instance.status == InstanceStatus::Draining
+                                && want.contains(&c.instance.id) =>
+                        {
                             let us = (Utc::now() - c.instance.updated_at)
                                 .num_microseconds()
                                 .unwrap_or(0)
@@ -692,22 +780,38 @@ async fn propagation(fleets: &[Fleet], ids: &[InstanceId]) -> anyhow::Result<()>
             })
         })
         .collect::<Vec<_>>();
-    use futures::StreamExt;
-    futures::stream::iter(ids.iter().copied())
-        .map(|id| {
-            let w = writer.clone();
-            async move { w.terminate_instance(id).await }
-        })
-        .buffer_unordered(32)
-        .collect::<Vec<_>>()
-        .await;
+    match every {
+        Some(gap) => {
+            let mut tick = tokio::time::interval(gap);
+            for id in ids {
+                tick.tick().await;
+                writer.terminate_instance(*id).await?;
+            }
+        }
+        None => {
+            use futures::StreamExt;
+            futures::stream::iter(ids.iter().copied())
+                .map(|id| {
+                    let w = writer.clone();
+                    async move { w.terminate_instance(id).await }
+                })
+                .buffer_unordered(32)
+                .collect::<Vec<_>>()
+                .await;
+        }
+    }
     let mut all = Vec::new();
     for c in collect {
         all.extend(c.await?);
     }
     all.sort_unstable();
+    let how = match every {
+        Some(gap) => format!("one change every {} ms", gap.as_millis()),
+        None => "all at once, 32 in flight".to_string(),
+    };
     println!(
-        "change propagation between replicas ({} changes seen by {} other replica(s)):          p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        "change propagation between replicas ({how}; {} changes seen by {} other replica(s)): \
+         p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         all.len(),
         observers.len(),
         percentile_ms(&all, 0.5),

@@ -166,6 +166,27 @@ impl Store {
             .collect()
     }
 
+    /// The instances among `ids` (in no particular order; missing ones left out).
+    pub async fn get_instances(
+        &self,
+        ids: &[InstanceId],
+    ) -> Result<Vec<InstanceRecord>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT {INSTANCE_COLUMNS} FROM instances WHERE id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for id in ids {
+            q = q.bind(id.to_string());
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter().map(crate::instances::decode_instance).collect()
+    }
+
     /// Instances whose `updated_at` is at or after `since` (the catch-up
     /// read after the change listener lost its connection).
     pub async fn instances_updated_since(
@@ -220,6 +241,21 @@ pub struct ChangeListener {
 }
 
 impl ChangeListener {
+    /// The next change and every other one already received (up to `max`
+    /// in all), so a burst is handled as one batch.
+    pub async fn recv_batch(&mut self, max: usize) -> Vec<DbChange> {
+        let mut out = vec![self.recv().await];
+        while out.len() < max && !self.lost {
+            let Some(n) = self.listener.next_buffered() else {
+                break;
+            };
+            if let Some(change) = parse(n.channel(), n.payload()) {
+                out.push(change);
+            }
+        }
+        out
+    }
+
     /// The next change. Reconnects by itself (waiting between tries) and
     /// then answers `Resumed` once.
     pub async fn recv(&mut self) -> DbChange {

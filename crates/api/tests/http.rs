@@ -497,6 +497,40 @@ async fn models_count_ready_instances() {
 }
 
 #[tokio::test]
+async fn a_ready_instance_whose_agent_vouches_for_it_is_still_probed() {
+    let app = TestApp::spawn().await;
+    app.agents_ready
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let id = app.create(1).await[0].id;
+    let token = app.register_agent(id).await;
+    // Heartbeats say the engine is ready (fresh for 3 × 5 s).
+    let mut hb = heartbeat(id, 1);
+    hb.engine.status = gpufleet_proto::EngineStatus::Ready;
+    let resp = app
+        .client
+        .post(app.url(paths::HEARTBEAT))
+        .bearer_auth(&token)
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let app = &app;
+    wait_for("instance ready", || async move {
+        (app.instance(id).await.status == InstanceStatus::Ready).then_some(())
+    })
+    .await;
+    // The agent stops answering ready while its heartbeats still vouch for
+    // the engine: probes (every ready_probe_interval_ms) still notice.
+    app.agents_ready
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for("instance unhealthy", || async move {
+        (app.instance(id).await.status == InstanceStatus::Unhealthy).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn system_tasks_lists_the_reconcilers() {
     let app = TestApp::spawn().await;
     let app = &app;

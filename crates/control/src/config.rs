@@ -53,6 +53,9 @@ pub struct ControlConfig {
     pub lease_ttl_ms: u64,
     /// Timeout of one readiness probe of an agent's `/readyz`.
     pub probe_timeout_ms: u64,
+    /// How often a ready instance whose heartbeats are fresh and report its
+    /// engine ready is probed (any other instance: every pass).
+    pub ready_probe_interval_ms: u64,
     /// Longest a draining instance waits for in-flight requests.
     pub drain_timeout_secs: u64,
     /// Largest `count` of one create request.
@@ -120,6 +123,7 @@ impl Default for ControlConfig {
             reconcile_interval_ms: 1_000,
             lease_ttl_ms: 3_000,
             probe_timeout_ms: 2_000,
+            ready_probe_interval_ms: 10_000,
             drain_timeout_secs: 30,
             max_instances_per_request: 100,
             agent_port: gpufleet_proto::DEFAULT_AGENT_PORT,

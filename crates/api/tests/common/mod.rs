@@ -93,6 +93,7 @@ impl TestApp {
             provision_backoff_base_ms: 50,
             provision_backoff_max_ms: 200,
             probe_timeout_ms: 500,
+            ready_probe_interval_ms: 300,
             drain_timeout_secs: 1,
             agent_port,
             ..ControlConfig::default()

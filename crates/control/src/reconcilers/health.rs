@@ -8,7 +8,10 @@
 //! fleet's agent on the same address, or a stranger on a reused cloud IP,
 //! fails it, and the instance never turns `ready` on their word.
 //! - `ready`: heartbeat older than `missed_heartbeats_unhealthy` intervals, or
-//!   that many failed probes in a row → `unhealthy`.
+//!   that many failed probes in a row → `unhealthy`. While its heartbeats
+//!   are fresh and report the engine ready, and its last probe passed, a
+//!   ready instance is probed only every `ready_probe_interval_ms` (a fleet
+//!   of a thousand would otherwise be probed a thousand times a second).
 //! - `unhealthy`: fresh heartbeat and a passing probe → `ready`; silent for
 //!   `agent_lost_after_secs` → `failed` (agent_lost); machine gone at the
 //!   provider → `failed` (provider_deleted).
@@ -39,6 +42,8 @@ pub struct Health {
     http: reqwest::Client,
     /// Consecutive failed probes per ready instance.
     failures: Mutex<HashMap<InstanceId, u32>>,
+    /// When each ready instance last passed a probe.
+    passed: Mutex<HashMap<InstanceId, Instant>>,
     /// Token digests of each probed instance's agent, read from the store
     /// when missing or when a proof matches none of them.
     digests: Mutex<HashMap<InstanceId, Vec<String>>>,
@@ -63,6 +68,7 @@ impl Health {
             config,
             http,
             failures: Mutex::new(HashMap::new()),
+            passed: Mutex::new(HashMap::new()),
             digests: Mutex::new(HashMap::new()),
         }
     }
@@ -207,7 +213,29 @@ impl Health {
                     .unwrap_or(rec.status_changed_at)
                     .max(rec.status_changed_at);
                 let fresh = now - last_sign <= stale_after;
-                let probe = self.probe(&rec).await;
+                let every = std::time::Duration::from_millis(cfg.ready_probe_interval_ms);
+                let recently_passed = self
+                    .passed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&rec.id)
+                    .is_some_and(|t| t.elapsed() < every);
+                let probe = if fresh
+                    && recently_passed
+                    && rec.engine_status == Some(gpufleet_proto::EngineStatus::Ready)
+                {
+                    // The agent vouches for the engine and passed a probe
+                    // lately: nothing to ask it yet.
+                    Probe::Ready
+                } else {
+                    let probe = self.probe(&rec).await;
+                    let mut passed = self.passed.lock().unwrap_or_else(|p| p.into_inner());
+                    match probe {
+                        Probe::Ready => passed.insert(rec.id, Instant::now()),
+                        Probe::NotReady(_) => passed.remove(&rec.id),
+                    };
+                    probe
+                };
                 let failed = matches!(probe, Probe::NotReady(_));
                 let n = self.count_failure(rec.id, failed);
                 let why = if !fresh {
@@ -336,6 +364,10 @@ impl Reconciler for Health {
         .await;
         let live: std::collections::HashSet<InstanceId> = list.iter().map(|r| r.id).collect();
         self.digests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| live.contains(id));
+        self.passed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|id, _| live.contains(id));

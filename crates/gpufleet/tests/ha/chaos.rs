@@ -8,7 +8,7 @@
 //! client behind a load balancer would).
 
 use crate::common::MODEL;
-use crate::replicas::{chain_is_complete, create_key, machines, TASKS};
+use crate::replicas::{chain_is_complete, create_key, machines};
 use gpufleet_api::views::{CreatedInstances, InstanceList, Timeline};
 use gpufleet_domain::{InstanceId, InstanceStatus as S};
 use gpufleet_test_support::cluster::{Cluster, ClusterOptions, TOKEN};
@@ -278,7 +278,6 @@ async fn three_replicas_survive_a_sigkill_storm() {
         assert!(Instant::now() < deadline, "{e}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = TASKS;
     eprintln!(
         "chaos: {} instances, {} kills, {sent} OpenAI requests answered, {} client retries",
         all_ids.len(),

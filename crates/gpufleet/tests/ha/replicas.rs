@@ -13,15 +13,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// The reconcilers every replica runs, each under its own lease.
-pub const TASKS: [&str; 7] = [
-    "provisioner",
-    "boot_watcher",
-    "health",
-    "terminator",
-    "failed_cleanup",
-    "orphan_reaper",
-    "metrics_rollup",
-];
+pub fn tasks() -> impl Iterator<Item = &'static str> {
+    gpufleet_control::TaskName::ALL.iter().map(|t| t.as_str())
+}
 
 /// Create `count` instances through replica `i`.
 pub async fn create(c: &Cluster, i: usize, count: u32) -> anyhow::Result<Vec<InstanceId>> {
@@ -94,7 +88,7 @@ pub async fn each_task_led_once(c: &Cluster) -> Result<(), String> {
             *counts.entry(t).or_default() += 1;
         }
     }
-    for t in TASKS {
+    for t in tasks() {
         let n = counts.get(t).copied().unwrap_or(0);
         if n != 1 {
             return Err(format!("{t} led by {n} replicas: {counts:?}"));
@@ -304,7 +298,7 @@ async fn a_killed_replicas_work_is_taken_over() {
     let ids = create(&c, alive, 2).await.unwrap();
     wait_all(&c, alive, &ids, S::Ready, Duration::from_secs(120)).await;
     let took_over = leads(&c, alive).await.unwrap();
-    for t in TASKS {
+    for t in tasks() {
         assert!(took_over.contains(t), "{t} not taken over: {took_over:?}");
     }
     eprintln!(
@@ -356,7 +350,7 @@ async fn a_partitioned_replica_stops_acting_and_rejoins() {
     let deadline = cut + Duration::from_secs(30);
     loop {
         let led = leads(&c, 1).await.unwrap();
-        if TASKS.iter().all(|t| led.contains(*t)) {
+        if tasks().all(|t| led.contains(t)) {
             break;
         }
         assert!(Instant::now() < deadline, "replica 1 leads only {led:?}");

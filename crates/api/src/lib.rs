@@ -6,7 +6,7 @@
 //! [`ApiError`] rendered as `{"error": {"code", "message", "field"?}}`.
 //!
 //! Routes:
-//! - `/healthz` (no auth)
+//! - `/healthz` (no auth), `/readyz` (no auth: the database answers)
 //! - `/metrics` (no auth, like a node exporter): Prometheus text format
 //! - `/api/v1/...` (admin bearer token): instances, catalog, models, the SSE
 //!   stream, task statuses, the OpenAPI document
@@ -142,6 +142,7 @@ pub fn router(state: ApiState) -> Router {
 
     Router::new()
         .route("/healthz", get(system::healthz))
+        .route("/readyz", get(system::readyz))
         .route("/metrics", get(observability::prometheus))
         .route(downloads::AGENT_BINARY_PATH, get(downloads::agent_binary))
         .nest("/api/v1", api)

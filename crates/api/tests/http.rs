@@ -17,9 +17,13 @@ fn create_body() -> serde_json::Value {
 }
 
 #[tokio::test]
-async fn healthz_needs_no_token() {
+async fn healthz_and_readyz_need_no_token() {
     let app = TestApp::spawn().await;
     let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
+    let body: serde_json::Value = expect_json(resp, StatusCode::OK).await;
+    assert_eq!(body, json!({ "status": "ok" }));
+    // Readiness (for load balancers) asks the database; it answers here.
+    let resp = app.client.get(app.url("/readyz")).send().await.unwrap();
     let body: serde_json::Value = expect_json(resp, StatusCode::OK).await;
     assert_eq!(body, json!({ "status": "ok" }));
 }

@@ -146,6 +146,12 @@ impl Store {
         Ok(())
     }
 
+    /// One trivial statement: whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Every lease, by name.
     pub async fn leases(&self) -> Result<Vec<LeaseInfo>, StoreError> {
         let sql = format!(

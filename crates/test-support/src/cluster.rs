@@ -41,30 +41,82 @@ fn pg_url_via(url: &str, via: SocketAddr) -> String {
     url.replacen(&pg_addr(url).to_string(), &via.to_string(), 1)
 }
 
-/// A TCP load balancer: each connection goes to the next backend that
-/// accepts it (round robin), like a cloud load balancer with health checks.
+/// A TCP load balancer like a cloud one: it checks every backend's
+/// `GET /readyz` every 250 ms, sends each new connection to the next
+/// healthy backend that accepts it (round robin; any backend when none is
+/// healthy), and closes the connections of a backend that turns unhealthy
+/// (so a client's kept-alive connection to a replica cut off from its
+/// database moves to another one).
 pub struct LoadBalancer {
     pub addr: SocketAddr,
+}
+
+struct Backend {
+    addr: SocketAddr,
+    healthy: AtomicBool,
+    /// Closes the backend's connections when it turns unhealthy.
+    epoch: Mutex<tokio::sync::watch::Sender<u64>>,
 }
 
 impl LoadBalancer {
     pub async fn start(backends: Vec<SocketAddr>) -> LoadBalancer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let list = Arc::new(backends);
+        let list: Arc<Vec<Backend>> = Arc::new(
+            backends
+                .into_iter()
+                .map(|addr| Backend {
+                    addr,
+                    healthy: AtomicBool::new(true),
+                    epoch: Mutex::new(tokio::sync::watch::channel(0).0),
+                })
+                .collect(),
+        );
+        let checked = list.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_millis(1500))
+                .build()
+                .unwrap();
+            loop {
+                for b in checked.iter() {
+                    let ok = http
+                        .get(format!("http://{}/readyz", b.addr))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success());
+                    let was = b.healthy.swap(ok, Ordering::SeqCst);
+                    if was && !ok {
+                        b.epoch.lock().unwrap().send_modify(|e| *e += 1);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
         let next = Arc::new(AtomicUsize::new(0));
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let list = list.clone();
                 let start = next.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
-                    for k in 0..list.len() {
-                        let to = list[(start + k) % list.len()];
-                        if let Ok(Ok(upstream)) =
-                            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(to))
-                                .await
+                    let n = list.len();
+                    let any_healthy = list.iter().any(|b| b.healthy.load(Ordering::SeqCst));
+                    for k in 0..n {
+                        let b = &list[(start + k) % n];
+                        if any_healthy && !b.healthy.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        let mut closed = b.epoch.lock().unwrap().subscribe();
+                        if let Ok(Ok(upstream)) = tokio::time::timeout(
+                            Duration::from_millis(300),
+                            TcpStream::connect(b.addr),
+                        )
+                        .await
                         {
-                            pipe(client, upstream, None).await;
+                            tokio::select! {
+                                _ = pipe(client, upstream, None) => {}
+                                _ = closed.changed() => {}
+                            }
                             return;
                         }
                     }

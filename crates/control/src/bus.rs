@@ -63,13 +63,15 @@ impl Bus {
         }
     }
 
-    /// Publish `instance` unless this generation (or a newer one) already was.
-    pub fn publish(&self, kind: ChangeKind, instance: InstanceRecord) {
+    /// Publish `instance` unless this generation (or a newer one) already
+    /// was; whether it was news.
+    pub fn publish(&self, kind: ChangeKind, instance: InstanceRecord) -> bool {
         if !self.is_news(instance.id, instance.generation) {
-            return;
+            return false;
         }
         // No subscribers is fine.
         let _ = self.tx.send(InstanceChange { kind, instance });
+        true
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<InstanceChange> {
@@ -188,9 +190,6 @@ const BATCH: usize = 256;
 /// Publish another replica's change and wake the reconciler that acts on
 /// the instance's new status (if this replica runs it).
 fn publish_remote(bus: &Bus, tasks: &Waker, rec: InstanceRecord) {
-    if !bus.is_news(rec.id, rec.generation) {
-        return;
-    }
     let kind = if rec.generation == FIRST_GENERATION {
         ChangeKind::Created
     } else {
@@ -206,12 +205,10 @@ fn publish_remote(bus: &Bus, tasks: &Waker, rec: InstanceRecord) {
         InstanceStatus::Failed => Some(TaskName::FailedCleanup),
         InstanceStatus::Terminated | InstanceStatus::Archived => None,
     };
-    let _ = bus.tx.send(InstanceChange {
-        kind,
-        instance: rec,
-    });
-    if let Some(name) = wake {
-        tasks.wake(name);
+    if bus.publish(kind, rec) {
+        if let Some(name) = wake {
+            tasks.wake(name);
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! Heartbeat throughput, reconciler passes with 1,000 instances and event
 //! propagation are measured by `gpufleet bench heartbeats --replicas 3`.
 
+use gpufleet_domain::{InstanceId, InstanceStatus};
 use gpufleet_test_support::cluster::{Cluster, ClusterOptions};
 use gpufleet_test_support::e2e::{MODEL, TYPE};
 use reqwest::Method;
@@ -26,31 +27,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 async fn leads(c: &Cluster, i: usize, task: &str) -> bool {
-    let Ok(v) = c.get_json(i, "/api/v1/system/tasks").await else {
-        return false;
-    };
-    v["tasks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|t| t["name"] == json!(task) && t["leader"] == json!(true))
-}
-
-async fn statuses(c: &Cluster, i: usize) -> Vec<(String, String)> {
-    let Ok(v) = c.get_json(i, "/api/v1/instances?limit=1000").await else {
-        return Vec::new();
-    };
-    v["instances"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|x| {
-            (
-                x["id"].as_str().unwrap_or_default().to_string(),
-                x["status"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
+    c.leads(i).await.is_ok_and(|l| l.contains(task))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
@@ -93,11 +70,11 @@ async fn main() {
             .json()
             .await
             .unwrap();
-        let ids: Vec<String> = v["instances"]
+        let ids: Vec<InstanceId> = v["instances"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|x| x["id"].as_str().unwrap().to_string())
+            .map(|x| x["id"].as_str().unwrap().parse().unwrap())
             .collect();
         tokio::time::sleep(Duration::from_millis(30)).await;
         c.kill_replica(leader);
@@ -107,10 +84,10 @@ async fn main() {
             if took_lease.is_none() && leads(&c, survivor, "provisioner").await {
                 took_lease = Some(killed.elapsed());
             }
-            let st = statuses(&c, survivor).await;
+            let st = c.statuses(survivor).await.unwrap_or_default();
             let left = ids
                 .iter()
-                .filter(|id| st.iter().any(|(i, s)| i == *id && s == "provisioning"))
+                .filter(|id| st.get(*id) == Some(&InstanceStatus::Provisioning))
                 .count();
             if left == 0 && took_lease.is_some() {
                 break;
@@ -137,10 +114,12 @@ async fn main() {
         }
         c.start_replica(leader).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while statuses(&c, survivor)
+        while c
+            .statuses(survivor)
             .await
+            .unwrap_or_default()
             .iter()
-            .any(|(i, s)| ids.contains(i) && s != "terminated")
+            .any(|(i, s)| ids.contains(i) && *s != InstanceStatus::Terminated)
         {
             assert!(Instant::now() < deadline, "cleanup did not finish");
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -218,7 +218,7 @@ async fn serve_readyz(
             .ok_or(axum::http::StatusCode::NOT_FOUND)?;
         let proof = match (q.get(identity::CHALLENGE_PARAM), p.tokens().get(&id)) {
             (Some(challenge), Some(token)) => Some(identity::readiness_proof(
-                &gpufleet_control::secrets::digest(token),
+                &identity::token_digest(token),
                 id,
                 challenge,
             )),

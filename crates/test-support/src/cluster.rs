@@ -8,8 +8,10 @@
 //! Mock machine process, and drops the database.
 
 use crate::db::TestDb;
-use crate::e2e::{cmdline, kill9, pids_with_env, MACHINE_ENV};
+use crate::e2e::{all_pids, cmdline, kill9, pids_with_env, MACHINE_ENV};
 use anyhow::{bail, Context};
+use gpufleet_api::views::InstanceList;
+use gpufleet_domain::{InstanceId, InstanceStatus};
 use reqwest::Method;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -503,6 +505,33 @@ connect_timeout_ms = 500
         Ok(resp.json().await?)
     }
 
+    /// The reconcilers replica `i` leads (`GET /api/v1/system/tasks`).
+    pub async fn leads(&self, i: usize) -> anyhow::Result<std::collections::HashSet<String>> {
+        let v = self.get_json(i, "/api/v1/system/tasks").await?;
+        let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
+        Ok(tasks
+            .iter()
+            .filter(|t| t["leader"] == serde_json::json!(true))
+            .filter_map(|t| t["name"].as_str().map(String::from))
+            .collect())
+    }
+
+    /// Every instance's status as replica `i` lists it (archived too).
+    pub async fn statuses(
+        &self,
+        i: usize,
+    ) -> anyhow::Result<std::collections::BTreeMap<InstanceId, InstanceStatus>> {
+        let list: InstanceList = serde_json::from_value(
+            self.get_json(i, "/api/v1/instances?include_archived=true&limit=1000")
+                .await?,
+        )?;
+        Ok(list
+            .instances
+            .into_iter()
+            .map(|x| (x.id, x.status))
+            .collect())
+    }
+
     /// Every process of every Mock machine, alive.
     pub fn machine_pids(&self) -> Vec<i32> {
         let mut pids = Vec::new();
@@ -541,15 +570,6 @@ connect_timeout_ms = 500
         }
         out
     }
-}
-
-fn all_pids() -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 impl Drop for Cluster {

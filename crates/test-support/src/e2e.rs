@@ -544,7 +544,8 @@ pub fn kill9(pid: i32) {
     );
 }
 
-fn all_pids() -> Vec<i32> {
+/// Every process id in /proc.
+pub fn all_pids() -> Vec<i32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };

@@ -4,7 +4,7 @@
 
 use crate::common::{transitions, MODEL, TYPE};
 use futures::StreamExt;
-use gpufleet_api::views::{CreatedInstances, InstanceList, Timeline};
+use gpufleet_api::views::{CreatedInstances, Timeline};
 use gpufleet_domain::{InstanceId, InstanceStatus as S};
 use gpufleet_test_support::cluster::{spawn_logged, Cluster, ClusterOptions};
 use reqwest::{Method, StatusCode};
@@ -33,20 +33,11 @@ pub async fn create(c: &Cluster, i: usize, count: u32) -> anyhow::Result<Vec<Ins
     Ok(created.instances.iter().map(|v| v.id).collect())
 }
 
-/// Instances as replica `i` lists them (archived too).
-pub async fn list(c: &Cluster, i: usize) -> anyhow::Result<BTreeMap<InstanceId, S>> {
-    let v: InstanceList = serde_json::from_value(
-        c.get_json(i, "/api/v1/instances?include_archived=true&limit=1000")
-            .await?,
-    )?;
-    Ok(v.instances.into_iter().map(|x| (x.id, x.status)).collect())
-}
-
 /// Waits until replica `i` lists every one of `ids` in `status`.
 pub async fn wait_all(c: &Cluster, i: usize, ids: &[InstanceId], status: S, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(all) = list(c, i).await {
+        if let Ok(all) = c.statuses(i).await {
             if ids.iter().all(|id| all.get(id) == Some(&status)) {
                 return;
             }
@@ -68,22 +59,11 @@ pub async fn wait_all(c: &Cluster, i: usize, ids: &[InstanceId], status: S, time
     }
 }
 
-/// Which reconcilers replica `i` leads.
-pub async fn leads(c: &Cluster, i: usize) -> anyhow::Result<HashSet<String>> {
-    let v = c.get_json(i, "/api/v1/system/tasks").await?;
-    let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
-    Ok(tasks
-        .iter()
-        .filter(|t| t["leader"] == json!(true))
-        .filter_map(|t| t["name"].as_str().map(String::from))
-        .collect())
-}
-
 /// Each reconciler is led by exactly one of the running replicas.
 pub async fn each_task_led_once(c: &Cluster) -> Result<(), String> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for r in c.replicas.iter().filter(|r| r.running()) {
-        let led = leads(c, r.index).await.map_err(|e| e.to_string())?;
+        let led = c.leads(r.index).await.map_err(|e| e.to_string())?;
         for t in led {
             *counts.entry(t).or_default() += 1;
         }
@@ -281,7 +261,7 @@ async fn a_killed_replicas_work_is_taken_over() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while leader.is_none() {
         for i in 0..2 {
-            if leads(&c, i).await.unwrap().contains("provisioner") {
+            if c.leads(i).await.unwrap().contains("provisioner") {
                 leader = Some(i);
             }
         }
@@ -297,7 +277,7 @@ async fn a_killed_replicas_work_is_taken_over() {
     let killed = Instant::now();
     let ids = create(&c, alive, 2).await.unwrap();
     wait_all(&c, alive, &ids, S::Ready, Duration::from_secs(120)).await;
-    let took_over = leads(&c, alive).await.unwrap();
+    let took_over = c.leads(alive).await.unwrap();
     for t in tasks() {
         assert!(took_over.contains(t), "{t} not taken over: {took_over:?}");
     }
@@ -334,7 +314,7 @@ async fn a_partitioned_replica_stops_acting_and_rejoins() {
     .await;
     // Replica 0 started first: it takes the leases.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !leads(&c, 0).await.unwrap().contains("provisioner") {
+    while !c.leads(0).await.unwrap().contains("provisioner") {
         assert!(
             Instant::now() < deadline,
             "replica 0 never led the provisioner"
@@ -349,7 +329,7 @@ async fn a_partitioned_replica_stops_acting_and_rejoins() {
     let cut = Instant::now();
     let deadline = cut + Duration::from_secs(30);
     loop {
-        let led = leads(&c, 1).await.unwrap();
+        let led = c.leads(1).await.unwrap();
         if tasks().all(|t| led.contains(t)) {
             break;
         }
@@ -376,7 +356,7 @@ async fn a_partitioned_replica_stops_acting_and_rejoins() {
     c.proxy(0).resume();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ok = match list(&c, 0).await {
+        let ok = match c.statuses(0).await {
             Ok(all) => {
                 during.iter().all(|id| all.get(id) == Some(&S::Ready))
                     && before.iter().all(|id| all.get(id) == Some(&S::Terminated))

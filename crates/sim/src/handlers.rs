@@ -120,6 +120,12 @@ async fn generate(
                 .fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(knobs.stall_ms)).await;
         }
+        Some(FailureKind::StallMidStream) => {
+            state
+                .counters
+                .injected_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
         None => {}
     }
     let ticket = state.scheduler.enter(knobs.max_waiting).map_err(|_| {
@@ -144,8 +150,16 @@ async fn generate(
                 .collect()
         }),
         arrived,
+        seed: req.seed,
+        context_tokens: req.context_tokens,
+        leading_space: req.leading_space && knobs.mode == TextMode::Random,
+        stall_after: None,
         knobs,
     };
+    let mut plan = plan;
+    if draw == Some(FailureKind::StallMidStream) {
+        plan.stall_after = Some(plan.planned_tokens() / 2);
+    }
     let meta = ResponseMeta::new(endpoint, &state.model);
     if req.stream {
         return Ok(stream_response(state, ticket, plan, req.include_usage, meta).into_response());

@@ -28,6 +28,9 @@ pub enum FailureKind {
     RateLimit,
     /// No answer at all for `stall_ms`, then the normal answer.
     Stall,
+    /// Half the answer, then nothing for `stall_ms`, then the rest (an
+    /// engine that hangs in the middle of a stream).
+    StallMidStream,
 }
 
 /// Every knob, as it is now.

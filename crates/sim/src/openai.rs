@@ -29,6 +29,7 @@ struct CompletionBody {
     model: String,
     prompt: Prompt,
     max_tokens: Option<u32>,
+    seed: Option<i64>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
 }
@@ -48,7 +49,6 @@ struct ContentPart {
 
 #[derive(Debug, Deserialize)]
 struct ChatMessage {
-    #[allow(dead_code)] // validated for presence only
     role: String,
     content: Option<Content>,
 }
@@ -61,6 +61,12 @@ struct ChatBody {
     max_completion_tokens: Option<u32>,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    seed: Option<i64>,
+    /// vLLM's extension: the final (assistant) message is an answer to
+    /// continue, not a turn to answer.
+    continue_final_message: Option<bool>,
+    /// vLLM's extension: open a new assistant turn (default true).
+    add_generation_prompt: Option<bool>,
 }
 
 /// Which endpoint a request came to; decides the response shapes.
@@ -82,6 +88,34 @@ pub struct GenRequest {
     pub max_tokens_given: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// The request's `seed`: with one, the text depends only on it and on
+    /// the position of each token in the whole context, so a continuation
+    /// of a partial answer (chat's `continue_final_message`, or a
+    /// completion prompt extended with the partial text) produces exactly
+    /// the tokens the first answer would have produced next.
+    pub seed: Option<u64>,
+    /// Tokens of context before the first generated one.
+    pub context_tokens: u32,
+    /// Whether the first generated token needs a leading space (it
+    /// continues text that does not end in whitespace).
+    pub leading_space: bool,
+}
+
+fn content_text(c: &Option<Content>) -> String {
+    match c {
+        None => String::new(),
+        Some(Content::Text(t)) => t.clone(),
+        Some(Content::Parts(parts)) => parts
+            .iter()
+            .filter_map(|p| p.text.as_deref())
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// Whether generated text joined to `before` needs a space between them.
+fn needs_space(before: &str) -> bool {
+    before.chars().last().is_some_and(|c| !c.is_whitespace())
 }
 
 fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
@@ -125,11 +159,14 @@ impl GenRequest {
                 Ok(Self {
                     model: b.model,
                     prompt_tokens,
+                    leading_space: needs_space(&prompt_text),
                     prompt_text,
                     max_tokens_given: b.max_tokens.is_some(),
                     max_tokens: check_max_tokens(b.max_tokens)?,
                     stream: b.stream.unwrap_or(false),
                     include_usage: b.stream_options.is_some_and(|o| o.include_usage),
+                    seed: b.seed.map(|s| s as u64),
+                    context_tokens: prompt_tokens,
                 })
             }
             Endpoint::Chat => {
@@ -156,25 +193,33 @@ impl GenRequest {
                 let prompt_text = b
                     .messages
                     .last()
-                    .map(|m| match &m.content {
-                        None => String::new(),
-                        Some(Content::Text(t)) => t.clone(),
-                        Some(Content::Parts(parts)) => parts
-                            .iter()
-                            .filter_map(|p| p.text.as_deref())
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                    })
+                    .map(|m| content_text(&m.content))
                     .unwrap_or_default();
+                let continuing = b.continue_final_message.unwrap_or(false);
+                if continuing && b.add_generation_prompt.unwrap_or(false) {
+                    return Err(ApiError::bad_param(
+                        "continue_final_message",
+                        "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                    ));
+                }
+                if continuing && b.messages.last().is_some_and(|m| m.role != "assistant") {
+                    return Err(ApiError::bad_param(
+                        "continue_final_message",
+                        "continue_final_message needs the final message to be the assistant's",
+                    ));
+                }
                 let max_tokens = b.max_completion_tokens.or(b.max_tokens);
                 Ok(Self {
                     model: b.model,
                     prompt_tokens,
+                    leading_space: continuing && needs_space(&prompt_text),
                     prompt_text,
                     max_tokens_given: max_tokens.is_some(),
                     max_tokens: check_max_tokens(max_tokens)?,
                     stream: b.stream.unwrap_or(false),
                     include_usage: b.stream_options.is_some_and(|o| o.include_usage),
+                    seed: b.seed.map(|s| s as u64),
+                    context_tokens: prompt_tokens,
                 })
             }
         }

@@ -45,6 +45,16 @@ const VOCABULARY: &[&str] = &[
     "latency",
 ];
 
+/// The word at `position` of the context for `seed`: the same on every
+/// simulator, so a continuation from any point goes on with the same text.
+pub fn seeded_word(seed: u64, position: u32) -> &'static str {
+    let mut h = seed ^ u64::from(position).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    VOCABULARY[(h % VOCABULARY.len() as u64) as usize]
+}
+
 /// Counts tokens the way the simulator does: whitespace-separated words.
 pub fn count_tokens(text: &str) -> u32 {
     u32::try_from(text.split_whitespace().count()).unwrap_or(u32::MAX)
@@ -65,6 +75,15 @@ pub struct Plan {
     /// When the request arrived (for the queue, TTFT and end-to-end times).
     pub arrived: std::time::Instant,
     pub knobs: Arc<Knobs>,
+    /// The request's seed: word `i` is then a function of the seed and of
+    /// its position `context_tokens + i` alone (see [`seeded_word`]).
+    pub seed: Option<u64>,
+    pub context_tokens: u32,
+    /// The first token gets a leading space (it continues text).
+    pub leading_space: bool,
+    /// An injected mid-stream stall: after this many tokens, nothing for
+    /// `knobs.stall_ms`.
+    pub stall_after: Option<u32>,
 }
 
 impl Plan {
@@ -134,6 +153,9 @@ pub fn generate(
         } else {
             k.sample(k.itl_ms, k.itl_stddev_ms, running, &mut g.rng)
         };
+        if g.plan.stall_after == Some(g.produced) {
+            tokio::time::sleep(std::time::Duration::from_millis(k.stall_ms)).await;
+        }
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         } else if g.produced % 8 == 7 {
@@ -153,11 +175,14 @@ pub fn generate(
         }
         g.last_token_at = now;
         let i = g.produced as usize;
-        let word: &str = match &g.plan.echo {
-            Some(words) => &words[i],
-            None => VOCABULARY[g.rng.random_range(0..VOCABULARY.len())],
+        let word: &str = match (&g.plan.echo, g.plan.seed) {
+            (Some(words), _) => &words[i],
+            (None, Some(seed)) => {
+                seeded_word(seed, g.plan.context_tokens.saturating_add(g.produced))
+            }
+            (None, None) => VOCABULARY[g.rng.random_range(0..VOCABULARY.len())],
         };
-        let text = if i == 0 {
+        let text = if i == 0 && !g.plan.leading_space {
             word.to_string()
         } else {
             format!(" {word}")
@@ -179,6 +204,17 @@ mod tests {
     fn counts_whitespace_words() {
         assert_eq!(count_tokens(""), 0);
         assert_eq!(count_tokens("  hello   world \n again"), 3);
+    }
+
+    #[test]
+    fn seeded_words_depend_on_seed_and_position_only() {
+        let a: Vec<&str> = (0..64).map(|p| seeded_word(7, p)).collect();
+        let b: Vec<&str> = (0..64).map(|p| seeded_word(7, p)).collect();
+        assert_eq!(a, b);
+        let c: Vec<&str> = (0..64).map(|p| seeded_word(8, p)).collect();
+        assert_ne!(a, c, "another seed, another text");
+        let distinct: std::collections::HashSet<&str> = a.iter().copied().collect();
+        assert!(distinct.len() > 10, "{distinct:?}");
     }
 
     #[test]

@@ -462,3 +462,81 @@ async fn a_disconnected_stream_frees_its_slot() {
     .await;
     sim.stop().await;
 }
+
+/// With a `seed`, a continuation of a partial answer (chat's
+/// `continue_final_message`, or a completion prompt extended with the
+/// partial text) gives exactly the rest of the uncut answer.
+#[tokio::test]
+async fn seeded_continuations_give_the_rest_of_the_answer() {
+    let sim = Sim::start(args("m")).await;
+    let text_of = |v: &Value| -> String {
+        let c = &v["choices"][0];
+        c["message"]["content"]
+            .as_str()
+            .or_else(|| c["text"].as_str())
+            .expect("text")
+            .to_string()
+    };
+    let user = json!({"role": "user", "content": "tell me about fleets"});
+    let whole: Value = sim
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "m", "seed": 11, "max_tokens": 10, "messages": [user]}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let whole = text_of(&whole);
+    assert_eq!(whole.split_whitespace().count(), 10);
+    let words: Vec<&str> = whole.split_whitespace().collect();
+    let partial = words[..4].join(" ");
+    let rest: Value = sim
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "m", "seed": 11, "max_tokens": 6,
+                   "continue_final_message": true, "add_generation_prompt": false,
+                   "messages": [user, {"role": "assistant", "content": partial}]}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(format!("{partial}{}", text_of(&rest)), whole);
+
+    // Completions: the prompt plus the partial text.
+    let whole: Value = sim
+        .post(
+            "/v1/completions",
+            json!({"model": "m", "seed": 5, "max_tokens": 9, "prompt": "once upon"}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let whole = text_of(&whole);
+    assert!(whole.starts_with(' '), "continues the prompt: {whole:?}");
+    let cut = whole.match_indices(' ').nth(3).expect("4 words").0;
+    let (partial, _) = whole.split_at(cut);
+    let rest: Value = sim
+        .post(
+            "/v1/completions",
+            json!({"model": "m", "seed": 5, "max_tokens": 6, "prompt": format!("once upon{partial}")}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(format!("{partial}{}", text_of(&rest)), whole);
+
+    // Both flags at once is vLLM's 400.
+    let bad = sim
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "m", "continue_final_message": true, "add_generation_prompt": true,
+                   "messages": [{"role": "assistant", "content": "x"}]}),
+        )
+        .await;
+    assert_eq!(bad.status(), 400);
+    sim.stop().await;
+}

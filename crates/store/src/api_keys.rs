@@ -128,13 +128,26 @@ impl FromStr for UsageScope {
     }
 }
 
-/// Request, error and token counts.
+/// Request, error and token counts, and (for instances) the router's
+/// routing events.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageCounts {
     pub requests: u64,
     pub errors: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Requests that got no first token within the instance's stall bound.
+    #[serde(default)]
+    pub stalls: u64,
+    /// Times the instance's circuit opened (it left the router's choice).
+    #[serde(default)]
+    pub ejections: u64,
+    /// Hedged copies of a request sent to the instance.
+    #[serde(default)]
+    pub hedges: u64,
+    /// Streams that broke off on the instance and were continued on another.
+    #[serde(default)]
+    pub failovers: u64,
 }
 
 impl UsageCounts {
@@ -268,12 +281,17 @@ impl Store {
             let c = &d.counts;
             sqlx::query(
                 "INSERT INTO usage_counters (scope, subject, requests, errors, prompt_tokens, \
-                 completion_tokens, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                 completion_tokens, stalls, ejections, hedges, failovers, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
                  ON CONFLICT (scope, subject) DO UPDATE SET \
                  requests = usage_counters.requests + excluded.requests, \
                  errors = usage_counters.errors + excluded.errors, \
                  prompt_tokens = usage_counters.prompt_tokens + excluded.prompt_tokens, \
                  completion_tokens = usage_counters.completion_tokens + excluded.completion_tokens, \
+                 stalls = usage_counters.stalls + excluded.stalls, \
+                 ejections = usage_counters.ejections + excluded.ejections, \
+                 hedges = usage_counters.hedges + excluded.hedges, \
+                 failovers = usage_counters.failovers + excluded.failovers, \
                  updated_at = excluded.updated_at",
             )
             .bind(d.scope.as_str())
@@ -282,6 +300,10 @@ impl Store {
             .bind(to_i64(c.errors, "errors")?)
             .bind(to_i64(c.prompt_tokens, "prompt_tokens")?)
             .bind(to_i64(c.completion_tokens, "completion_tokens")?)
+            .bind(to_i64(c.stalls, "stalls")?)
+            .bind(to_i64(c.ejections, "ejections")?)
+            .bind(to_i64(c.hedges, "hedges")?)
+            .bind(to_i64(c.failovers, "failovers")?)
             .bind(millis(at))
             .execute(&mut *tx)
             .await?;
@@ -294,7 +316,7 @@ impl Store {
     pub async fn list_usage(&self) -> Result<Vec<UsageRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT scope, subject, requests, errors, prompt_tokens, completion_tokens, \
-             updated_at FROM usage_counters ORDER BY scope, subject",
+             stalls, ejections, hedges, failovers, updated_at FROM usage_counters ORDER BY scope, subject",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -309,6 +331,10 @@ impl Store {
                         errors: r.int("errors")?,
                         prompt_tokens: r.int("prompt_tokens")?,
                         completion_tokens: r.int("completion_tokens")?,
+                        stalls: r.int("stalls")?,
+                        ejections: r.int("ejections")?,
+                        hedges: r.int("hedges")?,
+                        failovers: r.int("failovers")?,
                     },
                     updated_at: r.time("updated_at")?,
                 })

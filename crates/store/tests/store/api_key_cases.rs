@@ -76,6 +76,9 @@ pub async fn usage_counters_add_up(ctx: Ctx) {
             errors,
             prompt_tokens: p,
             completion_tokens: c,
+            stalls: requests,
+            failovers: errors,
+            ..Default::default()
         },
     };
     s.add_usage(
@@ -101,7 +104,10 @@ pub async fn usage_counters_add_up(ctx: Ctx) {
             requests: 5,
             errors: 1,
             prompt_tokens: 15,
-            completion_tokens: 26
+            completion_tokens: 26,
+            stalls: 5,
+            failovers: 1,
+            ..Default::default()
         }
     );
     assert_eq!(k.updated_at, t(50));

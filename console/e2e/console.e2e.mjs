@@ -300,6 +300,9 @@ await step('open one instance: summary, timeline and a non-empty chart', async (
     const el = [...document.querySelectorAll('.chart-canvas')].find((c) => c.uplot)
     return el && el.uplot.data[1].filter((v) => v !== null && v !== undefined).length >= 2
   })
+  // The router's figures for this instance (stalls, ejections, hedges, failovers).
+  await page.getByRole('heading', { name: 'Routing' }).waitFor()
+  await page.locator('[data-testid="routing"]').waitFor()
   await shot('09-instance-detail')
 })
 

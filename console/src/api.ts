@@ -240,6 +240,14 @@ export interface Usage {
   errors: number
   prompt_tokens: number
   completion_tokens: number
+  /** Instances only: requests with no first token within the stall bound, tried elsewhere. */
+  stalls: number
+  /** Instances only: times the circuit opened (left the router's choice). */
+  ejections: number
+  /** Instances only: hedged copies of requests sent here. */
+  hedges: number
+  /** Instances only: streams that broke off here and were continued elsewhere. */
+  failovers: number
   updated_at: string
 }
 

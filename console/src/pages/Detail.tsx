@@ -5,6 +5,7 @@ import { Confirm, Loading, Notice, StatusBadge, StatusCell } from '../components
 import { ago, costSoFar, dateTime, duration, money, shortDuration, time, uptime } from '../format'
 import { detailCharts, FALLBACK_LIMIT, freshness, inWindow, seriesCharts, windowBounds, WINDOWS, windowOf, type WindowKey } from '../metrics'
 import { upsert, useCatalog, useFleet, usePoll, useTick } from '../store'
+import { useUsage } from '../usage'
 
 export function Detail({ id }: { id: string }) {
   const fleet = useFleet()
@@ -19,6 +20,8 @@ export function Detail({ id }: { id: string }) {
   const [noHistory, setNoHistory] = useState(false)
   const [error, setError] = useState<string | null>(null)
   const [confirm, setConfirm] = useState(false)
+  const usage = useUsage()
+  const routed = usage.report?.instances.find((u) => u.id === id)
 
   // The stream keeps the instance current; archived ones leave the stream, so fall back to a GET.
   const live = fleet.instances.get(id)
@@ -237,6 +240,39 @@ export function Detail({ id }: { id: string }) {
           </p>
         )}
       </div>
+
+      <h2 id="routing-title">Routing</h2>
+      {!routed ? (
+        <p class="muted" data-testid="routing">
+          {usage.available === false ? 'The router reports no figures here.' : 'No request has been routed to this instance yet.'}
+        </p>
+      ) : (
+        <dl class="summary-grid" aria-labelledby="routing-title" data-testid="routing">
+          <div>
+            <dt>Requests</dt>
+            <dd>
+              {routed.requests.toLocaleString()}
+              <span class="muted small"> · {routed.errors.toLocaleString()} failed</span>
+            </dd>
+          </div>
+          <div>
+            <dt title="Requests with no first token within the instance's stall bound, retried on another instance">Stalls</dt>
+            <dd data-routing="stalls">{routed.stalls.toLocaleString()}</dd>
+          </div>
+          <div>
+            <dt title="Times the circuit opened: the instance left the router's choice until a probe passed">Ejections</dt>
+            <dd data-routing="ejections">{routed.ejections.toLocaleString()}</dd>
+          </div>
+          <div>
+            <dt title="Hedged copies of slow requests sent to this instance">Hedges</dt>
+            <dd data-routing="hedges">{routed.hedges.toLocaleString()}</dd>
+          </div>
+          <div>
+            <dt title="Streams that broke off here and were continued on another instance">Failovers</dt>
+            <dd data-routing="failovers">{routed.failovers.toLocaleString()}</dd>
+          </div>
+        </dl>
+      )}
 
       <div class="section-head">
         <h2 id="charts-title">Metrics</h2>

@@ -161,6 +161,9 @@ export function Models() {
                     <th scope="col" class="num">Errors</th>
                     <th scope="col" class="num">Prompt tokens</th>
                     <th scope="col" class="num">Completion tokens</th>
+                    <th scope="col" class="num" title="No first token within the stall bound; retried elsewhere">Stalls</th>
+                    <th scope="col" class="num" title="Times the circuit opened">Ejections</th>
+                    <th scope="col" class="num" title="Streams continued on another instance">Failovers</th>
                   </tr>
                 </thead>
                 <tbody>
@@ -178,6 +181,9 @@ export function Models() {
                         <td class="num">{num(u.errors)}</td>
                         <td class="num">{num(u.prompt_tokens)}</td>
                         <td class="num">{num(u.completion_tokens)}</td>
+                        <td class="num">{num(u.stalls)}</td>
+                        <td class="num">{num(u.ejections)}</td>
+                        <td class="num">{num(u.failovers)}</td>
                       </tr>
                     )
                   })}

@@ -97,6 +97,17 @@ pub struct UsageView {
     pub errors: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Instances only (0 for keys): requests that got no first token within
+    /// the instance's stall bound and were tried elsewhere.
+    pub stalls: u64,
+    /// Instances only: times the instance's circuit opened (it left the
+    /// router's choice until a probe passed).
+    pub ejections: u64,
+    /// Instances only: hedged copies of requests sent to the instance.
+    pub hedges: u64,
+    /// Instances only: streams that broke off on the instance and were
+    /// continued on another.
+    pub failovers: u64,
     pub updated_at: DateTime<Utc>,
 }
 
@@ -327,6 +338,10 @@ pub async fn usage(State(state): State<SharedState>) -> Result<Json<UsageReport>
             errors: u.counts.errors,
             prompt_tokens: u.counts.prompt_tokens,
             completion_tokens: u.counts.completion_tokens,
+            stalls: u.counts.stalls,
+            ejections: u.counts.ejections,
+            hedges: u.counts.hedges,
+            failovers: u.counts.failovers,
             updated_at: u.updated_at,
         };
         match u.scope {

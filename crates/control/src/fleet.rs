@@ -371,6 +371,30 @@ impl Fleet {
         Ok(self.inner.store.list_events(id, after_id, limit).await?)
     }
 
+    /// Write what the router did about an instance (a stall, its circuit
+    /// opening or closing, a stream continued elsewhere, a hedge) on its
+    /// timeline. `action` is e.g. `router.ejected`; no status changes.
+    pub async fn note_routing(
+        &self,
+        id: InstanceId,
+        action: &str,
+        outcome: gpufleet_store::Outcome,
+        message: String,
+        metadata: serde_json::Value,
+    ) -> Result<(), ControlError> {
+        use crate::timeline::EntryExt as _;
+        let e = crate::timeline::entry(
+            id,
+            chrono::Utc::now(),
+            gpufleet_store::TimelineKind::Note,
+            action,
+            outcome,
+            message,
+        )
+        .meta(metadata);
+        Ok(self.inner.store.append_events(&[e]).await?)
+    }
+
     /// The instance's most recent samples, newest first.
     pub async fn instance_samples(
         &self,

@@ -210,6 +210,9 @@ impl UpConfig {
                 config.public_url
             );
         }
+        if let Err((field, why)) = config.router.validate() {
+            anyhow::bail!("[router] {field}: {why}");
+        }
         Ok(config)
     }
 

@@ -63,6 +63,16 @@ impl Breaker {
         }
     }
 
+    /// Whether the circuit is open and its cool-down has passed: the
+    /// instance is owed a probe, whatever its figures say.
+    pub fn probe_due(&self, now: Instant) -> bool {
+        match self.lock().phase {
+            Phase::Closed => false,
+            Phase::Open { until } => now >= until,
+            Phase::HalfOpen { probe_started } => now >= probe_started + self.cooldown,
+        }
+    }
+
     /// Take the right to send a request now: always when closed; the one
     /// probe when the cool-down has passed.
     pub fn acquire(&self, now: Instant) -> bool {
@@ -81,11 +91,27 @@ impl Breaker {
         }
     }
 
-    /// The instance answered properly.
-    pub fn success(&self) {
+    /// The instance answered properly. Returns true when this closed a
+    /// circuit that was not closed (the instance is back).
+    pub fn success(&self) -> bool {
         let mut s = self.lock();
-        s.phase = Phase::Closed;
         s.consecutive_failures = 0;
+        let was = std::mem::replace(&mut s.phase, Phase::Closed);
+        was != Phase::Closed
+    }
+
+    /// The instance stalled: open the circuit now, whatever the count
+    /// (unless the breaker is off). Returns true when this opened it.
+    pub fn trip(&self, now: Instant) -> bool {
+        let mut s = self.lock();
+        s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+        if self.threshold == 0 || matches!(s.phase, Phase::Open { .. }) {
+            return false;
+        }
+        s.phase = Phase::Open {
+            until: now + self.cooldown,
+        };
+        true
     }
 
     /// The instance failed (connection, timeout, 5xx). Returns true when this
@@ -149,6 +175,19 @@ mod tests {
         assert!(b.acquire(t0 + cd));
         assert!(!b.acquire(t0 + cd + Duration::from_millis(500)));
         assert!(b.acquire(t0 + cd * 2), "the lost probe's slot is reclaimed");
+    }
+
+    #[test]
+    fn a_stall_opens_at_once_and_a_probe_closes_again() {
+        let cd = Duration::from_secs(2);
+        let b = Breaker::new(5, cd);
+        let t0 = Instant::now();
+        assert!(b.trip(t0), "one stall is enough");
+        assert!(!b.trip(t0), "already open");
+        assert!(!b.available(t0));
+        assert!(b.acquire(t0 + cd));
+        assert!(b.success(), "the probe brought it back");
+        assert!(!b.success(), "already closed");
     }
 
     #[test]

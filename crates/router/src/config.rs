@@ -7,9 +7,16 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
+    /// Latency-aware power of two choices (the peak-EWMA idea of Finagle
+    /// and Linkerd): of two random instances, the one with the lower cost,
+    /// requests in flight + 1 times the larger of its moving average time to
+    /// first token (which jumps up at once on a slow answer and decays
+    /// slowly) and the mean age of its requests still waiting for one. A
+    /// slow or stalled instance loses its share within a second.
+    #[default]
+    PeakEwma,
     /// Power of two choices: of two random instances, the one with fewer
     /// requests in flight.
-    #[default]
     LeastOutstanding,
     /// Each instance in turn.
     RoundRobin,
@@ -51,6 +58,31 @@ pub struct RouterConfig {
     pub usage_flush_interval_ms: u64,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
+    /// Time constant of the moving averages of time to first token and
+    /// between tokens, in milliseconds.
+    pub ewma_decay_ms: u64,
+    /// Treat a streamed request with no first token past its instance's
+    /// stall bound as stalled: try it on another instance and open the
+    /// instance's circuit. The bound is `stall_factor` times the instance's
+    /// moving average time to first token, plus that average again for
+    /// each of its requests still waiting for a first token, kept between
+    /// `stall_floor_ms` and `stall_ceiling_ms`. In the middle of a stream,
+    /// the same factor applies to the time between tokens.
+    pub stall_detection: bool,
+    pub stall_factor: f64,
+    pub stall_floor_ms: u64,
+    pub stall_ceiling_ms: u64,
+    /// Models whose streamed requests are hedged: with no first token
+    /// after the model's recent p95 time to first token (at least
+    /// `hedge_min_delay_ms`), a copy goes to another instance; the first
+    /// to answer wins and the other is cancelled.
+    pub hedge_models: Vec<String>,
+    pub hedge_min_delay_ms: u64,
+    /// Continue a stream that breaks off (engine died or stalled) on
+    /// another instance, spliced into the client's stream.
+    pub stream_failover: bool,
+    /// Most continuations of one stream.
+    pub max_stream_failovers: u32,
 }
 
 impl Default for RouterConfig {
@@ -62,10 +94,19 @@ impl Default for RouterConfig {
             idle_timeout_ms: 60_000,
             retries: 2,
             breaker_failure_threshold: 5,
-            breaker_cooldown_ms: 10_000,
+            breaker_cooldown_ms: 5_000,
             api_key_cache_ttl_ms: 5_000,
             usage_flush_interval_ms: 5_000,
             max_body_bytes: 4 * 1024 * 1024,
+            ewma_decay_ms: 10_000,
+            stall_detection: true,
+            stall_factor: 4.0,
+            stall_floor_ms: 1_000,
+            stall_ceiling_ms: 30_000,
+            hedge_models: Vec::new(),
+            hedge_min_delay_ms: 50,
+            stream_failover: true,
+            max_stream_failovers: 2,
         }
     }
 }
@@ -85,6 +126,32 @@ impl RouterConfig {
     }
     pub fn api_key_cache_ttl(&self) -> Duration {
         Duration::from_millis(self.api_key_cache_ttl_ms)
+    }
+    /// The first setting that makes no sense, and why.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(self.stall_factor.is_finite() && self.stall_factor >= 1.0) {
+            return Err((
+                "stall_factor",
+                format!("must be a number of at least 1, not {}", self.stall_factor),
+            ));
+        }
+        if self.stall_floor_ms == 0 || self.stall_floor_ms > self.stall_ceiling_ms {
+            return Err((
+                "stall_floor_ms",
+                format!(
+                    "must be above 0 and at most stall_ceiling_ms ({})",
+                    self.stall_ceiling_ms
+                ),
+            ));
+        }
+        if self.ewma_decay_ms == 0 {
+            return Err(("ewma_decay_ms", "must be above 0".into()));
+        }
+        Ok(())
+    }
+
+    pub fn hedges(&self, model: &str) -> bool {
+        self.hedge_models.iter().any(|m| m == model)
     }
     pub fn usage_flush_interval(&self) -> Duration {
         Duration::from_millis(self.usage_flush_interval_ms.max(10))
@@ -109,6 +176,17 @@ mod tests {
             RouterConfig::default().connect_timeout_ms
         );
         assert!(serde_json::from_value::<RouterConfig>(serde_json::json!({"nope": 1})).is_err());
+        assert_eq!(RouterConfig::default().validate(), Ok(()));
+        let bad = RouterConfig {
+            stall_floor_ms: 40_000,
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().0, "stall_floor_ms");
+        let bad = RouterConfig {
+            stall_factor: 0.5,
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().0, "stall_factor");
         assert!(
             serde_json::from_value::<RouterConfig>(serde_json::json!({"policy": "random"}))
                 .is_err()

@@ -5,6 +5,7 @@
 
 use crate::breaker::Breaker;
 use crate::config::{Policy, RouterConfig};
+use crate::latency::{now_us, Latency, RecentTtft};
 use crate::tls::{EngineClientIdentity, UpstreamTls};
 use crate::usage::{Counters, Usage};
 use gpufleet_domain::{InstanceId, InstanceStatus, ProviderName};
@@ -32,6 +33,8 @@ pub struct Backend {
     pub authority: Option<Authority>,
     pub in_flight: AtomicU64,
     pub breaker: Breaker,
+    /// Time to first token, time between tokens, requests waiting.
+    pub latency: Latency,
     pub usage: Arc<Counters>,
     /// `id`, ready for the `x-gpufleet-instance` response header.
     pub id_header: HeaderValue,
@@ -44,6 +47,9 @@ pub struct Backend {
     pub conn_key: String,
     /// The engine certificate `tls` was made for.
     engine_cert_pem: Option<String>,
+    /// When a routing event of each kind was last written on this
+    /// instance's timeline (µs since the epoch), to write at most one a second.
+    noted: [AtomicU64; 4],
 }
 
 impl Backend {
@@ -71,13 +77,28 @@ impl Backend {
             authority,
             in_flight: AtomicU64::new(0),
             breaker,
+            latency: Latency::default(),
             usage,
             id_header,
             host_header,
             tls: None,
             conn_key,
             engine_cert_pem: None,
+            noted: Default::default(),
         }
+    }
+
+    /// Whether a routing event of kind `kind` may be written now (and
+    /// take the slot).
+    pub fn may_note(&self, kind: usize, now_us: u64) -> bool {
+        let Some(slot) = self.noted.get(kind) else {
+            return false;
+        };
+        let last = slot.load(Ordering::Relaxed);
+        (last == 0 || now_us.saturating_sub(last) >= 1_000_000)
+            && slot
+                .compare_exchange(last, now_us.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
     }
 
     /// Reach this engine over mutual TLS (`tls` made for `engine_cert_pem`).
@@ -103,6 +124,39 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A streamed request waiting for its first token on a backend; leaves
+/// the backend's count when the token comes ([`Waiting::end`]) or the
+/// request is dropped.
+pub struct Waiting {
+    backend: Arc<Backend>,
+    since: u64,
+    done: bool,
+}
+
+impl Waiting {
+    pub fn new(backend: Arc<Backend>) -> Self {
+        let since = now_us();
+        backend.latency.begin_wait(since);
+        Self {
+            backend,
+            since,
+            done: false,
+        }
+    }
+
+    pub fn end(&mut self) {
+        if !std::mem::replace(&mut self.done, true) {
+            self.backend.latency.end_wait(self.since);
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -149,32 +203,31 @@ impl ModelPool {
                     let c: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| ok(b)).collect();
                     (!c.is_empty()).then(|| c[rr.fetch_add(1, Ordering::Relaxed) % c.len()].clone())
                 }
-                _ => self.two_choices(ok),
+                (Policy::LeastOutstanding, _) => {
+                    let c: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| ok(b)).collect();
+                    two_choices(&c, |b| b.in_flight.load(Ordering::Relaxed) as f64)
+                }
+                _ => {
+                    let c: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| ok(b)).collect();
+                    // An instance owed its half-open probe gets it: the
+                    // latency-aware choice alone would never try again an
+                    // instance whose last figures were bad.
+                    match c.iter().find(|b| b.breaker.probe_due(now)) {
+                        Some(b) if c.len() > 1 => Some((*b).clone()),
+                        _ => {
+                            let t = now_us();
+                            two_choices(&c, |b| {
+                                b.latency.cost(b.in_flight.load(Ordering::Relaxed), t)
+                            })
+                        }
+                    }
+                }
             }?;
             if chosen.breaker.acquire(now) {
                 return Some(chosen);
             }
             // Lost a race for the half-open probe: try another.
             tried.push(chosen.id);
-        }
-    }
-
-    fn two_choices(&self, ok: impl Fn(&Arc<Backend>) -> bool) -> Option<Arc<Backend>> {
-        let c: Vec<&Arc<Backend>> = self.backends.iter().filter(|b| ok(b)).collect();
-        match c.len() {
-            0 => None,
-            1 => Some(c[0].clone()),
-            n => {
-                let i = rand::random_range(0..n);
-                let mut j = rand::random_range(0..n - 1);
-                if j >= i {
-                    j += 1;
-                }
-                let (a, b) = (c[i], c[j]);
-                let la = a.in_flight.load(Ordering::Relaxed);
-                let lb = b.in_flight.load(Ordering::Relaxed);
-                Some(if lb < la { b.clone() } else { a.clone() })
-            }
         }
     }
 
@@ -198,6 +251,27 @@ impl ModelPool {
             }
         }
         None
+    }
+}
+
+/// Of two random candidates, the one of lower `cost`.
+fn two_choices(c: &[&Arc<Backend>], cost: impl Fn(&Backend) -> f64) -> Option<Arc<Backend>> {
+    match c.len() {
+        0 => None,
+        1 => Some(c[0].clone()),
+        n => {
+            let i = rand::random_range(0..n);
+            let mut j = rand::random_range(0..n - 1);
+            if j >= i {
+                j += 1;
+            }
+            let (a, b) = (c[i], c[j]);
+            Some(if cost(b) < cost(a) {
+                b.clone()
+            } else {
+                a.clone()
+            })
+        }
     }
 }
 
@@ -228,10 +302,13 @@ pub struct Pools {
     known: Mutex<HashMap<InstanceId, Known>>,
     /// Models with instances on their way up (for "none ready yet" errors).
     starting: RwLock<Arc<HashMap<String, usize>>>,
+    /// Recent times to first token per hedged model.
+    recent: Mutex<HashMap<String, Arc<RecentTtft>>>,
     pub rr: AtomicUsize,
     engine_port: u16,
     breaker_threshold: u32,
     breaker_cooldown: std::time::Duration,
+    ewma_decay: std::time::Duration,
     usage: Arc<Usage>,
     /// The router's client identity for engines over mutual TLS.
     identity: Option<EngineClientIdentity>,
@@ -266,14 +343,25 @@ impl Pools {
             table: RwLock::new(Arc::new(HashMap::new())),
             known: Mutex::new(HashMap::new()),
             starting: RwLock::new(Arc::new(HashMap::new())),
+            recent: Mutex::new(HashMap::new()),
             rr: AtomicUsize::new(0),
             engine_port,
             breaker_threshold: config.breaker_failure_threshold,
             breaker_cooldown: config.breaker_cooldown(),
+            ewma_decay: std::time::Duration::from_millis(config.ewma_decay_ms.max(1)),
             usage,
             identity,
             remote,
         }
+    }
+
+    /// The recent times to first token of `model`'s instances.
+    pub fn recent_ttft(&self, model: &str) -> Arc<RecentTtft> {
+        let mut m = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = m.get(model) {
+            return r.clone();
+        }
+        m.entry(model.to_string()).or_default().clone()
     }
 
     /// The ready instances of `model`.
@@ -421,6 +509,7 @@ impl Pools {
                     Breaker::new(self.breaker_threshold, self.breaker_cooldown),
                     self.usage.instance(rec.id, model),
                 );
+                backend.latency = Latency::new(self.ewma_decay);
                 if let Some((t, cert)) = tls {
                     backend = backend.with_tls(t, cert);
                 }
@@ -533,6 +622,44 @@ mod tests {
     }
 
     #[test]
+    fn peak_ewma_avoids_slow_and_stalled_instances_and_probes_ejected_ones() {
+        let p = pool(3);
+        let rr = AtomicUsize::new(0);
+        let now = Instant::now();
+        let t = now_us();
+        for b in &p.backends {
+            b.latency.ttft.observe(20_000.0, t, 10e6);
+        }
+        // One got a slow first token: it loses its share at once.
+        p.backends[0].latency.ttft.observe(2_000_000.0, t, 10e6);
+        // Another is loaded, though less than 100 × slower (the age of
+        // waiting requests counts like the average: see the latency tests).
+        p.backends[1].in_flight.store(50, Ordering::Relaxed);
+        for _ in 0..100 {
+            let b = p.pick(Policy::PeakEwma, None, &[], &rr, now).unwrap();
+            assert_ne!(b.id, p.backends[0].id, "the slow one is never chosen");
+        }
+        // Equal figures: load decides, like least outstanding.
+        p.backends[1].in_flight.store(0, Ordering::Relaxed);
+        p.backends[0].latency.ttft.reset(20_000.0, t);
+        p.backends[2].in_flight.store(5, Ordering::Relaxed);
+        for _ in 0..100 {
+            let b = p.pick(Policy::PeakEwma, None, &[], &rr, now).unwrap();
+            assert_ne!(b.id, p.backends[2].id);
+        }
+        // An ejected instance whose cool-down has passed gets the probe,
+        // however bad its figures.
+        let b0 = &p.backends[0];
+        assert!(b0.breaker.trip(now));
+        b0.latency.ttft.observe(9_000_000.0, t, 10e6);
+        let later = now + Duration::from_secs(61);
+        let probe = p.pick(Policy::PeakEwma, None, &[], &rr, later).unwrap();
+        assert_eq!(probe.id, b0.id);
+        let next = p.pick(Policy::PeakEwma, None, &[], &rr, later).unwrap();
+        assert_ne!(next.id, b0.id, "one probe at a time");
+    }
+
+    #[test]
     fn exclusions_and_open_circuits_are_skipped() {
         let p = pool(3);
         let rr = AtomicUsize::new(0);
@@ -540,6 +667,7 @@ mod tests {
         p.backends[0].breaker.failure(now); // threshold 1: open
         let ex = [p.backends[1].id];
         for policy in [
+            Policy::PeakEwma,
             Policy::LeastOutstanding,
             Policy::RoundRobin,
             Policy::SessionAffinity,

@@ -6,7 +6,7 @@ use crate::error::RouterError;
 use crate::keys::AuthedKey;
 use crate::pool::{Backend, InFlight};
 use crate::upstream::{Conn, UpstreamConns};
-use crate::usage::{Counters, Tokens};
+use crate::usage::Tokens;
 use crate::{Inner, RouterState};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -14,17 +14,14 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::{Bytes, BytesMut};
-use futures::Stream;
 use http_body_util::Full;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::json;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Response header naming the instance that served the request.
@@ -66,20 +63,21 @@ pub(crate) async fn models(State(state): State<RouterState>, headers: HeaderMap)
 }
 
 pub(crate) async fn chat_completions(State(state): State<RouterState>, req: Request) -> Response {
-    forward(&state.inner, CHAT_COMPLETIONS, req).await
+    forward(&state, CHAT_COMPLETIONS, req).await
 }
 
 pub(crate) async fn completions(State(state): State<RouterState>, req: Request) -> Response {
-    forward(&state.inner, COMPLETIONS, req).await
+    forward(&state, COMPLETIONS, req).await
 }
 
-async fn forward(inner: &Inner, path: &'static str, req: Request) -> Response {
+async fn forward(state: &RouterState, path: &'static str, req: Request) -> Response {
+    let inner = &*state.inner;
     let key = match authenticate(inner, req.headers()).await {
         Ok(k) => k,
         Err(e) => return e.into_response(),
     };
     key.usage.request();
-    let resp = match forward_as(inner, &key, path, req).await {
+    let resp = match forward_as(state, &key, path, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -112,11 +110,12 @@ enum Last {
 }
 
 async fn forward_as(
-    inner: &Inner,
+    state: &RouterState,
     key: &Arc<AuthedKey>,
     path: &'static str,
     req: Request,
 ) -> Result<Response, RouterError> {
+    let inner = &*state.inner;
     let cfg = &inner.config;
     let limit = cfg.max_body_bytes;
     let session_header = req
@@ -177,6 +176,18 @@ async fn forward_as(
         }
     })?;
 
+    if stream {
+        let ask = crate::stream::Ask {
+            state: state.clone(),
+            key: key.clone(),
+            path,
+            body,
+            model,
+            session,
+            strip_usage,
+        };
+        return crate::stream::forward(ask, pool).await;
+    }
     let mut tried = Vec::new();
     let mut last: Option<Last> = None;
     for _ in 0..=cfg.retries {
@@ -193,7 +204,7 @@ async fn forward_as(
         let guard = InFlight::new(b.clone());
         b.usage.request();
         let Some(authority) = b.authority.clone() else {
-            attempt_failed(&b, &"instance without an address");
+            attempt_failed(inner, &b, &"instance without an address");
             continue;
         };
         // On a connection this task drives (see `upstream`); idle ones are
@@ -223,14 +234,14 @@ async fn forward_as(
         );
         let (resp, conn) = match tokio::time::timeout(cfg.first_byte_timeout(), send).await {
             Err(_) => {
-                attempt_failed(&b, &"no answer before the first-byte timeout");
+                attempt_failed(inner, &b, &"no answer before the first-byte timeout");
                 last = Some(Last::Error(RouterError::Timeout {
                     model: model.clone(),
                 }));
                 continue;
             }
             Ok(Err(e)) => {
-                attempt_failed(&b, &e);
+                attempt_failed(inner, &b, &e);
                 last = Some(Last::Error(if e.is_connect() {
                     RouterError::Unreachable {
                         model: model.clone(),
@@ -255,11 +266,11 @@ async fn forward_as(
         };
         if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
             if status.is_server_error() {
-                attempt_failed(&b, &format!("answered {status}"));
+                attempt_failed(inner, &b, &format!("answered {status}"));
             } else {
                 // Busy, not broken.
                 b.usage.error();
-                b.breaker.success();
+                let _ = crate::stream::answered(inner, &b);
                 tracing::debug!(instance_id = %b.id, "instance busy (429); trying another");
             }
             let bytes = reader
@@ -269,33 +280,7 @@ async fn forward_as(
             last = Some(Last::Answer(status, content_type, bytes, b.clone()));
             continue;
         }
-        b.breaker.success();
-        if stream && status.is_success() {
-            let tap = Tap {
-                upstream: resp.into_body(),
-                conn: Some((reader.conn, inner.upstream.clone(), host.to_string())),
-                deadline: Box::pin(tokio::time::sleep(cfg.idle_timeout())),
-                last_data: Instant::now(),
-                buf: BytesMut::new(),
-                strip_usage,
-                idle: cfg.idle_timeout(),
-                instance_usage: b.usage.clone(),
-                key_usage: key.usage.clone(),
-                backend: b.clone(),
-                _guard: guard,
-                done: false,
-            };
-            let mut out = Response::new(Body::from_stream(tap));
-            *out.status_mut() = status;
-            let h = out.headers_mut();
-            h.insert(
-                header::CONTENT_TYPE,
-                content_type.unwrap_or(HeaderValue::from_static("text/event-stream")),
-            );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            insert_instance(h, &b);
-            return Ok(out);
-        }
+        let _ = crate::stream::answered(inner, &b);
         match reader.read_all(resp, cfg.idle_timeout()).await {
             Ok(bytes) => {
                 if status.is_success() {
@@ -324,13 +309,16 @@ async fn forward_as(
     }
 }
 
-fn attempt_failed(b: &Backend, why: &dyn std::fmt::Display) {
+fn attempt_failed(inner: &Inner, b: &Backend, why: &dyn std::fmt::Display) {
     b.usage.error();
     let opened = b.breaker.failure(Instant::now());
     tracing::warn!(instance_id = %b.id, error = %why, circuit_opened = opened, "upstream attempt failed");
+    if opened {
+        crate::stream::ejected(inner, b, &why.to_string());
+    }
 }
 
-fn insert_instance(h: &mut HeaderMap, b: &Backend) {
+pub(crate) fn insert_instance(h: &mut HeaderMap, b: &Backend) {
     h.insert(INSTANCE_HEADER, b.id_header.clone());
 }
 
@@ -490,7 +478,7 @@ fn usage_of(body: &[u8]) -> Option<Tokens> {
 }
 
 /// Whether `ev` carries a non-null `"usage"` object (cheap pre-check).
-fn has_usage_object(ev: &[u8]) -> bool {
+pub(crate) fn has_usage_object(ev: &[u8]) -> bool {
     const NEEDLE: &[u8] = b"\"usage\"";
     let mut rest = ev;
     while let Some(pos) = rest.windows(NEEDLE.len()).position(|w| w == NEEDLE) {
@@ -506,7 +494,7 @@ fn has_usage_object(ev: &[u8]) -> bool {
 
 /// The usage of one SSE event, and whether the event is nothing but usage
 /// (no choices).
-fn event_usage(ev: &[u8]) -> Option<(Tokens, bool)> {
+pub(crate) fn event_usage(ev: &[u8]) -> Option<(Tokens, bool)> {
     if !has_usage_object(ev) {
         return None;
     }
@@ -525,142 +513,8 @@ fn event_usage(ev: &[u8]) -> Option<(Tokens, bool)> {
     Some((tokens(usage), only))
 }
 
-/// A streamed answer on its way to the client.
-struct Tap {
-    upstream: Incoming,
-    /// The upstream connection this task drives, its pool and host; back
-    /// to the pool when the stream ends cleanly.
-    conn: Option<(Conn, Arc<UpstreamConns>, String)>,
-    /// Fires at the idle timeout; re-armed lazily from `last_data`, so the
-    /// timer is touched once per idle period, not once per chunk.
-    deadline: Pin<Box<tokio::time::Sleep>>,
-    last_data: Instant,
-    /// Bytes of an event not complete yet.
-    buf: BytesMut,
-    /// Drop the usage-only chunk (the client did not ask for it).
-    strip_usage: bool,
-    idle: Duration,
-    instance_usage: Arc<Counters>,
-    key_usage: Arc<Counters>,
-    backend: Arc<Backend>,
-    _guard: InFlight,
-    done: bool,
-}
-
-impl Tap {
-    /// Complete events in the buffer, usage counted (and stripped).
-    fn take_complete(&mut self) -> Option<Bytes> {
-        let end = self.buf.windows(2).rposition(|w| w == b"\n\n")? + 2;
-        let region = self.buf.split_to(end).freeze();
-        Some(self.scan(region))
-    }
-
-    fn scan(&mut self, region: Bytes) -> Bytes {
-        if !has_usage_object(&region) {
-            return region;
-        }
-        let mut kept = BytesMut::with_capacity(region.len());
-        let mut dropped = false;
-        for ev in split_events(&region) {
-            if let Some((t, only)) = event_usage(ev) {
-                self.instance_usage.tokens(t);
-                self.key_usage.tokens(t);
-                if only && self.strip_usage {
-                    dropped = true;
-                    continue;
-                }
-            }
-            kept.extend_from_slice(ev);
-        }
-        if dropped {
-            kept.freeze()
-        } else {
-            region
-        }
-    }
-
-    fn fail(&mut self, why: &dyn std::fmt::Display) -> std::io::Error {
-        self.done = true;
-        self.instance_usage.error();
-        self.key_usage.error();
-        tracing::warn!(instance_id = %self.backend.id, error = %why, "stream from instance failed");
-        std::io::Error::other(why.to_string())
-    }
-}
-
-impl Stream for Tap {
-    type Item = Result<Bytes, std::io::Error>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let t = self.get_mut();
-        if t.done {
-            return Poll::Ready(None);
-        }
-        // Take every frame that is ready now, so events that arrived
-        // together leave together.
-        let mut got = false;
-        loop {
-            // Let the connection read and decode what has arrived (it hands
-            // the body one frame at a time, so this alternates with taking
-            // frames until neither has more).
-            if let Some((c, _, _)) = t.conn.as_mut() {
-                if !c.drive(cx) {
-                    // Ended: the body reports how (end or error).
-                    t.conn = None;
-                }
-            }
-            match Pin::new(&mut t.upstream).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        t.buf.extend_from_slice(&data);
-                        got = true;
-                    }
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    let err = t.fail(&e);
-                    return Poll::Ready(Some(Err(err)));
-                }
-                Poll::Ready(None) => {
-                    t.done = true;
-                    if let Some((c, conns, host)) = t.conn.take() {
-                        conns.put(&host, c);
-                    }
-                    if t.buf.is_empty() {
-                        return Poll::Ready(None);
-                    }
-                    let rest = t.buf.split().freeze();
-                    let out = t.scan(rest);
-                    return Poll::Ready(Some(Ok(out)));
-                }
-                Poll::Pending => break,
-            }
-        }
-        if got {
-            t.last_data = Instant::now();
-            if let Some(out) = t.take_complete() {
-                if !out.is_empty() {
-                    return Poll::Ready(Some(Ok(out)));
-                }
-            }
-        }
-        loop {
-            match t.deadline.as_mut().poll(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(()) => {
-                    let due = t.last_data + t.idle;
-                    if Instant::now() >= due {
-                        let err = t.fail(&"no data within the stream idle timeout");
-                        return Poll::Ready(Some(Err(err)));
-                    }
-                    t.deadline.as_mut().reset(due.into());
-                }
-            }
-        }
-    }
-}
-
 /// Events of a region of complete events, each with its closing blank line.
-fn split_events(region: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn split_events(region: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = region;
     std::iter::from_fn(move || {
         if rest.is_empty() {

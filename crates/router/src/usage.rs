@@ -18,6 +18,10 @@ pub struct Counters {
     pub errors: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
+    pub stalls: AtomicU64,
+    pub ejections: AtomicU64,
+    pub hedges: AtomicU64,
+    pub failovers: AtomicU64,
 }
 
 impl Counters {
@@ -38,7 +42,14 @@ impl Counters {
             errors: self.errors.load(Ordering::Relaxed),
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
             completion_tokens: self.completion_tokens.load(Ordering::Relaxed),
+            stalls: self.stalls.load(Ordering::Relaxed),
+            ejections: self.ejections.load(Ordering::Relaxed),
+            hedges: self.hedges.load(Ordering::Relaxed),
+            failovers: self.failovers.load(Ordering::Relaxed),
         }
+    }
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -89,6 +100,10 @@ fn minus(a: UsageCounts, b: UsageCounts) -> UsageCounts {
         errors: a.errors.saturating_sub(b.errors),
         prompt_tokens: a.prompt_tokens.saturating_sub(b.prompt_tokens),
         completion_tokens: a.completion_tokens.saturating_sub(b.completion_tokens),
+        stalls: a.stalls.saturating_sub(b.stalls),
+        ejections: a.ejections.saturating_sub(b.ejections),
+        hedges: a.hedges.saturating_sub(b.hedges),
+        failovers: a.failovers.saturating_sub(b.failovers),
     }
 }
 
@@ -216,11 +231,29 @@ impl UsageFigures {
                 c.completion_tokens
             }),
         ];
+        // Routing events happen to instances only.
+        let routing: [Family; 4] = [
+            (
+                "stalls",
+                "Requests with no first token within the instance's stall bound",
+                |c| c.stalls,
+            ),
+            ("ejections", "Times the instance's circuit opened", |c| {
+                c.ejections
+            }),
+            ("hedges", "Hedged copies of requests sent", |c| c.hedges),
+            (
+                "failovers",
+                "Streams that broke off here and were continued on another instance",
+                |c| c.failovers,
+            ),
+        ];
         for (scope, list, id_label, name_label) in [
             ("instance", &self.instances, "instance_id", "model"),
             ("key", &self.keys, "api_key_id", "api_key_name"),
         ] {
-            for (name, help, get) in families {
+            let extra: &[Family] = if scope == "instance" { &routing } else { &[] };
+            for &(name, help, get) in families.iter().chain(extra) {
                 let metric = format!("gpufleet_router_{scope}_{name}_total");
                 let _ = writeln!(out, "# HELP {metric} {help} (per {scope}).");
                 let _ = writeln!(out, "# TYPE {metric} counter");
@@ -267,7 +300,8 @@ mod tests {
                 requests: 3,
                 errors: 1,
                 prompt_tokens: 3,
-                completion_tokens: 5
+                completion_tokens: 5,
+                ..Default::default()
             }
         );
         let text = f.render_prometheus();

@@ -14,3 +14,4 @@ mod metrics_cli;
 mod router;
 mod scaleway;
 mod shutdown;
+mod sick_engines;

@@ -42,7 +42,11 @@ async fn spawn_app(policy: &str) -> TestApp {
 }
 
 /// `POST /api/v1/api-keys`; returns (id, secret).
-async fn create_key(app: &TestApp, name: &str, models: Option<Vec<&str>>) -> (String, String) {
+pub(crate) async fn create_key(
+    app: &TestApp,
+    name: &str,
+    models: Option<Vec<&str>>,
+) -> (String, String) {
     let resp = app
         .req(Method::POST, "/api/v1/api-keys")
         .json(&json!({"name": name, "models": models}))
@@ -58,7 +62,7 @@ async fn create_key(app: &TestApp, name: &str, models: Option<Vec<&str>>) -> (St
 
 /// An OpenAI client of the router that never retries by itself, so every
 /// failure the router lets through shows.
-fn openai(app: &TestApp, key: &str) -> async_openai::Client<OpenAIConfig> {
+pub(crate) fn openai(app: &TestApp, key: &str) -> async_openai::Client<OpenAIConfig> {
     let config = OpenAIConfig::new()
         .with_api_base(format!("{}/v1", app.base_url))
         .with_api_key(key);
@@ -100,7 +104,7 @@ async fn raw_chat(app: &TestApp, key: &str, body: Value) -> reqwest::Response {
         .expect("router answers")
 }
 
-fn served_by(resp: &reqwest::Response) -> InstanceId {
+pub(crate) fn served_by(resp: &reqwest::Response) -> InstanceId {
     resp.headers()["x-gpufleet-instance"]
         .to_str()
         .unwrap()
@@ -109,7 +113,7 @@ fn served_by(resp: &reqwest::Response) -> InstanceId {
 }
 
 /// Sum of a metric's samples on an engine's `/metrics`.
-async fn engine_metric(app: &TestApp, ip: IpAddr, name: &str) -> f64 {
+pub(crate) async fn engine_metric(app: &TestApp, ip: IpAddr, name: &str) -> f64 {
     let text = app
         .http
         .get(format!("http://{ip}:{ENGINE_PORT}/metrics"))
@@ -138,7 +142,7 @@ async fn ready_instances(app: &TestApp, n: u32) -> HashMap<InstanceId, IpAddr> {
 }
 
 /// Polls `GET /api/v1/usage` until `cond` holds.
-async fn wait_usage(app: &TestApp, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_usage(app: &TestApp, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let v: Value = app
@@ -157,7 +161,7 @@ async fn wait_usage(app: &TestApp, what: &str, cond: impl Fn(&Value) -> bool) ->
     }
 }
 
-fn usage_of<'a>(report: &'a Value, scope: &str, id: &str) -> Option<&'a Value> {
+pub(crate) fn usage_of<'a>(report: &'a Value, scope: &str, id: &str) -> Option<&'a Value> {
     report[scope]
         .as_array()?
         .iter()

@@ -62,7 +62,8 @@ impl Session {
 
     /// Adopts the canary settings the control plane sends (0: off).
     pub fn set_canary_ms(&self, interval_ms: u64, timeout_ms: u64) {
-        self.canary_interval_ms.store(interval_ms, Ordering::Relaxed);
+        self.canary_interval_ms
+            .store(interval_ms, Ordering::Relaxed);
         self.canary_timeout_ms.store(timeout_ms, Ordering::Relaxed);
     }
 

@@ -616,7 +616,11 @@ async fn a_failing_engine_canary_takes_a_ready_instance_out_until_it_passes() {
         .find(|e| e.action == "health.canary")
         .expect("the canary failure on the timeline");
     assert_eq!(
-        (entry.outcome.as_str(), entry.error_code.as_deref(), entry.message.as_str()),
+        (
+            entry.outcome.as_str(),
+            entry.error_code.as_deref(),
+            entry.message.as_str()
+        ),
         ("failed", Some("engine_canary"), why)
     );
     // The latest sample carries the canary (the console shows it).
@@ -633,8 +637,14 @@ async fn a_failing_engine_canary_takes_a_ready_instance_out_until_it_passes() {
 
     // Fresh heartbeats and a passing probe do not bring it back while the
     // canary still fails.
-    send_ready_heartbeat(app, &token, id, 3, Some(canary(false, Some("HTTP 500: boom"), 3)))
-        .await;
+    send_ready_heartbeat(
+        app,
+        &token,
+        id,
+        3,
+        Some(canary(false, Some("HTTP 500: boom"), 3)),
+    )
+    .await;
     let health_runs = || async move {
         let body: serde_json::Value =
             expect_json(app.get("/api/v1/system/tasks").await, StatusCode::OK).await;
@@ -666,7 +676,8 @@ async fn a_failing_engine_canary_takes_a_ready_instance_out_until_it_passes() {
     assert!(
         events.iter().any(|e| e.action == "health.canary"
             && e.outcome == "success"
-            && e.message.starts_with("engine canary passes again (answered in 4 ms)")),
+            && e.message
+                .starts_with("engine canary passes again (answered in 4 ms)")),
         "{events:#?}"
     );
 }

@@ -288,7 +288,10 @@ mod tests {
     fn the_canary_timeout_must_fit_in_its_interval() {
         let ok = ControlConfig::default();
         assert!(ok.validate().is_ok());
-        assert_eq!((ok.canary_interval_ms, ok.canary_timeout_ms), (15_000, 10_000));
+        assert_eq!(
+            (ok.canary_interval_ms, ok.canary_timeout_ms),
+            (15_000, 10_000)
+        );
         let off = ControlConfig {
             canary_interval_ms: 0,
             canary_timeout_ms: 0,

@@ -337,11 +337,17 @@ mod tests {
     #[test]
     fn a_long_canary_error_is_cut() {
         let mut h = hb(1);
-        h.engine.canary = Some(canary(Some(3.0), Some(format!("HTTP 502: {}", "é".repeat(1_000)))));
+        h.engine.canary = Some(canary(
+            Some(3.0),
+            Some(format!("HTTP 502: {}", "é".repeat(1_000))),
+        ));
         validate_heartbeat(&mut h, ONE).unwrap();
         let err = h.engine.canary.unwrap().error.unwrap();
         assert_eq!(err.chars().count(), CanarySample::MAX_ERROR_CHARS + 1);
-        assert!(err.starts_with("HTTP 502: é") && err.ends_with('…'), "{err}");
+        assert!(
+            err.starts_with("HTTP 502: é") && err.ends_with('…'),
+            "{err}"
+        );
         // A short one is kept as it is.
         let mut h = hb(1);
         h.engine.canary = Some(canary(None, Some("no answer within 10 s".into())));

@@ -93,11 +93,7 @@ impl CanaryLoop {
         self.result.send_if_modified(|r| r.take().is_some());
     }
 
-    fn record(
-        &self,
-        outcome: Result<Duration, super::probe::CanaryFailure>,
-        timeout: Duration,
-    ) {
+    fn record(&self, outcome: Result<Duration, super::probe::CanaryFailure>, timeout: Duration) {
         let instance_id = self.instance_id;
         let previous = self.result.borrow().clone();
         let failures_before = previous.as_ref().map_or(0, |p| p.consecutive_failures);
@@ -218,7 +214,10 @@ mod tests {
         let f = probe.canary(t).await.unwrap_err();
         assert_eq!(f.reason, "no answer within 300 ms");
         assert_eq!(f.answered, None);
-        assert!(started.elapsed() < Duration::from_secs(2), "bounded by the timeout");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "bounded by the timeout"
+        );
 
         mode.store(FAIL_500, Ordering::SeqCst);
         let f = probe.canary(t).await.unwrap_err();
@@ -314,7 +313,10 @@ mod tests {
 
         // It answers again.
         mode.store(ANSWER, Ordering::SeqCst);
-        until(&mut result, "a pass again", |r| r.as_ref().is_some_and(|c| c.ok)).await;
+        until(&mut result, "a pass again", |r| {
+            r.as_ref().is_some_and(|c| c.ok)
+        })
+        .await;
         let ev = tokio::time::timeout(deadline, event_rx.recv())
             .await
             .unwrap()

@@ -29,7 +29,11 @@ async fn patch_engine(app: &TestApp, ip: IpAddr, body: Value) {
         .send()
         .await
         .expect("the simulator's admin API answers");
-    assert!(resp.status().is_success(), "PATCH {body}: {}", resp.status());
+    assert!(
+        resp.status().is_success(),
+        "PATCH {body}: {}",
+        resp.status()
+    );
 }
 
 /// Models the router lists to `key`.
@@ -98,28 +102,38 @@ async fn a_hung_engine_whose_health_answers_leaves_the_pool_and_returns() {
         .to_string();
 
     let id = app.create(1).await[0].id;
-    let ready = app.wait_status(&[id], S::Ready, Duration::from_secs(60)).await;
+    let ready = app
+        .wait_status(&[id], S::Ready, Duration::from_secs(60))
+        .await;
     let ip = ready[0].ip.expect("ready with an IP");
     // Routed to, and the canary passes.
-    wait_for("the router to list the model", Duration::from_secs(10), || {
-        let app = &app;
-        let key = &key;
-        async move {
-            routed_models(app, key)
-                .await
-                .contains(&MODEL.to_string())
-                .then_some(())
-        }
-    })
+    wait_for(
+        "the router to list the model",
+        Duration::from_secs(10),
+        || {
+            let app = &app;
+            let key = &key;
+            async move {
+                routed_models(app, key)
+                    .await
+                    .contains(&MODEL.to_string())
+                    .then_some(())
+            }
+        },
+    )
     .await;
     assert_eq!(complete(&app, &key).await, (StatusCode::OK, Some(id)));
-    wait_for("a passing canary in the latest sample", Duration::from_secs(10), || {
-        let app = &app;
-        async move {
-            let m = app.metrics(id).await.ok()?;
-            m.latest?.engine.canary.filter(|c| c.ok).map(|_| ())
-        }
-    })
+    wait_for(
+        "a passing canary in the latest sample",
+        Duration::from_secs(10),
+        || {
+            let app = &app;
+            async move {
+                let m = app.metrics(id).await.ok()?;
+                m.latest?.engine.canary.filter(|c| c.ok).map(|_| ())
+            }
+        },
+    )
     .await;
 
     // Every completion now waits ten minutes before a byte; /health is fine.
@@ -136,7 +150,11 @@ async fn a_hung_engine_whose_health_answers_leaves_the_pool_and_returns() {
         .send()
         .await
         .expect("/health answers");
-    assert_eq!(health.status(), StatusCode::OK, "the hang /health cannot see");
+    assert_eq!(
+        health.status(),
+        StatusCode::OK,
+        "the hang /health cannot see"
+    );
     let unhealthy = app
         .wait_status(&[id], S::Unhealthy, detection_deadline())
         .await;
@@ -203,16 +221,20 @@ async fn a_hung_engine_whose_health_answers_leaves_the_pool_and_returns() {
         "{:#?}",
         tl.events
     );
-    wait_for("the router to list the model again", Duration::from_secs(5), || {
-        let app = &app;
-        let key = &key;
-        async move {
-            routed_models(app, key)
-                .await
-                .contains(&MODEL.to_string())
-                .then_some(())
-        }
-    })
+    wait_for(
+        "the router to list the model again",
+        Duration::from_secs(5),
+        || {
+            let app = &app;
+            let key = &key;
+            async move {
+                routed_models(app, key)
+                    .await
+                    .contains(&MODEL.to_string())
+                    .then_some(())
+            }
+        },
+    )
     .await;
     assert_eq!(complete(&app, &key).await, (StatusCode::OK, Some(id)));
 }

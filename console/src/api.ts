@@ -119,6 +119,18 @@ export interface EngineSample {
   requests_running: number
   requests_waiting: number
   restarts: number
+  /** The engine canary (a real one-token completion); absent while off or the engine is not ready. */
+  canary?: CanarySample
+}
+
+export interface CanarySample {
+  ok: boolean
+  checked_at: string
+  /** Time to the engine's answer; absent when none came. */
+  latency_ms?: number
+  /** Why the latest check failed. */
+  error?: string
+  consecutive_failures: number
 }
 
 export interface Sample {

@@ -180,6 +180,30 @@ export function Detail({ id }: { id: string }) {
             </dd>
           </div>
           <div>
+            <dt>Engine canary</dt>
+            <dd data-testid="detail-canary">
+              {!metrics?.latest?.engine.canary ? (
+                <span class="muted">—</span>
+              ) : metrics.latest.engine.canary.ok ? (
+                <>
+                  <span class="badge badge-ok">answers</span>{' '}
+                  <span class="muted small">
+                    {metrics.latest.engine.canary.latency_ms === undefined ? '' : `${metrics.latest.engine.canary.latency_ms.toFixed(0)} ms · `}
+                    {ago(metrics.latest.engine.canary.checked_at, now)}
+                  </span>
+                </>
+              ) : (
+                <>
+                  <span class="badge badge-bad">failing</span>{' '}
+                  <span class="small">{metrics.latest.engine.canary.error ?? 'no reason given'}</span>{' '}
+                  <span class="muted small">
+                    ({metrics.latest.engine.canary.consecutive_failures}× · {ago(metrics.latest.engine.canary.checked_at, now)})
+                  </span>
+                </>
+              )}
+            </dd>
+          </div>
+          <div>
             <dt>Provider / zone</dt>
             <dd>
               {inst.provider} / {inst.zone}

@@ -4,8 +4,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gpufleet_domain::InstanceId;
-use gpufleet_proto::{AgentEventKind, EngineSample, EngineStatus, Heartbeat, SystemSample};
-use tokio::sync::watch;
+use gpufleet_proto::{
+    AgentEventKind, CanarySample, EngineSample, EngineStatus, Heartbeat, SystemSample,
+};
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +45,10 @@ pub struct HeartbeatLoop {
     pub stats: Arc<AgentStats>,
     /// The engine's counters at the previous heartbeat, for rates.
     pub last_counters: Option<(Instant, EngineGauges)>,
+    /// The engine canary's latest result ([`crate::engine::canary`]).
+    pub canary: watch::Receiver<Option<CanarySample>>,
+    /// Notified when the canary's verdict flips: beat now, not at the next tick.
+    pub beat_now: Arc<Notify>,
 }
 
 impl HeartbeatLoop {
@@ -56,6 +62,7 @@ impl HeartbeatLoop {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep_until(next) => {}
+                () = self.beat_now.notified() => {}
                 Some(_) = async { self.session.wait_token(&cancel).await }, if self.session.current_token().is_none() => {}
             }
             let tick = Instant::now();
@@ -73,6 +80,8 @@ impl HeartbeatLoop {
                     if let Some(ack) = ack {
                         self.session
                             .set_heartbeat_interval_ms(ack.heartbeat_interval_ms);
+                        self.session
+                            .set_canary_ms(ack.canary_interval_ms, ack.canary_timeout_ms);
                         if !ack.applied {
                             tracing::warn!(%instance_id, seq = hb.seq, "control plane ignored the heartbeat as stale");
                         }
@@ -170,6 +179,7 @@ impl HeartbeatLoop {
                 prompt_tokens_per_s: rates.prompt_tokens_per_s,
                 generation_tokens_per_s: rates.generation_tokens_per_s,
                 ttft_mean_s: rates.ttft_mean_s,
+                canary: self.canary.borrow().clone(),
             },
         }
     }
@@ -202,6 +212,8 @@ mod tests {
         Json(HeartbeatAck {
             applied: true,
             heartbeat_interval_ms: 0,
+            canary_interval_ms: 0,
+            canary_timeout_ms: 0,
         })
     }
     async fn event(State(r): State<Shared>, Json(ev): Json<AgentEvent>) -> Json<serde_json::Value> {
@@ -290,6 +302,8 @@ mod tests {
             started: Instant::now(),
             stats: stats.clone(),
             last_counters: None,
+            canary: watch::channel(None).1,
+            beat_now: Arc::default(),
         };
         tokio::spawn(hb_loop.run(cancel.clone()));
 

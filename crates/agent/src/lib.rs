@@ -15,8 +15,9 @@
 //!
 //! Tasks (each a small struct with `run(cancel)`):
 //! [`session::Registrar`] (token), [`events::deliver`] (event queue),
-//! [`heartbeat::HeartbeatLoop`], [`engine::supervisor::Supervisor`], and
-//! the HTTP [`server`].
+//! [`heartbeat::HeartbeatLoop`], [`engine::supervisor::Supervisor`],
+//! [`engine::canary::CanaryLoop`] (a real one-token completion every
+//! `canary_interval_ms` while the engine is ready), and the HTTP [`server`].
 
 mod backoff;
 mod client;
@@ -54,6 +55,7 @@ pub use error::AgentError;
 pub use gpu::{EngineLoad, GpuFault, GpuMode, GpuReading, GpuSampler, GpuThread, SimulatedGpus};
 
 use crate::config::{load_bootstrap, DataDir};
+use crate::engine::canary::CanaryLoop;
 use crate::engine::probe::EngineProbe;
 use crate::engine::supervisor::Supervisor;
 use crate::events::EventReporter;
@@ -169,6 +171,20 @@ pub async fn run_with(
         cancel.clone(),
     ));
     let env_client = client.clone();
+    let (canary_tx, canary_rx) = watch::channel(None);
+    let beat_now = Arc::new(tokio::sync::Notify::new());
+    tasks.spawn(
+        CanaryLoop {
+            instance_id,
+            probe: probe.clone(),
+            engine: engine_rx.clone(),
+            session: session.clone(),
+            events: events.clone(),
+            result: canary_tx,
+            beat_now: beat_now.clone(),
+        }
+        .run(cancel.clone()),
+    );
     tasks.spawn(
         HeartbeatLoop {
             instance_id,
@@ -183,6 +199,8 @@ pub async fn run_with(
             started,
             stats,
             last_counters: None,
+            canary: canary_rx,
+            beat_now,
         }
         .run(cancel.clone()),
     );

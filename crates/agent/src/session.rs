@@ -28,6 +28,10 @@ pub struct Session {
     token: watch::Sender<Option<String>>,
     interval_ms: AtomicU64,
     interval_override: bool,
+    /// The engine canary's period and timeout as the control plane asks
+    /// (0: off, until it says otherwise).
+    canary_interval_ms: AtomicU64,
+    canary_timeout_ms: AtomicU64,
 }
 
 impl Session {
@@ -39,7 +43,28 @@ impl Session {
                 interval_override_ms.unwrap_or(default_ms),
             )),
             interval_override: interval_override_ms.is_some(),
+            canary_interval_ms: AtomicU64::new(0),
+            canary_timeout_ms: AtomicU64::new(0),
         })
+    }
+
+    /// The engine canary's period and timeout; `None` while it is off.
+    pub fn canary(&self) -> Option<(Duration, Duration)> {
+        let interval = self.canary_interval_ms.load(Ordering::Relaxed);
+        let timeout = self.canary_timeout_ms.load(Ordering::Relaxed);
+        (interval > 0 && timeout > 0).then(|| {
+            (
+                Duration::from_millis(interval),
+                Duration::from_millis(timeout.min(interval)),
+            )
+        })
+    }
+
+    /// Adopts the canary settings the control plane sends (0: off).
+    pub fn set_canary_ms(&self, interval_ms: u64, timeout_ms: u64) {
+        self.canary_interval_ms
+            .store(interval_ms, Ordering::Relaxed);
+        self.canary_timeout_ms.store(timeout_ms, Ordering::Relaxed);
     }
 
     pub fn current_token(&self) -> Option<String> {
@@ -143,7 +168,9 @@ impl Registrar {
                 Ok(resp) => {
                     self.session
                         .set_heartbeat_interval_ms(resp.heartbeat_interval_ms);
-                    tracing::info!(%instance_id, heartbeat_interval_ms = resp.heartbeat_interval_ms, "registered with the control plane");
+                    self.session
+                        .set_canary_ms(resp.canary_interval_ms, resp.canary_timeout_ms);
+                    tracing::info!(%instance_id, heartbeat_interval_ms = resp.heartbeat_interval_ms, canary_interval_ms = resp.canary_interval_ms, "registered with the control plane");
                     break resp.token;
                 }
                 Err(e @ CallError::Unreachable(_)) => {

@@ -86,6 +86,8 @@ async fn register(
     Ok(Json(RegisterResponse {
         token,
         heartbeat_interval_ms: 100,
+        canary_interval_ms: 0,
+        canary_timeout_ms: 0,
     }))
 }
 
@@ -103,6 +105,8 @@ async fn heartbeat(
     Ok(Json(HeartbeatAck {
         applied,
         heartbeat_interval_ms: 100,
+        canary_interval_ms: 0,
+        canary_timeout_ms: 0,
     }))
 }
 

@@ -534,6 +534,154 @@ async fn a_ready_instance_whose_agent_vouches_for_it_is_still_probed() {
     .await;
 }
 
+fn canary(ok: bool, error: Option<&str>, n: u32) -> gpufleet_proto::CanarySample {
+    gpufleet_proto::CanarySample {
+        ok,
+        checked_at: chrono::Utc::now(),
+        latency_ms: ok.then_some(4.0),
+        error: error.map(String::from),
+        consecutive_failures: n,
+    }
+}
+
+async fn send_ready_heartbeat(
+    app: &TestApp,
+    token: &str,
+    id: InstanceId,
+    seq: u64,
+    canary: Option<gpufleet_proto::CanarySample>,
+) {
+    let mut hb = heartbeat(id, seq);
+    hb.engine.status = gpufleet_proto::EngineStatus::Ready;
+    hb.engine.canary = canary;
+    let resp = app
+        .client
+        .post(app.url(paths::HEARTBEAT))
+        .bearer_auth(token)
+        .json(&hb)
+        .send()
+        .await
+        .unwrap();
+    let ack: HeartbeatAck = expect_json(resp, StatusCode::OK).await;
+    assert!(ack.applied);
+    // The canary settings reach agents that kept their token, too.
+    assert_eq!(
+        (ack.canary_interval_ms, ack.canary_timeout_ms),
+        (15_000, 10_000)
+    );
+}
+
+async fn timeline_of(app: &TestApp, id: InstanceId) -> Vec<TimelineEntryView> {
+    let tl: Timeline = expect_json(
+        app.get(&format!("/api/v1/instances/{id}/events")).await,
+        StatusCode::OK,
+    )
+    .await;
+    tl.events
+}
+
+/// A ready instance whose heartbeat says the engine canary failed turns
+/// unhealthy with the canary's reason on its timeline, though its agent's
+/// /readyz still answers; it is ready again once the canary passes.
+#[tokio::test]
+async fn a_failing_engine_canary_takes_a_ready_instance_out_until_it_passes() {
+    let app = TestApp::spawn().await;
+    app.agents_ready
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let id = app.create(1).await[0].id;
+    let token = app.register_agent(id).await;
+    send_ready_heartbeat(&app, &token, id, 1, Some(canary(true, None, 0))).await;
+    let app = &app;
+    wait_for("instance ready", || async move {
+        (app.instance(id).await.status == InstanceStatus::Ready).then_some(())
+    })
+    .await;
+
+    // The engine hangs; /readyz (the fake agent) still says ready.
+    let failing = canary(false, Some("no answer within 10 s"), 2);
+    send_ready_heartbeat(app, &token, id, 2, Some(failing)).await;
+    let inst = wait_for("instance unhealthy", || async move {
+        let i = app.instance(id).await;
+        (i.status == InstanceStatus::Unhealthy).then_some(i)
+    })
+    .await;
+    let why = "engine canary failed: no answer within 10 s (2 checks in a row)";
+    assert_eq!(
+        inst.status_message.as_deref(),
+        Some(format!("unhealthy: {why}").as_str())
+    );
+    let events = timeline_of(app, id).await;
+    let entry = events
+        .iter()
+        .find(|e| e.action == "health.canary")
+        .expect("the canary failure on the timeline");
+    assert_eq!(
+        (
+            entry.outcome.as_str(),
+            entry.error_code.as_deref(),
+            entry.message.as_str()
+        ),
+        ("failed", Some("engine_canary"), why)
+    );
+    // The latest sample carries the canary (the console shows it).
+    let m: InstanceMetrics = expect_json(
+        app.get(&format!("/api/v1/instances/{id}/metrics")).await,
+        StatusCode::OK,
+    )
+    .await;
+    let latest = m.latest.expect("a latest sample");
+    assert_eq!(
+        latest.engine.canary.and_then(|c| c.error).as_deref(),
+        Some("no answer within 10 s")
+    );
+
+    // Fresh heartbeats and a passing probe do not bring it back while the
+    // canary still fails.
+    send_ready_heartbeat(
+        app,
+        &token,
+        id,
+        3,
+        Some(canary(false, Some("HTTP 500: boom"), 3)),
+    )
+    .await;
+    let health_runs = || async move {
+        let body: serde_json::Value =
+            expect_json(app.get("/api/v1/system/tasks").await, StatusCode::OK).await;
+        body["tasks"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["name"] == "health"))
+            .and_then(|t| t["runs"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = health_runs().await;
+    wait_for("three more Health passes", || async move {
+        (health_runs().await >= before + 3).then_some(())
+    })
+    .await;
+    assert_eq!(app.instance(id).await.status, InstanceStatus::Unhealthy);
+
+    // The canary passes again: ready, and the timeline says why.
+    send_ready_heartbeat(app, &token, id, 4, Some(canary(true, None, 0))).await;
+    let inst = wait_for("instance ready again", || async move {
+        let i = app.instance(id).await;
+        (i.status == InstanceStatus::Ready).then_some(i)
+    })
+    .await;
+    assert_eq!(
+        inst.status_message.as_deref(),
+        Some("healthy again: engine canary passes")
+    );
+    let events = timeline_of(app, id).await;
+    assert!(
+        events.iter().any(|e| e.action == "health.canary"
+            && e.outcome == "success"
+            && e.message
+                .starts_with("engine canary passes again (answered in 4 ms)")),
+        "{events:#?}"
+    );
+}
+
 #[tokio::test]
 async fn system_tasks_lists_the_reconcilers() {
     let app = TestApp::spawn().await;

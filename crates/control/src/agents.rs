@@ -149,6 +149,8 @@ impl AgentService {
         Ok(RegisterResponse {
             token,
             heartbeat_interval_ms: self.inner.config.heartbeat_interval_ms,
+            canary_interval_ms: self.inner.config.canary_interval_ms,
+            canary_timeout_ms: self.inner.config.canary_timeout_ms,
         })
     }
 
@@ -187,6 +189,8 @@ impl AgentService {
         Ok(HeartbeatAck {
             applied,
             heartbeat_interval_ms: self.inner.config.heartbeat_interval_ms,
+            canary_interval_ms: self.inner.config.canary_interval_ms,
+            canary_timeout_ms: self.inner.config.canary_timeout_ms,
         })
     }
 
@@ -254,12 +258,7 @@ impl AgentService {
                 })
                 .await?;
         }
-        if hb.engine.status == EngineStatus::Ready
-            && matches!(
-                rec.status,
-                InstanceStatus::Starting | InstanceStatus::Unhealthy
-            )
-        {
+        if wakes_health(&rec, hb) {
             self.inner.waker.wake(TaskName::Health);
         }
         if rec.status == InstanceStatus::Booting {
@@ -348,6 +347,8 @@ impl AgentService {
             AgentEventKind::EngineRestarting => ("agent.engine_restarting", Outcome::InProgress),
             AgentEventKind::GpuFault => ("agent.gpu_fault", Outcome::Failed),
             AgentEventKind::GpuRecovered => ("agent.gpu_recovered", Outcome::Success),
+            AgentEventKind::EngineCanaryFailed => ("agent.engine_canary_failed", Outcome::Failed),
+            AgentEventKind::EngineCanaryPassed => ("agent.engine_canary_passed", Outcome::Success),
         };
         let mut e = timeline::entry(
             agent,
@@ -360,6 +361,7 @@ impl AgentService {
         match ev.kind {
             AgentEventKind::EngineExited => e = e.error_code("engine_exited"),
             AgentEventKind::GpuFault => e = e.error_code("gpu_fault"),
+            AgentEventKind::EngineCanaryFailed => e = e.error_code("engine_canary"),
             _ => {}
         }
         self.inner.store.append_events(&[e]).await?;
@@ -509,10 +511,20 @@ fn routine(rec: &InstanceRecord, hb: &Heartbeat) -> bool {
         EngineStatus::Starting | EngineStatus::Ready
     );
     let milestone = engine_up && !rec.milestones.engine_started && !rec.status.is_terminal();
-    let wake_health = hb.engine.status == EngineStatus::Ready
-        && matches!(
-            rec.status,
-            InstanceStatus::Starting | InstanceStatus::Unhealthy
-        );
-    !recoverable && !milestone && !wake_health && rec.status != InstanceStatus::Booting
+    !recoverable && !milestone && !wakes_health(rec, hb) && rec.status != InstanceStatus::Booting
+}
+
+/// Whether `hb` may change what Health decides for `rec`, so Health runs
+/// now rather than at its next period: an engine ready while the instance
+/// is starting or unhealthy (unless its canary fails), or a failing canary
+/// while it is ready. (`rec` may be the last published record: heartbeats
+/// change no generation, so its canary is never read from it.)
+fn wakes_health(rec: &InstanceRecord, hb: &Heartbeat) -> bool {
+    let canary_fails = hb.engine.canary.as_ref().is_some_and(|c| !c.ok);
+    match rec.status {
+        InstanceStatus::Starting => hb.engine.status == EngineStatus::Ready,
+        InstanceStatus::Unhealthy => hb.engine.status == EngineStatus::Ready && !canary_fails,
+        InstanceStatus::Ready => canary_fails,
+        _ => false,
+    }
 }

@@ -56,6 +56,13 @@ pub struct ControlConfig {
     /// How often a ready instance whose heartbeats are fresh and report its
     /// engine ready is probed (any other instance: every pass).
     pub ready_probe_interval_ms: u64,
+    /// How often each agent checks its ready engine with a real one-token
+    /// completion (the engine canary); 0 turns it off. A ready instance
+    /// whose latest heartbeat says the canary failed turns unhealthy (a
+    /// hung engine can still answer `/health`).
+    pub canary_interval_ms: u64,
+    /// How long one canary request may take; below `canary_interval_ms`.
+    pub canary_timeout_ms: u64,
     /// Longest a draining instance waits for in-flight requests.
     pub drain_timeout_secs: u64,
     /// Largest `count` of one create request.
@@ -72,6 +79,30 @@ pub struct ControlConfig {
     pub metrics_rollup_interval_ms: u64,
     /// Batched heartbeat ingestion (`[control.ingest]`).
     pub ingest: IngestConfig,
+}
+
+impl ControlConfig {
+    /// Settings that cannot work together; the error names the field.
+    pub fn validate(&self) -> Result<(), crate::ControlError> {
+        if self.canary_interval_ms > 0 {
+            if self.canary_timeout_ms == 0 {
+                return Err(crate::ControlError::invalid(
+                    "canary_timeout_ms",
+                    "must be above 0 while the canary is on (canary_interval_ms > 0)",
+                ));
+            }
+            if self.canary_timeout_ms >= self.canary_interval_ms {
+                return Err(crate::ControlError::invalid(
+                    "canary_timeout_ms",
+                    format!(
+                        "must be below canary_interval_ms ({} ms), got {} ms",
+                        self.canary_interval_ms, self.canary_timeout_ms
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The heartbeat writer: heartbeats queue in a bounded channel and are
@@ -124,6 +155,8 @@ impl Default for ControlConfig {
             lease_ttl_ms: 3_000,
             probe_timeout_ms: 2_000,
             ready_probe_interval_ms: 10_000,
+            canary_interval_ms: 15_000,
+            canary_timeout_ms: 10_000,
             drain_timeout_secs: 30,
             max_instances_per_request: 100,
             agent_port: gpufleet_proto::DEFAULT_AGENT_PORT,
@@ -244,5 +277,39 @@ impl ModelSpec {
                 150_000,
             ),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_canary_timeout_must_fit_in_its_interval() {
+        let ok = ControlConfig::default();
+        assert!(ok.validate().is_ok());
+        assert_eq!(
+            (ok.canary_interval_ms, ok.canary_timeout_ms),
+            (15_000, 10_000)
+        );
+        let off = ControlConfig {
+            canary_interval_ms: 0,
+            canary_timeout_ms: 0,
+            ..ControlConfig::default()
+        };
+        assert!(off.validate().is_ok(), "off: the timeout does not matter");
+        for (interval, timeout) in [(1_000, 1_000), (1_000, 5_000), (1_000, 0)] {
+            let bad = ControlConfig {
+                canary_interval_ms: interval,
+                canary_timeout_ms: timeout,
+                ..ControlConfig::default()
+            };
+            match bad.validate() {
+                Err(crate::ControlError::InvalidInput { field, .. }) => {
+                    assert_eq!(field, "canary_timeout_ms")
+                }
+                other => panic!("{interval}/{timeout}: {other:?}"),
+            }
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! What a heartbeat may say: the one place its figures are checked before
 //! they are stored. Pure (no I/O, no clock).
 
-use gpufleet_proto::Heartbeat;
+use gpufleet_proto::{CanarySample, Heartbeat};
 
 /// A heartbeat refused: `field` is its JSON path, e.g. `gpus[0].util_pct`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -65,6 +65,8 @@ fn non_negative_opt(field: &str, v: Option<f64>) -> Result<(), HeartbeatRejected
 /// | `gpus[i].temp_c`, `mem_temp_c`, `power_w`, `power_limit_w`, `power_mgmt_limit_w` | reject < 0 (power above its limit is real, briefly, and kept) |
 /// | `engine.requests_running/waiting`, tokens per s, `ttft_mean_s` | reject < 0 |
 /// | `engine.kv_cache_usage` | reject < 0; clamp to 1 (a fraction; engines overshoot while preempting) |
+/// | `engine.canary.latency_ms` | reject < 0 |
+/// | `engine.canary.error` | cut to [`CanarySample::MAX_ERROR_CHARS`] characters |
 /// | `gpus` (the count) | reject a non-zero count that differs both from the instance's previous sample and from its catalog type's GPU count; zero GPUs (the agent could not read them) is accepted |
 ///
 /// A rejected heartbeat is not stored at all; a clamped one is stored clamped.
@@ -169,6 +171,15 @@ pub fn validate_heartbeat(
     non_negative_opt("engine.prompt_tokens_per_s", e.prompt_tokens_per_s)?;
     non_negative_opt("engine.generation_tokens_per_s", e.generation_tokens_per_s)?;
     non_negative_opt("engine.ttft_mean_s", e.ttft_mean_s)?;
+    if let Some(c) = &mut e.canary {
+        non_negative_opt("engine.canary.latency_ms", c.latency_ms)?;
+        if let Some(err) = &mut c.error {
+            if let Some((cut, _)) = err.char_indices().nth(CanarySample::MAX_ERROR_CHARS) {
+                err.truncate(cut);
+                err.push('…');
+            }
+        }
+    }
     Ok(())
 }
 
@@ -220,6 +231,7 @@ mod tests {
                 prompt_tokens_per_s: Some(1.0),
                 generation_tokens_per_s: Some(1.0),
                 ttft_mean_s: Some(0.1),
+                canary: None,
             },
         }
     }
@@ -288,6 +300,9 @@ mod tests {
             ("engine.kv_cache_usage", |h| {
                 h.engine.kv_cache_usage = Some(-0.5)
             }),
+            ("engine.canary.latency_ms", |h| {
+                h.engine.canary = Some(canary(Some(-1.0), None))
+            }),
         ];
         for (field, mutate) in cases {
             let mut h = hb(1);
@@ -307,6 +322,38 @@ mod tests {
             .as_deref(),
             Some("gpus[1].index")
         );
+    }
+
+    fn canary(latency_ms: Option<f64>, error: Option<String>) -> CanarySample {
+        CanarySample {
+            ok: error.is_none(),
+            checked_at: Utc::now(),
+            latency_ms,
+            error,
+            consecutive_failures: 0,
+        }
+    }
+
+    #[test]
+    fn a_long_canary_error_is_cut() {
+        let mut h = hb(1);
+        h.engine.canary = Some(canary(
+            Some(3.0),
+            Some(format!("HTTP 502: {}", "é".repeat(1_000))),
+        ));
+        validate_heartbeat(&mut h, ONE).unwrap();
+        let err = h.engine.canary.unwrap().error.unwrap();
+        assert_eq!(err.chars().count(), CanarySample::MAX_ERROR_CHARS + 1);
+        assert!(
+            err.starts_with("HTTP 502: é") && err.ends_with('…'),
+            "{err}"
+        );
+        // A short one is kept as it is.
+        let mut h = hb(1);
+        h.engine.canary = Some(canary(None, Some("no answer within 10 s".into())));
+        let before = h.clone();
+        validate_heartbeat(&mut h, ONE).unwrap();
+        assert_eq!(h, before);
     }
 
     #[test]

@@ -55,6 +55,7 @@ impl ControlPlane {
         providers: ProviderRegistry,
         config: ControlConfig,
     ) -> Result<ControlPlane, ControlError> {
+        config.validate()?;
         let cluster_id = store.cluster_id().await?;
         let bootstrap = BootstrapKey::new(store.secret_key().await?);
         let config = Arc::new(config);

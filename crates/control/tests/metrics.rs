@@ -59,6 +59,7 @@ fn heartbeat(id: InstanceId, seq: u64, util: f64) -> Heartbeat {
             prompt_tokens_per_s: None,
             generation_tokens_per_s: None,
             ttft_mean_s: None,
+            canary: None,
         },
     }
 }

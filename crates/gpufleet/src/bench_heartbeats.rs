@@ -286,6 +286,7 @@ fn heartbeat(id: InstanceId, seq: u64, gpus: u32, phase: f64) -> Heartbeat {
             prompt_tokens_per_s: Some(900.0),
             generation_tokens_per_s: Some(300.0),
             ttft_mean_s: Some(0.12),
+            canary: None,
         },
     }
 }

@@ -161,6 +161,14 @@ pub struct RegisterRequest {
 pub struct RegisterResponse {
     pub token: String,
     pub heartbeat_interval_ms: u64,
+    /// How often the agent checks its engine with a real one-token
+    /// completion ([`CanarySample`]); 0 (or absent: an older control plane)
+    /// turns the canary off.
+    #[serde(default)]
+    pub canary_interval_ms: u64,
+    /// How long one canary request may take before it counts as failed.
+    #[serde(default)]
+    pub canary_timeout_ms: u64,
 }
 
 /// `POST /internal/v1/agent/engine-env` (empty body): the environment the
@@ -353,6 +361,40 @@ pub struct EngineSample {
     /// (from the `vllm:time_to_first_token_seconds` histogram's sum and count).
     #[serde(default)]
     pub ttft_mean_s: Option<f64>,
+    /// The latest engine canary: a real one-token completion the agent
+    /// sends every `canary_interval_ms` while the engine is ready. Absent
+    /// while the canary is off or the engine is not ready (starting,
+    /// restarting), and from older agents. Kept for an instance's latest
+    /// heartbeat only, not in its history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySample>,
+}
+
+/// The result of the engine canary: `POST /v1/completions` with
+/// `max_tokens: 1`, answered within `canary_timeout_ms`. A hung engine can
+/// still answer `/health`; only a real request shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CanarySample {
+    /// The latest check passed: a 2xx answer with one choice in time.
+    pub ok: bool,
+    /// When the latest check ended.
+    pub checked_at: DateTime<Utc>,
+    /// Time to the engine's answer, in milliseconds; absent when none came
+    /// (timeout, connection error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+    /// Why the latest check failed, e.g. `no answer within 10 s`,
+    /// `HTTP 500: ...`, `cannot connect to the engine: ...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Failed checks in a row (0 when the latest passed).
+    #[serde(default)]
+    pub consecutive_failures: u32,
+}
+
+impl CanarySample {
+    /// Longest `error` kept (a proxy's HTML page is not worth more).
+    pub const MAX_ERROR_CHARS: usize = 300;
 }
 
 /// `POST /internal/v1/agent/heartbeat`.
@@ -378,6 +420,12 @@ pub struct HeartbeatAck {
     /// False when the heartbeat was stale (an older `seq`) and ignored.
     pub applied: bool,
     pub heartbeat_interval_ms: u64,
+    /// As in [`RegisterResponse`] (an agent that kept its token learns the
+    /// canary settings here); absent from older control planes: off.
+    #[serde(default)]
+    pub canary_interval_ms: u64,
+    #[serde(default)]
+    pub canary_timeout_ms: u64,
 }
 
 /// Something the agent wants on the instance timeline.
@@ -401,6 +449,12 @@ pub enum AgentEventKind {
     GpuFault,
     /// GPU figures are read again after a [`AgentEventKind::GpuFault`].
     GpuRecovered,
+    /// The engine canary failed after passing (or on its first check).
+    /// Sent only when the control plane turned the canary on, so never to
+    /// a control plane that does not know the kind.
+    EngineCanaryFailed,
+    /// The engine canary passes again after [`AgentEventKind::EngineCanaryFailed`].
+    EngineCanaryPassed,
 }
 
 /// The agent's `GET /info`.
@@ -455,6 +509,48 @@ mod tests {
         assert_eq!(j["sm_clock_mhz"], 1980);
         assert_eq!(j["throttle_reasons"][0], "sw_power_cap");
         assert_eq!(serde_json::from_value::<GpuSample>(j).unwrap(), full);
+    }
+
+    #[test]
+    fn the_canary_is_additive() {
+        // An older agent's engine sample (no canary) still parses...
+        let old = serde_json::json!({
+            "status": "ready", "requests_running": 0.0, "requests_waiting": 0.0,
+            "restarts": 0, "kv_cache_usage": null, "prompt_tokens_per_s": null,
+            "generation_tokens_per_s": null, "ttft_mean_s": null
+        });
+        let e: EngineSample = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(e.canary, None);
+        // ...and without a canary the JSON is what it was.
+        assert_eq!(serde_json::to_value(&e).unwrap(), old);
+        let failing = EngineSample {
+            canary: Some(CanarySample {
+                ok: false,
+                checked_at: Utc::now(),
+                latency_ms: None,
+                error: Some("no answer within 10 s".into()),
+                consecutive_failures: 2,
+            }),
+            ..e
+        };
+        let j = serde_json::to_value(&failing).unwrap();
+        assert_eq!(j["canary"]["error"], "no answer within 10 s");
+        assert!(j["canary"].get("latency_ms").is_none());
+        assert_eq!(serde_json::from_value::<EngineSample>(j).unwrap(), failing);
+    }
+
+    #[test]
+    fn an_older_control_plane_turns_the_canary_off() {
+        let r: RegisterResponse = serde_json::from_value(
+            serde_json::json!({"token": "t", "heartbeat_interval_ms": 5000}),
+        )
+        .unwrap();
+        assert_eq!((r.canary_interval_ms, r.canary_timeout_ms), (0, 0));
+        let a: HeartbeatAck = serde_json::from_value(
+            serde_json::json!({"applied": true, "heartbeat_interval_ms": 5000}),
+        )
+        .unwrap();
+        assert_eq!((a.canary_interval_ms, a.canary_timeout_ms), (0, 0));
     }
 
     #[test]

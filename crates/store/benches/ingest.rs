@@ -84,6 +84,7 @@ fn heartbeat(id: InstanceId, seq: u64, at: DateTime<Utc>, x: f64) -> Heartbeat {
             prompt_tokens_per_s: Some(800.0),
             generation_tokens_per_s: Some(150.0 + x),
             ttft_mean_s: Some(0.08),
+            canary: None,
         },
     }
 }

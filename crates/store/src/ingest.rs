@@ -34,6 +34,8 @@ struct Prepared<'a> {
     disk_total: i64,
     gpu_source: String,
     engine_status: String,
+    /// JSON of the engine canary (`instances.engine_canary`), if any.
+    canary: Option<String>,
     gpus: Vec<(i64, i64, i64)>,
 }
 
@@ -70,6 +72,7 @@ fn prepare(
             e.prompt_tokens_per_s,
             e.generation_tokens_per_s,
             e.ttft_mean_s,
+            e.canary.as_ref().and_then(|c| c.latency_ms),
         ]
         .into_iter()
         .all(finite_opt)
@@ -102,6 +105,12 @@ fn prepare(
         disk_total: to_i64(s.disk_total_bytes, "disk_total_bytes")?,
         gpu_source: serde_enum_text(&hb.gpu_source)?,
         engine_status: serde_enum_text(&e.status)?,
+        canary: e
+            .canary
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|_| unencodable("the engine canary"))?,
         gpus: hb
             .gpus
             .iter()
@@ -247,11 +256,12 @@ impl Store {
             rest = tail;
             let sql = format!(
                 "UPDATE instances SET last_heartbeat_seq = v.column2, \
-                 last_heartbeat_at = v.column3, engine_status = v.column4 \
+                 last_heartbeat_at = v.column3, engine_status = v.column4, \
+                 engine_canary = v.column5 \
                  FROM (VALUES {}) AS v \
                  WHERE instances.id = v.column1 AND (instances.last_heartbeat_seq IS NULL \
                  OR instances.last_heartbeat_seq < v.column2)",
-                values_placeholders(self.backend, n, 4, 1)
+                values_placeholders(self.backend, n, 5, 1)
             );
             let mut q = sqlx::query(&sql);
             for p in chunk {
@@ -259,7 +269,8 @@ impl Store {
                     .bind(p.id.as_str())
                     .bind(p.seq)
                     .bind(p.at)
-                    .bind(p.engine_status.as_str());
+                    .bind(p.engine_status.as_str())
+                    .bind(p.canary.as_deref());
             }
             q.execute(&mut *tx).await?;
         }

@@ -5,7 +5,7 @@ use crate::rows::RowReader;
 use crate::staging::{part_filter, raw_rows, Raw, GPU_COLUMNS, SAMPLE_COLUMNS};
 use crate::{SampleRecord, Store, StoreError};
 use gpufleet_domain::{InstanceId, InstanceStatus};
-use gpufleet_proto::{EngineSample, GpuSample, SystemSample};
+use gpufleet_proto::{CanarySample, EngineSample, GpuSample, SystemSample};
 use std::collections::HashMap;
 
 impl Store {
@@ -64,7 +64,52 @@ impl Store {
                 s.gpus = gpus;
             }
         }
+        // The engine canary is kept for the latest heartbeat only.
+        let canary: Option<(Option<i64>, Option<String>)> =
+            sqlx::query_as("SELECT last_heartbeat_seq, engine_canary FROM instances WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await?;
+        if let (Some((Some(seq), text)), Some(newest)) = (canary, samples.first_mut()) {
+            if seq == newest.seq {
+                newest.engine.canary = canary_of(text, &id_text);
+            }
+        }
         Ok(samples)
+    }
+
+    /// The engine canary of the latest heartbeat of every instance in one
+    /// of `statuses` whose latest heartbeat carried one.
+    pub async fn engine_canaries(
+        &self,
+        statuses: &[InstanceStatus],
+    ) -> Result<HashMap<InstanceId, CanarySample>, StoreError> {
+        if statuses.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let sql = format!(
+            "SELECT id, engine_canary FROM instances \
+             WHERE engine_canary IS NOT NULL AND status IN ({})",
+            statuses
+                .iter()
+                .map(|s| format!("'{}'", s.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let rows: Vec<(String, Option<String>)> =
+            sqlx::query_as(&sql).fetch_all(&self.pool).await?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for (id, text) in rows {
+            let Ok(parsed) = id.parse::<InstanceId>() else {
+                return Err(crate::rows::corrupt(format!(
+                    "instances row {id}: column id"
+                )));
+            };
+            if let Some(c) = canary_of(text, &id) {
+                out.insert(parsed, c);
+            }
+        }
+        Ok(out)
     }
 
     /// The latest stored sample (with its GPUs) of every instance in one of
@@ -89,9 +134,9 @@ impl Store {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let joined = |table: &str, cols: &str, order: &str| {
+        let joined = |table: &str, cols: &str, extra: &str, order: &str| {
             format!(
-                "SELECT {} FROM instances i JOIN {table} r \
+                "SELECT {}{extra} FROM instances i JOIN {table} r \
                  ON r.instance_id = i.id AND r.seq = i.last_heartbeat_seq \
                  WHERE i.status IN ({wanted}){order}",
                 prefixed(cols)
@@ -99,16 +144,25 @@ impl Store {
         };
         let mut samples = Vec::new();
         for table in [Raw::System.table(), Raw::System.staging()] {
-            for row in sqlx::query(&joined(table, SAMPLE_COLUMNS, ""))
-                .fetch_all(&self.pool)
-                .await?
+            for row in sqlx::query(&joined(
+                table,
+                SAMPLE_COLUMNS,
+                ", i.engine_canary AS engine_canary",
+                "",
+            ))
+            .fetch_all(&self.pool)
+            .await?
             {
-                samples.push(sample_row(&row, "latest samples")?);
+                let mut sample = sample_row(&row, "latest samples")?;
+                let text: Option<String> =
+                    RowReader::new(&row, "latest samples").get("engine_canary")?;
+                sample.engine.canary = canary_of(text, &sample.instance_id.to_string());
+                samples.push(sample);
             }
         }
         let mut gpus: HashMap<(String, i64), Vec<GpuSample>> = HashMap::new();
         for table in [Raw::Gpu.table(), Raw::Gpu.staging()] {
-            for row in sqlx::query(&joined(table, GPU_COLUMNS, " ORDER BY r.gpu_index"))
+            for row in sqlx::query(&joined(table, GPU_COLUMNS, "", " ORDER BY r.gpu_index"))
                 .fetch_all(&self.pool)
                 .await?
             {
@@ -122,6 +176,19 @@ impl Store {
             }
         }
         Ok(samples)
+    }
+}
+
+/// The stored engine canary (JSON); one this version cannot read is
+/// logged and left out rather than failing the read.
+fn canary_of(text: Option<String>, whose: &str) -> Option<CanarySample> {
+    let text = text?;
+    match serde_json::from_str(&text) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(instance_id = whose, error = %e, "unreadable engine canary in instances.engine_canary; ignored");
+            None
+        }
     }
 }
 
@@ -157,6 +224,8 @@ fn sample_row(row: &sqlx::any::AnyRow, whose: &str) -> Result<SampleRecord, Stor
             prompt_tokens_per_s: r.get("prompt_tokens_per_s")?,
             generation_tokens_per_s: r.get("generation_tokens_per_s")?,
             ttft_mean_s: r.get("ttft_mean_s")?,
+            // Not in history; see `instances.engine_canary`.
+            canary: None,
         },
     })
 }

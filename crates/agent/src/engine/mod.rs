@@ -1,6 +1,8 @@
 //! The inference engine: how it is launched ([`EngineLauncher`]), probed
-//! ([`probe`]) and kept running ([`supervisor`]).
+//! ([`probe`]), checked with real requests ([`canary`]) and kept running
+//! ([`supervisor`]).
 
+pub mod canary;
 mod launch;
 pub mod probe;
 pub mod supervisor;

@@ -1,4 +1,4 @@
-//! Talking to the engine over HTTP: readiness and metrics.
+//! Talking to the engine over HTTP: readiness, metrics and the canary.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
@@ -39,6 +39,53 @@ pub enum ProbeError {
     BadModels(#[source] reqwest::Error),
     #[error("engine does not list model {0}")]
     ModelMissing(String),
+}
+
+/// Why the canary failed, readable on the instance's timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CanaryFailure {
+    /// e.g. `no answer within 10 s`, `HTTP 500: ...`,
+    /// `cannot connect to the engine: ...`.
+    pub reason: String,
+    /// Time to the answer, when one came.
+    pub answered: Option<Duration>,
+}
+
+impl CanaryFailure {
+    fn request(e: reqwest::Error, timeout: Duration) -> Self {
+        let reason = if e.is_timeout() {
+            format!("no answer within {}", human(timeout))
+        } else if e.is_connect() {
+            format!("cannot connect to the engine: {}", root_cause(&e))
+        } else {
+            format!("request failed: {}", root_cause(&e))
+        };
+        Self {
+            reason,
+            answered: None,
+        }
+    }
+}
+
+/// The innermost error (reqwest's own text says little: "error sending request").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// `10 s`, `500 ms`, `1.5 s`.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms.is_multiple_of(1000) {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
 }
 
 impl EngineProbe {
@@ -113,6 +160,66 @@ impl EngineProbe {
             Ok(())
         } else {
             Err(ProbeError::ModelMissing(self.model.to_string()))
+        }
+    }
+
+    /// The engine canary: one real completion of one token, over the same
+    /// client as the other probes (mutual TLS included), answered within
+    /// `timeout`. Ok: the time to the answer. A hung engine can still
+    /// answer `/health`; this cannot pass without the model running.
+    pub async fn canary(&self, timeout: Duration) -> Result<Duration, CanaryFailure> {
+        let (http, url) = {
+            let t = self.target.read().unwrap_or_else(|p| p.into_inner());
+            (t.http.clone(), format!("{}/v1/completions", t.base))
+        };
+        let body = serde_json::json!({
+            "model": self.model.as_str(),
+            "prompt": "ping",
+            "max_tokens": 1,
+            "temperature": 0,
+        });
+        let started = tokio::time::Instant::now();
+        let call = async {
+            let resp = http
+                .post(url)
+                .json(&body)
+                .timeout(timeout)
+                .send()
+                .await
+                .map_err(|e| CanaryFailure::request(e, timeout))?;
+            let status = resp.status();
+            let answered = started.elapsed();
+            let text = resp.text().await.map_err(|e| CanaryFailure {
+                answered: Some(answered),
+                ..CanaryFailure::request(e, timeout)
+            })?;
+            let fail = |reason: String| CanaryFailure {
+                reason,
+                answered: Some(answered),
+            };
+            if !status.is_success() {
+                let excerpt: String = text.trim().chars().take(200).collect();
+                return Err(fail(if excerpt.is_empty() {
+                    format!("HTTP {}", status.as_u16())
+                } else {
+                    format!("HTTP {}: {excerpt}", status.as_u16())
+                }));
+            }
+            let answer: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| fail(format!("the answer is not JSON: {e}")))?;
+            match answer["choices"].as_array().map(Vec::len) {
+                Some(n) if n > 0 => Ok(answered),
+                Some(_) => Err(fail("the answer has no choice".into())),
+                None => Err(fail("the answer is not a completion (no choices)".into())),
+            }
+        };
+        // Belt and braces: the request's own timeout covers the body too.
+        match tokio::time::timeout(timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(CanaryFailure {
+                reason: format!("no answer within {}", human(timeout)),
+                answered: None,
+            }),
         }
     }
 

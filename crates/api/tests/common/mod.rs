@@ -366,6 +366,7 @@ pub fn heartbeat(id: InstanceId, seq: u64) -> gpufleet_proto::Heartbeat {
             prompt_tokens_per_s: None,
             generation_tokens_per_s: None,
             ttft_mean_s: None,
+            canary: None,
         },
     }
 }

@@ -12,7 +12,13 @@
 //!   are fresh and report the engine ready, and its last probe passed, a
 //!   ready instance is probed only every `ready_probe_interval_ms` (a fleet
 //!   of a thousand would otherwise be probed a thousand times a second).
-//! - `unhealthy`: fresh heartbeat and a passing probe → `ready`; silent for
+//! - `ready` whose latest fresh heartbeat says the engine canary failed (a
+//!   real one-token completion the agent sends every `canary_interval_ms`:
+//!   a hung engine can still answer `/health` and `/readyz`) → `unhealthy`,
+//!   the canary's reason on the timeline.
+//! - `unhealthy`: fresh heartbeat, a canary that does not fail (passes, or
+//!   is not reported: off, or the engine just restarted) and a passing
+//!   probe → `ready`; silent for
 //!   `agent_lost_after_secs` → `failed` (agent_lost); machine gone at the
 //!   provider → `failed` (provider_deleted).
 
@@ -26,7 +32,7 @@ use crate::timeline::EntryExt;
 use async_trait::async_trait;
 use chrono::Utc;
 use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, LifecycleEvent};
-use gpufleet_proto::{identity, Readiness};
+use gpufleet_proto::{identity, CanarySample, Readiness};
 use gpufleet_providers::{ProviderError, ProviderRegistry};
 use gpufleet_store::{InstanceRecord, Outcome, Store, TimelineKind};
 use std::collections::HashMap;
@@ -170,7 +176,8 @@ impl Health {
         }
     }
 
-    async fn check(&self, rec: InstanceRecord) -> TaskReport {
+    /// `canary`: the engine canary of the instance's latest heartbeat.
+    async fn check(&self, rec: InstanceRecord, canary: Option<CanarySample>) -> TaskReport {
         let mut report = TaskReport::default();
         let cfg = &self.config;
         let now = Utc::now();
@@ -213,6 +220,34 @@ impl Health {
                     .unwrap_or(rec.status_changed_at)
                     .max(rec.status_changed_at);
                 let fresh = now - last_sign <= stale_after;
+                if let Some(failed) = canary.as_ref().filter(|c| fresh && !c.ok) {
+                    // The engine does not answer a real request: out of
+                    // the router's pool now, whatever /readyz says.
+                    let why = canary_failure(failed);
+                    let mut e = timeline::entry(
+                        rec.id,
+                        now,
+                        TimelineKind::Probe,
+                        "health.canary",
+                        Outcome::Failed,
+                        why.clone(),
+                    )
+                    .error_code("engine_canary");
+                    if let Some(ms) = failed.latency_ms {
+                        e = e.duration(ms as i64);
+                    }
+                    apply(
+                        &self.lifecycle,
+                        &mut report,
+                        &rec,
+                        LifecycleEvent::HeartbeatsMissed,
+                        &format!("unhealthy: {why}"),
+                        vec![e],
+                        |_| {},
+                    )
+                    .await;
+                    return report;
+                }
                 let every = std::time::Duration::from_millis(cfg.ready_probe_interval_ms);
                 let recently_passed = self
                     .passed
@@ -283,23 +318,48 @@ impl Health {
                     .last_heartbeat_at
                     .unwrap_or(rec.status_changed_at)
                     .max(rec.status_changed_at);
-                if fresh {
+                let canary_fails = canary.as_ref().is_some_and(|c| !c.ok);
+                if fresh && canary_fails {
+                    // Stays out of the pool until the canary passes again.
+                } else if fresh {
                     if let Probe::Ready = self.probe(&rec).await {
                         self.count_failure(rec.id, false);
+                        let (action, what, message) = match canary.as_ref().filter(|_| {
+                            rec.status_message
+                                .as_deref()
+                                .is_some_and(|m| m.contains(CANARY_FAILED))
+                        }) {
+                            Some(passed) => (
+                                "health.canary",
+                                match passed.latency_ms {
+                                    Some(ms) => format!(
+                                        "engine canary passes again (answered in {ms:.0} ms) and readiness probe passed"
+                                    ),
+                                    None => "engine canary passes again and readiness probe passed"
+                                        .to_string(),
+                                },
+                                "healthy again: engine canary passes",
+                            ),
+                            None => (
+                                "health.check",
+                                "heartbeats resumed and readiness probe passed".to_string(),
+                                "healthy again",
+                            ),
+                        };
                         let e = timeline::entry(
                             rec.id,
                             now,
                             TimelineKind::Probe,
-                            "health.check",
+                            action,
                             Outcome::Success,
-                            "heartbeats resumed and readiness probe passed",
+                            what,
                         );
                         apply(
                             &self.lifecycle,
                             &mut report,
                             &rec,
                             LifecycleEvent::HealthRestored,
-                            "healthy again",
+                            message,
                             vec![e],
                             |_| {},
                         )
@@ -344,6 +404,19 @@ impl Health {
     }
 }
 
+/// How a canary failure begins on the timeline and in the status message.
+const CANARY_FAILED: &str = "engine canary failed";
+
+/// Why the instance leaves the pool, e.g. `engine canary failed: no answer
+/// within 10 s (3 checks in a row)`.
+fn canary_failure(c: &CanarySample) -> String {
+    let reason = c.error.as_deref().unwrap_or("no reason given");
+    match c.consecutive_failures {
+        n if n > 1 => format!("{CANARY_FAILED}: {reason} ({n} checks in a row)"),
+        _ => format!("{CANARY_FAILED}: {reason}"),
+    }
+}
+
 #[async_trait]
 impl Reconciler for Health {
     fn name(&self) -> TaskName {
@@ -371,7 +444,54 @@ impl Reconciler for Health {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|id, _| live.contains(id));
-        fan_out(&mut report, list, CONCURRENCY * 2, |rec| self.check(rec)).await;
+        // One read for every instance's latest canary.
+        let canaries = match self
+            .store
+            .engine_canaries(&[InstanceStatus::Ready, InstanceStatus::Unhealthy])
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                report.error(format!("cannot read the engine canaries: {e}"));
+                return report;
+            }
+        };
+        fan_out(&mut report, list, CONCURRENCY * 2, |rec| {
+            let canary = canaries.get(&rec.id).cloned();
+            self.check(rec, canary)
+        })
+        .await;
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(error: Option<&str>, n: u32) -> CanarySample {
+        CanarySample {
+            ok: false,
+            checked_at: Utc::now(),
+            latency_ms: None,
+            error: error.map(String::from),
+            consecutive_failures: n,
+        }
+    }
+
+    #[test]
+    fn the_canary_failure_names_its_reason() {
+        assert_eq!(
+            canary_failure(&failed(Some("no answer within 10 s"), 1)),
+            "engine canary failed: no answer within 10 s"
+        );
+        assert_eq!(
+            canary_failure(&failed(Some("HTTP 500: boom"), 4)),
+            "engine canary failed: HTTP 500: boom (4 checks in a row)"
+        );
+        assert_eq!(
+            canary_failure(&failed(None, 0)),
+            "engine canary failed: no reason given"
+        );
     }
 }

@@ -401,6 +401,7 @@ mod tests {
                 prompt_tokens_per_s: None,
                 generation_tokens_per_s: None,
                 ttft_mean_s: None,
+                canary: None,
             },
         }
     }

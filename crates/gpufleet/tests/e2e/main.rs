@@ -7,6 +7,7 @@
 mod common;
 
 mod bad_input;
+mod canary;
 mod cli;
 mod crash;
 mod lifecycle;

@@ -100,6 +100,7 @@ fn heartbeat(id: InstanceId, seq: u64, gpus: usize) -> Heartbeat {
             prompt_tokens_per_s: None,
             generation_tokens_per_s: None,
             ttft_mean_s: None,
+            canary: None,
         },
     }
 }
@@ -1967,4 +1968,74 @@ pub async fn unknown_gpu_figures_stay_unknown_through_rollups(ctx: Ctx) {
     assert_eq!(now.gpus, 2);
     assert_close!(now.mean_gpu_util_pct, Some(80.0));
     assert_close!(now.power_w, 60.25);
+}
+
+/// The latest heartbeat's engine canary is kept on the instance and given
+/// with its latest sample; a heartbeat without one clears it.
+pub async fn engine_canary_of_the_latest_heartbeat(ctx: Ctx) {
+    let s = &ctx.store;
+    let rec = set_status(s, &insert_one(s, 0).await, InstanceStatus::Booting).await;
+    let rec = set_status(s, &rec, InstanceStatus::Starting).await;
+    let rec = set_status(s, &rec, InstanceStatus::Ready).await;
+    let failing = gpufleet_proto::CanarySample {
+        ok: false,
+        checked_at: t(1_000),
+        latency_ms: None,
+        error: Some("no answer within 10 s".into()),
+        consecutive_failures: 3,
+    };
+    let mut hb = heartbeat(rec.id, 1_000, 1);
+    hb.engine.canary = Some(failing.clone());
+    s.record_heartbeat(&hb, t(1_005)).await.unwrap();
+    let got = s.engine_canaries(&[InstanceStatus::Ready]).await.unwrap();
+    assert_eq!(got.get(&rec.id), Some(&failing));
+    assert!(s
+        .engine_canaries(&[InstanceStatus::Unhealthy])
+        .await
+        .unwrap()
+        .is_empty());
+    let recent = s.recent_samples(rec.id, 10).await.unwrap();
+    assert_eq!(recent[0].engine.canary.as_ref(), Some(&failing));
+    let latest = s.latest_samples(&[InstanceStatus::Ready]).await.unwrap();
+    assert_eq!(latest[0].engine.canary.as_ref(), Some(&failing));
+    // A stale heartbeat changes nothing.
+    let mut stale = heartbeat(rec.id, 999, 1);
+    stale.engine.canary = None;
+    s.record_heartbeat(&stale, t(1_010)).await.unwrap();
+    assert_eq!(
+        s.engine_canaries(&[InstanceStatus::Ready])
+            .await
+            .unwrap()
+            .get(&rec.id),
+        Some(&failing)
+    );
+
+    // The next one passes: the older sample keeps no canary (not history).
+    let passing = gpufleet_proto::CanarySample {
+        ok: true,
+        checked_at: t(2_000),
+        latency_ms: Some(12.5),
+        error: None,
+        consecutive_failures: 0,
+    };
+    let mut hb = heartbeat(rec.id, 1_001, 1);
+    hb.engine.canary = Some(passing.clone());
+    s.record_heartbeat(&hb, t(2_005)).await.unwrap();
+    let recent = s.recent_samples(rec.id, 10).await.unwrap();
+    assert_eq!(recent[0].engine.canary.as_ref(), Some(&passing));
+    assert_eq!(recent[1].engine.canary, None);
+
+    // No canary (engine restarting, canary off, older agent): cleared.
+    s.record_heartbeat(&heartbeat(rec.id, 1_002, 1), t(3_005))
+        .await
+        .unwrap();
+    assert!(s
+        .engine_canaries(&[InstanceStatus::Ready])
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.recent_samples(rec.id, 10).await.unwrap()[0].engine.canary,
+        None
+    );
 }

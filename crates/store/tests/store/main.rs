@@ -65,6 +65,7 @@ store_tests!(
     moves_beside_concurrent_staging_keep_every_heartbeat,
     latest_samples_of_many_instances,
     unknown_gpu_figures_stay_unknown_through_rollups,
+    engine_canary_of_the_latest_heartbeat,
 );
 
 macro_rules! api_key_store_tests {

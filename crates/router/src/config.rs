@@ -35,8 +35,10 @@ pub struct RouterConfig {
     pub policy: Policy,
     /// Longest wait for a TCP connection to an instance's engine, in milliseconds.
     pub connect_timeout_ms: u64,
-    /// Longest wait for the response headers once the request is sent, in
-    /// milliseconds (for a non-streaming request: the whole generation).
+    /// Longest wait for the first token once the request is sent when
+    /// stall detection is off, and for the whole answer of a
+    /// non-streaming request that is passed through as it is (one asking
+    /// for several choices, tools or log-probabilities), in milliseconds.
     pub first_byte_timeout_ms: u64,
     /// Longest silence between two chunks of a response body, in
     /// milliseconds. Streams have no total timeout.

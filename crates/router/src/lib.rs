@@ -8,14 +8,25 @@
 //!   start, then kept current from its change stream. A `draining` instance
 //!   leaves the pool at once; its requests in flight go on, and the router
 //!   tells the terminator how many are left ([`TrafficSource`]).
-//! - **Choice** ([`Policy`]): power of two choices on requests in flight
-//!   (default), round robin, or consistent hashing of `X-Session-ID` / `user`.
-//! - **Failures**: connect and first-byte timeouts; another instance is tried
-//!   after a connection failure, a timeout or a 5xx/429 that came before any
-//!   byte reached the client; a per-instance circuit breaker ([`breaker`]).
-//! - **Streams** pass through event by event, with an idle timeout and no
-//!   total timeout; a client that goes away drops the upstream request, which
-//!   cancels it in the engine.
+//! - **Choice** ([`Policy`]): latency-aware power of two choices (peak
+//!   EWMA of time to first token, with the age of requests still waiting
+//!   for one, times requests in flight; [`latency`]) by default; least
+//!   outstanding, round robin, or consistent hashing of `X-Session-ID` /
+//!   `user`. An instance owed its half-open probe gets it.
+//! - **Streams** (`stream`): nothing reaches the client before the first
+//!   token, so a stall before it (past a bound from the instance's own
+//!   figures) is retried elsewhere and opens the instance's circuit; hedging
+//!   per model; a stream that breaks off mid-way is continued on another
+//!   instance and spliced in. Non-streaming requests are asked of the engine
+//!   as streams and put back together when that is faithful (one choice, no
+//!   tools or log-probabilities), so they get the same; the others pass
+//!   through whole, with connect and first-byte timeouts.
+//! - **Failures**: another instance is tried after a connection failure, a
+//!   stall, or a 5xx/429 that came before any byte reached the client; a
+//!   per-instance circuit breaker ([`breaker`]). Every stall, ejection,
+//!   hedge and failover is counted per instance and written on its timeline.
+//!   A client that goes away drops the upstream request, which cancels it in
+//!   the engine.
 //! - **Usage** per instance and per key ([`usage`]), flushed to the store and
 //!   rendered for Prometheus.
 

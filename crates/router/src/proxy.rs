@@ -176,6 +176,25 @@ async fn forward_as(
         }
     })?;
 
+    // A whole answer is asked for as a stream when it can be put back
+    // together faithfully: it then gets stall detection and failover too.
+    let whole_as_stream = if stream {
+        None
+    } else {
+        crate::stream::as_stream(&body)
+    };
+    if let Some(streamed) = whole_as_stream {
+        let ask = crate::stream::Ask {
+            state: state.clone(),
+            key: key.clone(),
+            path,
+            body: streamed,
+            model,
+            session,
+            strip_usage: false,
+        };
+        return crate::stream::forward_whole(ask, pool).await;
+    }
     if stream {
         let ask = crate::stream::Ask {
             state: state.clone(),

@@ -500,23 +500,31 @@ async fn hedged(
     }
 }
 
-/// Answer a streamed request.
-pub(crate) async fn forward(ask: Ask, pool: Arc<ModelPool>) -> Result<Response, RouterError> {
+/// Find an instance that brings a first token, and the relay of its
+/// stream; or the answer to give when none does.
+async fn begin(ask: Ask, pool: Arc<ModelPool>) -> Result<Relay, Result<Response, RouterError>> {
     let inner = &*ask.state.inner;
     let cfg = &inner.config;
     let mut tried = Vec::new();
     let body = ask.body.clone();
-    let (attempt, head) = match start(inner, &pool, &ask, &body, &mut tried, cfg.retries + 1).await
-    {
-        Ok(x) => x,
-        Err(None) => {
-            return Err(RouterError::AllCircuitsOpen {
-                model: ask.model.clone(),
-            })
-        }
+    match start(inner, &pool, &ask, &body, &mut tried, cfg.retries + 1).await {
+        Ok((attempt, head)) => Ok(Relay {
+            ask,
+            pool,
+            attempt,
+            queue: head.into(),
+            sent: Vec::new(),
+            continuing: None,
+            tried,
+            failovers: 0,
+            done: false,
+        }),
+        Err(None) => Err(Err(RouterError::AllCircuitsOpen {
+            model: ask.model.clone(),
+        })),
         Err(Some(f)) => {
             let model = ask.model.clone();
-            return match f {
+            Err(match f {
                 Fail::Stall(_) => Err(RouterError::Timeout { model }),
                 Fail::Unreachable(_) => Err(RouterError::Unreachable { model }),
                 Fail::Broken(_) => Err(RouterError::UpstreamBroken { model }),
@@ -529,28 +537,23 @@ pub(crate) async fn forward(ask: Ask, pool: Arc<ModelPool>) -> Result<Response, 
                     );
                     Ok(r)
                 }
-            };
+            })
         }
+    }
+}
+
+/// Answer a streamed request.
+pub(crate) async fn forward(ask: Ask, pool: Arc<ModelPool>) -> Result<Response, RouterError> {
+    let relay = match begin(ask, pool).await {
+        Ok(r) => r,
+        Err(answer) => return answer,
     };
-    let status = StatusCode::OK;
-    let content_type = attempt.content_type.clone();
-    let first = attempt.backend.clone();
-    let relay = Relay {
-        ask,
-        pool,
-        attempt,
-        queue: head.into(),
-        sent: Vec::new(),
-        continuing: None,
-        tried,
-        failovers: 0,
-        done: false,
-    };
+    let content_type = relay.attempt.content_type.clone();
+    let first = relay.attempt.backend.clone();
     let mut out = Response::new(Body::from_stream(futures::stream::unfold(
         relay,
         |mut r| async move { r.next().await.map(|item| (item, r)) },
     )));
-    *out.status_mut() = status;
     let h = out.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -559,6 +562,174 @@ pub(crate) async fn forward(ask: Ask, pool: Arc<ModelPool>) -> Result<Response, 
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     insert_instance(h, &first);
     Ok(out)
+}
+
+/// Answer a non-streaming request that was sent upstream as a stream (see
+/// [`as_stream`]), so it too is retried on a stall before its first token
+/// and continued elsewhere when it breaks off: the stream is read to its
+/// end and put together as the one answer the client asked for.
+pub(crate) async fn forward_whole(ask: Ask, pool: Arc<ModelPool>) -> Result<Response, RouterError> {
+    let path = ask.path;
+    let model = ask.model.clone();
+    let mut relay = match begin(ask, pool).await {
+        Ok(r) => r,
+        Err(answer) => return answer,
+    };
+    let mut events = Vec::new();
+    while let Some(item) = relay.next().await {
+        match item {
+            Ok(b) => events.push(b),
+            Err(e) => {
+                tracing::warn!(model = %model, error = %e, "a whole answer broke off and could not be continued");
+                return Err(RouterError::UpstreamBroken { model });
+            }
+        }
+    }
+    let (status, body) = assemble(path, &events);
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    // The instance that gave the last part of the answer.
+    insert_instance(r.headers_mut(), &relay.attempt.backend);
+    Ok(r)
+}
+
+/// A non-streaming request's body as a streamed one (with usage), or
+/// `None` when the answer could not be put together faithfully from a
+/// stream (several choices, tools, log-probabilities, echo).
+pub(crate) fn as_stream(body: &[u8]) -> Option<Bytes> {
+    const SIGNS: [&[u8]; 9] = [
+        b"\"tools\"",
+        b"\"functions\"",
+        b"logprobs\"",
+        b"\"echo\"",
+        b"\"best_of\"",
+        b"\"n\"",
+        b"\"stream\"",
+        b"\"stream_options\"",
+        b"\"suffix\"",
+    ];
+    let start = body.iter().position(|c| !c.is_ascii_whitespace())?;
+    if body[start] == b'{' && !SIGNS.iter().any(|s| contains(body, s)) {
+        // The usual request: insert the members rather than parse it all.
+        const MEMBERS: &[u8] = b"\"stream\":true,\"stream_options\":{\"include_usage\":true},";
+        let mut out = BytesMut::with_capacity(body.len() + MEMBERS.len());
+        out.extend_from_slice(&body[..=start]);
+        out.extend_from_slice(MEMBERS);
+        out.extend_from_slice(&body[start + 1..]);
+        return Some(out.freeze());
+    }
+    let mut v: Map<String, Value> = serde_json::from_slice(body).ok()?;
+    let truthy = |k: &str| match v.get(k) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        Some(_) => true,
+    };
+    if [
+        "tools",
+        "functions",
+        "logprobs",
+        "top_logprobs",
+        "prompt_logprobs",
+        "echo",
+        "suffix",
+    ]
+    .iter()
+    .any(|k| truthy(k))
+        || v.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1)
+        || v.get("best_of")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n > 1)
+    {
+        return None;
+    }
+    v.insert("stream".into(), true.into());
+    v.insert("stream_options".into(), json!({"include_usage": true}));
+    serde_json::to_vec(&v).ok().map(Bytes::from)
+}
+
+/// The whole answer put together from a stream's events, in the shape a
+/// non-streaming request gets (or the error the stream carried).
+fn assemble(path: &str, events: &[Bytes]) -> (StatusCode, Bytes) {
+    let chat = path == CHAT_COMPLETIONS;
+    let mut id = Value::Null;
+    let mut created = Value::Null;
+    let mut model = Value::Null;
+    let mut text = String::new();
+    let mut reasoning: Option<String> = None;
+    let mut finish = Value::Null;
+    let mut stop_reason = Value::Null;
+    let mut usage = Value::Null;
+    for ev in events.iter().flat_map(|r| split_events(r)) {
+        let Some(v) = event_json(ev) else { continue };
+        if let Some(err) = v.get("error") {
+            let status = err
+                .get("code")
+                .and_then(Value::as_u64)
+                .and_then(|c| u16::try_from(c).ok())
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .filter(|s| s.is_client_error() || s.is_server_error())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (status, Bytes::from(v.to_string()));
+        }
+        if id.is_null() {
+            id = v.get("id").cloned().unwrap_or(Value::Null);
+            created = v.get("created").cloned().unwrap_or(Value::Null);
+            model = v.get("model").cloned().unwrap_or(Value::Null);
+        }
+        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+            usage = u.clone();
+        }
+        for ch in v
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let piece = if chat {
+                ch.pointer("/delta/content")
+            } else {
+                ch.get("text")
+            };
+            if let Some(p) = piece.and_then(Value::as_str) {
+                text.push_str(p);
+            }
+            if let Some(r) = ch
+                .pointer("/delta/reasoning_content")
+                .and_then(Value::as_str)
+            {
+                reasoning.get_or_insert_with(String::new).push_str(r);
+            }
+            if ch.get("finish_reason").is_some_and(|f| !f.is_null()) {
+                finish = ch["finish_reason"].clone();
+                stop_reason = ch.get("stop_reason").cloned().unwrap_or(Value::Null);
+            }
+        }
+    }
+    let choice = if chat {
+        let mut message = json!({"role": "assistant", "content": text, "tool_calls": []});
+        if let Some(r) = reasoning {
+            message["reasoning_content"] = r.into();
+        }
+        json!({"index": 0, "message": message, "logprobs": null,
+               "finish_reason": finish, "stop_reason": stop_reason})
+    } else {
+        json!({"index": 0, "text": text, "logprobs": null,
+               "finish_reason": finish, "stop_reason": stop_reason})
+    };
+    let whole = json!({
+        "id": id,
+        "object": if chat { "chat.completion" } else { "text_completion" },
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    });
+    (StatusCode::OK, Bytes::from(whole.to_string()))
 }
 
 /// A continuation in progress: what its chunks are rewritten with.
@@ -939,6 +1110,65 @@ mod tests {
                 .map(|e| format!("data: {e}\n\n"))
                 .collect::<String>(),
         )]
+    }
+
+    #[test]
+    fn whole_requests_go_upstream_as_streams_when_they_can() {
+        let b = as_stream(br#"{"model":"m","messages":[]}"#).unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let b = as_stream(br#"{"model":"m","stream":false,"n":1,"logprobs":false,"messages":[]}"#)
+            .unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            (v["stream"].clone(), v["n"].clone()),
+            (json!(true), json!(1))
+        );
+        for body in [
+            &br#"{"model":"m","n":2,"messages":[]}"#[..],
+            br#"{"model":"m","logprobs":true,"top_logprobs":2,"messages":[]}"#,
+            br#"{"model":"m","tools":[{"type":"function"}],"messages":[]}"#,
+            br#"{"model":"m","prompt":"x","echo":true}"#,
+            br#"{"model":"m","prompt":"x","logprobs":3}"#,
+        ] {
+            assert!(
+                as_stream(body).is_none(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_stream_makes_a_whole_answer() {
+        let events = sent(&[
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":"the"},"finish_reason":null}]}"#,
+            r#"{"id":"c1","created":7,"model":"m","choices":[{"index":0,"delta":{"content":" fleet"},"finish_reason":"length","stop_reason":null}]}"#,
+            r#"{"id":"c1","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+            "[DONE]",
+        ]);
+        let (status, body) = assemble(CHAT_COMPLETIONS, &events);
+        assert_eq!(status, StatusCode::OK);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["id"], "c1");
+        assert_eq!(v["choices"][0]["message"]["content"], "the fleet");
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+        assert_eq!(v["usage"]["total_tokens"], 5);
+        let events = sent(&[r#"{"id":"x","choices":[{"index":0,"text":" a"}]}"#]);
+        let (_, body) = assemble("/v1/completions", &events);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (v["object"].clone(), v["choices"][0]["text"].clone()),
+            (json!("text_completion"), json!(" a"))
+        );
+        let (status, _) = assemble(
+            CHAT_COMPLETIONS,
+            &sent(&[r#"{"error":{"message":"boom","code":400}}"#]),
+        );
+        assert_eq!(status, StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -29,10 +29,15 @@ usage_flush_interval_ms = 200
 "#;
 
 async fn spawn(extra: &str) -> TestApp {
+    spawn_with_control(extra, "").await
+}
+
+async fn spawn_with_control(extra: &str, control: &str) -> TestApp {
     TestApp::spawn_with(
         BIN,
         Options {
             extra_toml: format!("{BASE_TOML}{extra}"),
+            control_toml: control.to_string(),
             ..Default::default()
         },
     )
@@ -126,7 +131,9 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_and_a_stalling_instance_cost_at_most_one_slow_request() {
-    let app = spawn("").await;
+    // The agents' canary notices the stall too (the instance turns
+    // unhealthy) and the recovery (ready again), at a test's pace.
+    let app = spawn_with_control("", "canary_interval_ms = 2000\ncanary_timeout_ms = 1000\n").await;
     let (_, key) = create_key(&app, "sick", None).await;
     let instances = ready(&app, 3).await;
     let (failing, stalling, healthy) = (instances[0], instances[1], instances[2]);
@@ -147,16 +154,20 @@ async fn a_failing_and_a_stalling_instance_cost_at_most_one_slow_request() {
     )
     .await;
 
-    // 96 streamed requests from 8 clients.
+    // 96 requests from 8 clients: half of them streamed, half whole.
     let body = json!({"model": MODEL, "stream": true, "max_tokens": 8,
                       "messages": [{"role": "user", "content": "hello there"}]});
     let clients: Vec<_> = (0..8)
-        .map(|_| {
-            let (base, http, key, body) = (
+        .map(|c| {
+            let mut body = body.clone();
+            let whole = c % 2 == 1;
+            if whole {
+                body["stream"] = false.into();
+            }
+            let (base, http, key) = (
                 app.url("/v1/chat/completions"),
                 app.http.clone(),
                 key.clone(),
-                body.clone(),
             );
             tokio::spawn(async move {
                 let mut times = Vec::new();
@@ -171,7 +182,16 @@ async fn a_failing_and_a_stalling_instance_cost_at_most_one_slow_request() {
                         .expect("router answers");
                     assert_eq!(resp.status(), StatusCode::OK);
                     let by = served_by(&resp);
-                    let text = content_of(&resp.text().await.unwrap());
+                    let text = if whole {
+                        let v: Value = resp.json().await.unwrap();
+                        assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+                        v["choices"][0]["message"]["content"]
+                            .as_str()
+                            .unwrap()
+                            .to_string()
+                    } else {
+                        content_of(&resp.text().await.unwrap())
+                    };
                     assert_eq!(text.split_whitespace().count(), 8);
                     times.push((t.elapsed(), by));
                 }

@@ -60,23 +60,42 @@ pub struct RouterBenchArgs {
     /// of the rounds' ratios).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Ready instances behind the router (the direct and nginx targets use
+    /// the first one's engine).
+    #[arg(long, default_value_t = 1)]
+    pub instances: u32,
+    /// Another `gpufleet` binary (e.g. the previous release) whose `up`
+    /// is measured too, as target `baseline`, in the same rounds.
+    #[arg(long)]
+    pub baseline_bin: Option<PathBuf>,
+    /// Instead of throughput: the sick-engine scenario. Three instances,
+    /// one answering 500 to everything and one stalling every request
+    /// 20 s before its first byte; 8 clients send 12 requests each (half
+    /// of them streamed); latency p50/p99 and the requests over 2 s, for
+    /// this binary and the baseline.
+    #[arg(long)]
+    pub sick: bool,
 }
 
 /// Children and the temporary directory, cleaned up on drop.
 struct Setup {
     dir: PathBuf,
-    up: Option<Child>,
+    ups: Vec<Child>,
     nginx: Option<Child>,
-    machines: PathBuf,
+    machines: Vec<PathBuf>,
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        for child in [self.nginx.take(), self.up.take()].into_iter().flatten() {
+        for child in self.nginx.take().into_iter().chain(self.ups.drain(..)) {
             stop_child(child);
         }
-        // The Mock machines (agent + engine process groups) of our data dir.
-        if let Ok(rd) = std::fs::read_dir(&self.machines) {
+        // The Mock machines (agent + engine process groups) of our data dirs.
+        for rd in self
+            .machines
+            .iter()
+            .filter_map(|m| std::fs::read_dir(m).ok())
+        {
             for e in rd.flatten() {
                 let Ok(text) = std::fs::read_to_string(e.path().join("machine.json")) else {
                     continue;
@@ -214,16 +233,27 @@ impl RunResult {
     }
 }
 
-pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("cannot find this program")?;
-    let dir = std::env::temp_dir().join(format!("gpufleet-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let mut setup = Setup {
-        machines: dir.join("data/mock/machines"),
-        dir: dir.clone(),
-        up: None,
-        nginx: None,
-    };
+/// One running `gpufleet up` with its ready instances and an API key.
+struct Up {
+    addr: SocketAddr,
+    key: String,
+    token: String,
+    /// The instances' engines, in creation order.
+    engines: Vec<(String, SocketAddr)>,
+    pid: u32,
+    machines: PathBuf,
+}
+
+/// Start `exe up` in `dir` with `instances` ready Mock instances whose
+/// engines are set to `knobs`, and an API key.
+async fn start_up(
+    setup: &mut Setup,
+    exe: &Path,
+    dir: &Path,
+    instances: u32,
+    knobs: &Value,
+) -> anyhow::Result<Up> {
+    std::fs::create_dir_all(dir)?;
     let pool = format!(
         "127.{}.{}.0/24",
         rand::random_range(100..=250u8),
@@ -235,8 +265,8 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
          [mock]\nip_pool = \"{pool}\"\nip_delay_ms = 0\nboot_delay_ms = 0\n"
     );
     std::fs::write(dir.join("config.toml"), config)?;
-    eprintln!("starting gpufleet up in {}", dir.display());
-    let mut child = Command::new(&exe)
+    eprintln!("starting {} up in {}", exe.display(), dir.display());
+    let mut child = Command::new(exe)
         .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.join("data"))
         .arg("--config")
@@ -248,7 +278,9 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
         .spawn()
         .context("cannot start gpufleet up")?;
     let stdout = child.stdout.take().context("stdout")?;
-    setup.up = Some(child);
+    let pid = child.id();
+    setup.ups.push(child);
+    setup.machines.push(dir.join("data/mock/machines"));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -269,51 +301,53 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let base = format!("http://{up_addr}");
 
-    // One instance, ready.
     let created: Value = http
         .post(format!("{base}/api/v1/instances"))
         .bearer_auth(&token)
-        .json(&json!({"provider": "mock", "instance_type": "mock-l4-1", "model": "gpufleet/sim-small"}))
+        .json(&json!({"provider": "mock", "instance_type": "mock-l4-1",
+                      "model": "gpufleet/sim-small", "count": instances.max(1)}))
         .send()
         .await?
         .error_for_status()?
         .json()
         .await?;
-    let id = created["instances"][0]["id"]
-        .as_str()
-        .context("instance id")?
-        .to_string();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ip = loop {
-        let v: Value = http
-            .get(format!("{base}/api/v1/instances/{id}"))
-            .bearer_auth(&token)
+    let ids: Vec<String> = created["instances"]
+        .as_array()
+        .context("instances")?
+        .iter()
+        .filter_map(|i| i["id"].as_str().map(str::to_string))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut engines = Vec::new();
+    for id in &ids {
+        let ip = loop {
+            let v: Value = http
+                .get(format!("{base}/api/v1/instances/{id}"))
+                .bearer_auth(&token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if v["status"] == "ready" {
+                break v["ip"].as_str().context("ip")?.to_string();
+            }
+            if Instant::now() > deadline {
+                bail!("instance not ready in 90 s: {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let engine: SocketAddr = format!("{ip}:{}", gpufleet_proto::DEFAULT_ENGINE_PORT).parse()?;
+        let patched = http
+            .patch(format!("http://{engine}/admin/config"))
+            .json(knobs)
             .send()
-            .await?
-            .json()
-            .await?;
-        if v["status"] == "ready" {
-            break v["ip"].as_str().context("ip")?.to_string();
+            .await;
+        match patched {
+            Ok(r) if r.status().is_success() => {}
+            other => eprintln!("warning: could not set the simulator's knobs: {other:?}"),
         }
-        if Instant::now() > deadline {
-            bail!("instance not ready in 60 s: {v}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let engine: SocketAddr = format!("{ip}:{}", gpufleet_proto::DEFAULT_ENGINE_PORT).parse()?;
-    eprintln!("instance {id} ready; engine at {engine}");
-    // Zero latency.
-    let patched = http
-        .patch(format!("http://{engine}/admin/config"))
-        .json(
-            &json!({"ttft_ms": 0, "ttft_stddev_ms": 0, "itl_ms": 0, "itl_stddev_ms": 0,
-                      "max_num_seqs": 100000, "max_waiting": 100000, "failure_rate": 0.0}),
-        )
-        .send()
-        .await;
-    match patched {
-        Ok(r) if r.status().is_success() => {}
-        other => eprintln!("warning: could not set the simulator to zero latency: {other:?}"),
+        eprintln!("instance {id} ready; engine at {engine}");
+        engines.push((id.clone(), engine));
     }
     let key: Value = http
         .post(format!("{base}/api/v1/api-keys"))
@@ -325,8 +359,77 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
         .json()
         .await?;
     let key = key["key"].as_str().context("key")?.to_string();
+    Ok(Up {
+        addr: up_addr,
+        key,
+        token,
+        engines,
+        pid,
+        machines: dir.join("data/mock/machines"),
+    })
+}
 
-    let machine = machine_group(&setup.machines)?;
+/// The simulator with no latency and no limits.
+fn zero_latency() -> Value {
+    json!({"ttft_ms": 0, "ttft_stddev_ms": 0, "itl_ms": 0, "itl_stddev_ms": 0,
+           "max_num_seqs": 100000, "max_waiting": 100000, "failure_rate": 0.0})
+}
+
+pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find this program")?;
+    let dir = std::env::temp_dir().join(format!("gpufleet-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut setup = Setup {
+        machines: vec![],
+        dir: dir.clone(),
+        ups: vec![],
+        nginx: None,
+    };
+    if args.sick {
+        let mut bins = vec![("this", exe.clone())];
+        if let Some(b) = &args.baseline_bin {
+            bins.push(("baseline", b.clone()));
+        }
+        for (i, (name, bin)) in bins.iter().enumerate() {
+            let up = start_up(
+                &mut setup,
+                bin,
+                &dir.join(format!("up{i}")),
+                3,
+                &json!({"ttft_ms": 30.0, "itl_ms": 5.0}),
+            )
+            .await?;
+            sick_scenario(name, &up).await?;
+        }
+        drop(setup);
+        return Ok(());
+    }
+    let up = start_up(
+        &mut setup,
+        &exe,
+        &dir.join("up0"),
+        args.instances,
+        &zero_latency(),
+    )
+    .await?;
+    let engine = up.engines[0].1;
+    let key = up.key.clone();
+    let up_addr = up.addr;
+    let baseline = match &args.baseline_bin {
+        Some(b) => Some(
+            start_up(
+                &mut setup,
+                b,
+                &dir.join("up1"),
+                args.instances,
+                &zero_latency(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let _ = &up.token;
+    let machine = machine_group(&up.machines)?;
     let mut targets = vec![Target {
         name: "direct",
         addr: engine,
@@ -338,8 +441,16 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
             name: "router",
             addr: up_addr,
             auth: Some(format!("Bearer {key}")),
-            proxy: setup.up.as_ref().map(|c| Procs::Pid(c.id())),
+            proxy: Some(Procs::Pid(up.pid)),
         });
+        if let Some(b) = &baseline {
+            targets.push(Target {
+                name: "baseline",
+                addr: b.addr,
+                auth: Some(format!("Bearer {}", b.key)),
+                proxy: Some(Procs::Pid(b.pid)),
+            });
+        }
         if !args.no_nginx {
             let addr = start_nginx(&mut setup, engine)?;
             targets.push(Target {
@@ -383,6 +494,75 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
     }
     summarize(&results);
     drop(setup);
+    Ok(())
+}
+
+/// The sick-engine scenario against one `up`: its first instance answers
+/// 500 to everything, its second stalls every request 20 s before the first
+/// byte; 8 clients send 12 chat requests each (the even ones streamed).
+async fn sick_scenario(name: &str, up: &Up) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let knob = |engine: SocketAddr, v: Value| {
+        let http = http.clone();
+        async move {
+            http.patch(format!("http://{engine}/admin/config"))
+                .json(&v)
+                .send()
+                .await?
+                .error_for_status()?;
+            anyhow::Ok(())
+        }
+    };
+    knob(
+        up.engines[0].1,
+        json!({"failure_rate": 1.0, "failure_kinds": ["server_error"]}),
+    )
+    .await?;
+    knob(
+        up.engines[1].1,
+        json!({"failure_rate": 1.0, "failure_kinds": ["stall"], "stall_ms": 20000}),
+    )
+    .await?;
+    let url = format!("http://{}/v1/chat/completions", up.addr);
+    let started = Instant::now();
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (http, url, key) = (http.clone(), url.clone(), up.key.clone());
+            tokio::spawn(async move {
+                let body = json!({"model": "gpufleet/sim-small", "max_tokens": 8, "stream": c % 2 == 0,
+                                  "messages": [{"role": "user", "content": "hello there"}]});
+                let mut out = Vec::new();
+                for _ in 0..12 {
+                    let t = Instant::now();
+                    let ok = match http.post(&url).bearer_auth(&key).json(&body).send().await {
+                        Ok(r) => r.status().is_success() && r.bytes().await.is_ok(),
+                        Err(_) => false,
+                    };
+                    out.push((t.elapsed(), ok));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for c in clients {
+        all.extend(c.await?);
+    }
+    let wall = started.elapsed();
+    let failed = all.iter().filter(|(_, ok)| !ok).count();
+    let mut lat: Vec<Duration> = all.iter().map(|(d, _)| *d).collect();
+    lat.sort();
+    let pct = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
+    let over = lat.iter().filter(|d| **d > Duration::from_secs(2)).count();
+    println!(
+        "sick scenario, {name}: {} requests in {:.1} s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, \
+         over 2 s: {over}, failed: {failed}",
+        lat.len(),
+        wall.as_secs_f64(),
+        pct(0.5).as_secs_f64() * 1000.0,
+        pct(0.99).as_secs_f64() * 1000.0,
+        lat[lat.len() - 1].as_secs_f64() * 1000.0,
+    );
     Ok(())
 }
 
@@ -672,14 +852,32 @@ fn summarize(results: &[RunResult]) {
         } else {
             String::new()
         };
+        let base_ratio: Vec<f64> = runs("baseline", r)
+            .iter()
+            .filter_map(|a| {
+                runs("nginx", r)
+                    .into_iter()
+                    .find(|b| b.round == a.round)
+                    .map(|b| 100.0 * a.rps() / b.rps())
+            })
+            .collect();
+        let base_ratio = if r.load == Load::Closed && !base_ratio.is_empty() {
+            format!(", baseline/nginx {:.0} %", median(base_ratio))
+        } else {
+            String::new()
+        };
         println!(
-            "  {:<6} {:<22} direct {:.0} req/s | {} | {}{}",
+            "  {:<6} {:<22} direct {:.0} req/s | {} | {}{}{}{}",
             if r.stream { "stream" } else { "whole" },
             load_text(r),
             med(&direct, &|x| x.rps()),
             line("router").unwrap_or_default(),
+            line("baseline")
+                .map(|l| format!("{l} | "))
+                .unwrap_or_default(),
             line("nginx").unwrap_or_default(),
-            ratio
+            ratio,
+            base_ratio
         );
     }
 }

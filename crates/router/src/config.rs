@@ -69,11 +69,16 @@ pub struct RouterConfig {
     /// moving average time to first token, plus that average again for
     /// each of its requests still waiting for a first token, kept between
     /// `stall_floor_ms` and `stall_ceiling_ms`. In the middle of a stream,
-    /// the same factor applies to the time between tokens.
+    /// the same factor applies to the time between tokens (at least
+    /// `stall_gap_floor_ms`).
     pub stall_detection: bool,
     pub stall_factor: f64,
     pub stall_floor_ms: u64,
     pub stall_ceiling_ms: u64,
+    /// The least silence in the middle of a stream that counts as a stall,
+    /// in milliseconds (an engine may pause decoding while it fills in a
+    /// long prompt).
+    pub stall_gap_floor_ms: u64,
     /// Models whose streamed requests are hedged: with no first token
     /// after the model's recent p95 time to first token (at least
     /// `hedge_min_delay_ms`), a copy goes to another instance; the first
@@ -105,6 +110,7 @@ impl Default for RouterConfig {
             stall_factor: 4.0,
             stall_floor_ms: 1_000,
             stall_ceiling_ms: 30_000,
+            stall_gap_floor_ms: 3_000,
             hedge_models: Vec::new(),
             hedge_min_delay_ms: 50,
             stream_failover: true,
@@ -145,6 +151,9 @@ impl RouterConfig {
                     self.stall_ceiling_ms
                 ),
             ));
+        }
+        if self.stall_gap_floor_ms == 0 {
+            return Err(("stall_gap_floor_ms", "must be above 0".into()));
         }
         if self.ewma_decay_ms == 0 {
             return Err(("ewma_decay_ms", "must be above 0".into()));

@@ -49,7 +49,7 @@ pub struct Backend {
     engine_cert_pem: Option<String>,
     /// When a routing event of each kind was last written on this
     /// instance's timeline (µs since the epoch), to write at most one a second.
-    noted: [AtomicU64; 4],
+    noted: [AtomicU64; 5],
 }
 
 impl Backend {

@@ -265,6 +265,7 @@ pub(crate) enum Note {
     Readmitted = 1,
     Failover = 2,
     Hedge = 3,
+    Stall = 4,
 }
 
 impl Note {
@@ -274,6 +275,7 @@ impl Note {
             Note::Readmitted => "router.readmitted",
             Note::Failover => "router.stream_failover",
             Note::Hedge => "router.hedge",
+            Note::Stall => "router.stall",
         }
     }
 }
@@ -309,10 +311,16 @@ fn failed(inner: &Inner, b: &Backend, why: &Fail) {
         Fail::Stall(bound) => {
             Counters::bump(&b.usage.stalls);
             b.latency.observe_ttft(*bound, now_us());
-            (
-                b.breaker.trip(now),
-                format!("no first token within {} ms", bound.as_millis()),
-            )
+            let why = format!("no first token within {} ms", bound.as_millis());
+            note(
+                inner,
+                b,
+                Note::Stall,
+                Outcome::Failed,
+                format!("a request stalled ({why}); it was tried on another instance"),
+                json!({"bound_ms": bound.as_millis() as u64}),
+            );
+            (b.breaker.trip(now), why)
         }
         Fail::Unreachable(e) | Fail::Broken(e) => (b.breaker.failure(now), e.clone()),
         Fail::Answer(status, ..) if *status == StatusCode::TOO_MANY_REQUESTS => {
@@ -774,7 +782,7 @@ impl Relay {
             let gap = if cfg.stall_detection {
                 self.attempt.backend.latency.gap_bound(
                     cfg.stall_factor,
-                    Duration::from_millis(cfg.stall_floor_ms),
+                    Duration::from_millis(cfg.stall_gap_floor_ms),
                     cfg.idle_timeout(),
                 )
             } else {
@@ -807,6 +815,14 @@ impl Relay {
             let opened = match why {
                 Fail::Stall(_) => {
                     Counters::bump(&b.usage.stalls);
+                    note(
+                        inner,
+                        &b,
+                        Note::Stall,
+                        Outcome::Failed,
+                        format!("a stream stalled ({mid})"),
+                        Value::Null,
+                    );
                     b.breaker.trip(Instant::now())
                 }
                 _ => b.breaker.failure(Instant::now()),

@@ -241,6 +241,7 @@ async fn a_failing_and_a_stalling_instance_cost_at_most_one_slow_request() {
             .contains("no first token"),
         "{ejected}"
     );
+    wait_entry(&app, stalling.0, "router.stall").await;
     wait_entry(&app, failing.0, "router.ejected").await;
     let report = wait_usage(&app, "stalls and ejections", |v| {
         usage_of(v, "instances", &stalling.0.to_string())

@@ -7,8 +7,9 @@
 //! latest result goes out with every heartbeat; when the verdict flips
 //! (pass → fail, fail → pass) the heartbeat goes out at once and an agent
 //! event puts it on the timeline, so the control plane takes the instance
-//! out of (or back into) the router's pool within about one interval plus
-//! the timeout.
+//! out of the router's pool within about one interval plus the timeout. While
+//! it fails it checks again a second after each failure, so a recovered
+//! engine is back within about one timeout.
 //!
 //! The canary does not run while the engine is not ready (starting,
 //! restarting): the engine status already says so, and its result is
@@ -30,6 +31,8 @@ use crate::session::Session;
 
 /// How often the canary looks again at its settings while it is off.
 const OFF_RECHECK: Duration = Duration::from_secs(1);
+/// Pause between two checks while the canary fails.
+const RETRY_WHILE_FAILING: Duration = Duration::from_secs(1);
 
 pub struct CanaryLoop {
     pub instance_id: InstanceId,
@@ -70,7 +73,14 @@ impl CanaryLoop {
                 continue;
             }
             self.record(outcome, timeout);
-            let next = started + interval;
+            // While it fails, look again soon: a recovered engine is back
+            // within about one timeout, not one interval.
+            let failing = self.result.borrow().as_ref().is_some_and(|r| !r.ok);
+            let next = if failing {
+                Instant::now() + interval.min(RETRY_WHILE_FAILING)
+            } else {
+                started + interval
+            };
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => return,

@@ -85,6 +85,12 @@ pub struct RouterConfig {
     /// to answer wins and the other is cancelled.
     pub hedge_models: Vec<String>,
     pub hedge_min_delay_ms: u64,
+    /// Ask the engine for a non-streaming request's answer as a stream
+    /// (and put it back together) when that is faithful and another ready
+    /// instance could take over, so it gets stall detection, hedging and
+    /// failover too. Off: such requests pass through whole, bounded by
+    /// `first_byte_timeout_ms`.
+    pub whole_as_stream: bool,
     /// Continue a stream that breaks off (engine died or stalled) on
     /// another instance, spliced into the client's stream.
     pub stream_failover: bool,
@@ -113,6 +119,7 @@ impl Default for RouterConfig {
             stall_gap_floor_ms: 3_000,
             hedge_models: Vec::new(),
             hedge_min_delay_ms: 50,
+            whole_as_stream: true,
             stream_failover: true,
             max_stream_failovers: 2,
         }

@@ -19,8 +19,9 @@
 //!   per model; a stream that breaks off mid-way is continued on another
 //!   instance and spliced in. Non-streaming requests are asked of the engine
 //!   as streams and put back together when that is faithful (one choice, no
-//!   tools or log-probabilities), so they get the same; the others pass
-//!   through whole, with connect and first-byte timeouts.
+//!   tools or log-probabilities) and another instance could take over, so
+//!   they get the same; the others pass through whole, with connect and
+//!   first-byte timeouts.
 //! - **Failures**: another instance is tried after a connection failure, a
 //!   stall, or a 5xx/429 that came before any byte reached the client; a
 //!   per-instance circuit breaker ([`breaker`]). Every stall, ejection,

@@ -178,7 +178,8 @@ async fn forward_as(
 
     // A whole answer is asked for as a stream when it can be put back
     // together faithfully: it then gets stall detection and failover too.
-    let whole_as_stream = if stream {
+    // With one ready instance there is nowhere else to go: pass through.
+    let whole_as_stream = if stream || !cfg.whole_as_stream || pool.backends.len() < 2 {
         None
     } else {
         crate::stream::as_stream(&body)

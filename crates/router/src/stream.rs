@@ -38,6 +38,7 @@ use gpufleet_store::Outcome;
 use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -660,61 +661,107 @@ pub(crate) fn as_stream(body: &[u8]) -> Option<Bytes> {
     serde_json::to_vec(&v).ok().map(Bytes::from)
 }
 
+/// The `data:` of a one-line event, without a copy (`None` for others).
+fn event_data(ev: &[u8]) -> Option<&[u8]> {
+    let ev = ev.strip_prefix(b"data:")?;
+    let ev = ev.trim_ascii();
+    (!ev.contains(&b'\n')).then_some(ev)
+}
+
+#[derive(serde::Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    created: Option<u64>,
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    choices: Vec<ChunkChoice<'a>>,
+    usage: Option<ChunkUsage>,
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+    stop_reason: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct ChunkUsage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+}
+
 /// The whole answer put together from a stream's events, in the shape a
 /// non-streaming request gets (or the error the stream carried).
 fn assemble(path: &str, events: &[Bytes]) -> (StatusCode, Bytes) {
     let chat = path == CHAT_COMPLETIONS;
-    let mut id = Value::Null;
-    let mut created = Value::Null;
-    let mut model = Value::Null;
+    let mut id = String::new();
+    let mut created = 0;
+    let mut model = String::new();
     let mut text = String::new();
     let mut reasoning: Option<String> = None;
-    let mut finish = Value::Null;
+    let mut finish: Option<String> = None;
     let mut stop_reason = Value::Null;
-    let mut usage = Value::Null;
+    let mut usage: Option<ChunkUsage> = None;
     for ev in events.iter().flat_map(|r| split_events(r)) {
-        let Some(v) = event_json(ev) else { continue };
-        if let Some(err) = v.get("error") {
-            let status = err
-                .get("code")
+        let Some(data) = event_data(ev) else { continue };
+        let Ok(c) = serde_json::from_slice::<Chunk>(data) else {
+            continue;
+        };
+        if c.error.is_some() {
+            let v: Value = serde_json::from_slice(data).unwrap_or(Value::Null);
+            let status = v
+                .pointer("/error/code")
                 .and_then(Value::as_u64)
                 .and_then(|c| u16::try_from(c).ok())
                 .and_then(|c| StatusCode::from_u16(c).ok())
                 .filter(|s| s.is_client_error() || s.is_server_error())
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return (status, Bytes::from(v.to_string()));
+            return (status, Bytes::copy_from_slice(data));
         }
-        if id.is_null() {
-            id = v.get("id").cloned().unwrap_or(Value::Null);
-            created = v.get("created").cloned().unwrap_or(Value::Null);
-            model = v.get("model").cloned().unwrap_or(Value::Null);
+        if id.is_empty() {
+            id = c.id.as_deref().unwrap_or_default().to_string();
+            created = c.created.unwrap_or(0);
+            model = c.model.as_deref().unwrap_or_default().to_string();
         }
-        if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-            usage = u.clone();
+        if c.usage.is_some() {
+            usage = c.usage;
         }
-        for ch in v
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for ch in c.choices {
             let piece = if chat {
-                ch.pointer("/delta/content")
+                ch.delta.as_ref().and_then(|d| d.content.as_deref())
             } else {
-                ch.get("text")
+                ch.text.as_deref()
             };
-            if let Some(p) = piece.and_then(Value::as_str) {
+            if let Some(p) = piece {
                 text.push_str(p);
             }
             if let Some(r) = ch
-                .pointer("/delta/reasoning_content")
-                .and_then(Value::as_str)
+                .delta
+                .as_ref()
+                .and_then(|d| d.reasoning_content.as_deref())
             {
                 reasoning.get_or_insert_with(String::new).push_str(r);
             }
-            if ch.get("finish_reason").is_some_and(|f| !f.is_null()) {
-                finish = ch["finish_reason"].clone();
-                stop_reason = ch.get("stop_reason").cloned().unwrap_or(Value::Null);
+            if let Some(f) = ch.finish_reason {
+                finish = Some(f.into_owned());
+                stop_reason = ch.stop_reason.unwrap_or(Value::Null);
             }
         }
     }

@@ -40,6 +40,7 @@ use hyper::body::{Body as _, Incoming};
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -527,6 +528,7 @@ async fn begin(ask: Ask, pool: Arc<ModelPool>) -> Result<Relay, Result<Response,
             tried,
             failovers: 0,
             done: false,
+            deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
         }),
         Err(None) => Err(Err(RouterError::AllCircuitsOpen {
             model: ask.model.clone(),
@@ -809,6 +811,8 @@ struct Relay {
     tried: Vec<gpufleet_domain::InstanceId>,
     failovers: u32,
     done: bool,
+    /// Fires when the stream may have gone silent too long (see `next`).
+    deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Relay {
@@ -835,7 +839,32 @@ impl Relay {
             } else {
                 cfg.idle_timeout()
             };
-            let why = match tokio::time::timeout(gap, self.attempt.next_region()).await {
+            // One timer for the whole stream, moved only when it fires
+            // before the silence is long enough (not once per event).
+            let got = {
+                let Relay {
+                    attempt, deadline, ..
+                } = self;
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = attempt.poll_region(cx) {
+                        return Poll::Ready(Some(r));
+                    }
+                    loop {
+                        match deadline.as_mut().poll(cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(()) => {
+                                let due = attempt.last_at + gap;
+                                if Instant::now() >= due {
+                                    return Poll::Ready(None);
+                                }
+                                deadline.as_mut().reset(due.into());
+                            }
+                        }
+                    }
+                })
+                .await
+            };
+            let why = match got.ok_or(()) {
                 Ok(Ok(Some(r))) => {
                     let now = Instant::now();
                     let b = &self.attempt.backend;

@@ -101,7 +101,7 @@ pub struct RouterConfig {
 impl Default for RouterConfig {
     fn default() -> Self {
         Self {
-            policy: Policy::LeastOutstanding,
+            policy: Policy::PeakEwma,
             connect_timeout_ms: 2_000,
             first_byte_timeout_ms: 120_000,
             idle_timeout_ms: 60_000,

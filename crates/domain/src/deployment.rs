@@ -405,6 +405,25 @@ impl DeploymentSpec {
     }
 }
 
+/// What the keeper last saw of a deployment's replicas, with conditions a
+/// person can read ("2 of 3 ready; 1 starting in fr-par-2").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReplicaStatus {
+    /// Serving (routable).
+    pub ready: u32,
+    /// On their way: provisioning, booting or starting.
+    pub starting: u32,
+    /// Live but failing their health checks.
+    pub unhealthy: u32,
+    /// Finishing their requests before termination.
+    pub draining: u32,
+    /// One line: the state of the whole.
+    pub summary: String,
+    /// Details, one line each (waiting for capacity, replacing, ...).
+    #[serde(default)]
+    pub conditions: Vec<String>,
+}
+
 /// Where a deployment is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -14,7 +14,7 @@ pub mod names;
 pub use catalog::{GpuSpec, InstanceType, Zone};
 pub use deployment::{
     Autoscaling, DeploymentAction, DeploymentId, DeploymentSpec, DeploymentState, HumanDuration,
-    Placement, ReplicaBounds, ScalingMetric, SpecError,
+    Placement, ReplicaBounds, ReplicaStatus, ScalingMetric, SpecError,
 };
 pub use ids::{IdParseError, InstanceId, ProviderInstanceId};
 pub use lifecycle::{

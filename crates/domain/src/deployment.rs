@@ -173,7 +173,6 @@ impl utoipa::ToSchema for HumanDuration {}
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Placement {
-    #[schema(value_type = String, example = "scaleway")]
     pub provider: ProviderName,
     #[schema(example = "fr-par-2")]
     pub zone: String,

@@ -167,7 +167,7 @@ impl Deployments {
                 )
                 .into());
             };
-            if !itype.zones.iter().any(|z| *z == p.zone) {
+            if !itype.zones.contains(&p.zone) {
                 return Err(SpecError::new(
                     format!("placements[{i}].zone"),
                     format!(

@@ -119,7 +119,7 @@ impl Agents {
                     ) {
                         continue;
                     }
-                    if !started.contains_key(&r.id) {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = started.entry(r.id) {
                         let Some(req) = mem.request_for(r.id) else {
                             continue;
                         };
@@ -138,7 +138,7 @@ impl Agents {
                             continue;
                         };
                         serve_readyz(listener, r.id, reg.token.clone(), killed.clone());
-                        started.insert(r.id, (reg.token, 0));
+                        slot.insert((reg.token, 0));
                     }
                     let entry = started.get_mut(&r.id).unwrap();
                     entry.1 += 1;

@@ -132,11 +132,11 @@ impl FromStr for HumanDuration {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0.as_secs();
-        if s != 0 && s % 86_400 == 0 {
+        if s != 0 && s.is_multiple_of(86_400) {
             write!(f, "{}d", s / 86_400)
-        } else if s != 0 && s % 3_600 == 0 {
+        } else if s != 0 && s.is_multiple_of(3_600) {
             write!(f, "{}h", s / 3_600)
-        } else if s != 0 && s % 60 == 0 {
+        } else if s != 0 && s.is_multiple_of(60) {
             write!(f, "{}m", s / 60)
         } else {
             write!(f, "{s}s")
@@ -265,7 +265,9 @@ impl Autoscaling {
     /// Replicas wanted for `total` of the metric over all ready replicas
     /// (at least 1 while there is any load).
     pub fn replicas_for(&self, total: f64) -> u32 {
-        if !(total > 0.0) || !(self.target_per_replica > 0.0) {
+        // NaN counts as no load / no target.
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(total) || !positive(self.target_per_replica) {
             return 0;
         }
         let n = (total / self.target_per_replica).ceil();
@@ -637,7 +639,8 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut DeploymentSpec)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut DeploymentSpec)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (
                 Box::new(|s| s.replicas = ReplicaBounds { min: 3, max: 2 }),
                 "replicas.min",

@@ -123,6 +123,10 @@ impl From<ControlError> for ApiError {
             ControlError::InvalidInput { field, message } => {
                 Self::invalid(field, format!("invalid {field}: {message}"))
             }
+            ControlError::InvalidSpec(e) => {
+                let message = e.to_string();
+                Self::invalid(e.field, message)
+            }
             e @ ControlError::NotFound { .. } => Self::not_found(e.to_string()),
             ControlError::Conflict { message } => {
                 Self::new(StatusCode::CONFLICT, "conflict", message)

@@ -7,7 +7,7 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use bytes::Bytes;
-use gpufleet_domain::InstanceId;
+use gpufleet_domain::{DeploymentId, InstanceId};
 use serde::de::DeserializeOwned;
 
 /// Largest accepted request body.
@@ -149,6 +149,24 @@ impl<S: Send + Sync> FromRequestParts<S> for InstanceIdPath {
             .map_err(|r| ApiError::invalid("id", format!("invalid id: {}", r.body_text())))?;
         raw.parse()
             .map(InstanceIdPath)
+            .map_err(|e| ApiError::invalid("id", e.to_string()))
+    }
+}
+
+/// A `{id}` path parameter holding a [`DeploymentId`]; a malformed one is
+/// 400 naming `id`.
+#[derive(Debug, Clone, Copy)]
+pub struct DeploymentIdPath(pub DeploymentId);
+
+impl<S: Send + Sync> FromRequestParts<S> for DeploymentIdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|r| ApiError::invalid("id", format!("invalid id: {}", r.body_text())))?;
+        raw.parse()
+            .map(DeploymentIdPath)
             .map_err(|e| ApiError::invalid("id", e.to_string()))
     }
 }

@@ -8,7 +8,7 @@
 //! Routes:
 //! - `/healthz` (no auth), `/readyz` (no auth: the database answers)
 //! - `/metrics` (no auth, like a node exporter): Prometheus text format
-//! - `/api/v1/...` (admin bearer token): instances, catalog, models, the SSE
+//! - `/api/v1/...` (admin bearer token): instances, deployments, catalog, models, the SSE
 //!   stream, task statuses, the OpenAPI document
 //! - `/internal/v1/agent/...` (agent bootstrap secret, then agent token)
 
@@ -16,6 +16,7 @@ mod agent;
 pub mod api_keys;
 mod auth;
 mod catalog;
+mod deployments;
 pub mod downloads;
 mod error;
 mod events;
@@ -44,6 +45,8 @@ use tower_http::trace::TraceLayer;
 pub struct ApiState {
     /// Commands on instances.
     pub fleet: Fleet,
+    /// Commands on deployments.
+    pub deployments: gpufleet_control::Deployments,
     /// The agent routes' service.
     pub agents: AgentService,
     pub catalogs: Catalogs,
@@ -68,6 +71,7 @@ impl ApiState {
     pub fn new(control: &ControlPlane, admin_token: impl Into<String>) -> Self {
         Self {
             fleet: control.fleet.clone(),
+            deployments: control.deployments.clone(),
             agents: control.agents.clone(),
             catalogs: control.catalogs.clone(),
             history: control.history.clone(),
@@ -112,6 +116,17 @@ pub fn router(state: ApiState) -> Router {
         .route("/instances/{id}/archive", post(instances::archive))
         .route("/instances/{id}/events", get(instances::timeline))
         .route("/instances/{id}/metrics", get(instances::metrics))
+        .route(
+            "/deployments",
+            post(deployments::create).get(deployments::list),
+        )
+        .route(
+            "/deployments/{id}",
+            get(deployments::get)
+                .patch(deployments::patch)
+                .delete(deployments::delete),
+        )
+        .route("/deployments/{id}/events", get(deployments::timeline))
         .route("/providers", get(catalog::providers))
         .route(
             "/providers/{name}/instance-types",

@@ -2,7 +2,9 @@
 
 use crate::views::ErrorBody;
 use crate::SharedState;
-use crate::{agent, api_keys, catalog, downloads, events, instances, observability, system};
+use crate::{
+    agent, api_keys, catalog, deployments, downloads, events, instances, observability, system,
+};
 use axum::extract::State;
 use axum::Json;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -23,6 +25,12 @@ use utoipa::{Modify, OpenApi};
         instances::archive,
         instances::timeline,
         instances::metrics,
+        deployments::create,
+        deployments::list,
+        deployments::get,
+        deployments::patch,
+        deployments::delete,
+        deployments::timeline,
         catalog::providers,
         catalog::instance_types,
         catalog::models,
@@ -48,6 +56,7 @@ use utoipa::{Modify, OpenApi};
     modifiers(&SecuritySchemes),
     tags(
         (name = "instances", description = "GPU instances serving a model"),
+        (name = "deployments", description = "A model's serving declared once: replicas kept, replaced, autoscaled"),
         (name = "catalog", description = "Providers, instance types and models"),
         (name = "events", description = "Live instance changes (SSE)"),
         (name = "system", description = "Health and background tasks"),
@@ -137,6 +146,9 @@ mod tests {
             "/api/v1/instances/{id}/archive",
             "/api/v1/instances/{id}/events",
             "/api/v1/instances/{id}/metrics",
+            "/api/v1/deployments",
+            "/api/v1/deployments/{id}",
+            "/api/v1/deployments/{id}/events",
             "/api/v1/providers",
             "/api/v1/providers/{name}/instance-types",
             "/api/v1/models",
@@ -164,6 +176,8 @@ mod tests {
             "ErrorBody",
             "Heartbeat",
             "TaskStatus",
+            "DeploymentView",
+            "CreateDeploymentBody",
         ] {
             assert!(schemas.contains_key(s), "missing schema {s}");
         }

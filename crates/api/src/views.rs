@@ -3,7 +3,9 @@
 
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{
-    FailureReason, InstanceId, InstanceStatus, InstanceType, ModelName, ProviderName, Zone,
+    Autoscaling, DeploymentAction, DeploymentId, DeploymentState, FailureReason, HumanDuration,
+    InstanceId, InstanceStatus, InstanceType, ModelName, Placement, ProviderName, ReplicaBounds,
+    Zone,
 };
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
@@ -82,6 +84,8 @@ pub struct InstanceView {
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     /// Increases on every lifecycle change.
     pub generation: i64,
+    /// The deployment this instance is a replica of (null: created on its own).
+    pub deployment_id: Option<DeploymentId>,
 }
 
 /// `POST /api/v1/instances` answer (202).
@@ -225,6 +229,7 @@ impl From<&gpufleet_store::InstanceRecord> for InstanceView {
             terminated_at: r.terminated_at,
             last_heartbeat_at: r.last_heartbeat_at,
             generation: r.generation,
+            deployment_id: r.deployment_id,
         }
     }
 }
@@ -663,4 +668,163 @@ mod metric_view_tests {
         assert_eq!(a.index(t(60_000)), None);
         assert_eq!(a.index(t(10_001)), None);
     }
+}
+
+/// `POST /api/v1/deployments` body: a model's serving, declared once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeploymentBody {
+    /// 1–63 lowercase letters, digits and `-`; unique among deployments not deleted.
+    #[schema(example = "qwen-7b", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub name: String,
+    #[schema(value_type = ModelName)]
+    pub model: String,
+    /// Ordered fallback list: replicas go to the first placement with
+    /// capacity; one out of capacity or quota is skipped for a while.
+    #[schema(min_items = 1)]
+    pub placements: Vec<Placement>,
+    pub replicas: ReplicaBounds,
+    /// Default: requests in flight, 16 per replica, scale down after 5m.
+    #[serde(default)]
+    pub autoscaling: Option<Autoscaling>,
+    /// Kept with the spec (scale to zero is not acted upon yet).
+    #[serde(default)]
+    pub scale_to_zero_after: Option<HumanDuration>,
+    /// Extra engine arguments, kept with the spec.
+    #[serde(default)]
+    pub engine_args: Option<Vec<String>>,
+}
+
+/// `PATCH /api/v1/deployments/{id}` body: what to change. Replica bounds,
+/// autoscaling, the scale-to-zero delay and the name apply at once;
+/// `placements` and `engine_args` need a rolling update (not supported
+/// yet) and are refused unless unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchDeploymentBody {
+    #[serde(default)]
+    #[schema(pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub replicas: Option<ReplicaBounds>,
+    #[serde(default)]
+    pub autoscaling: Option<Autoscaling>,
+    #[serde(default)]
+    pub scale_to_zero_after: Option<HumanDuration>,
+    #[serde(default)]
+    pub placements: Option<Vec<Placement>>,
+    #[serde(default)]
+    pub engine_args: Option<Vec<String>>,
+}
+
+/// Replicas as the keeper last saw them, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeploymentStatusView {
+    /// What the keeper decided: autoscaled, within the bounds.
+    pub desired: u32,
+    pub ready: u32,
+    /// Provisioning, booting or starting.
+    pub starting: u32,
+    pub unhealthy: u32,
+    pub draining: u32,
+    /// One line, e.g. "2 of 3 ready; 1 starting in fr-par-2".
+    pub summary: String,
+    /// One line each: waiting for capacity, replacing, scaling down later...
+    pub conditions: Vec<String>,
+}
+
+/// A deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeploymentView {
+    pub id: DeploymentId,
+    pub name: String,
+    #[schema(value_type = ModelName)]
+    pub model: String,
+    pub state: DeploymentState,
+    pub placements: Vec<Placement>,
+    pub replicas: ReplicaBounds,
+    pub autoscaling: Autoscaling,
+    pub scale_to_zero_after: Option<HumanDuration>,
+    pub engine_args: Option<Vec<String>>,
+    pub status: DeploymentStatusView,
+    /// Increases on every change.
+    pub generation: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub delete_requested_at: Option<DateTime<Utc>>,
+    pub deleted_at: Option<DateTime<Utc>>,
+    /// Its instances (archived ones left out); only in `GET /api/v1/deployments/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<Vec<InstanceView>>,
+}
+
+impl From<&gpufleet_store::DeploymentRecord> for DeploymentView {
+    fn from(d: &gpufleet_store::DeploymentRecord) -> Self {
+        DeploymentView {
+            id: d.id,
+            name: d.name.clone(),
+            model: d.model.to_string(),
+            state: d.state,
+            placements: d.spec.placements.clone(),
+            replicas: d.spec.replicas,
+            autoscaling: d.spec.autoscaling,
+            scale_to_zero_after: d.spec.scale_to_zero_after,
+            engine_args: d.spec.engine_args.clone(),
+            status: DeploymentStatusView {
+                desired: d.desired_replicas,
+                ready: d.status.ready,
+                starting: d.status.starting,
+                unhealthy: d.status.unhealthy,
+                draining: d.status.draining,
+                summary: d.status.summary.clone(),
+                conditions: d.status.conditions.clone(),
+            },
+            generation: d.generation,
+            created_at: d.created_at,
+            updated_at: d.updated_at,
+            delete_requested_at: d.delete_requested_at,
+            deleted_at: d.deleted_at,
+            instances: None,
+        }
+    }
+}
+
+/// `GET /api/v1/deployments` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeploymentList {
+    pub deployments: Vec<DeploymentView>,
+}
+
+/// One entry of a deployment's timeline: a decision and its reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeploymentEventView {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub action: DeploymentAction,
+    /// in_progress, success, failed, waiting, info
+    pub outcome: String,
+    pub message: String,
+    /// Details (instance ids, placements, figures), or null.
+    #[schema(value_type = Option<Object>)]
+    pub metadata: serde_json::Value,
+}
+
+impl From<&gpufleet_store::DeploymentEvent> for DeploymentEventView {
+    fn from(e: &gpufleet_store::DeploymentEvent) -> Self {
+        DeploymentEventView {
+            id: e.id,
+            at: e.event.at,
+            action: e.event.action,
+            outcome: e.event.outcome.to_string(),
+            message: e.event.message.clone(),
+            metadata: e.event.metadata.clone(),
+        }
+    }
+}
+
+/// `GET /api/v1/deployments/{id}/events` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeploymentTimeline {
+    pub deployment_id: DeploymentId,
+    pub events: Vec<DeploymentEventView>,
 }

@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use gpufleet_domain::{InstanceId, ModelName, ProviderName};
+use gpufleet_domain::{DeploymentId, InstanceId, ModelName, ProviderName};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -356,7 +356,7 @@ fn samples() -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    for prefix in ["i-", "ak-", "I-", "", "x-"] {
+    for prefix in ["i-", "d-", "ak-", "I-", "", "x-"] {
         s.push(format!("{prefix}{hex}"));
         s.push(format!("{prefix}{}", hex.to_uppercase()));
         s.push(format!("{prefix}{}", &hex[1..]));
@@ -383,8 +383,9 @@ async fn patterns_accept_what_the_parsers_accept() {
     let doc: Value = expect_json(app.get("/api/v1/openapi.json").await, StatusCode::OK).await;
     let schemas = &doc["components"]["schemas"];
     type Parser = fn(&str) -> bool;
-    let cases: [(&str, Parser); 3] = [
+    let cases: [(&str, Parser); 4] = [
         ("InstanceId", |s| s.parse::<InstanceId>().is_ok()),
+        ("DeploymentId", |s| s.parse::<DeploymentId>().is_ok()),
         ("ModelName", |s| s.parse::<ModelName>().is_ok()),
         ("ProviderName", |s| s.parse::<ProviderName>().is_ok()),
     ];

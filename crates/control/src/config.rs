@@ -67,6 +67,12 @@ pub struct ControlConfig {
     pub drain_timeout_secs: u64,
     /// Largest `count` of one create request.
     pub max_instances_per_request: u32,
+    /// How long a deployment's replica may stay unhealthy before it is
+    /// replaced (the replacement starts first).
+    pub deployment_unhealthy_grace_secs: u64,
+    /// How long a deployment's placement is skipped after an instance there
+    /// failed for lack of capacity or quota (the next placement is used).
+    pub deployment_placement_backoff_secs: u64,
     /// Port agents listen on.
     pub agent_port: u16,
     /// The inference engine instances run.
@@ -159,6 +165,8 @@ impl Default for ControlConfig {
             canary_timeout_ms: 10_000,
             drain_timeout_secs: 30,
             max_instances_per_request: 100,
+            deployment_unhealthy_grace_secs: 120,
+            deployment_placement_backoff_secs: 300,
             agent_port: gpufleet_proto::DEFAULT_AGENT_PORT,
             engine: EngineConfig::default(),
             models: ModelSpec::defaults(),

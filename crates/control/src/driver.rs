@@ -97,10 +97,11 @@ pub enum TaskName {
     FailedCleanup,
     OrphanReaper,
     MetricsRollup,
+    Deployments,
 }
 
 impl TaskName {
-    pub const ALL: [TaskName; 7] = [
+    pub const ALL: [TaskName; 8] = [
         TaskName::Provisioner,
         TaskName::BootWatcher,
         TaskName::Health,
@@ -108,6 +109,7 @@ impl TaskName {
         TaskName::FailedCleanup,
         TaskName::OrphanReaper,
         TaskName::MetricsRollup,
+        TaskName::Deployments,
     ];
 
     /// The name in task statuses (`GET /api/v1/system/tasks`) and metric labels.
@@ -120,6 +122,7 @@ impl TaskName {
             TaskName::FailedCleanup => "failed_cleanup",
             TaskName::OrphanReaper => "orphan_reaper",
             TaskName::MetricsRollup => "metrics_rollup",
+            TaskName::Deployments => "deployments",
         }
     }
 }
@@ -517,7 +520,8 @@ mod tests {
                 "terminator",
                 "failed_cleanup",
                 "orphan_reaper",
-                "metrics_rollup"
+                "metrics_rollup",
+                "deployments"
             ]
         );
         let mut sorted = TaskName::ALL;

@@ -11,6 +11,10 @@ pub enum ControlError {
         field: &'static str,
         message: String,
     },
+    /// A deployment spec that cannot be served; names the field by its path
+    /// (e.g. `placements[1].instance_type`).
+    #[error(transparent)]
+    InvalidSpec(#[from] gpufleet_domain::SpecError),
     /// The thing asked for does not exist.
     #[error("{what} {id} not found")]
     NotFound { what: &'static str, id: String },

@@ -13,7 +13,9 @@ use crate::secrets::{self, BootstrapKey};
 use crate::timeline;
 use crate::traffic::{TrafficSlot, TrafficSource};
 use chrono::Utc;
-use gpufleet_domain::{InstanceId, InstanceStatus, LifecycleEvent, ModelName, ProviderName};
+use gpufleet_domain::{
+    DeploymentId, InstanceId, InstanceStatus, LifecycleEvent, ModelName, ProviderName,
+};
 use gpufleet_store::{
     InstanceFilter, InstanceRecord, NewInstance, Outcome, SampleRecord, Store, TimelineEvent,
     TimelineKind,
@@ -118,6 +120,17 @@ impl Fleet {
     pub async fn create_instances(
         &self,
         req: CreateInstances,
+    ) -> Result<Vec<InstanceRecord>, ControlError> {
+        self.create_instances_for(req, None).await
+    }
+
+    /// [`Fleet::create_instances`] for the replicas of a deployment: the
+    /// same checks and the same persisted intent, with the deployment's id
+    /// on each instance.
+    pub async fn create_instances_for(
+        &self,
+        req: CreateInstances,
+        deployment_id: Option<DeploymentId>,
     ) -> Result<Vec<InstanceRecord>, ControlError> {
         let cfg = &self.inner.config;
         let provider = self.inner.catalogs.provider(&req.provider).ok_or_else(|| {
@@ -224,12 +237,13 @@ impl Fleet {
                     bootstrap_secret_hash: secrets::digest(&self.inner.bootstrap.secret(id)),
                     startup_deadline_at: deadline,
                     created_at: now,
+                    deployment_id,
                 }
             })
             .collect();
         let created = self.inner.lifecycle.insert(&new).await?;
         for rec in &created {
-            tracing::info!(instance_id = %rec.id, provider = %rec.provider, instance_type = %rec.instance_type, "instance created");
+            tracing::info!(instance_id = %rec.id, provider = %rec.provider, instance_type = %rec.instance_type, deployment_id = ?rec.deployment_id, "instance created");
         }
         self.inner.waker.wake(TaskName::Provisioner);
         Ok(created)
@@ -249,6 +263,24 @@ impl Fleet {
     /// Ask for termination. Idempotent: an instance already draining,
     /// terminating, terminated or archived is returned as it is.
     pub async fn terminate_instance(&self, id: InstanceId) -> Result<InstanceRecord, ControlError> {
+        self.terminate_because(
+            id,
+            TimelineKind::User,
+            "user.terminate",
+            "termination requested",
+        )
+        .await
+    }
+
+    /// [`Fleet::terminate_instance`] with the reason on the instance's
+    /// timeline as `action` (e.g. a deployment scaling down).
+    pub async fn terminate_because(
+        &self,
+        id: InstanceId,
+        kind: TimelineKind,
+        action: &str,
+        reason: &str,
+    ) -> Result<InstanceRecord, ControlError> {
         for _ in 0..CAS_RETRIES {
             let rec = self.get_instance(id).await?;
             if matches!(
@@ -261,21 +293,14 @@ impl Fleet {
                 return Ok(rec);
             }
             let now = Utc::now();
-            let user = timeline::entry(
-                id,
-                now,
-                TimelineKind::User,
-                "user.terminate",
-                Outcome::Success,
-                "termination requested",
-            );
+            let user = timeline::entry(id, now, kind, action, Outcome::Success, reason);
             match self
                 .inner
                 .lifecycle
                 .apply(
                     &rec,
                     LifecycleEvent::TerminateRequested,
-                    "termination requested",
+                    reason,
                     vec![user],
                     |r| {
                         r.terminate_requested_at = Some(now);

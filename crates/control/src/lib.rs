@@ -5,6 +5,8 @@
 //! - [`Fleet`]: the commands on instances (create, terminate, archive,
 //!   reads). Commands only *record intent* in the store and wake the
 //!   reconcilers; they never call a provider inline.
+//! - [`Deployments`]: the commands on deployments (a model's serving
+//!   declared once); the [`reconcilers::Keeper`] keeps their replicas.
 //! - [`agents::AgentService`]: agent registration, token authentication,
 //!   heartbeat ingestion (with [`validate`] and the batching writer in
 //!   `ingest`), the engine's environment and certificate, agent events.
@@ -25,6 +27,7 @@ pub mod agents;
 pub mod bus;
 pub mod catalog;
 pub mod config;
+pub mod deployments;
 pub mod driver;
 pub mod error;
 pub mod fleet;
@@ -44,6 +47,7 @@ pub use agents::AgentService;
 pub use bus::{ChangeKind, InstanceChange, KeyChange};
 pub use catalog::Catalogs;
 pub use config::{ControlConfig, EngineConfig, IngestConfig, ModelSpec, SecretEnv};
+pub use deployments::{CreateDeployment, DeploymentPatch, Deployments};
 pub use driver::{TaskName, TaskReport, TaskStatus, Tasks, Waker};
 pub use error::ControlError;
 pub use fleet::{CreateInstances, Fleet};

@@ -51,6 +51,18 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub action: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeploymentLabels {
+    deployment_id: String,
+    name: String,
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderOpLabels {
     pub provider: String,
     pub op: &'static str,
@@ -95,6 +107,8 @@ pub struct Telemetry {
     pub ingest_compaction_seconds: Histogram,
     pub provider_call_duration: HistogramFamily<ProviderOpLabels>,
     pub provider_call_errors: Family<ProviderErrorLabels, Counter>,
+    /// Deployment decisions by action (scale_up, replace, fallback, ...).
+    pub deployment_decisions: Family<DecisionLabels, Counter>,
 }
 
 impl Telemetry {
@@ -142,6 +156,12 @@ impl Telemetry {
             "Failed provider API calls, by provider, operation and error code",
             provider_call_errors.clone(),
         );
+        let deployment_decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "gpufleet_deployment_decisions",
+            "Decisions about deployments, by action (scale_up, scale_down, replace, fallback, ...)",
+            deployment_decisions.clone(),
+        );
         let t = tasks.metrics();
         registry.register(
             "gpufleet_reconciler_runs",
@@ -167,7 +187,17 @@ impl Telemetry {
             ingest_compaction_seconds,
             provider_call_duration,
             provider_call_errors,
+            deployment_decisions,
         }
+    }
+
+    /// Count one deployment decision.
+    pub fn deployment_decision(&self, action: gpufleet_domain::DeploymentAction) {
+        self.deployment_decisions
+            .get_or_create(&DecisionLabels {
+                action: action.as_str(),
+            })
+            .inc();
     }
 
     pub(crate) fn heartbeat(&self, outcome: &'static str) {
@@ -380,6 +410,30 @@ impl Telemetry {
             "GPU power limit (latest heartbeat)",
             Unit::Other("watts".into()),
             power_limit,
+        );
+        let replicas = Family::<DeploymentLabels, Gauge>::default();
+        for d in store.list_deployments(false).await? {
+            let st = &d.status;
+            for (state, n) in [
+                ("desired", d.desired_replicas),
+                ("ready", st.ready),
+                ("starting", st.starting),
+                ("unhealthy", st.unhealthy),
+                ("draining", st.draining),
+            ] {
+                replicas
+                    .get_or_create(&DeploymentLabels {
+                        deployment_id: d.id.to_string(),
+                        name: label(&d.name),
+                        state,
+                    })
+                    .set(i64::from(n));
+            }
+        }
+        scrape.register(
+            "gpufleet_deployment_replicas",
+            "Replicas of each deployment: desired (what the keeper decided), ready, starting, unhealthy, draining",
+            replicas,
         );
         encode_registry(out, &scrape).map_err(|_| encode_error())?;
         Ok(())

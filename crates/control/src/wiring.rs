@@ -12,6 +12,8 @@ use crate::agents::AgentService;
 use crate::bus::Bus;
 use crate::catalog::Catalogs;
 use crate::config::ControlConfig;
+use crate::deployments::Deployments;
+use crate::driver::TaskName;
 use crate::driver::{Reconciler, Tasks};
 use crate::error::ControlError;
 use crate::fleet::Fleet;
@@ -33,6 +35,8 @@ pub struct ControlPlane {
     pub store: Store,
     /// Commands on instances.
     pub fleet: Fleet,
+    /// Commands on deployments.
+    pub deployments: Deployments,
     /// Agent registration, authentication and heartbeats.
     pub agents: AgentService,
     /// The providers (metered) and the model list.
@@ -90,6 +94,12 @@ impl ControlPlane {
             bootstrap.clone(),
             traffic.clone(),
         );
+        let deployments = Deployments::new(
+            store.clone(),
+            catalogs.clone(),
+            waker.clone(),
+            telemetry.clone(),
+        );
         let history = History::new(store.clone(), catalogs.clone(), config.clone());
 
         let creating = Creating::default();
@@ -133,7 +143,7 @@ impl ControlPlane {
                     chrono::Duration::seconds(config.drain_timeout_secs as i64),
                     cluster_id.clone(),
                     creating.clone(),
-                    traffic,
+                    traffic.clone(),
                 )),
                 period,
             ),
@@ -164,10 +174,20 @@ impl ControlPlane {
                 )),
                 Duration::from_millis(config.metrics_rollup_interval_ms.max(10)),
             ),
+            (
+                Arc::new(reconcilers::Keeper::new(
+                    fleet.clone(),
+                    config.clone(),
+                    telemetry.clone(),
+                    traffic,
+                )),
+                period,
+            ),
         ];
         Ok(ControlPlane {
             store,
             fleet,
+            deployments,
             agents,
             catalogs,
             history,
@@ -180,6 +200,24 @@ impl ControlPlane {
     /// Start the reconcilers; they stop when `shutdown` is cancelled (the
     /// returned handle completes once each finished its activation in hand).
     pub fn start(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        // The keeper acts when a deployment's instance changes (on any replica).
+        let mut changes = self.fleet.subscribe();
+        let waker = self.tasks.waker();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    change = changes.recv() => match change {
+                        Ok(c) if c.instance.deployment_id.is_some() => waker.wake(TaskName::Deployments),
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(_)) => waker.wake(TaskName::Deployments),
+                        Err(RecvError::Closed) => break,
+                    },
+                }
+            }
+        });
         self.tasks.spawn_all(self.reconcilers.clone(), shutdown)
     }
 

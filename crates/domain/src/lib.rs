@@ -5,12 +5,17 @@
 //! validated names ([`names`]), and catalog types ([`catalog`]).
 
 pub mod catalog;
+pub mod deployment;
 pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
 pub mod names;
 
 pub use catalog::{GpuSpec, InstanceType, Zone};
+pub use deployment::{
+    Autoscaling, DeploymentAction, DeploymentId, DeploymentSpec, DeploymentState, HumanDuration,
+    Placement, ReplicaBounds, ReplicaStatus, ScalingMetric, SpecError,
+};
 pub use ids::{IdParseError, InstanceId, ProviderInstanceId};
 pub use lifecycle::{
     progress, transition, FailureReason, InstanceStatus, InvalidTransition, LifecycleEvent,

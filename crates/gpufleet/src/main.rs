@@ -62,6 +62,14 @@ enum Command {
         #[command(subcommand)]
         command: client::instances::InstancesCommand,
     },
+    /// Declare a model's serving (placements, replicas, autoscaling); the
+    /// control plane keeps it so.
+    Deployments {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(subcommand)]
+        command: client::deployments::DeploymentsCommand,
+    },
     /// Providers and their instance types.
     Providers {
         #[command(flatten)]
@@ -169,6 +177,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             })
             .await?;
             Ok(())
+        }
+        Command::Deployments { client, command } => {
+            client::deployments::run(&client::Client::new(&client)?, command).await
         }
         Command::Instances { client, command } => {
             client::instances::run(&client::Client::new(&client)?, command).await

@@ -40,6 +40,7 @@ fn new_instance(now: DateTime<Utc>) -> NewInstance {
         bootstrap_secret_hash: format!("hash-{id}"),
         startup_deadline_at: now + ChronoDuration::minutes(10),
         created_at: now,
+        deployment_id: None,
     }
 }
 

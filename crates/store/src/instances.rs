@@ -21,7 +21,7 @@ pub(crate) const INSTANCE_COLUMNS: &str =
      provider_instance_id, ip, generation, provision_attempts, next_attempt_at, \
      startup_deadline_at, created_at, updated_at, status_changed_at, ready_at, \
      terminate_requested_at, terminated_at, cleanup_started_at, cleaned_up_at, \
-     last_heartbeat_seq, last_heartbeat_at, engine_status, engine_cert_pem";
+     last_heartbeat_seq, last_heartbeat_at, engine_status, engine_cert_pem, deployment_id";
 
 pub(crate) fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
     let mut r = RowReader::new(row, "instances row");
@@ -70,6 +70,7 @@ pub(crate) fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError
         last_heartbeat_at: r.time_opt("last_heartbeat_at")?,
         engine_status: r.serde_enum_opt("engine_status")?,
         engine_cert_pem: r.get("engine_cert_pem")?,
+        deployment_id: r.parsed_opt("deployment_id")?,
     })
 }
 
@@ -104,6 +105,7 @@ fn created_event(n: &NewInstance) -> NewTimelineEvent {
             "instance_type": n.instance_type,
             "model": n.model.as_str(),
             "idempotency_key": n.idempotency_key,
+            "deployment_id": n.deployment_id.map(|d| d.to_string()),
         }),
     }
 }
@@ -124,8 +126,8 @@ impl Store {
             sqlx::query(
                 "INSERT INTO instances (id, provider, zone, instance_type, model, status, \
                  idempotency_key, bootstrap_secret_hash, generation, provision_attempts, \
-                 startup_deadline_at, created_at, updated_at, status_changed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $11)",
+                 startup_deadline_at, created_at, updated_at, status_changed_at, deployment_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $11, $12)",
             )
             .bind(n.id.to_string())
             .bind(n.provider.as_str())
@@ -138,6 +140,7 @@ impl Store {
             .bind(FIRST_GENERATION)
             .bind(millis(n.startup_deadline_at))
             .bind(created)
+            .bind(n.deployment_id.map(|d| d.to_string()))
             .execute(&mut *tx)
             .await?;
             insert_event(&mut tx, &created_event(n)).await?;

@@ -21,6 +21,7 @@
 mod agents;
 mod api_keys;
 mod connect;
+mod deployments;
 mod figures;
 mod ingest;
 mod instances;
@@ -36,6 +37,7 @@ pub use api_keys::{
     ApiKeyId, ApiKeyIdError, ApiKeyRecord, NewApiKey, UsageCounts, UsageDelta, UsageRecord,
     UsageScope,
 };
+pub use deployments::{DeploymentEvent, DeploymentRecord, NewDeployment, NewDeploymentEvent};
 pub use replicas::{ChangeListener, DbChange, Fence, Lease, LeaseInfo};
 pub use rollup::{RetentionReport, RollupReport};
 pub use series::{
@@ -46,8 +48,8 @@ pub use staging::{staging_part, IngestSession, STAGING_PARTS};
 
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{
-    FailureReason, InstanceId, InstanceStatus, Milestones, ModelName, ProviderInstanceId,
-    ProviderName,
+    DeploymentId, FailureReason, InstanceId, InstanceStatus, Milestones, ModelName,
+    ProviderInstanceId, ProviderName,
 };
 use gpufleet_proto::EngineStatus;
 use serde::{Deserialize, Serialize};
@@ -72,6 +74,14 @@ pub enum StoreError {
     Conflict { id: InstanceId, expected: i64 },
     #[error("instance {id} not found")]
     NotFound { id: InstanceId },
+    /// A compare-and-swap update of a deployment lost.
+    #[error("deployment {id} was changed concurrently (expected generation {expected})")]
+    DeploymentConflict { id: DeploymentId, expected: i64 },
+    #[error("deployment {id} not found")]
+    DeploymentNotFound { id: DeploymentId },
+    /// Another deployment (not deleted) has this name.
+    #[error("a deployment named {name:?} exists")]
+    NameTaken { name: String },
     /// A write made under a lease that is no longer held (it expired or
     /// changed hands): nothing was written.
     #[error("lease {lease} is no longer held by this replica")]
@@ -147,6 +157,9 @@ pub struct InstanceRecord {
     /// alone. `None` for machines on this host (plain HTTP on loopback).
     #[serde(default)]
     pub engine_cert_pem: Option<String>,
+    /// The deployment this instance is a replica of (`None`: created on its own).
+    #[serde(default)]
+    pub deployment_id: Option<DeploymentId>,
 }
 
 /// A new instance, with its provision intent.
@@ -162,6 +175,8 @@ pub struct NewInstance {
     pub bootstrap_secret_hash: String,
     pub startup_deadline_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    /// The deployment it is a replica of.
+    pub deployment_id: Option<DeploymentId>,
 }
 
 /// What to list.

@@ -161,6 +161,14 @@ impl TestApp {
             .expect("request sent")
     }
 
+    pub async fn patch<B: Serialize>(&self, path: &str, body: &B) -> reqwest::Response {
+        self.admin(reqwest::Method::PATCH, path)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
     pub async fn post_empty(&self, path: &str) -> reqwest::Response {
         self.admin(reqwest::Method::POST, path)
             .send()

@@ -11,9 +11,11 @@
 //! | [`FailedCleanup`] | `failed` past the grace period | delete the machine so nothing is left running |
 //! | [`OrphanReaper`] | the providers' machines tagged with our cluster | delete machines no live instance owns |
 //! | [`MetricsRollup`] | metric history | raw → 1-minute → 1-hour rollups, retention per tier |
+//! | [`Keeper`] | deployments and their instances | replicas to the desired count (autoscaled within bounds), placement fallback, replacement of failed/unhealthy replicas, deletion |
 
 mod boot;
 mod cleanup;
+pub mod deployments;
 mod health;
 mod orphans;
 mod provisioner;
@@ -22,6 +24,7 @@ mod terminator;
 
 pub use boot::BootWatcher;
 pub use cleanup::FailedCleanup;
+pub use deployments::Keeper;
 pub use health::Health;
 pub use orphans::OrphanReaper;
 pub use provisioner::Provisioner;

@@ -4,7 +4,9 @@
 
 #![allow(dead_code)]
 
-use gpufleet_control::{AgentService, ControlConfig, ControlPlane, Fleet, History, Tasks};
+use gpufleet_control::{
+    AgentService, ControlConfig, ControlPlane, Deployments, Fleet, History, Tasks,
+};
 use gpufleet_domain::{InstanceId, InstanceStatus};
 use gpufleet_providers::{Catalog, Provider, ProviderRegistry};
 use gpufleet_store::{InstanceRecord, Store};
@@ -42,6 +44,7 @@ pub fn fast_config() -> ControlConfig {
 
 pub struct Harness {
     pub fleet: Fleet,
+    pub deployments: Deployments,
     pub agents: AgentService,
     pub history: History,
     pub tasks: Tasks,
@@ -66,6 +69,7 @@ pub async fn start(provider: Arc<dyn Provider>, config: ControlConfig) -> Harnes
     control.start(stop.clone());
     Harness {
         fleet: control.fleet,
+        deployments: control.deployments,
         agents: control.agents,
         history: control.history,
         tasks: control.tasks,

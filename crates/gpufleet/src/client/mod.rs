@@ -1,10 +1,11 @@
-//! The client commands: `instances` (with `instances metrics`), `providers`,
+//! The client commands: `instances` (with `instances metrics`), `deployments`, `providers`,
 //! `models`, `top`. They speak the
 //! public API with the same JSON types the server uses
 //! ([`gpufleet_api::views`]).
 
 pub mod api_keys;
 pub mod catalog;
+pub mod deployments;
 pub mod instances;
 pub mod metrics;
 pub mod render;
@@ -140,10 +141,21 @@ impl Client {
                  (GPUFLEET_ADMIN_TOKEN, --token, or its <data-dir>/admin-token)"
                     .to_string(),
             ),
+            StatusCode::NOT_FOUND if message.contains("deployment") => {
+                Some("list deployments with `gpufleet deployments list --all`".to_string())
+            }
             StatusCode::NOT_FOUND if message.contains("instance") => {
                 Some("list instances with `gpufleet instances list --all`".to_string())
             }
+            StatusCode::CONFLICT if message.contains("deployment") => Some(
+                "check it with `gpufleet deployments list --all`; a name is free again once its deployment is deleted"
+                    .to_string(),
+            ),
             StatusCode::CONFLICT => Some("check the instance's status with `gpufleet instances get <id>`".to_string()),
+            StatusCode::BAD_REQUEST if message.contains("placements[") => Some(
+                "see the types and zones with `gpufleet providers types <provider>` and the models with `gpufleet models`"
+                    .to_string(),
+            ),
             _ => None,
         };
         Err(match hint {

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use comfy_table::presets::NOTHING;
 use comfy_table::{ContentArrangement, Table};
-use gpufleet_api::views::{InstanceView, TimelineEntryView};
+use gpufleet_api::views::{DeploymentEventView, DeploymentView, InstanceView, TimelineEntryView};
 
 /// A borderless table with the given header.
 pub fn table(header: &[&str]) -> Table {
@@ -105,6 +105,90 @@ pub fn timeline_table(events: &[TimelineEntryView]) -> Table {
             change,
             e.duration_ms.map(|d| format!("{d} ms")).unwrap_or_default(),
             message,
+        ]);
+    }
+    t
+}
+
+/// Deployments, one per row.
+pub fn deployments_table(deployments: &[DeploymentView]) -> Table {
+    let now = Utc::now();
+    let mut t = table(&[
+        "ID", "NAME", "MODEL", "STATE", "REPLICAS", "READY", "STATUS", "AGE",
+    ]);
+    for d in deployments {
+        t.add_row(vec![
+            d.id.to_string(),
+            d.name.clone(),
+            d.model.clone(),
+            d.state.as_str().to_string(),
+            format!(
+                "{} ({}..{})",
+                d.status.desired, d.replicas.min, d.replicas.max
+            ),
+            format!("{}/{}", d.status.ready, d.status.desired),
+            d.status.summary.clone(),
+            age(d.created_at, now),
+        ]);
+    }
+    t
+}
+
+/// `key: value` lines of one deployment, then its instances.
+pub fn deployment_details(d: &DeploymentView) -> String {
+    let placements: Vec<String> = d.placements.iter().map(|p| p.to_string()).collect();
+    let a = &d.autoscaling;
+    let mut rows: Vec<(&str, String)> = vec![
+        ("id", d.id.to_string()),
+        ("name", d.name.clone()),
+        ("model", d.model.clone()),
+        ("state", d.state.as_str().to_string()),
+        ("placements", placements.join(", then ")),
+        (
+            "replicas",
+            format!(
+                "{} desired ({} to {})",
+                d.status.desired, d.replicas.min, d.replicas.max
+            ),
+        ),
+        (
+            "autoscaling",
+            format!(
+                "{} target {} per replica, scale down after {}",
+                a.metric, a.target_per_replica, a.scale_down_delay
+            ),
+        ),
+        ("status", d.status.summary.clone()),
+    ];
+    if let Some(z) = d.scale_to_zero_after {
+        rows.push(("scale to zero after", z.to_string()));
+    }
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{k:>20}: {v}\n"));
+    }
+    for c in &d.status.conditions {
+        out.push_str(&format!("{:>20}  - {c}\n", ""));
+    }
+    if let Some(instances) = &d.instances {
+        if !instances.is_empty() {
+            out.push('\n');
+            out.push_str(&instances_table(instances).to_string());
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// A deployment's timeline.
+pub fn deployment_timeline_table(events: &[DeploymentEventView]) -> Table {
+    let mut t = table(&["AT", "ACTION", "OUTCOME", "MESSAGE"]);
+    for e in events {
+        t.add_row(vec![
+            e.at.format("%H:%M:%S%.3f").to_string(),
+            e.action.as_str().to_string(),
+            e.outcome.clone(),
+            e.message.clone(),
         ]);
     }
     t

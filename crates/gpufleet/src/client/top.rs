@@ -635,6 +635,7 @@ mod tests {
             terminated_at: None,
             last_heartbeat_at: Some(now - chrono::Duration::seconds(3)),
             generation: 1,
+            deployment_id: None,
         }
     }
 

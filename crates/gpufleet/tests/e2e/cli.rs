@@ -181,3 +181,116 @@ async fn cli_creates_waits_lists_and_explains_missing_tokens() {
         text(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_deployments_create_scale_get_and_delete() {
+    use gpufleet_api::views::{DeploymentList, DeploymentView};
+    let app = TestApp::spawn(BIN).await;
+    let env = [
+        ("GPUFLEET_ADMIN_TOKEN", app.token.as_str()),
+        ("GPUFLEET_SERVER", app.base_url.as_str()),
+    ];
+    let placement = format!("mock/local-1/{TYPE}");
+    let out = gpufleet(
+        &[
+            "deployments",
+            "create",
+            "sim",
+            "--model",
+            MODEL,
+            "--placement",
+            &placement,
+            "--min",
+            "1",
+            "--max",
+            "3",
+            "--scale-down-delay",
+            "1m",
+            "--wait",
+            "--timeout",
+            "90s",
+            "--json",
+        ],
+        &env,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "create --wait failed: {}\n{}",
+        text(&out.stderr),
+        app.log_tail()
+    );
+    let d: DeploymentView =
+        serde_json::from_slice(&out.stdout).expect("--json prints the deployment");
+    assert_eq!(d.status.ready, 1, "create --wait returned once ready");
+    assert_eq!(d.autoscaling.scale_down_delay.to_string(), "1m");
+
+    // Bad input names the field and hints at the fix.
+    let out = gpufleet(
+        &[
+            "deployments",
+            "create",
+            "bad",
+            "--model",
+            MODEL,
+            "--placement",
+            "mock/local-1/nope",
+        ],
+        &env,
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("placements[0].instance_type") && err.contains("hint:"),
+        "{err}"
+    );
+
+    // Scale by name, waiting for the second replica.
+    let out = gpufleet(
+        &[
+            "deployments",
+            "scale",
+            "sim",
+            "--min",
+            "2",
+            "--wait",
+            "--timeout",
+            "90s",
+        ],
+        &env,
+    )
+    .await;
+    assert!(out.status.success(), "scale: {}", text(&out.stderr));
+    let out = gpufleet(&["deployments", "get", "sim"], &env).await;
+    let shown = text(&out.stdout);
+    assert!(shown.contains("2 of 2 ready"), "{shown}");
+
+    let out = gpufleet(&["deployments", "list", "--json"], &env).await;
+    let list: DeploymentList = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.deployments.len(), 1);
+    let out = gpufleet(&["deployments", "list"], &env).await;
+    assert!(text(&out.stdout).contains("sim"), "{}", text(&out.stdout));
+
+    let out = gpufleet(
+        &["deployments", "delete", "sim", "--wait", "--timeout", "90s"],
+        &env,
+    )
+    .await;
+    assert!(out.status.success(), "delete --wait: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("deleted"),
+        "{}",
+        text(&out.stdout)
+    );
+    for i in app.list(false).await.unwrap() {
+        assert_eq!(i.status, S::Terminated, "{}", i.id);
+    }
+    let out = gpufleet(&["deployments", "get", "sim"], &env).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("gpufleet deployments list"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -10,6 +10,7 @@ mod bad_input;
 mod canary;
 mod cli;
 mod crash;
+mod deployments;
 mod lifecycle;
 mod metrics_cli;
 mod router;

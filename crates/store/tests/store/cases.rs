@@ -26,6 +26,7 @@ fn new_instance(created_ms: i64) -> NewInstance {
         bootstrap_secret_hash: format!("secret-hash-{id}"),
         startup_deadline_at: t(created_ms + 600_000),
         created_at: t(created_ms),
+        deployment_id: None,
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod api_key_cases;
 mod cases;
+mod deployment_cases;
 mod harness;
 mod replica_cases;
 
@@ -117,4 +118,32 @@ replica_store_tests!(
     an_expired_lease_is_taken_over,
     fenced_writes_need_the_current_lease,
     committed_changes_are_announced,
+);
+
+macro_rules! deployment_store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod deployments_sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::harness::run_sqlite(crate::deployment_cases::$name).await;
+                }
+            )*
+        }
+        mod deployments_postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::harness::run_postgres(crate::deployment_cases::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+deployment_store_tests!(
+    deployments_insert_get_list_and_live_names,
+    deployment_updates_are_compare_and_swap,
+    deployment_timeline_appends_and_pages,
+    instances_carry_their_deployment,
 );

@@ -25,6 +25,7 @@ async fn insert_one(s: &Store) -> InstanceRecord {
         bootstrap_secret_hash: format!("secret-{id}"),
         startup_deadline_at: t(600_000),
         created_at: Utc::now(),
+        deployment_id: None,
     };
     s.insert_instances(&[n]).await.unwrap().remove(0)
 }

@@ -1,0 +1,240 @@
+//! A deployment on the Mock provider with real agents and engines: two
+//! replicas become ready; one replica's agent and engine are killed (and
+//! kept dead, as a lost machine would be) while a client sends chat
+//! requests through the router; the keeper starts a replacement, which
+//! becomes ready, and removes the dead one, and no request fails.
+
+use crate::common::*;
+use crate::router::create_key;
+use gpufleet_api::views::DeploymentView;
+use gpufleet_domain::{DeploymentAction, InstanceId, InstanceStatus as S};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+async fn deployment(app: &TestApp, id: &str) -> DeploymentView {
+    let resp = app
+        .req(Method::GET, &format!("/api/v1/deployments/{id}"))
+        .send()
+        .await
+        .expect("GET deployment");
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().await.expect("deployment JSON")
+}
+
+async fn wait_deployment(
+    app: &TestApp,
+    id: &str,
+    timeout: Duration,
+    what: &str,
+    cond: impl Fn(&DeploymentView) -> bool,
+) -> DeploymentView {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let d = deployment(app, id).await;
+        if cond(&d) {
+            return d;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting until {what}; last: {} {:?}\nlog:\n{}",
+                d.status.summary,
+                d.instances
+                    .iter()
+                    .flatten()
+                    .map(|i| format!("{} {}", i.id, i.status))
+                    .collect::<Vec<_>>(),
+                app.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ready_ids(d: &DeploymentView) -> Vec<InstanceId> {
+    d.instances
+        .iter()
+        .flatten()
+        .filter(|i| i.status == S::Ready)
+        .map(|i| i.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replica_is_replaced_while_requests_keep_succeeding() {
+    let app = TestApp::spawn_with(
+        BIN,
+        Options {
+            control_toml: "deployment_unhealthy_grace_secs = 1\nagent_lost_after_secs = 30\n"
+                .into(),
+            extra_toml: "[router]\nconnect_timeout_ms = 500\nbreaker_failure_threshold = 2\nbreaker_cooldown_ms = 500\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let resp = app
+        .req(Method::POST, "/api/v1/deployments")
+        .json(&json!({
+            "name": "sim",
+            "model": MODEL,
+            "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
+            "replicas": {"min": 2, "max": 3},
+            "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"}
+        }))
+        .send()
+        .await
+        .expect("POST deployment");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: DeploymentView = resp.json().await.unwrap();
+    let id = created.id.to_string();
+    let d = wait_deployment(
+        &app,
+        &id,
+        Duration::from_secs(60),
+        "2 replicas ready",
+        |d| ready_ids(d).len() == 2,
+    )
+    .await;
+    let before = ready_ids(&d);
+    for i in d.instances.iter().flatten() {
+        assert_eq!(
+            i.deployment_id,
+            Some(created.id),
+            "instances carry the deployment id"
+        );
+    }
+
+    // A client sending chat requests through the router all along.
+    let (_, key) = create_key(&app, "deployments", None).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let client = {
+        let (http, url) = (app.http.clone(), app.url("/v1/chat/completions"));
+        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .json(&json!({
+                        "model": MODEL,
+                        "max_tokens": 4,
+                        "messages": [{"role": "user", "content": "one two three"}]
+                    }))
+                    .send()
+                    .await;
+                match r {
+                    Ok(resp) if resp.status().is_success() => {
+                        let body: Value = resp.json().await.unwrap_or(Value::Null);
+                        if body["choices"][0]["message"]["content"].is_string() {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            failures.lock().unwrap().push(format!("bad body {body}"));
+                        }
+                    }
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let text = resp.text().await.unwrap_or_default();
+                        failures.lock().unwrap().push(format!("{status}: {text}"));
+                    }
+                    Err(e) => failures.lock().unwrap().push(e.to_string()),
+                }
+            }
+        })
+    };
+    let warmup = Instant::now();
+    while ok.load(Ordering::SeqCst) < 5 {
+        assert!(
+            warmup.elapsed() < Duration::from_secs(20),
+            "no request succeeded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // SIGKILL one replica's agent and engine, and keep them dead (a lost
+    // machine: the Mock supervisor would restart the agent).
+    let victim = before[0];
+    let victim_ip = d
+        .instances
+        .iter()
+        .flatten()
+        .find(|i| i.id == victim)
+        .and_then(|i| i.ip)
+        .expect("victim IP");
+    let killer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                for pid in agent_pids(&victim.to_string())
+                    .into_iter()
+                    .chain(engine_pids(victim_ip))
+                {
+                    kill9(pid);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    // A replacement becomes ready; then the dead replica is removed.
+    let d = wait_deployment(
+        &app,
+        &id,
+        Duration::from_secs(60),
+        "a replacement ready and the victim gone",
+        |d| {
+            let ready = ready_ids(d);
+            let replacement = ready.iter().any(|i| !before.contains(i));
+            let victim_gone = d.instances.iter().flatten().any(|i| {
+                i.id == victim && matches!(i.status, S::Terminating | S::Terminated | S::Failed)
+            });
+            replacement && victim_gone && ready.len() >= 2
+        },
+    )
+    .await;
+    // Requests go on a little with the replacement serving.
+    let served = ok.load(Ordering::SeqCst);
+    while ok.load(Ordering::SeqCst) < served + 10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    client.await.unwrap();
+    killer.await.unwrap();
+
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        failures.len() as u64 + ok.load(Ordering::SeqCst)
+    );
+    assert!(ready_ids(&d).len() >= 2);
+    eprintln!(
+        "{} requests succeeded; victim {victim}: {:?}",
+        ok.load(Ordering::SeqCst),
+        d.instances
+            .iter()
+            .flatten()
+            .find(|i| i.id == victim)
+            .map(|i| (i.status, i.status_message.clone()))
+    );
+
+    // The timeline says why.
+    let resp = app
+        .req(Method::GET, &format!("/api/v1/deployments/{id}/events"))
+        .send()
+        .await
+        .unwrap();
+    let t: gpufleet_api::views::DeploymentTimeline = resp.json().await.unwrap();
+    assert!(
+        t.events
+            .iter()
+            .any(|e| e.action == DeploymentAction::Replace
+                && e.message.contains(&victim.to_string())),
+        "{:?}",
+        t.events.iter().map(|e| &e.message).collect::<Vec<_>>()
+    );
+}

@@ -758,6 +758,7 @@ mod tests {
             last_heartbeat_at: None,
             engine_status: None,
             engine_cert_pem: cert,
+            deployment_id: None,
         }
     }
 

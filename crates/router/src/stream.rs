@@ -908,7 +908,9 @@ impl Relay {
                 ejected(inner, &b, &mid);
             }
             tracing::warn!(instance_id = %b.id, error = %mid, "stream from instance failed");
-            match self.failover(&mid).await {
+            // Boxed: the rare failover keeps its large state off the
+            // per-event future.
+            match Box::pin(self.failover(&mid)).await {
                 Ok(true) => continue,
                 Ok(false) => {
                     // The answer was complete already: end it properly.

@@ -51,6 +51,8 @@ export interface Instance {
   terminated_at: string | null
   last_heartbeat_at: string | null
   generation: number
+  /** The deployment this instance is a replica of (null: created on its own). */
+  deployment_id?: string | null
 }
 
 export interface InstanceList {
@@ -296,6 +298,116 @@ export interface Model {
   ready_instances: number
 }
 
+// ---------------------------------------------------------------------------
+// Deployments: a model's serving declared once (crates/domain/src/deployment.rs).
+
+export interface Placement {
+  provider: string
+  zone: string
+  instance_type: string
+}
+
+export interface ReplicaBounds {
+  min: number
+  max: number
+}
+
+export type ScalingMetric = 'requests_in_flight' | 'queue_length' | 'kv_cache_usage'
+
+export const SCALING_METRICS: { value: ScalingMetric; label: string; help: string }[] = [
+  { value: 'requests_in_flight', label: 'Requests in flight', help: 'Requests through the router, per ready replica.' },
+  { value: 'queue_length', label: 'Queue length', help: "Requests waiting in the engine's queue, per ready replica." },
+  { value: 'kv_cache_usage', label: 'KV-cache use', help: 'KV-cache use per ready replica, a fraction from 0 to 1.' },
+]
+
+export interface Autoscaling {
+  metric: ScalingMetric
+  /** The figure one replica should carry; above it on average, scale up. */
+  target_per_replica: number
+  /** A duration such as `30s`, `5m`, `1h`. */
+  scale_down_delay: string
+}
+
+export type DeploymentState = 'active' | 'deleting' | 'deleted'
+
+export type DeploymentAction =
+  | 'created'
+  | 'updated'
+  | 'delete_requested'
+  | 'deleted'
+  | 'scale_up'
+  | 'scale_down'
+  | 'replace'
+  | 'fallback'
+  | 'desired_changed'
+  | 'blocked'
+
+export interface DeploymentStatus {
+  /** What the keeper decided: autoscaled, within the bounds. */
+  desired: number
+  ready: number
+  /** Provisioning, booting or starting. */
+  starting: number
+  unhealthy: number
+  draining: number
+  /** One line, e.g. "2 of 3 ready; 1 starting in fr-par-2". */
+  summary: string
+  conditions: string[]
+}
+
+export interface Deployment {
+  id: string
+  name: string
+  model: string
+  state: DeploymentState
+  /** Ordered fallback list. */
+  placements: Placement[]
+  replicas: ReplicaBounds
+  autoscaling: Autoscaling
+  scale_to_zero_after: string | null
+  engine_args: string[] | null
+  status: DeploymentStatus
+  generation: number
+  created_at: string
+  updated_at: string
+  delete_requested_at: string | null
+  deleted_at: string | null
+  /** Only in `GET /api/v1/deployments/{id}`: its instances, archived ones left out. */
+  instances?: Instance[]
+}
+
+export interface CreateDeploymentBody {
+  name: string
+  model: string
+  placements: Placement[]
+  replicas: ReplicaBounds
+  autoscaling?: Autoscaling
+  scale_to_zero_after?: string | null
+  engine_args?: string[] | null
+}
+
+export interface PatchDeploymentBody {
+  name?: string
+  replicas?: ReplicaBounds
+  autoscaling?: Autoscaling
+  scale_to_zero_after?: string
+}
+
+export interface DeploymentEvent {
+  id: number
+  at: string
+  action: DeploymentAction
+  /** in_progress, success, failed, waiting, info */
+  outcome: string
+  message: string
+  metadata: unknown
+}
+
+export interface DeploymentTimeline {
+  deployment_id: string
+  events: DeploymentEvent[]
+}
+
 /** An error the API answered (`{"error": {code, message, field}}`), or a network failure (status 0). */
 export class ApiError extends Error {
   readonly status: number
@@ -408,6 +520,21 @@ export const api = {
   instanceTypes: (provider: string, signal?: AbortSignal) =>
     request<{ provider: string; instance_types: InstanceType[] }>('GET', `/api/v1/providers/${enc(provider)}/instance-types`, undefined, signal),
   models: (signal?: AbortSignal) => request<{ models: Model[] }>('GET', '/api/v1/models', undefined, signal),
+  deployments: (opts: { includeDeleted?: boolean } = {}, signal?: AbortSignal) =>
+    request<{ deployments: Deployment[] }>('GET', '/api/v1/deployments' + (opts.includeDeleted ? '?include_deleted=true' : ''), undefined, signal),
+  deployment: (id: string, signal?: AbortSignal) => request<Deployment>('GET', `/api/v1/deployments/${enc(id)}`, undefined, signal),
+  createDeployment: (body: CreateDeploymentBody) => request<Deployment>('POST', '/api/v1/deployments', body),
+  patchDeployment: (id: string, body: PatchDeploymentBody) => request<Deployment>('PATCH', `/api/v1/deployments/${enc(id)}`, body),
+  /** 202: its instances drain, then terminate; then it is marked deleted. */
+  deleteDeployment: (id: string) => request<Deployment>('DELETE', `/api/v1/deployments/${enc(id)}`),
+  /** The timeline, oldest first (at most `limit` entries after `after`). */
+  deploymentEvents: (id: string, opts: { after?: number; limit?: number } = {}, signal?: AbortSignal) => {
+    const q = new URLSearchParams()
+    if (opts.after !== undefined) q.set('after', String(opts.after))
+    if (opts.limit !== undefined) q.set('limit', String(opts.limit))
+    const qs = q.toString()
+    return request<DeploymentTimeline>('GET', `/api/v1/deployments/${enc(id)}/events` + (qs ? '?' + qs : ''), undefined, signal)
+  },
 }
 
 /** Returns null where the endpoint does not exist yet (404), for features that land later. */

@@ -2,6 +2,9 @@ import { useEffect, useState } from 'preact/hooks'
 import { getToken, onUnauthorized, signOut } from './api'
 import { ConnectionBadge, Notice } from './components/ui'
 import { Create } from './pages/Create'
+import { DeploymentCreate } from './pages/DeploymentCreate'
+import { DeploymentDetail } from './pages/DeploymentDetail'
+import { Deployments } from './pages/Deployments'
 import { Detail } from './pages/Detail'
 import { Instances } from './pages/Instances'
 import { Models } from './pages/Models'
@@ -26,6 +29,7 @@ function useHashPath(): string {
 const NAV = [
   { href: '#/', label: 'Overview', match: (p: string) => p === '/' },
   { href: '#/instances', label: 'Instances', match: (p: string) => p.startsWith('/instances') },
+  { href: '#/deployments', label: 'Deployments', match: (p: string) => p.startsWith('/deployments') },
   { href: '#/observability', label: 'Observability', match: (p: string) => p.startsWith('/observability') },
   { href: '#/models', label: 'Models', match: (p: string) => p.startsWith('/models') },
 ]
@@ -48,30 +52,52 @@ export function App() {
 function Shell() {
   const path = useHashPath()
   const fleet = useFleet()
-  const [flash, setFlash] = useState<string | null>(null)
+  // A message for the page named by `path`, dropped on leaving it.
+  const [flash, setFlash] = useState<{ path: string; text: string } | null>(null)
 
   useEffect(() => {
     // Move focus to the page heading on navigation, for keyboard and screen-reader users.
     const h = document.querySelector<HTMLElement>('main h1')
     h?.setAttribute('tabindex', '-1')
     h?.focus({ preventScroll: true })
-    if (path !== '/instances') setFlash(null)
+    if (flash && path !== flash.path) setFlash(null)
   }, [path])
 
   let page
   const detail = path.match(/^\/instances\/([^/]+)$/)
+  const deployment = path.match(/^\/deployments\/([^/]+)$/)
   if (path === '/') page = <Overview />
-  else if (path === '/instances') page = <Instances flash={flash} />
+  else if (path === '/instances') page = <Instances flash={flash?.path === path ? flash.text : null} />
   else if (path === '/instances/new')
     page = (
       <Create
         onCreated={(n) => {
           location.hash = '#/instances'
-          setFlash(`Created ${n} instance${n === 1 ? '' : 's'}. They appear below as they start.`)
+          setFlash({ path: '/instances', text: `Created ${n} instance${n === 1 ? '' : 's'}. They appear below as they start.` })
         }}
       />
     )
   else if (detail) page = <Detail key={detail[1]} id={decodeURIComponent(detail[1])} />
+  else if (path === '/deployments') page = <Deployments flash={flash?.path === path ? flash.text : null} />
+  else if (path === '/deployments/new')
+    page = (
+      <DeploymentCreate
+        onCreated={(id) => {
+          location.hash = `#/deployments/${id}`
+        }}
+      />
+    )
+  else if (deployment)
+    page = (
+      <DeploymentDetail
+        key={deployment[1]}
+        id={decodeURIComponent(deployment[1])}
+        onDeleted={(name) => {
+          location.hash = '#/deployments'
+          setFlash({ path: '/deployments', text: `Deleting ${name}: its replicas drain, then terminate. It leaves this list once none is live.` })
+        }}
+      />
+    )
   else if (path === '/observability') page = <Observability />
   else if (path === '/models') page = <Models />
   else

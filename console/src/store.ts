@@ -146,3 +146,39 @@ export function usePoll(fn: (signal: AbortSignal) => Promise<void>, ms: number, 
     }
   }, deps)
 }
+
+// ---------------------------------------------------------------------------
+// Deployment names by id, for the links from instances to their deployment.
+
+const deploymentNames = new Map<string, string>()
+let namesLookedUpAt = 0
+const nameListeners = new Set<() => void>()
+
+/** Remembers a deployment's name (from a page that read it). */
+export function rememberDeployment(d: { id: string; name: string }): void {
+  if (deploymentNames.get(d.id) === d.name) return
+  deploymentNames.set(d.id, d.name)
+  nameListeners.forEach((l) => l())
+}
+
+/** Names of these deployments (looked up, at most every 10 s, while one is unknown). */
+export function useDeploymentNames(ids: (string | null | undefined)[]): Map<string, string> {
+  const [, force] = useState(0)
+  useEffect(() => {
+    const l = () => force((n) => n + 1)
+    nameListeners.add(l)
+    return () => {
+      nameListeners.delete(l)
+    }
+  }, [])
+  const unknown = [...new Set(ids.filter((id): id is string => !!id && !deploymentNames.has(id)))].sort().join(',')
+  useEffect(() => {
+    if (!unknown || Date.now() - namesLookedUpAt < 10_000) return
+    namesLookedUpAt = Date.now()
+    api.deployments({ includeDeleted: true }).then(
+      (l) => l.deployments.forEach(rememberDeployment),
+      () => undefined,
+    )
+  }, [unknown])
+  return deploymentNames
+}

@@ -87,7 +87,8 @@ export function Chart({ title, series, data, fmt = (v) => v.toFixed(1), yRange, 
           width: spark ? 1.5 : 2,
           // Lone samples are drawn as dots; lines need two.
           points: { show: (u: uPlot, si: number) => filled(u.data[si]) < 3, size: spark ? 3 : 5 },
-          gaps,
+          // uPlot's own default applies unless a refiner is given (an explicit undefined would replace it).
+          ...(gaps ? { gaps } : {}),
           // Without a cursor the legend shows the newest value.
           value: (u: uPlot, v: number | null, si: number, idx: number | null) => {
             if (idx === null) {

@@ -2,9 +2,9 @@ import { useMemo, useState } from 'preact/hooks'
 import { api, ApiError, STARTING, TERMINABLE, type Instance, type InstanceMetrics, type Timeline } from '../api'
 import { Chart } from '../components/Chart'
 import { Confirm, Loading, Notice, StatusBadge, StatusCell } from '../components/ui'
-import { ago, costSoFar, dateTime, duration, money, shortDuration, time, uptime } from '../format'
+import { ago, costSoFar, dateTime, duration, money, shortDuration, shortId, time, uptime } from '../format'
 import { detailCharts, FALLBACK_LIMIT, freshness, inWindow, seriesCharts, windowBounds, WINDOWS, windowOf, type WindowKey } from '../metrics'
-import { upsert, useCatalog, useFleet, usePoll, useTick } from '../store'
+import { upsert, useCatalog, useDeploymentNames, useFleet, usePoll, useTick } from '../store'
 import { useUsage } from '../usage'
 
 export function Detail({ id }: { id: string }) {
@@ -27,6 +27,7 @@ export function Detail({ id }: { id: string }) {
   const live = fleet.instances.get(id)
   const inst = live && (!fetched || live.generation >= fetched.generation) ? live : fetched
   const generation = inst?.generation ?? -1
+  const deploymentNames = useDeploymentNames([inst?.deployment_id])
   const terminal = inst?.status === 'terminated' || inst?.status === 'archived'
 
   usePoll(
@@ -203,6 +204,17 @@ export function Detail({ id }: { id: string }) {
               )}
             </dd>
           </div>
+          {inst.deployment_id && (
+            <div>
+              <dt>Deployment</dt>
+              <dd data-testid="detail-deployment">
+                <a href={`#/deployments/${inst.deployment_id}`} title={inst.deployment_id}>
+                  {deploymentNames.get(inst.deployment_id) ?? shortId(inst.deployment_id)}
+                </a>
+                <span class="muted small"> · a replica: the deployment replaces or removes it as needed</span>
+              </dd>
+            </div>
+          )}
           <div>
             <dt>Provider / zone</dt>
             <dd>

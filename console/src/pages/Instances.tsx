@@ -2,7 +2,7 @@ import { useMemo, useState } from 'preact/hooks'
 import { api, ApiError, TERMINABLE, type Instance } from '../api'
 import { Confirm, Empty, Loading, Notice, StatusCell } from '../components/ui'
 import { costSoFar, duration, money, shortId, uptime } from '../format'
-import { upsert, useCatalog, useFleet, useTick, type Catalog } from '../store'
+import { upsert, useCatalog, useDeploymentNames, useFleet, useTick, type Catalog } from '../store'
 
 type Group = 'all' | 'running' | 'starting' | 'problems' | 'stopped'
 
@@ -30,6 +30,7 @@ export function Instances({ flash }: { flash?: string | null }) {
     () => [...fleet.instances.values()].sort((a, b) => b.created_at.localeCompare(a.created_at)),
     [fleet.instances],
   )
+  const deploymentNames = useDeploymentNames(all.map((i) => i.deployment_id))
   const models = [...new Set(all.map((i) => i.model))].sort()
   const providers = [...new Set(all.map((i) => i.provider))].sort()
   const q = text.trim().toLowerCase()
@@ -176,6 +177,7 @@ export function Instances({ flash }: { flash?: string | null }) {
                   i={i}
                   now={now}
                   catalog={catalog}
+                  deployment={i.deployment_id ? (deploymentNames.get(i.deployment_id) ?? shortId(i.deployment_id)) : null}
                   selected={selected.has(i.id)}
                   onToggle={() => toggle(i.id)}
                   onTerminate={() => setConfirm([i])}
@@ -211,13 +213,15 @@ interface RowProps {
   i: Instance
   now: number
   catalog: Catalog | null
+  /** The name of the deployment it is a replica of. */
+  deployment: string | null
   selected: boolean
   onToggle: () => void
   onTerminate: () => void
   onArchive: () => void
 }
 
-function Row({ i, now, catalog, selected, onToggle, onTerminate, onArchive }: RowProps) {
+function Row({ i, now, catalog, deployment, selected, onToggle, onTerminate, onArchive }: RowProps) {
   const type = catalog?.get(`${i.provider}/${i.instance_type}`)
   const cost = costSoFar(i, type, now)
   const up = uptime(i, now)
@@ -250,7 +254,17 @@ function Row({ i, now, catalog, selected, onToggle, onTerminate, onArchive }: Ro
           )}
         </span>
       </td>
-      <td data-label="Model">{i.model}</td>
+      <td data-label="Model">
+        <span>
+          {i.model}
+          {i.deployment_id && (
+            <a class="small block" href={`#/deployments/${i.deployment_id}`} title={`Replica of deployment ${i.deployment_id}`} data-testid="instance-deployment">
+              <span class="sr-only">Deployment </span>
+              {deployment}
+            </a>
+          )}
+        </span>
+      </td>
       <td class="mono" data-label="IP">{i.ip ?? <span class="muted">—</span>}</td>
       <td class="num" data-label="Uptime">{up === null ? <span class="muted">—</span> : duration(up)}</td>
       <td class="num" data-label="Cost so far">{cost === null ? <span class="muted">—</span> : money(cost, type!.currency)}</td>

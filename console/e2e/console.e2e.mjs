@@ -330,6 +330,118 @@ await step('the instances table drops the archived one and keeps the other', asy
   await shot('12-instances-after')
 })
 
+const DEPLOYMENT = 'e2e-sim'
+const auth = { headers: { Authorization: `Bearer ${TOKEN}` } }
+let deploymentId = null
+let replicaId = null
+
+await step('deployments: the create form shows the API field error for min above max', async () => {
+  const existing = await fetch(BASE + '/api/v1/deployments', auth).then((r) => r.json())
+  await nav('Deployments').click()
+  await page.getByRole('heading', { name: 'Deployments', exact: true }).waitFor()
+  if (existing.deployments.length === 0) await page.getByText('No deployments yet.').waitFor()
+  await page.getByRole('link', { name: 'Create deployment' }).first().click()
+  await page.getByRole('heading', { name: 'Create deployment' }).waitFor()
+  await page.getByLabel('Name').fill(DEPLOYMENT)
+  await page.getByLabel('Model').selectOption(MODEL)
+  // One placement: the Mock provider, its first zone and the L4 type, as the catalog lists them.
+  const placement = page.locator('[data-testid="placements"] > li').first()
+  await placement.getByLabel('Provider').selectOption('mock')
+  const zone = placement.getByLabel('Zone')
+  await zone.locator('option[value]:not([value=""])').first().waitFor({ state: 'attached' })
+  const zones = await zone.locator('option').evaluateAll((os) => os.map((o) => o.value).filter(Boolean))
+  expect(zones.length > 0, 'the catalog lists zones for mock')
+  await zone.selectOption(zones[0])
+  await placement.getByLabel('Instance type').selectOption(TYPE)
+  // A second placement can be added and removed again.
+  await page.getByRole('button', { name: 'Add a fallback placement' }).click()
+  await page.locator('[data-testid="placements"] > li').nth(1).waitFor()
+  await page.getByRole('button', { name: 'Remove placement 2' }).click()
+  await page.locator('[data-testid="placements"] > li').nth(1).waitFor({ state: 'detached' })
+  allowed = [/status of 400/]
+  await page.getByLabel('Minimum replicas').fill('3')
+  await page.getByLabel('Maximum replicas').fill('1')
+  await page.getByRole('button', { name: 'Create deployment' }).click()
+  const err = page.locator('#dep-replicas-min-error')
+  await err.waitFor()
+  const text = await err.textContent()
+  expect(/above max/.test(text), `the min error says why: ${text}`)
+  expect((await page.getByLabel('Minimum replicas').getAttribute('aria-invalid')) === 'true', 'the min field is marked invalid')
+  await shot('12-deployment-form-validation')
+  allowed = []
+})
+
+await step('create a deployment of 1 replica: it becomes ready, with its instance and a scale-up on the timeline', async () => {
+  await page.getByLabel('Minimum replicas').fill('1')
+  await page.getByLabel('Maximum replicas').fill('1')
+  await page.getByRole('button', { name: 'Create deployment' }).click()
+  await page.getByRole('heading', { name: new RegExp(`^${DEPLOYMENT} serves`) }).waitFor()
+  deploymentId = page.url().match(/#\/deployments\/(d-[0-9a-f]{32})$/)?.[1]
+  expect(deploymentId, `the detail page of the new deployment: ${page.url()}`)
+  log(`  created ${deploymentId}`)
+  await page.locator('[data-testid="deployment-placements"] li').filter({ hasText: `mock/` }).first().waitFor()
+  await page.locator('[data-testid="deployment-replicas"][data-desired="1"][data-ready="1"]').waitFor()
+  const row = page.locator('[data-testid="deployment-instances"] tbody tr[data-status="ready"]').first()
+  await row.waitFor()
+  replicaId = await row.getAttribute('data-id')
+  log(`  replica ${replicaId}`)
+  await page.locator('[data-testid="deployment-timeline"] li[data-action="scale_up"]').first().waitFor()
+  // Newest first.
+  const ids = await page.locator('[data-testid="deployment-timeline"] li').evaluateAll((lis) => lis.map((li) => li.getAttribute('data-action')))
+  expect(ids[ids.length - 1] === 'created', `the oldest entry (last) is "created": ${ids}`)
+  // The replicas chart has points from polling.
+  await page.waitForFunction(() => {
+    const el = document.querySelector('[data-testid="replicas-chart"] .chart-canvas')
+    return el?.uplot && el.uplot.data[0].length >= 2 && el.uplot.data[2].some((v) => v === 1)
+  })
+  await shot('12-deployment-detail')
+})
+
+await step('the replica links to its deployment, in its detail and in the instances table', async () => {
+  await page.locator(`[data-testid="deployment-instances"] tr[data-id="${replicaId}"] a`).first().click()
+  await page.getByRole('heading', { name: 'Timeline' }).waitFor()
+  await page.locator('[data-testid="detail-deployment"]').getByRole('link', { name: DEPLOYMENT }).waitFor()
+  await nav('Instances').click()
+  await page.locator(`tr[data-id="${replicaId}"] [data-testid="instance-deployment"]`).getByText(DEPLOYMENT).waitFor()
+  await page.locator(`tr[data-id="${replicaId}"] [data-testid="instance-deployment"]`).click()
+  await page.getByRole('heading', { name: new RegExp(`^${DEPLOYMENT} serves`) }).waitFor()
+})
+
+await step('scale: the bounds change through PATCH, min above max is refused next to the field', async () => {
+  await page.locator('.head-actions').getByRole('button', { name: 'Scale' }).click()
+  const form = page.locator('[data-testid="scale-form"]')
+  await form.waitFor()
+  allowed = [/status of 400/]
+  await form.getByLabel('Minimum replicas').fill('2')
+  await form.getByLabel('Maximum replicas').fill('1')
+  await form.getByRole('button', { name: 'Apply' }).click()
+  await form.locator('#dep-replicas-min-error').waitFor()
+  allowed = []
+  await form.getByLabel('Minimum replicas').fill('1')
+  await form.getByLabel('Maximum replicas').fill('2')
+  await form.getByRole('button', { name: 'Apply' }).click()
+  await form.waitFor({ state: 'detached' })
+  await page.locator('[data-testid="deployment-bounds"]').getByText('1 to 2 replicas').waitFor()
+  await page.locator('[data-testid="deployment-timeline"] li[data-action="updated"]').first().waitFor()
+})
+
+await step('delete the deployment after confirming: it leaves the list', async () => {
+  await page.locator('.head-actions').getByRole('button', { name: 'Delete' }).click()
+  const dialog = page.getByRole('dialog')
+  await dialog.waitFor()
+  await dialog.getByRole('button', { name: 'Delete' }).click()
+  await page.getByRole('heading', { name: 'Deployments', exact: true }).waitFor()
+  await page.getByText(`Deleting ${DEPLOYMENT}`).waitFor()
+  await page.locator(`tr[data-id="${deploymentId}"]`).waitFor({ state: 'detached' })
+  const d = await fetch(BASE + `/api/v1/deployments/${deploymentId}`, auth).then((r) => r.json())
+  expect(d.state === 'deleted', `the deployment is deleted: ${d.state}`)
+  expect((d.instances ?? []).every((i) => ['terminated', 'archived'].includes(i.status)), `its replicas are gone: ${JSON.stringify(d.instances?.map((i) => i.status))}`)
+  // Back where the next steps expect to be: the instances table, the replica terminated in it.
+  await nav('Instances').click()
+  await page.locator(`tr[data-id="${ids[1]}"]`).waitFor()
+  await page.locator(`tr[data-id="${replicaId}"][data-status="terminated"]`).waitFor()
+})
+
 await step('a narrow screen stays readable', async () => {
   await page.setViewportSize({ width: 390, height: 844 })
   await page.waitForTimeout(300)

@@ -124,6 +124,7 @@ async fn console_in_a_real_browser() {
         "05-instances-ready",
         "09-instance-detail",
         "11-instance-archived",
+        "12-deployment-detail",
     ] {
         assert!(
             shots.join(format!("{page}.png")).is_file(),

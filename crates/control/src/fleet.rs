@@ -396,6 +396,21 @@ impl Fleet {
         Ok(self.inner.store.list_events(id, after_id, limit).await?)
     }
 
+    /// A request wants `model`, which has no ready replica: move its
+    /// deployments' demand forward (any replica's keeper sees it) and wake
+    /// this replica's keeper. Returns whether a deployment serves it.
+    pub async fn note_demand(&self, model: &str) -> Result<bool, ControlError> {
+        let moved = self
+            .inner
+            .store
+            .note_model_demand(model, Utc::now())
+            .await?;
+        if moved > 0 {
+            self.inner.waker.wake(TaskName::Deployments);
+        }
+        Ok(moved > 0 || self.inner.store.model_has_deployment(model).await?)
+    }
+
     /// Write what the router did about an instance (a stall, its circuit
     /// opening or closing, a stream continued elsewhere, a hedge) on its
     /// timeline. `action` is e.g. `router.ejected`; no status changes.

@@ -672,3 +672,56 @@ async fn wait_ready_excluding(
     )
     .await
 }
+
+#[tokio::test]
+async fn idle_deployments_scale_to_zero_and_demand_brings_them_back() {
+    let mem = provider();
+    let port = free_port().await;
+    let h = start(mem.clone(), config(port)).await;
+    let traffic = Arc::new(Traffic::default());
+    h.fleet.set_traffic_source(traffic.clone());
+    let _agents = Agents::spawn(&h, mem.clone(), port);
+    let mut s = spec(1, 2);
+    s.scale_to_zero_after = Some("2s".parse().unwrap());
+    let d = h.deployments.create(create("idle", s)).await.unwrap();
+    let ready = wait_ready(&h, d.id, 1).await;
+
+    // A request in flight keeps it up, however old the last demand.
+    traffic.0.lock().unwrap().insert(ready[0], 1);
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(h.deployments.get(d.id).await.unwrap().desired_replicas, 1);
+    traffic.0.lock().unwrap().clear();
+    let idle_from = std::time::Instant::now();
+
+    // Idle for 2 s: down to zero, every replica drained away.
+    eventually(10, "scaled to zero", || async {
+        let r = h.deployments.get(d.id).await.unwrap();
+        let list = instances(&h, d.id).await;
+        (r.desired_replicas == 0 && live(&list) == 0).then_some(())
+    })
+    .await;
+    assert!(idle_from.elapsed() >= Duration::from_millis(1_500));
+    let r = h.deployments.get(d.id).await.unwrap();
+    assert!(
+        r.status
+            .conditions
+            .iter()
+            .any(|c| c.contains("scaled to zero")),
+        "{:?}",
+        r.status
+    );
+
+    // A request arrives: the demand wakes it, at once, to its minimum.
+    assert!(h.fleet.note_demand(MODEL).await.unwrap());
+    assert!(!h.fleet.note_demand("nobody/deploys-this").await.unwrap());
+    let back = wait_ready(&h, d.id, 1).await;
+    assert!(!back.contains(&ready[0]), "a new replica");
+    let t = timeline(&h, d.id).await;
+    for want in ["(scale to zero)", "(scale from zero)"] {
+        assert!(
+            t.iter()
+                .any(|(a, m)| *a == DeploymentAction::DesiredChanged && m.contains(want)),
+            "{want}: {t:?}"
+        );
+    }
+}

@@ -96,6 +96,12 @@ pub struct RouterConfig {
     pub stream_failover: bool,
     /// Most continuations of one stream.
     pub max_stream_failovers: u32,
+    /// A request for a model with a deployment but no ready replica (scaled
+    /// to zero, or starting) is held while one starts, at most this long,
+    /// in milliseconds; then it gets a 503 with `Retry-After`.
+    pub hold_timeout_ms: u64,
+    /// Most requests held at once per model; more get the 503 at once.
+    pub hold_queue: usize,
 }
 
 impl Default for RouterConfig {
@@ -122,6 +128,8 @@ impl Default for RouterConfig {
             whole_as_stream: true,
             stream_failover: true,
             max_stream_failovers: 2,
+            hold_timeout_ms: 300_000,
+            hold_queue: 256,
         }
     }
 }
@@ -170,6 +178,9 @@ impl RouterConfig {
 
     pub fn hedges(&self, model: &str) -> bool {
         self.hedge_models.iter().any(|m| m == model)
+    }
+    pub fn hold_timeout(&self) -> Duration {
+        Duration::from_millis(self.hold_timeout_ms)
     }
     pub fn usage_flush_interval(&self) -> Duration {
         Duration::from_millis(self.usage_flush_interval_ms.max(10))

@@ -21,6 +21,11 @@ pub enum RouterError {
     NoReadyInstance { model: String, starting: usize },
     #[error("every ready instance of `{model}` is failing; retry later")]
     AllCircuitsOpen { model: String },
+    #[error("the model `{model}` has no ready replica yet; one is starting (retry after {retry_after_secs} s)")]
+    ScalingUp {
+        model: String,
+        retry_after_secs: u64,
+    },
     #[error("{message}")]
     BadRequest {
         param: Option<&'static str>,
@@ -81,6 +86,12 @@ impl RouterError {
                 "server_error",
                 Some("instances_unavailable"),
                 None,
+            ),
+            ScalingUp { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("model_scaling_up"),
+                Some("model"),
             ),
             BadRequest { param, .. } => (
                 StatusCode::BAD_REQUEST,
@@ -152,6 +163,16 @@ impl IntoResponse for RouterError {
             other => other.to_string(),
         };
         let mut resp = (status, Json(error_body(&message, kind, param, code))).into_response();
+        if let RouterError::ScalingUp {
+            retry_after_secs, ..
+        } = &self
+        {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&retry_after_secs.to_string())
+                    .unwrap_or(HeaderValue::from_static("10")),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

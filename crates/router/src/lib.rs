@@ -34,6 +34,7 @@
 pub mod breaker;
 pub mod config;
 mod error;
+mod hold;
 mod keys;
 pub mod latency;
 pub mod pool;
@@ -72,6 +73,8 @@ pub(crate) struct Inner {
     pub usage: Arc<usage::Usage>,
     /// Upstream connections (keep-alive, per instance).
     pub upstream: Arc<upstream::UpstreamConns>,
+    /// Requests held for models with no ready replica yet ([`hold`]).
+    pub holding: hold::Holding,
 }
 
 /// Requests in flight per instance, for draining.
@@ -126,6 +129,7 @@ impl RouterState {
                 pools: pools.clone(),
                 usage,
                 upstream: Arc::default(),
+                holding: hold::Holding::default(),
             }),
         };
         fleet.set_traffic_source(Arc::new(Traffic(pools)));
@@ -188,8 +192,16 @@ impl RouterState {
     }
 
     /// Add the usage counted since the last flush to the database.
+    /// Models that got requests move their deployments' `demand_at`
+    /// forward (what scale to zero measures idleness by).
     pub async fn flush_usage(&self) -> Result<(), RouterError> {
-        Ok(self.inner.usage.flush(self.inner.fleet.store()).await?)
+        let store = self.inner.fleet.store();
+        let models = self.inner.usage.flush(store).await?;
+        let now = chrono::Utc::now();
+        for m in models {
+            store.note_model_demand(&m, now).await?;
+        }
+        Ok(())
     }
 }
 

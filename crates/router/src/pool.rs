@@ -304,6 +304,8 @@ pub struct Pools {
     starting: RwLock<Arc<HashMap<String, usize>>>,
     /// Recent times to first token per hedged model.
     recent: Mutex<HashMap<String, Arc<RecentTtft>>>,
+    /// Notified whenever the routable instances change.
+    pub changed: tokio::sync::Notify,
     pub rr: AtomicUsize,
     engine_port: u16,
     breaker_threshold: u32,
@@ -344,6 +346,7 @@ impl Pools {
             known: Mutex::new(HashMap::new()),
             starting: RwLock::new(Arc::new(HashMap::new())),
             recent: Mutex::new(HashMap::new()),
+            changed: tokio::sync::Notify::new(),
             rr: AtomicUsize::new(0),
             engine_port,
             breaker_threshold: config.breaker_failure_threshold,
@@ -549,6 +552,7 @@ impl Pools {
             .collect();
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
         *self.starting.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(starting);
+        self.changed.notify_waiters();
     }
 }
 

@@ -156,7 +156,12 @@ async fn forward_as(
     }
     let session = session_header.or(peek.user);
 
-    let pool = inner.pools.model(&model).ok_or_else(|| {
+    let pool = match inner.pools.model(&model) {
+        Some(p) => Some(p),
+        // A deployment's model waits for a replica (scale from zero).
+        None => crate::hold::hold(inner, &model).await?,
+    };
+    let pool = pool.ok_or_else(|| {
         let starting = inner.pools.starting(&model);
         if starting > 0
             || inner

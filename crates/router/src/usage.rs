@@ -139,7 +139,8 @@ impl Usage {
     }
 
     /// Add what was counted since the last flush to the database's totals.
-    pub async fn flush(&self, store: &Store) -> Result<(), StoreError> {
+    /// Returns the models whose instances got requests since the last one.
+    pub async fn flush(&self, store: &Store) -> Result<Vec<String>, StoreError> {
         fn deltas<K: ToString + Clone + std::hash::Hash + Eq>(
             map: &Mutex<HashMap<K, Subject>>,
             scope: UsageScope,
@@ -184,12 +185,21 @@ impl Usage {
             .chain(keys.iter().map(|x| x.2.clone()))
             .collect();
         if all.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
+        let mut models: Vec<String> = {
+            let m = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+            inst.iter()
+                .filter(|(_, _, d)| d.counts.requests > 0)
+                .filter_map(|(k, _, _)| m.get(k).map(|s| s.label.clone()))
+                .collect()
+        };
+        models.sort();
+        models.dedup();
         store.add_usage(&all, chrono::Utc::now()).await?;
         mark(&self.instances, inst);
         mark(&self.keys, keys);
-        Ok(())
+        Ok(models)
     }
 }
 

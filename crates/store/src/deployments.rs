@@ -18,7 +18,7 @@ use sqlx::AnyConnection;
 const FIRST_GENERATION: i64 = 1;
 
 const DEPLOYMENT_COLUMNS: &str = "id, name, model, spec, state, generation, desired_replicas, \
-     status, created_at, updated_at, delete_requested_at, deleted_at";
+     status, created_at, updated_at, delete_requested_at, deleted_at, demand_at";
 
 /// A deployment as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +38,9 @@ pub struct DeploymentRecord {
     pub updated_at: DateTime<Utc>,
     pub delete_requested_at: Option<DateTime<Utc>>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// When a request last wanted the deployment's model (routers write it;
+    /// [`Store::note_model_demand`]). Not written by `update_deployment`.
+    pub demand_at: Option<DateTime<Utc>>,
 }
 
 /// A new deployment.
@@ -96,6 +99,7 @@ fn decode_deployment(row: &AnyRow) -> Result<DeploymentRecord, StoreError> {
         updated_at: r.time("updated_at")?,
         delete_requested_at: r.time_opt("delete_requested_at")?,
         deleted_at: r.time_opt("deleted_at")?,
+        demand_at: r.time_opt("demand_at")?,
     })
 }
 
@@ -196,6 +200,38 @@ impl Store {
             .ok_or_else(|| corrupt(format!("deployment {} vanished after insert", n.id)))?;
         tx.commit().await?;
         Ok(rec)
+    }
+
+    /// A request wanted `model` at `at`: move `demand_at` of its active
+    /// deployments forward (never back). Returns how many moved.
+    pub async fn note_model_demand(
+        &self,
+        model: &str,
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE deployments SET demand_at = $2 WHERE model = $1 AND state = $3 \
+             AND (demand_at IS NULL OR demand_at < $2)",
+        )
+        .bind(model)
+        .bind(millis(at))
+        .bind(DeploymentState::Active.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Whether an active deployment serves `model` (so a request for it may
+    /// wait for a replica rather than fail).
+    pub async fn model_has_deployment(&self, model: &str) -> Result<bool, StoreError> {
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM deployments WHERE model = $1 AND state = $2")
+                .bind(model)
+                .bind(DeploymentState::Active.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+        let n: i64 = RowReader::new(&row, "deployments count").get("n")?;
+        Ok(n > 0)
     }
 
     pub async fn get_deployment(

@@ -71,6 +71,9 @@ struct Memory {
     noted: HashSet<InstanceId>,
     /// Whether "no placement has capacity" is written (once per episode).
     blocked: bool,
+    /// When requests were last seen in flight to its replicas (activity
+    /// for scale to zero besides the routers' `demand_at`).
+    active_at: Option<DateTime<Utc>>,
 }
 
 /// A deployment's instances by what they mean for it.
@@ -225,7 +228,72 @@ impl Keeper {
 
         // 2. The desired count.
         let before = d.desired_replicas;
-        let current = spec.clamp(d.desired_replicas);
+        // Scale to zero: idle for `scale_to_zero_after` (no request wanted
+        // the model, none in flight) → 0, whatever the bounds; at zero, a
+        // request's demand → back to the bounds at once.
+        let in_flight: u64 = c
+            .ready
+            .iter()
+            .chain(&c.starting)
+            .map(|r| self.traffic.in_flight(r.id).unwrap_or(0))
+            .sum();
+        let idle_after = spec
+            .scale_to_zero_after
+            .map(|a| chrono::Duration::seconds(a.as_secs() as i64));
+        if in_flight > 0 {
+            mem.active_at = Some(now);
+        }
+        let last_demand = [d.demand_at, mem.active_at]
+            .into_iter()
+            .flatten()
+            .fold(d.created_at, DateTime::max);
+        let idle = idle_after.is_some_and(|a| in_flight == 0 && now - last_demand >= a);
+        let at_zero = idle_after.is_some() && before == 0;
+        if at_zero && idle {
+            mem.lower = None;
+            conditions.push(format!(
+                "scaled to zero: no request since {}; the next one wakes it",
+                last_demand.format("%Y-%m-%d %H:%M:%S UTC")
+            ));
+        } else if at_zero {
+            let to = spec.clamp(1);
+            self.decided(
+                &mut events,
+                event(
+                    d.id,
+                    DeploymentAction::DesiredChanged,
+                    Outcome::Success,
+                    format!(
+                        "desired 0 → {to}: a request arrived at {} (scale from zero)",
+                        last_demand.format("%H:%M:%S")
+                    ),
+                    json!({ "from": 0, "to": to, "reason": "scale_from_zero" }),
+                ),
+            );
+        } else if idle {
+            // Not at zero yet: go there.
+            mem.lower = None;
+            self.decided(
+                &mut events,
+                event(
+                    d.id,
+                    DeploymentAction::DesiredChanged,
+                    Outcome::Success,
+                    format!(
+                        "desired {before} → 0: no request for {} (scale to zero)",
+                        spec.scale_to_zero_after
+                            .map(|a| a.to_string())
+                            .unwrap_or_default()
+                    ),
+                    json!({ "from": before, "to": 0, "reason": "scale_to_zero" }),
+                ),
+            );
+        }
+        let current = if at_zero {
+            spec.clamp(1)
+        } else {
+            spec.clamp(d.desired_replicas)
+        };
         let a = spec.autoscaling;
         let load = self.load(a.metric, &c.ready, samples);
         let asked = load.map_or(current, |total| spec.clamp(a.replicas_for(total)));
@@ -239,7 +307,7 @@ impl Keeper {
             None => "no ready replica to measure".to_string(),
         };
         let mut desired = current;
-        if current != before {
+        if current != before && !at_zero {
             self.decided(
                 &mut events,
                 event(
@@ -299,6 +367,11 @@ impl Keeper {
             }
         } else {
             mem.lower = None;
+        }
+
+        if idle {
+            // Scaled to zero: nothing is created; every replica drains below.
+            desired = 0;
         }
 
         // Placements backing off after capacity failures; fallbacks written once.

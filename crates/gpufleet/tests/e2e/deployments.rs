@@ -238,3 +238,106 @@ async fn a_killed_replica_is_replaced_while_requests_keep_succeeding() {
         t.events.iter().map(|e| &e.message).collect::<Vec<_>>()
     );
 }
+
+/// Scale to zero and back: an idle deployment drains to no replica; the
+/// next request through the router is held while a replica boots, then
+/// answered; a request past the hold bounds gets a 503 with Retry-After.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_deployment_scales_to_zero_and_the_next_request_wakes_it() {
+    let app = TestApp::spawn_with(
+        BIN,
+        Options {
+            extra_toml: "[router]\nusage_flush_interval_ms = 200\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let resp = app
+        .req(Method::POST, "/api/v1/deployments")
+        .json(&json!({
+            "name": "lazy",
+            "model": MODEL,
+            "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
+            "replicas": {"min": 1, "max": 2},
+            "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"},
+            "scale_to_zero_after": "3s"
+        }))
+        .send()
+        .await
+        .expect("POST deployment");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: DeploymentView = resp.json().await.unwrap();
+    let id = created.id.to_string();
+    wait_deployment(&app, &id, Duration::from_secs(60), "1 replica ready", |d| {
+        ready_ids(d).len() == 1
+    })
+    .await;
+    let (_, key) = create_key(&app, "lazy", None).await;
+    let chat = |key: String| {
+        let http = app.http.clone();
+        let url = app.url("/v1/chat/completions");
+        async move {
+            http.post(url)
+                .bearer_auth(key)
+                .json(&json!({"model": MODEL, "max_tokens": 3,
+                              "messages": [{"role": "user", "content": "wake up"}]}))
+                .timeout(Duration::from_secs(120))
+                .send()
+                .await
+                .expect("router answers")
+        }
+    };
+    assert_eq!(chat(key.clone()).await.status(), StatusCode::OK);
+
+    // Idle for 3 s: no replica left.
+    let zero = wait_deployment(&app, &id, Duration::from_secs(60), "scaled to zero", |d| {
+        d.status.desired == 0
+            && d.instances
+                .iter()
+                .flatten()
+                .all(|i| matches!(i.status, S::Terminated | S::Archived))
+    })
+    .await;
+    assert!(
+        zero.status
+            .conditions
+            .iter()
+            .any(|c| c.contains("scaled to zero")),
+        "{:?}",
+        zero.status
+    );
+
+    // The next request is held while a replica boots, then answered.
+    let t = Instant::now();
+    let resp = chat(key.clone()).await;
+    let waited = t.elapsed();
+    assert_eq!(resp.status(), StatusCode::OK, "{:?}", resp.text().await);
+    let d = deployment(&app, &id).await;
+    assert_eq!(ready_ids(&d).len(), 1);
+    let fresh = d
+        .instances
+        .iter()
+        .flatten()
+        .find(|i| i.status == S::Ready)
+        .unwrap();
+    let boot = (fresh.ready_at.unwrap() - fresh.created_at)
+        .to_std()
+        .unwrap_or_default();
+    println!(
+        "scale from zero: answered after {waited:?}; the replica took {boot:?} from created to ready; \
+         the rest ({:?}) is the router's and the keeper's",
+        waited.saturating_sub(boot)
+    );
+    let events: Value = app
+        .req(Method::GET, &format!("/api/v1/deployments/{id}/events"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = events.to_string();
+    for want in ["(scale to zero)", "(scale from zero)"] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+}

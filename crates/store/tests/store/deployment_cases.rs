@@ -236,3 +236,30 @@ pub async fn instances_carry_their_deployment(ctx: Ctx) {
     let after = s.update_instance(&next, &[]).await.unwrap();
     assert_eq!(after.deployment_id, Some(d.id));
 }
+
+pub async fn model_demand_moves_forward_only_and_survives_updates(ctx: Ctx) {
+    let s = ctx.store;
+    let a = new_deployment("demand", 0);
+    let model = a.model.to_string();
+    assert!(!s.model_has_deployment(&model).await.unwrap());
+    let rec = s.insert_deployment(&a, &[]).await.unwrap();
+    assert_eq!(rec.demand_at, None);
+    assert!(s.model_has_deployment(&model).await.unwrap());
+    assert!(!s.model_has_deployment("other/model").await.unwrap());
+    assert_eq!(s.note_model_demand(&model, t(5_000)).await.unwrap(), 1);
+    assert_eq!(
+        s.note_model_demand(&model, t(1_000)).await.unwrap(),
+        0,
+        "never back"
+    );
+    let rec = s.get_deployment(a.id).await.unwrap().unwrap();
+    assert_eq!(rec.demand_at, Some(t(5_000)));
+    assert_eq!(rec.generation, 1, "no generation bump");
+    // A compare-and-swap write of the keeper keeps it.
+    let mut next = rec.clone();
+    next.desired_replicas = 3;
+    next.demand_at = None;
+    s.update_deployment(&next, &[], None).await.unwrap();
+    let rec = s.get_deployment(a.id).await.unwrap().unwrap();
+    assert_eq!((rec.desired_replicas, rec.demand_at), (3, Some(t(5_000))));
+}

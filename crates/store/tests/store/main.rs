@@ -146,4 +146,5 @@ deployment_store_tests!(
     deployment_updates_are_compare_and_swap,
     deployment_timeline_appends_and_pages,
     instances_carry_their_deployment,
+    model_demand_moves_forward_only_and_survives_updates,
 );

@@ -1,0 +1,154 @@
+//! Requests for a model that has a deployment but no ready replica (scaled
+//! to zero, or its first replicas still starting) are held, not refused:
+//! the deployment's demand moves forward (which wakes it from zero), and
+//! the request waits, in a bounded queue for a bounded time, until the
+//! model's pool has a ready instance. Past either bound it gets a 503 in
+//! OpenAI's error shape with `Retry-After`.
+
+use crate::error::RouterError;
+use crate::pool::ModelPool;
+use crate::Inner;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Whether a model has a deployment is looked up again after this long.
+const DEPLOYED_TTL: Duration = Duration::from_secs(2);
+/// While held, the demand is written again this often.
+const DEMAND_EVERY: Duration = Duration::from_secs(2);
+/// `Retry-After` of a request past the bounds, in seconds.
+const RETRY_AFTER_SECS: u64 = 10;
+
+#[derive(Default)]
+pub(crate) struct Holding {
+    /// Requests held per model.
+    held: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// Whether a model has a deployment, and when that was learnt.
+    deployed: Mutex<HashMap<String, (Instant, bool)>>,
+}
+
+/// One held request; leaves the count when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Holding {
+    fn take(&self, model: &str, limit: usize) -> Option<Slot> {
+        let n = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(model.to_string())
+            .or_default()
+            .clone();
+        if n.fetch_add(1, Ordering::Relaxed) >= limit {
+            n.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Slot(n))
+    }
+
+    fn cached(&self, model: &str) -> Option<bool> {
+        let d = self.deployed.lock().unwrap_or_else(|p| p.into_inner());
+        d.get(model)
+            .filter(|(at, _)| at.elapsed() < DEPLOYED_TTL)
+            .map(|(_, yes)| *yes)
+    }
+
+    fn learn(&self, model: &str, yes: bool) {
+        self.deployed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(model.to_string(), (Instant::now(), yes));
+    }
+}
+
+/// Note the demand for `model`: whether a deployment serves it.
+async fn demand(inner: &Inner, model: &str) -> Result<bool, RouterError> {
+    let yes = inner.fleet.note_demand(model).await?;
+    inner.holding.learn(model, yes);
+    Ok(yes)
+}
+
+/// Wait for a ready instance of `model`, which has none now. `Ok(None)`:
+/// no deployment serves it (the caller answers as before).
+pub(crate) async fn hold(
+    inner: &Inner,
+    model: &str,
+) -> Result<Option<Arc<ModelPool>>, RouterError> {
+    if inner.holding.cached(model) == Some(false) {
+        return Ok(None);
+    }
+    let scaling = || RouterError::ScalingUp {
+        model: model.to_string(),
+        retry_after_secs: RETRY_AFTER_SECS,
+    };
+    let Some(_slot) = inner.holding.take(model, inner.config.hold_queue) else {
+        return Err(scaling());
+    };
+    if !demand(inner, model).await? {
+        return Ok(None);
+    }
+    let started = Instant::now();
+    let deadline = started + inner.config.hold_timeout();
+    let mut noted = started;
+    tracing::info!(%model, "no ready replica: holding the request while one starts");
+    loop {
+        let changed = inner.pools.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if let Some(p) = inner.pools.model(model) {
+            tracing::info!(%model, waited_ms = started.elapsed().as_millis() as u64, "a replica is ready: releasing the held request");
+            return Ok(Some(p));
+        }
+        let wake = (noted + DEMAND_EVERY).min(deadline);
+        match tokio::time::timeout_at(wake.into(), changed).await {
+            Ok(()) => {}
+            Err(_) if Instant::now() >= deadline => return Err(scaling()),
+            Err(_) => {
+                demand(inner, model).await?;
+                noted = Instant::now();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::IntoResponse;
+
+    #[test]
+    fn the_queue_is_bounded_and_frees_its_slots() {
+        let h = Holding::default();
+        let a = h.take("m", 2).unwrap();
+        let _b = h.take("m", 2).unwrap();
+        assert!(h.take("m", 2).is_none(), "a third is refused");
+        assert!(h.take("other", 2).is_some(), "per model");
+        drop(a);
+        assert!(h.take("m", 2).is_some(), "a slot freed");
+        h.learn("m", false);
+        assert_eq!(h.cached("m"), Some(false));
+        assert_eq!(h.cached("n"), None);
+    }
+
+    #[tokio::test]
+    async fn past_the_bounds_a_503_says_when_to_retry() {
+        let r = RouterError::ScalingUp {
+            model: "m".into(),
+            retry_after_secs: RETRY_AFTER_SECS,
+        }
+        .into_response();
+        assert_eq!(r.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()["retry-after"], "10");
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "model_scaling_up");
+        assert_eq!(v["error"]["type"], "server_error");
+    }
+}

@@ -270,7 +270,8 @@ impl Deployments {
             .await?)
     }
 
-    /// Change the name, replica bounds, autoscaling or scale-to-zero delay.
+    /// Change the name, replica bounds, autoscaling, scale-to-zero delay, or
+    /// placements (a rolling update: see the keeper).
     pub async fn patch(
         &self,
         id: DeploymentId,
@@ -297,11 +298,19 @@ impl Deployments {
             }
             if let Some(p) = &patch.placements {
                 if *p != next.spec.placements {
-                    return Err(SpecError::new(
-                        "placements",
-                        "changing placements needs a rolling update, which is not supported yet; create a new deployment",
-                    )
-                    .into());
+                    // A rolling update: the keeper starts replicas on the
+                    // new placements and drains the old ones as they come.
+                    let mut spec = next.spec.clone();
+                    spec.placements = p.clone();
+                    self.validate(&next.model, &spec).await?;
+                    changed.push(format!(
+                        "placements → {} (rolling update)",
+                        p.iter()
+                            .map(|x| x.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", then ")
+                    ));
+                    next.spec.placements = p.clone();
                 }
             }
             if let Some(a) = &patch.engine_args {

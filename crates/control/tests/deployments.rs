@@ -534,7 +534,7 @@ async fn scales_up_on_load_at_once_and_down_only_after_the_delay() {
 }
 
 #[tokio::test]
-async fn patch_changes_bounds_and_refuses_placements() {
+async fn patch_changes_bounds_and_checks_placements() {
     let mem = provider();
     let port = free_port().await;
     let h = start(mem.clone(), config(port)).await;
@@ -570,8 +570,9 @@ async fn patch_changes_bounds_and_refuses_placements() {
         )
         .await;
     assert!(matches!(bad, Err(ControlError::InvalidSpec(e)) if e.field == "replicas.min"));
+    // New placements are checked like a new deployment's.
     let mut placements = spec(1, 1).placements;
-    placements.reverse();
+    placements[1].zone = "nowhere".into();
     let bad = h
         .deployments
         .patch(
@@ -582,7 +583,81 @@ async fn patch_changes_bounds_and_refuses_placements() {
             },
         )
         .await;
-    assert!(matches!(bad, Err(ControlError::InvalidSpec(e)) if e.field == "placements"));
+    assert!(
+        matches!(&bad, Err(ControlError::InvalidSpec(e)) if e.field == "placements[1].zone"),
+        "{bad:?}"
+    );
+    let bad = h
+        .deployments
+        .patch(
+            d.id,
+            DeploymentPatch {
+                engine_args: Some(Some(vec!["--x".into()])),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(bad, Err(ControlError::InvalidSpec(e)) if e.field == "engine_args"));
+}
+
+#[tokio::test]
+async fn a_rolling_update_brings_up_the_new_before_draining_the_old() {
+    let mem = provider();
+    let port = free_port().await;
+    let h = start(mem.clone(), config(port)).await;
+    let _agents = Agents::spawn(&h, mem.clone(), port);
+    let mut s = spec(2, 2);
+    s.placements.truncate(1); // z1 only
+    let d = h.deployments.create(create("roll", s)).await.unwrap();
+    let old = wait_ready(&h, d.id, 2).await;
+    let z2 = spec(1, 1).placements[1].clone();
+    h.deployments
+        .patch(
+            d.id,
+            DeploymentPatch {
+                placements: Some(vec![z2.clone()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    // Watch it: never fewer than 2 ready, never more than max + 1 live.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = instances(&h, d.id).await;
+        let ready = list
+            .iter()
+            .filter(|r| r.status == InstanceStatus::Ready)
+            .count();
+        assert!(ready >= 2, "{ready} ready during the update");
+        assert!(live(&list) <= 3, "{} live", live(&list));
+        let done = list
+            .iter()
+            .filter(|r| r.status == InstanceStatus::Ready)
+            .all(|r| r.zone == z2.zone && !old.contains(&r.id))
+            && live(&list) == 2;
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not rolled over: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = timeline(&h, d.id).await;
+    assert!(
+        t.iter()
+            .any(|(a, m)| *a == DeploymentAction::Updated && m.contains("rolling update")),
+        "{t:?}"
+    );
+    assert!(
+        t.iter()
+            .filter(|(a, m)| *a == DeploymentAction::Replace && m.contains("rolling update"))
+            .count()
+            >= 2,
+        "{t:?}"
+    );
 }
 
 #[tokio::test]

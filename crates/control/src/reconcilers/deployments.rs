@@ -88,9 +88,30 @@ struct Census<'a> {
     /// Failed, with a machine that may still be there: terminated once
     /// the replacement is ready.
     failed: Vec<&'a InstanceRecord>,
+    /// Live but on a placement the deployment no longer has (a rolling
+    /// update): replaced, then drained once the new ones are ready.
+    outdated: Vec<&'a InstanceRecord>,
 }
 
 impl<'a> Census<'a> {
+    /// Take out of the counts the live replicas on placements not in
+    /// `placements`.
+    fn split_outdated(&mut self, placements: &[Placement]) {
+        for list in [
+            &mut self.ready,
+            &mut self.starting,
+            &mut self.unhealthy,
+            &mut self.doomed,
+        ] {
+            let (keep, old): (Vec<&'a InstanceRecord>, Vec<&'a InstanceRecord>) =
+                std::mem::take(list)
+                    .into_iter()
+                    .partition(|r| placements.contains(&placement_of(r)));
+            *list = keep;
+            self.outdated.extend(old);
+        }
+    }
+
     fn of(instances: &'a [InstanceRecord], now: DateTime<Utc>, grace: chrono::Duration) -> Self {
         let mut c = Census::default();
         for r in instances {
@@ -221,7 +242,8 @@ impl Keeper {
         let now = Utc::now();
         let spec = &d.spec;
         let grace = chrono::Duration::seconds(self.config.deployment_unhealthy_grace_secs as i64);
-        let c = Census::of(instances, now, grace);
+        let mut c = Census::of(instances, now, grace);
+        c.split_outdated(&spec.placements);
         let mut mem = self.memory(d.id);
         let mut events = Vec::new();
         let mut conditions = Vec::new();
@@ -455,7 +477,9 @@ impl Keeper {
                 removed.insert(old.id);
                 live -= 1;
             }
-            let n = need.min(max.saturating_sub(live));
+            // During a rolling update, one replica above max at most.
+            let surge = usize::from(!c.outdated.is_empty());
+            let n = need.min((max + surge).saturating_sub(live + c.outdated.len()));
             if n > 0 {
                 match usable.first() {
                     Some(p) => {
@@ -572,6 +596,43 @@ impl Keeper {
                 )
                 .await;
                 removed.insert(old.id);
+            }
+        }
+
+        // Rolling update: an old replica stays only while the new ones
+        // ready fall short of the desired count (not-ready ones go first).
+        if !c.outdated.is_empty() {
+            let keep = want.saturating_sub(c.ready.len());
+            let mut order = c.outdated.clone();
+            order.sort_by_key(|r| (r.status == InstanceStatus::Ready, r.created_at, r.id));
+            let ready_old = order
+                .iter()
+                .filter(|r| r.status == InstanceStatus::Ready)
+                .count();
+            let go = order.len().saturating_sub(keep.min(ready_old));
+            for old in order.into_iter().take(go) {
+                self.terminate(
+                    d,
+                    old,
+                    DeploymentAction::Replace,
+                    format!(
+                        "rolling update: {} is on {}, no longer a placement; {} of {want} new replicas ready, so it is drained",
+                        old.id,
+                        placement_of(old),
+                        c.ready.len()
+                    ),
+                    &mut events,
+                    report,
+                )
+                .await;
+                removed.insert(old.id);
+            }
+            let left = c.outdated.len() - go;
+            if left > 0 {
+                conditions.push(format!(
+                    "rolling update: {} of {want} new replicas ready; {left} old one(s) still serving",
+                    c.ready.len()
+                ));
             }
         }
 

@@ -123,6 +123,10 @@ pub struct UpdateArgs {
     pub autoscaling: AutoscalingArgs,
     #[arg(long)]
     pub scale_to_zero_after: Option<HumanDuration>,
+    /// New placements, in order (provider/zone/type; repeat the flag): a
+    /// rolling update moves the replicas over.
+    #[arg(long = "placement", value_parser = parse_placement)]
+    pub placements: Vec<Placement>,
 }
 
 fn parse_placement(s: &str) -> Result<Placement, String> {
@@ -260,8 +264,9 @@ pub async fn run(client: &Client, cmd: DeploymentsCommand) -> anyhow::Result<()>
             if args.name.is_none()
                 && args.autoscaling.is_empty()
                 && args.scale_to_zero_after.is_none()
+                && args.placements.is_empty()
             {
-                bail!("nothing to change\nhint: pass --name, --metric, --target, --scale-down-delay or --scale-to-zero-after (replicas: `gpufleet deployments scale`)");
+                bail!("nothing to change\nhint: pass --name, --metric, --target, --scale-down-delay, --scale-to-zero-after or --placement (replicas: `gpufleet deployments scale`)");
             }
             let autoscaling = if args.autoscaling.is_empty() {
                 None
@@ -274,6 +279,7 @@ pub async fn run(client: &Client, cmd: DeploymentsCommand) -> anyhow::Result<()>
                 name: args.name,
                 autoscaling,
                 scale_to_zero_after: args.scale_to_zero_after,
+                placements: (!args.placements.is_empty()).then_some(args.placements),
                 ..Default::default()
             };
             let d = patch(client, id, &body).await?;

@@ -108,43 +108,12 @@ async fn a_killed_replica_is_replaced_while_requests_keep_succeeding() {
 
     // A client sending chat requests through the router all along.
     let (_, key) = create_key(&app, "deployments", None).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let client = {
-        let (http, url) = (app.http.clone(), app.url("/v1/chat/completions"));
-        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::SeqCst) {
-                let r = http
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .json(&json!({
-                        "model": MODEL,
-                        "max_tokens": 4,
-                        "messages": [{"role": "user", "content": "one two three"}]
-                    }))
-                    .send()
-                    .await;
-                match r {
-                    Ok(resp) if resp.status().is_success() => {
-                        let body: Value = resp.json().await.unwrap_or(Value::Null);
-                        if body["choices"][0]["message"]["content"].is_string() {
-                            ok.fetch_add(1, Ordering::SeqCst);
-                        } else {
-                            failures.lock().unwrap().push(format!("bad body {body}"));
-                        }
-                    }
-                    Ok(resp) => {
-                        let status = resp.status();
-                        let text = resp.text().await.unwrap_or_default();
-                        failures.lock().unwrap().push(format!("{status}: {text}"));
-                    }
-                    Err(e) => failures.lock().unwrap().push(e.to_string()),
-                }
-            }
-        })
-    };
+    let Clients {
+        stop,
+        ok,
+        failures,
+        task: client,
+    } = Clients::spawn(&app, &key, 1);
     let warmup = Instant::now();
     while ok.load(Ordering::SeqCst) < 5 {
         assert!(
@@ -340,4 +309,161 @@ async fn an_idle_deployment_scales_to_zero_and_the_next_request_wakes_it() {
     for want in ["(scale to zero)", "(scale from zero)"] {
         assert!(text.contains(want), "{want}: {text}");
     }
+}
+
+/// Client tasks sending chat requests through the router until `stop`:
+/// answers counted in `ok`, anything else kept in `failures`.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Clients {
+    /// `n` concurrent clients; odd ones stream.
+    fn spawn(app: &TestApp, key: &str, n: usize) -> Clients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+        let tasks: Vec<_> = (0..n)
+            .map(|i| {
+                let (http, url, key) = (
+                    app.http.clone(),
+                    app.url("/v1/chat/completions"),
+                    key.to_string(),
+                );
+                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+                let stream = i % 2 == 1;
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::SeqCst) {
+                        let r = http
+                            .post(&url)
+                            .bearer_auth(&key)
+                            .json(&json!({
+                                "model": MODEL,
+                                "max_tokens": 4,
+                                "stream": stream,
+                                "messages": [{"role": "user", "content": "one two three"}]
+                            }))
+                            .send()
+                            .await;
+                        match r {
+                            Ok(resp) if resp.status().is_success() => {
+                                let text = resp.text().await.unwrap_or_default();
+                                let good = if stream {
+                                    text.trim_end().ends_with("data: [DONE]")
+                                } else {
+                                    serde_json::from_str::<Value>(&text).is_ok_and(|b| {
+                                        b["choices"][0]["message"]["content"].is_string()
+                                    })
+                                };
+                                if good {
+                                    ok.fetch_add(1, Ordering::SeqCst);
+                                } else {
+                                    failures.lock().unwrap().push(format!("bad body {text}"));
+                                }
+                            }
+                            Ok(resp) => {
+                                let status = resp.status();
+                                let text = resp.text().await.unwrap_or_default();
+                                failures.lock().unwrap().push(format!("{status}: {text}"));
+                            }
+                            Err(e) => failures.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        let task = tokio::spawn(async move {
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
+        Clients {
+            stop,
+            ok,
+            failures,
+            task,
+        }
+    }
+}
+
+/// A rolling update under load: the deployment moves to another zone; the
+/// new replicas come up before the old ones drain, and no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_update_under_load_fails_no_request() {
+    let app = TestApp::spawn(BIN).await;
+    let resp = app
+        .req(Method::POST, "/api/v1/deployments")
+        .json(&json!({
+            "name": "roll",
+            "model": MODEL,
+            "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
+            "replicas": {"min": 2, "max": 2},
+            "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"}
+        }))
+        .send()
+        .await
+        .expect("POST deployment");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: DeploymentView = resp.json().await.unwrap();
+    let id = created.id.to_string();
+    let d = wait_deployment(
+        &app,
+        &id,
+        Duration::from_secs(60),
+        "2 replicas ready",
+        |d| ready_ids(d).len() == 2,
+    )
+    .await;
+    let old = ready_ids(&d);
+    let (_, key) = create_key(&app, "roll", None).await;
+    let clients = Clients::spawn(&app, &key, 4);
+    let warmup = Instant::now();
+    while clients.ok.load(Ordering::SeqCst) < 20 {
+        assert!(
+            warmup.elapsed() < Duration::from_secs(20),
+            "no request succeeded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let resp = app
+        .req(Method::PATCH, &format!("/api/v1/deployments/{id}"))
+        .json(&json!({"placements": [{"provider": "mock", "zone": "local-2", "instance_type": TYPE}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{:?}", resp.text().await);
+    wait_deployment(
+        &app,
+        &id,
+        Duration::from_secs(90),
+        "rolled over to local-2",
+        |d| {
+            let all = d.instances.iter().flatten();
+            let ready: Vec<_> = all.clone().filter(|i| i.status == S::Ready).collect();
+            ready.len() == 2
+                && ready
+                    .iter()
+                    .all(|i| i.zone == "local-2" && !old.contains(&i.id))
+                && all
+                    .filter(|i| old.contains(&i.id))
+                    .all(|i| matches!(i.status, S::Terminated | S::Terminating))
+        },
+    )
+    .await;
+    let served = clients.ok.load(Ordering::SeqCst);
+    while clients.ok.load(Ordering::SeqCst) < served + 20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    clients.stop.store(true, Ordering::SeqCst);
+    clients.task.await.unwrap();
+    let failures = clients.failures.lock().unwrap().clone();
+    println!(
+        "rolling update: {} requests answered, {} failed",
+        clients.ok.load(Ordering::SeqCst),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
 }

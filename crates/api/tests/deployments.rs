@@ -122,7 +122,7 @@ async fn create_list_get_patch_events_delete() {
     assert_eq!(list.deployments.len(), 1);
     assert!(list.deployments[0].instances.is_none());
 
-    // PATCH: bounds and name apply; placements are refused naming the field.
+    // PATCH: bounds and name apply at once.
     let patched: DeploymentView = expect_json(
         app.patch(
             &format!("/api/v1/deployments/{}", d.id),
@@ -146,16 +146,27 @@ async fn create_list_get_patch_events_delete() {
     )
     .await;
     assert_eq!(err.error.field.as_deref(), Some("replicas.min"));
-    let err = expect_error(
+    // New placements start a rolling update; engine args cannot change.
+    let rolled: DeploymentView = expect_json(
         app.patch(
             &format!("/api/v1/deployments/{}", d.id),
             &json!({"placements": [{"provider": PROVIDER, "zone": OTHER_ZONE, "instance_type": TYPE}]}),
         )
         .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(rolled.placements[0].zone, OTHER_ZONE);
+    let err = expect_error(
+        app.patch(
+            &format!("/api/v1/deployments/{}", d.id),
+            &json!({"engine_args": ["--max-model-len", "4096"]}),
+        )
+        .await,
         StatusCode::BAD_REQUEST,
     )
     .await;
-    assert_eq!(err.error.field.as_deref(), Some("placements"));
+    assert_eq!(err.error.field.as_deref(), Some("engine_args"));
 
     // DELETE: 202, then deleted once the instance is terminated.
     let deleting: DeploymentView = expect_json(

@@ -88,3 +88,98 @@ async fn kill9_while_booting_then_restart_finishes_the_job() {
         .await;
     }
 }
+
+/// kill -9 of the control plane in the middle of a deployment's scale-up:
+/// the next `up` converges to the declared replicas with no duplicate
+/// instance or machine and no orphan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_mid_scale_then_restart_converges_without_duplicates() {
+    use serde_json::{json, Value};
+    let mut app = TestApp::spawn_with(
+        BIN,
+        Options {
+            boot_delay_ms: 1500,
+            ..Default::default()
+        },
+    )
+    .await;
+    let resp = app
+        .req(reqwest::Method::POST, "/api/v1/deployments")
+        .json(&json!({
+            "name": "crashy",
+            "model": MODEL,
+            "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
+            "replicas": {"min": 3, "max": 3},
+            "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::CREATED);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let instances = |app: &TestApp| {
+        let (http, url, token) = (
+            app.http.clone(),
+            app.url(&format!("/api/v1/deployments/{id}")),
+            app.token.clone(),
+        );
+        async move {
+            let v: Value = http
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["instances"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    // Crash once the replicas exist but before any of them booted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = instances(&app).await;
+        if list.len() == 3 && list.iter().all(|i| i["status"] != "provisioning") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scale-up: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.kill9();
+    app.restart().await;
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let ready = loop {
+        let list = instances(&app).await;
+        let ready: Vec<Value> = list
+            .iter()
+            .filter(|i| i["status"] == "ready")
+            .cloned()
+            .collect();
+        if ready.len() == 3 {
+            assert_eq!(list.len(), 3, "no duplicate replica: {list:?}");
+            break ready;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not converged: {list:?}\n{}",
+            app.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(app.machine_dirs().len(), 3, "one machine per replica");
+    for i in &ready {
+        let iid = i["id"].as_str().unwrap();
+        assert_eq!(agent_pids(iid).len(), 1, "exactly one agent for {iid}");
+    }
+    // Nothing else lives on: the fleet holds exactly these three.
+    let all = app.list(false).await.unwrap();
+    assert_eq!(all.len(), 3, "no orphan instance: {all:?}");
+}

@@ -1,6 +1,6 @@
 //! `gpufleet bench ...`: load generators. Each lives in its own module.
 
-use crate::{bench_heartbeats, bench_router, bench_scaleway};
+use crate::{bench_deployments, bench_heartbeats, bench_router, bench_scaleway};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum BenchCommand {
@@ -14,6 +14,10 @@ pub enum BenchCommand {
     /// ready, many instances at once under its rate limit, API calls per
     /// instance.
     Scaleway(bench_scaleway::ScalewayBenchArgs),
+    /// Deployments on the Mock provider: scale from zero (what the router
+    /// and keeper add to a replica's boot), the autoscaler's reaction to a
+    /// step in load, and a rolling update under paced load.
+    Deployments(bench_deployments::DeploymentsBenchArgs),
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -21,5 +25,6 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Heartbeats(args) => bench_heartbeats::run(args).await,
         BenchCommand::Router(args) => bench_router::run(args).await,
         BenchCommand::Scaleway(args) => bench_scaleway::run(args).await,
+        BenchCommand::Deployments(args) => bench_deployments::run(args).await,
     }
 }

@@ -78,11 +78,11 @@ pub struct RouterBenchArgs {
 }
 
 /// Children and the temporary directory, cleaned up on drop.
-struct Setup {
-    dir: PathBuf,
-    ups: Vec<Child>,
-    nginx: Option<Child>,
-    machines: Vec<PathBuf>,
+pub(crate) struct Setup {
+    pub(crate) dir: PathBuf,
+    pub(crate) ups: Vec<Child>,
+    pub(crate) nginx: Option<Child>,
+    pub(crate) machines: Vec<PathBuf>,
 }
 
 impl Drop for Setup {
@@ -234,10 +234,10 @@ impl RunResult {
 }
 
 /// One running `gpufleet up` with its ready instances and an API key.
-struct Up {
-    addr: SocketAddr,
-    key: String,
-    token: String,
+pub(crate) struct Up {
+    pub(crate) addr: SocketAddr,
+    pub(crate) key: String,
+    pub(crate) token: String,
     /// The instances' engines, in creation order.
     engines: Vec<(String, SocketAddr)>,
     pid: u32,
@@ -246,7 +246,7 @@ struct Up {
 
 /// Start `exe up` in `dir` with `instances` ready Mock instances whose
 /// engines are set to `knobs`, and an API key.
-async fn start_up(
+pub(crate) async fn start_up(
     setup: &mut Setup,
     exe: &Path,
     dir: &Path,
@@ -301,22 +301,26 @@ async fn start_up(
     let http = reqwest::Client::new();
     let base = format!("http://{up_addr}");
 
-    let created: Value = http
-        .post(format!("{base}/api/v1/instances"))
-        .bearer_auth(&token)
-        .json(&json!({"provider": "mock", "instance_type": "mock-l4-1",
-                      "model": "gpufleet/sim-small", "count": instances.max(1)}))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let ids: Vec<String> = created["instances"]
-        .as_array()
-        .context("instances")?
-        .iter()
-        .filter_map(|i| i["id"].as_str().map(str::to_string))
-        .collect();
+    let ids: Vec<String> = if instances == 0 {
+        Vec::new()
+    } else {
+        let created: Value = http
+            .post(format!("{base}/api/v1/instances"))
+            .bearer_auth(&token)
+            .json(&json!({"provider": "mock", "instance_type": "mock-l4-1",
+                          "model": "gpufleet/sim-small", "count": instances}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        created["instances"]
+            .as_array()
+            .context("instances")?
+            .iter()
+            .filter_map(|i| i["id"].as_str().map(str::to_string))
+            .collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut engines = Vec::new();
     for id in &ids {

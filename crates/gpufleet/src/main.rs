@@ -2,6 +2,7 @@
 //! (`agent`), the engine simulator (`sim`) and the client commands.
 
 mod bench;
+mod bench_deployments;
 mod bench_heartbeats;
 mod bench_router;
 mod bench_scaleway;

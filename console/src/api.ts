@@ -312,12 +312,13 @@ export interface ReplicaBounds {
   max: number
 }
 
-export type ScalingMetric = 'requests_in_flight' | 'queue_length' | 'kv_cache_usage'
+export type ScalingMetric = 'requests_in_flight' | 'queue_length' | 'kv_cache_usage' | 'tokens_per_second'
 
 export const SCALING_METRICS: { value: ScalingMetric; label: string; help: string }[] = [
   { value: 'requests_in_flight', label: 'Requests in flight', help: 'Requests through the router, per ready replica.' },
   { value: 'queue_length', label: 'Queue length', help: "Requests waiting in the engine's queue, per ready replica." },
   { value: 'kv_cache_usage', label: 'KV-cache use', help: 'KV-cache use per ready replica, a fraction from 0 to 1.' },
+  { value: 'tokens_per_second', label: 'Tokens per second', help: 'Tokens generated per second per ready replica (from the engines).' },
 ]
 
 export interface Autoscaling {

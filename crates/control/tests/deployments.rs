@@ -87,14 +87,18 @@ fn config(agent_port: u16) -> gpufleet_control::ControlConfig {
 #[derive(Clone)]
 struct Agents {
     killed: Arc<Mutex<HashSet<InstanceId>>>,
+    /// Tokens per second each agent's heartbeats report.
+    tps: Arc<Mutex<HashMap<InstanceId, f64>>>,
 }
 
 impl Agents {
     fn spawn(h: &Harness, mem: Arc<FakeProvider>, port: u16) -> Agents {
         let agents = Agents {
             killed: Arc::new(Mutex::new(HashSet::new())),
+            tps: Arc::new(Mutex::new(HashMap::new())),
         };
         let killed = agents.killed.clone();
+        let tps = agents.tps.clone();
         let fleet = h.fleet.clone();
         let service = h.agents.clone();
         let stop = h.stop.clone();
@@ -142,9 +146,9 @@ impl Agents {
                     }
                     let entry = started.get_mut(&r.id).unwrap();
                     entry.1 += 1;
-                    let _ = service
-                        .ingest_heartbeat(r.id, heartbeat(r.id, entry.1))
-                        .await;
+                    let mut hb = heartbeat(r.id, entry.1);
+                    hb.engine.generation_tokens_per_s = tps.lock().unwrap().get(&r.id).copied();
+                    let _ = service.ingest_heartbeat(r.id, hb).await;
                 }
                 tokio::time::sleep(Duration::from_millis(80)).await;
             }
@@ -799,4 +803,30 @@ async fn idle_deployments_scale_to_zero_and_demand_brings_them_back() {
             "{want}: {t:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn scales_on_tokens_per_second_from_the_heartbeats() {
+    let mem = provider();
+    let port = free_port().await;
+    let h = start(mem.clone(), config(port)).await;
+    let agents = Agents::spawn(&h, mem.clone(), port);
+    let mut s = spec(1, 4);
+    s.autoscaling.metric = gpufleet_domain::ScalingMetric::TokensPerSecond;
+    s.autoscaling.target_per_replica = 100.0;
+    let d = h.deployments.create(create("tps", s)).await.unwrap();
+    let ready = wait_ready(&h, d.id, 1).await;
+    // 250 tokens/s on one replica, 100 per replica wanted: 3.
+    agents.tps.lock().unwrap().insert(ready[0], 250.0);
+    eventually(10, "desired 3", || async {
+        let r = h.deployments.get(d.id).await.unwrap();
+        (r.desired_replicas == 3).then_some(())
+    })
+    .await;
+    let t = timeline(&h, d.id).await;
+    assert!(
+        t.iter()
+            .any(|(a, m)| *a == DeploymentAction::DesiredChanged && m.contains("tokens_per_second")),
+        "{t:?}"
+    );
 }

@@ -207,19 +207,23 @@ pub enum ScalingMetric {
     QueueLength,
     /// KV-cache use, 0..1 (heartbeats).
     KvCacheUsage,
+    /// Tokens generated per second (heartbeats).
+    TokensPerSecond,
 }
 
 impl ScalingMetric {
-    pub const ALL: [ScalingMetric; 3] = [
+    pub const ALL: [ScalingMetric; 4] = [
         Self::RequestsInFlight,
         Self::QueueLength,
         Self::KvCacheUsage,
+        Self::TokensPerSecond,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
             Self::RequestsInFlight => "requests_in_flight",
             Self::QueueLength => "queue_length",
             Self::KvCacheUsage => "kv_cache_usage",
+            Self::TokensPerSecond => "tokens_per_second",
         }
     }
 }

@@ -226,6 +226,9 @@ impl Keeper {
                     },
                     ScalingMetric::QueueLength => s.map_or(0.0, |e| e.requests_waiting),
                     ScalingMetric::KvCacheUsage => s.and_then(|e| e.kv_cache_usage).unwrap_or(0.0),
+                    ScalingMetric::TokensPerSecond => {
+                        s.and_then(|e| e.generation_tokens_per_s).unwrap_or(0.0)
+                    }
                 }
             })
             .sum();

@@ -467,3 +467,102 @@ async fn a_rolling_update_under_load_fails_no_request() {
     );
     assert!(failures.is_empty(), "failed requests: {failures:?}");
 }
+
+/// A burst of real load against the simulator: the replicas rise within
+/// seconds, then fall back once the load has been gone for the
+/// scale-down delay (and not before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_load_raises_the_replicas_then_they_fall_after_the_delay() {
+    let app = TestApp::spawn(BIN).await;
+    let resp = app
+        .req(Method::POST, "/api/v1/deployments")
+        .json(&json!({
+            "name": "burst",
+            "model": MODEL,
+            "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
+            "replicas": {"min": 1, "max": 3},
+            "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 2, "scale_down_delay": "3s"}
+        }))
+        .send()
+        .await
+        .expect("POST deployment");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: DeploymentView = resp.json().await.unwrap();
+    let id = created.id.to_string();
+    let d = wait_deployment(&app, &id, Duration::from_secs(60), "1 replica ready", |d| {
+        ready_ids(d).len() == 1
+    })
+    .await;
+    let ip = d.instances.iter().flatten().find_map(|i| i.ip).unwrap();
+    // Slow tokens, so requests stay in flight.
+    let resp = app
+        .http
+        .patch(format!("http://{ip}:{ENGINE_PORT}/admin/config"))
+        .json(&json!({"itl_ms": 20.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (_, key) = create_key(&app, "burst", None).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, url, key) = (
+                app.http.clone(),
+                app.url("/v1/chat/completions"),
+                key.clone(),
+            );
+            let (stop, ok) = (stop.clone(), ok.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let r = http
+                        .post(&url)
+                        .bearer_auth(&key)
+                        .json(&json!({"model": MODEL, "stream": true, "max_tokens": 100,
+                                      "messages": [{"role": "user", "content": "go"}]}))
+                        .send()
+                        .await;
+                    if let Ok(r) = r {
+                        if r.status().is_success() && r.bytes().await.is_ok() {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let burst = Instant::now();
+    wait_deployment(
+        &app,
+        &id,
+        Duration::from_secs(60),
+        "3 replicas ready",
+        |d| d.status.desired == 3 && ready_ids(d).len() == 3,
+    )
+    .await;
+    println!(
+        "3 replicas ready {:?} after the burst began",
+        burst.elapsed()
+    );
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert!(ok.load(Ordering::SeqCst) > 0);
+    let quiet = Instant::now();
+    wait_deployment(
+        &app,
+        &id,
+        Duration::from_secs(60),
+        "back to 1 replica",
+        |d| d.status.desired == 1 && ready_ids(d).len() == 1,
+    )
+    .await;
+    let after = quiet.elapsed();
+    println!("back to 1 replica {after:?} after the load stopped");
+    assert!(
+        after >= Duration::from_millis(2_500),
+        "scaled down after {after:?}, before the 3 s delay"
+    );
+}

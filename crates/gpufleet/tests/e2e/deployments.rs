@@ -261,6 +261,10 @@ async fn an_idle_deployment_scales_to_zero_and_the_next_request_wakes_it() {
     // Idle for 3 s: no replica left.
     let zero = wait_deployment(&app, &id, Duration::from_secs(60), "scaled to zero", |d| {
         d.status.desired == 0
+            && d.status
+                .conditions
+                .iter()
+                .any(|c| c.contains("scaled to zero"))
             && d.instances
                 .iter()
                 .flatten()

@@ -213,6 +213,7 @@ pub async fn run_with(
             data_dir: data_dir.path().to_path_buf(),
             env: Vec::new(),
             tls: None,
+            extra_args: bootstrap.engine_args.clone(),
         };
         tokio::spawn(async move {
             // A real engine may need secrets (a Hugging Face token) that

@@ -268,6 +268,7 @@ impl Setup {
                 power_limit_w: 72.0,
             },
             control_plane_ca_pem: None,
+            engine_args: vec![],
         };
         std::fs::write(
             dir.path().join("bootstrap.json"),

@@ -697,9 +697,8 @@ pub struct CreateDeploymentBody {
 
 /// `PATCH /api/v1/deployments/{id}` body: what to change. Replica bounds,
 /// autoscaling, the scale-to-zero delay and the name apply at once; new
-/// `placements` start a rolling update (replicas on the new placements come
-/// up, then the old ones drain); `engine_args` cannot change yet (refused
-/// unless unchanged).
+/// `placements` or `engine_args` start a rolling update (replicas with the
+/// new ones come up, then the old ones drain).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchDeploymentBody {

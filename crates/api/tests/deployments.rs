@@ -146,27 +146,22 @@ async fn create_list_get_patch_events_delete() {
     )
     .await;
     assert_eq!(err.error.field.as_deref(), Some("replicas.min"));
-    // New placements start a rolling update; engine args cannot change.
+    // New placements or engine args start a rolling update.
     let rolled: DeploymentView = expect_json(
         app.patch(
             &format!("/api/v1/deployments/{}", d.id),
-            &json!({"placements": [{"provider": PROVIDER, "zone": OTHER_ZONE, "instance_type": TYPE}]}),
+            &json!({"placements": [{"provider": PROVIDER, "zone": OTHER_ZONE, "instance_type": TYPE}],
+                    "engine_args": ["--max-model-len", "4096"]}),
         )
         .await,
         StatusCode::OK,
     )
     .await;
     assert_eq!(rolled.placements[0].zone, OTHER_ZONE);
-    let err = expect_error(
-        app.patch(
-            &format!("/api/v1/deployments/{}", d.id),
-            &json!({"engine_args": ["--max-model-len", "4096"]}),
-        )
-        .await,
-        StatusCode::BAD_REQUEST,
-    )
-    .await;
-    assert_eq!(err.error.field.as_deref(), Some("engine_args"));
+    assert_eq!(
+        rolled.engine_args.as_deref(),
+        Some(&["--max-model-len".to_string(), "4096".to_string()][..])
+    );
 
     // DELETE: 202, then deleted once the instance is terminated.
     let deleting: DeploymentView = expect_json(

@@ -30,9 +30,8 @@ pub struct CreateDeployment {
     pub spec: DeploymentSpec,
 }
 
-/// What a PATCH may change. `None`: unchanged. Changing `placements` or
-/// `engine_args` needs a rolling update, which is not built yet: refused
-/// (naming the field) unless equal to what is there.
+/// What a PATCH may change. `None`: unchanged. New `placements` or
+/// `engine_args` start a rolling update.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DeploymentPatch {
     pub name: Option<String>,
@@ -315,11 +314,11 @@ impl Deployments {
             }
             if let Some(a) = &patch.engine_args {
                 if *a != next.spec.engine_args {
-                    return Err(SpecError::new(
-                        "engine_args",
-                        "changing engine_args needs a rolling update, which is not supported yet; create a new deployment",
-                    )
-                    .into());
+                    changed.push(format!(
+                        "engine_args → {:?} (rolling update)",
+                        a.as_deref().unwrap_or(&[])
+                    ));
+                    next.spec.engine_args = a.clone();
                 }
             }
             if let Some(r) = patch.replicas {

@@ -121,7 +121,7 @@ impl Fleet {
         &self,
         req: CreateInstances,
     ) -> Result<Vec<InstanceRecord>, ControlError> {
-        self.create_instances_for(req, None).await
+        self.create_instances_for(req, None, None).await
     }
 
     /// [`Fleet::create_instances`] for the replicas of a deployment: the
@@ -131,6 +131,7 @@ impl Fleet {
         &self,
         req: CreateInstances,
         deployment_id: Option<DeploymentId>,
+        engine_args: Option<Vec<String>>,
     ) -> Result<Vec<InstanceRecord>, ControlError> {
         let cfg = &self.inner.config;
         let provider = self.inner.catalogs.provider(&req.provider).ok_or_else(|| {
@@ -238,6 +239,7 @@ impl Fleet {
                     startup_deadline_at: deadline,
                     created_at: now,
                     deployment_id,
+                    engine_args: engine_args.clone(),
                 }
             })
             .collect();

@@ -591,8 +591,8 @@ async fn patch_changes_bounds_and_checks_placements() {
         matches!(&bad, Err(ControlError::InvalidSpec(e)) if e.field == "placements[1].zone"),
         "{bad:?}"
     );
-    let bad = h
-        .deployments
+    // New engine args roll the replicas over too: started with them.
+    h.deployments
         .patch(
             d.id,
             DeploymentPatch {
@@ -600,8 +600,22 @@ async fn patch_changes_bounds_and_checks_placements() {
                 ..Default::default()
             },
         )
-        .await;
-    assert!(matches!(bad, Err(ControlError::InvalidSpec(e)) if e.field == "engine_args"));
+        .await
+        .unwrap();
+    eventually(30, "replicas with the new engine args", || async {
+        let list = instances(&h, d.id).await;
+        let ready: Vec<_> = list
+            .iter()
+            .filter(|r| r.status == InstanceStatus::Ready)
+            .collect();
+        (ready.len() == 2
+            && ready
+                .iter()
+                .all(|r| r.engine_args.as_deref() == Some(&["--x".to_string()][..]))
+            && live(&list) == 2)
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -95,6 +95,10 @@ pub struct AgentBootstrap {
     /// pinned). `None`: the system's roots (or plain HTTP on loopback).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_plane_ca_pem: Option<String>,
+    /// Extra engine arguments (a deployment's `engine_args`), appended to
+    /// the engine's command line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engine_args: Vec<String>,
 }
 
 /// Which inference engine to run and how.

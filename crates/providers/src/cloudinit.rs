@@ -209,6 +209,7 @@ mod tests {
                 power_limit_w: 72.0,
             },
             control_plane_ca_pem: ca.map(str::to_string),
+            engine_args: vec![],
         }
     }
 

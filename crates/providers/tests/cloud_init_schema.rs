@@ -53,6 +53,7 @@ fn the_user_data_passes_cloud_inits_schema() {
                 power_limit_w: 72.0,
             },
             control_plane_ca_pem: ca.map(str::to_string),
+            engine_args: vec![],
         };
         let install = AgentInstall {
             binary_url: "https://fleet.example.com/downloads/gpufleet".into(),

@@ -36,6 +36,7 @@ fn request(key: &str) -> CreateRequest {
                 power_limit_w: 1.0,
             },
             control_plane_ca_pem: None,
+            engine_args: vec![],
         },
         model_size_mib: 0,
         first_attempt: false,

@@ -113,6 +113,7 @@ fn request_with_tags(key: &str, extra: &[(&str, &str)]) -> CreateRequest {
                 power_limit_w: 72.0,
             },
             control_plane_ca_pem: None,
+            engine_args: vec![],
         },
         model_size_mib: 0,
         first_attempt: false,

@@ -477,6 +477,7 @@ fn request(instance_type: &str) -> CreateRequest {
                 power_limit_w: 72.0,
             },
             control_plane_ca_pem: None,
+            engine_args: vec![],
         },
         model_size_mib: 15_000,
         first_attempt: false,

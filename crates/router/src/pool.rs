@@ -763,6 +763,7 @@ mod tests {
             engine_status: None,
             engine_cert_pem: cert,
             deployment_id: None,
+            engine_args: None,
         }
     }
 

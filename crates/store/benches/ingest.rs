@@ -41,6 +41,7 @@ fn new_instance(now: DateTime<Utc>) -> NewInstance {
         startup_deadline_at: now + ChronoDuration::minutes(10),
         created_at: now,
         deployment_id: None,
+        engine_args: None,
     }
 }
 

@@ -21,7 +21,8 @@ pub(crate) const INSTANCE_COLUMNS: &str =
      provider_instance_id, ip, generation, provision_attempts, next_attempt_at, \
      startup_deadline_at, created_at, updated_at, status_changed_at, ready_at, \
      terminate_requested_at, terminated_at, cleanup_started_at, cleaned_up_at, \
-     last_heartbeat_seq, last_heartbeat_at, engine_status, engine_cert_pem, deployment_id";
+     last_heartbeat_seq, last_heartbeat_at, engine_status, engine_cert_pem, deployment_id, \
+     engine_args";
 
 pub(crate) fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
     let mut r = RowReader::new(row, "instances row");
@@ -71,6 +72,15 @@ pub(crate) fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError
         engine_status: r.serde_enum_opt("engine_status")?,
         engine_cert_pem: r.get("engine_cert_pem")?,
         deployment_id: r.parsed_opt("deployment_id")?,
+        engine_args: {
+            let raw: Option<String> = r.get("engine_args")?;
+            match raw {
+                None => None,
+                Some(t) => Some(serde_json::from_str(&t).map_err(|e| {
+                    crate::rows::corrupt(format!("instances row: column engine_args: {e}"))
+                })?),
+            }
+        },
     })
 }
 
@@ -126,8 +136,9 @@ impl Store {
             sqlx::query(
                 "INSERT INTO instances (id, provider, zone, instance_type, model, status, \
                  idempotency_key, bootstrap_secret_hash, generation, provision_attempts, \
-                 startup_deadline_at, created_at, updated_at, status_changed_at, deployment_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $11, $12)",
+                 startup_deadline_at, created_at, updated_at, status_changed_at, deployment_id, \
+                 engine_args) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $11, $12, $13)",
             )
             .bind(n.id.to_string())
             .bind(n.provider.as_str())
@@ -141,6 +152,11 @@ impl Store {
             .bind(millis(n.startup_deadline_at))
             .bind(created)
             .bind(n.deployment_id.map(|d| d.to_string()))
+            .bind(
+                n.engine_args
+                    .as_ref()
+                    .map(|a| serde_json::to_string(a).unwrap_or_else(|_| "[]".into())),
+            )
             .execute(&mut *tx)
             .await?;
             insert_event(&mut tx, &created_event(n)).await?;

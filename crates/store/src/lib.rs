@@ -160,6 +160,9 @@ pub struct InstanceRecord {
     /// The deployment this instance is a replica of (`None`: created on its own).
     #[serde(default)]
     pub deployment_id: Option<DeploymentId>,
+    /// Extra engine arguments it was started with (a deployment's).
+    #[serde(default)]
+    pub engine_args: Option<Vec<String>>,
 }
 
 /// A new instance, with its provision intent.
@@ -177,6 +180,8 @@ pub struct NewInstance {
     pub created_at: DateTime<Utc>,
     /// The deployment it is a replica of.
     pub deployment_id: Option<DeploymentId>,
+    /// Extra engine arguments (a deployment's `engine_args`).
+    pub engine_args: Option<Vec<String>>,
 }
 
 /// What to list.

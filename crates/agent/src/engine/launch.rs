@@ -28,6 +28,9 @@ pub struct LaunchRequest {
     /// Serve mutual TLS over these files (vLLM's `--ssl-*` flags); `None`:
     /// plain HTTP (machines on the control plane's host).
     pub tls: Option<super::EngineTlsFiles>,
+    /// Extra engine arguments (a deployment's `engine_args`), last on the
+    /// command line.
+    pub extra_args: Vec<String>,
 }
 
 /// Name of the engine's container (one engine per machine).
@@ -127,6 +130,7 @@ impl ProcessLauncher {
                 if let Some(files) = &req.tls {
                     args.extend(host_ssl_args(files));
                 }
+                args.extend(req.extra_args.iter().cloned());
                 Ok((self.sim_program.clone(), args))
             }
             EngineSpec::Vllm { port, command } => {
@@ -143,6 +147,7 @@ impl ProcessLauncher {
                 if let Some(files) = &req.tls {
                     args.extend(host_ssl_args(files));
                 }
+                args.extend(req.extra_args.iter().cloned());
                 Ok((PathBuf::from(program), args))
             }
             EngineSpec::VllmContainer {
@@ -191,6 +196,7 @@ impl ProcessLauncher {
                     ));
                 }
                 args.extend(extra.iter().cloned());
+                args.extend(req.extra_args.iter().cloned());
                 Ok((PathBuf::from(runtime), args))
             }
         }
@@ -446,6 +452,7 @@ mod tests {
             data_dir: "/tmp".into(),
             env: vec![("HF_TOKEN".into(), "hf_secret".into())],
             tls: None,
+            extra_args: vec![],
         };
         let (p, args) = l.command(&req).expect("cmd");
         assert_eq!(p, PathBuf::from("vllm"));
@@ -466,6 +473,21 @@ mod tests {
             args.join(" "),
             "sim --host 10.0.0.2 --port 8001 --model org/m --model-load-delay-ms 5"
         );
+        // A deployment's engine arguments come last.
+        let with_args = LaunchRequest {
+            extra_args: vec!["--ttft-ms".into(), "40".into()],
+            ..req
+        };
+        let (_, args) = l.command(&with_args).expect("cmd");
+        assert!(
+            args.join(" ")
+                .ends_with("--model-load-delay-ms 5 --ttft-ms 40"),
+            "{args:?}"
+        );
+        let req = LaunchRequest {
+            extra_args: vec![],
+            ..with_args
+        };
         let empty = LaunchRequest {
             spec: EngineSpec::Vllm {
                 port: 1,

@@ -95,8 +95,8 @@ struct Census<'a> {
 
 impl<'a> Census<'a> {
     /// Take out of the counts the live replicas on placements not in
-    /// `placements`.
-    fn split_outdated(&mut self, placements: &[Placement]) {
+    /// `placements`, or started with other engine arguments.
+    fn split_outdated(&mut self, placements: &[Placement], engine_args: &Option<Vec<String>>) {
         for list in [
             &mut self.ready,
             &mut self.starting,
@@ -104,9 +104,10 @@ impl<'a> Census<'a> {
             &mut self.doomed,
         ] {
             let (keep, old): (Vec<&'a InstanceRecord>, Vec<&'a InstanceRecord>) =
-                std::mem::take(list)
-                    .into_iter()
-                    .partition(|r| placements.contains(&placement_of(r)));
+                std::mem::take(list).into_iter().partition(|r| {
+                    placements.contains(&placement_of(r))
+                        && args_of(&r.engine_args) == args_of(engine_args)
+                });
             *list = keep;
             self.outdated.extend(old);
         }
@@ -155,6 +156,11 @@ fn capacity_failure(r: &InstanceRecord) -> bool {
                 && r.status_message
                     .as_deref()
                     .is_some_and(|m| m.to_ascii_lowercase().contains("quota"))))
+}
+
+/// Engine arguments, none and empty alike.
+fn args_of(a: &Option<Vec<String>>) -> &[String] {
+    a.as_deref().unwrap_or(&[])
 }
 
 fn placement_of(r: &InstanceRecord) -> Placement {
@@ -246,7 +252,7 @@ impl Keeper {
         let spec = &d.spec;
         let grace = chrono::Duration::seconds(self.config.deployment_unhealthy_grace_secs as i64);
         let mut c = Census::of(instances, now, grace);
-        c.split_outdated(&spec.placements);
+        c.split_outdated(&spec.placements, &spec.engine_args);
         let mut mem = self.memory(d.id);
         let mut events = Vec::new();
         let mut conditions = Vec::new();
@@ -510,7 +516,11 @@ impl Keeper {
                             model: d.model.clone(),
                             count: n as u32,
                         };
-                        match self.fleet.create_instances_for(req, Some(d.id)).await {
+                        match self
+                            .fleet
+                            .create_instances_for(req, Some(d.id), spec.engine_args.clone())
+                            .await
+                        {
                             Ok(created) => {
                                 report.acted += created.len() as u32;
                                 healthy += created.len();
@@ -619,9 +629,10 @@ impl Keeper {
                     old,
                     DeploymentAction::Replace,
                     format!(
-                        "rolling update: {} is on {}, no longer a placement; {} of {want} new replicas ready, so it is drained",
+                        "rolling update: {} (on {}, engine args {:?}) is not what is declared now; {} of {want} new replicas ready, so it is drained",
                         old.id,
                         placement_of(old),
+                        args_of(&old.engine_args),
                         c.ready.len()
                     ),
                     &mut events,

@@ -159,6 +159,7 @@ impl Provisioner {
                 engine: provider.engine().unwrap_or_else(|| cfg.engine.spec()),
                 gpu: itype.gpu.clone(),
                 control_plane_ca_pem: ca_pem,
+                engine_args: rec.engine_args.clone().unwrap_or_default(),
             },
             model_size_mib: self.catalogs.model_size_mib(&rec.model),
             first_attempt: attempt == 1,

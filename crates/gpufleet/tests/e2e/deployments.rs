@@ -570,3 +570,65 @@ async fn a_burst_of_load_raises_the_replicas_then_they_fall_after_the_delay() {
         "scaled down after {after:?}, before the 3 s delay"
     );
 }
+
+/// New engine arguments roll the replicas over: the new engine runs with
+/// them (the simulator's own flags here: its time to first token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn new_engine_args_roll_the_replicas_over() {
+    let app = TestApp::spawn(BIN).await;
+    let resp = app
+        .req(Method::POST, "/api/v1/deployments")
+        .json(&json!({
+            "name": "args",
+            "model": MODEL,
+            "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
+            "replicas": {"min": 1, "max": 1},
+            "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"}
+        }))
+        .send()
+        .await
+        .expect("POST deployment");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: DeploymentView = resp.json().await.unwrap();
+    let id = created.id.to_string();
+    let d = wait_deployment(&app, &id, Duration::from_secs(60), "1 replica ready", |d| {
+        ready_ids(d).len() == 1
+    })
+    .await;
+    let old = ready_ids(&d);
+    let resp = app
+        .req(Method::PATCH, &format!("/api/v1/deployments/{id}"))
+        .json(&json!({"engine_args": ["--ttft-ms", "40"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let d = wait_deployment(&app, &id, Duration::from_secs(60), "rolled over", |d| {
+        let r = ready_ids(d);
+        r.len() == 1
+            && !old.contains(&r[0])
+            && d.instances
+                .iter()
+                .flatten()
+                .filter(|i| old.contains(&i.id))
+                .all(|i| matches!(i.status, S::Terminated | S::Terminating | S::Draining))
+    })
+    .await;
+    let ip = d
+        .instances
+        .iter()
+        .flatten()
+        .find(|i| i.status == S::Ready)
+        .and_then(|i| i.ip)
+        .unwrap();
+    let knobs: Value = app
+        .http
+        .get(format!("http://{ip}:{ENGINE_PORT}/admin/config"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(knobs["ttft_ms"], 40.0, "{knobs}");
+}

@@ -27,6 +27,7 @@ fn new_instance(created_ms: i64) -> NewInstance {
         startup_deadline_at: t(created_ms + 600_000),
         created_at: t(created_ms),
         deployment_id: None,
+        engine_args: None,
     }
 }
 

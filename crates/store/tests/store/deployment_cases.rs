@@ -206,6 +206,7 @@ pub async fn instances_carry_their_deployment(ctx: Ctx) {
             startup_deadline_at: t(at + 600_000),
             created_at: t(at),
             deployment_id: dep,
+            engine_args: dep.map(|_| vec!["--max-model-len".to_string(), "4096".to_string()]),
         }
     };
     let recs = s
@@ -213,6 +214,12 @@ pub async fn instances_carry_their_deployment(ctx: Ctx) {
         .await
         .unwrap();
     assert_eq!(recs[0].deployment_id, Some(d.id));
+    assert_eq!(
+        recs[0].engine_args.as_deref(),
+        Some(&["--max-model-len".to_string(), "4096".to_string()][..]),
+        "engine args are kept"
+    );
+    assert_eq!(recs[1].engine_args, None);
     assert_eq!(recs[1].deployment_id, None);
     assert_eq!(
         s.get_instance(recs[2].id)

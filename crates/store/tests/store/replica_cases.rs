@@ -26,6 +26,7 @@ async fn insert_one(s: &Store) -> InstanceRecord {
         startup_deadline_at: t(600_000),
         created_at: Utc::now(),
         deployment_id: None,
+        engine_args: None,
     };
     s.insert_instances(&[n]).await.unwrap().remove(0)
 }

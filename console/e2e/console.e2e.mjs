@@ -433,7 +433,14 @@ await step('delete the deployment after confirming: it leaves the list', async (
   await page.getByRole('heading', { name: 'Deployments', exact: true }).waitFor()
   await page.getByText(`Deleting ${DEPLOYMENT}`).waitFor()
   await page.locator(`tr[data-id="${deploymentId}"]`).waitFor({ state: 'detached' })
-  const d = await fetch(BASE + `/api/v1/deployments/${deploymentId}`, auth).then((r) => r.json())
+  // Deleted once its replica has drained and terminated (the list may drop it earlier).
+  const until = Date.now() + 30000
+  let d
+  for (;;) {
+    d = await fetch(BASE + `/api/v1/deployments/${deploymentId}`, auth).then((r) => r.json())
+    if (d.state === 'deleted' || Date.now() > until) break
+    await new Promise((r) => setTimeout(r, 200))
+  }
   expect(d.state === 'deleted', `the deployment is deleted: ${d.state}`)
   expect((d.instances ?? []).every((i) => ['terminated', 'archived'].includes(i.status)), `its replicas are gone: ${JSON.stringify(d.instances?.map((i) => i.status))}`)
   // Back where the next steps expect to be: the instances table, the replica terminated in it.

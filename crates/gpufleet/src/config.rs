@@ -104,6 +104,9 @@ pub struct MockSection {
     pub terminate_grace_ms: u64,
     /// Time between noticing a dead agent and starting it again, in milliseconds.
     pub agent_restart_delay_ms: u64,
+    /// Most live machines per zone, e.g. `{ "local-1" = 2 }`; past it a
+    /// create fails with out_of_capacity (as a sold-out cloud zone does).
+    pub zone_capacity: std::collections::BTreeMap<String, u32>,
 }
 
 impl Default for MockSection {
@@ -116,6 +119,7 @@ impl Default for MockSection {
             boot_delay_ms: d.boot_delay_ms,
             terminate_grace_ms: d.terminate_grace_ms,
             agent_restart_delay_ms: d.agent_restart_delay_ms,
+            zone_capacity: d.zone_capacity,
         }
     }
 }
@@ -136,6 +140,7 @@ impl MockSection {
         c.boot_delay_ms = self.boot_delay_ms;
         c.terminate_grace_ms = self.terminate_grace_ms;
         c.agent_restart_delay_ms = self.agent_restart_delay_ms;
+        c.zone_capacity = self.zone_capacity.clone();
         c
     }
 }

@@ -632,3 +632,76 @@ async fn new_engine_args_roll_the_replicas_over() {
         .unwrap();
     assert_eq!(knobs["ttft_ms"], 40.0, "{knobs}");
 }
+
+/// The first placement's zone is sold out (the Mock provider's
+/// `zone_capacity`): the replica is made in the second placement, and the
+/// fallback is on the deployment's timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sold_out_first_placement_falls_back_to_the_second() {
+    let app = TestApp::spawn_with(
+        BIN,
+        Options {
+            extra_toml: "[mock.zone_capacity]\n\"local-1\" = 0\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let resp = app
+        .req(Method::POST, "/api/v1/deployments")
+        .json(&json!({
+            "name": "fallback",
+            "model": MODEL,
+            "placements": [
+                {"provider": "mock", "zone": "local-1", "instance_type": TYPE},
+                {"provider": "mock", "zone": "local-2", "instance_type": TYPE}
+            ],
+            "replicas": {"min": 1, "max": 1},
+            "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"}
+        }))
+        .send()
+        .await
+        .expect("POST deployment");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let created: DeploymentView = resp.json().await.unwrap();
+    let id = created.id.to_string();
+    let d = wait_deployment(
+        &app,
+        &id,
+        Duration::from_secs(60),
+        "a replica ready in local-2",
+        |d| {
+            d.instances
+                .iter()
+                .flatten()
+                .any(|i| i.status == S::Ready && i.zone == "local-2")
+        },
+    )
+    .await;
+    let failed: Vec<_> = d
+        .instances
+        .iter()
+        .flatten()
+        .filter(|i| i.zone == "local-1")
+        .collect();
+    assert!(
+        failed.iter().all(|i| i.status == S::Failed),
+        "the sold-out zone's attempts failed: {failed:?}"
+    );
+    let events: Value = app
+        .req(Method::GET, &format!("/api/v1/deployments/{id}/events"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "fallback"
+                && e["message"].as_str().unwrap_or("").contains("local-2")),
+        "{events}"
+    );
+}

@@ -47,6 +47,10 @@ pub struct MockConfig {
     /// Instance types on sale; each names the zones it is offered in.
     #[serde(default = "default_instance_types")]
     pub instance_types: Vec<InstanceType>,
+    /// Most live machines per zone (absent: only the address pool limits);
+    /// past it a create is `OutOfCapacity`, as a cloud's sold-out zone is.
+    #[serde(default)]
+    pub zone_capacity: std::collections::BTreeMap<String, u32>,
 }
 
 impl MockConfig {
@@ -64,6 +68,7 @@ impl MockConfig {
             agent_restart_delay_ms: default_agent_restart_delay_ms(),
             zones: default_zones(),
             instance_types: default_instance_types(),
+            zone_capacity: Default::default(),
         }
     }
 }

@@ -746,6 +746,25 @@ impl Inner {
             debug!(machine_id = %r.id, instance_id = %r.instance_id, "create replayed; returning the existing machine");
             return Ok(self.view(r));
         }
+        if let Some(&cap) = self.config.zone_capacity.get(&req.zone) {
+            let used = state
+                .machines
+                .values()
+                .filter(|e| {
+                    !e.record.deleted
+                        && e.record.zone == req.zone
+                        && matches!(
+                            e.record.state,
+                            MachineState::Pending | MachineState::Running
+                        )
+                })
+                .count();
+            if used >= cap as usize {
+                return Err(ProviderError::OutOfCapacity {
+                    message: format!("zone {} is full ({cap} machines)", req.zone),
+                });
+            }
+        }
         // An address whose agent or engine port something else listens on
         // (another fleet's machine, on the same host) is skipped: traffic
         // for this machine must never reach a stranger.

@@ -52,9 +52,12 @@ struct Inner {
     bootstrap: BootstrapKey,
     /// Requests in flight per instance (the router), once one is set.
     traffic: TrafficSlot,
+    telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl Fleet {
+    // Its one caller is `wiring`, which hands each part what it uses.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         lifecycle: Lifecycle,
         catalogs: Catalogs,
@@ -63,6 +66,7 @@ impl Fleet {
         cluster_id: String,
         bootstrap: BootstrapKey,
         traffic: TrafficSlot,
+        telemetry: Arc<crate::telemetry::Telemetry>,
     ) -> Self {
         Fleet {
             inner: Arc::new(Inner {
@@ -74,6 +78,7 @@ impl Fleet {
                 cluster_id,
                 bootstrap,
                 traffic,
+                telemetry,
             }),
         }
     }
@@ -411,6 +416,44 @@ impl Fleet {
             self.inner.waker.wake(TaskName::Deployments);
         }
         Ok(moved > 0 || self.inner.store.model_has_deployment(model).await?)
+    }
+
+    /// The router holds requests for `model` (`Hold`) or releases them
+    /// (`Release`): on the timeline of its active deployments and in
+    /// `gpufleet_deployment_decisions_total`.
+    pub async fn note_hold(
+        &self,
+        model: &str,
+        action: gpufleet_domain::DeploymentAction,
+        message: String,
+        metadata: serde_json::Value,
+    ) -> Result<(), ControlError> {
+        let store = &self.inner.store;
+        let events: Vec<gpufleet_store::NewDeploymentEvent> = store
+            .list_deployments(false)
+            .await?
+            .into_iter()
+            .filter(|d| {
+                d.model.as_str() == model && d.state == gpufleet_domain::DeploymentState::Active
+            })
+            .map(|d| {
+                crate::deployments::event(
+                    d.id,
+                    action,
+                    gpufleet_store::Outcome::Info,
+                    message.clone(),
+                    metadata.clone(),
+                )
+            })
+            .collect();
+        if events.is_empty() {
+            return Ok(());
+        }
+        store.append_deployment_events(&events).await?;
+        for _ in &events {
+            self.inner.telemetry.deployment_decision(action);
+        }
+        Ok(())
     }
 
     /// Write what the router did about an instance (a stall, its circuit

@@ -93,6 +93,7 @@ impl ControlPlane {
             cluster_id.clone(),
             bootstrap.clone(),
             traffic.clone(),
+            telemetry.clone(),
         );
         let deployments = Deployments::new(
             store.clone(),

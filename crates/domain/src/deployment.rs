@@ -500,10 +500,14 @@ pub enum DeploymentAction {
     DesiredChanged,
     /// Something the keeper could not do (e.g. no placement with capacity).
     Blocked,
+    /// The router holds requests: no ready replica (scaled to zero, starting).
+    Hold,
+    /// The router releases the held requests: a replica is ready.
+    Release,
 }
 
 impl DeploymentAction {
-    pub const ALL: [DeploymentAction; 10] = [
+    pub const ALL: [DeploymentAction; 12] = [
         Self::Created,
         Self::Updated,
         Self::DeleteRequested,
@@ -514,6 +518,8 @@ impl DeploymentAction {
         Self::Fallback,
         Self::DesiredChanged,
         Self::Blocked,
+        Self::Hold,
+        Self::Release,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -527,6 +533,8 @@ impl DeploymentAction {
             Self::Fallback => "fallback",
             Self::DesiredChanged => "desired_changed",
             Self::Blocked => "blocked",
+            Self::Hold => "hold",
+            Self::Release => "release",
         }
     }
 }

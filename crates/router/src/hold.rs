@@ -8,6 +8,7 @@
 use crate::error::RouterError;
 use crate::pool::ModelPool;
 use crate::Inner;
+use gpufleet_domain::DeploymentAction;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,9 @@ const RETRY_AFTER_SECS: u64 = 10;
 pub(crate) struct Holding {
     /// Requests held per model.
     held: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// Models whose holding episode is written on their deployments'
+    /// timelines (a `hold` written, its `release` not yet).
+    episodes: Mutex<std::collections::HashSet<String>>,
     /// Whether a model has a deployment, and when that was learnt.
     deployed: Mutex<HashMap<String, (Instant, bool)>>,
 }
@@ -53,6 +57,16 @@ impl Holding {
         Some(Slot(n))
     }
 
+    /// Whether this starts (`true`) or ends (`false`) an episode for `model`.
+    fn flip(&self, model: &str, holding: bool) -> bool {
+        let mut e = self.episodes.lock().unwrap_or_else(|p| p.into_inner());
+        if holding {
+            e.insert(model.to_string())
+        } else {
+            e.remove(model)
+        }
+    }
+
     fn cached(&self, model: &str) -> Option<bool> {
         let d = self.deployed.lock().unwrap_or_else(|p| p.into_inner());
         d.get(model)
@@ -73,6 +87,23 @@ async fn demand(inner: &Inner, model: &str) -> Result<bool, RouterError> {
     let yes = inner.fleet.note_demand(model).await?;
     inner.holding.learn(model, yes);
     Ok(yes)
+}
+
+/// Write a hold or release on the model's deployments' timelines, in the
+/// background.
+fn timeline(
+    inner: &Inner,
+    model: &str,
+    action: DeploymentAction,
+    message: String,
+    meta: serde_json::Value,
+) {
+    let (fleet, model) = (inner.fleet.clone(), model.to_string());
+    tokio::spawn(async move {
+        if let Err(e) = fleet.note_hold(&model, action, message, meta).await {
+            tracing::warn!(%model, error = %e, "could not write a hold or release on the deployment's timeline");
+        }
+    });
 }
 
 /// Wait for a ready instance of `model`, which has none now. `Ok(None)`:
@@ -98,18 +129,55 @@ pub(crate) async fn hold(
     let deadline = started + inner.config.hold_timeout();
     let mut noted = started;
     tracing::info!(%model, "no ready replica: holding the request while one starts");
+    if inner.holding.flip(model, true) {
+        timeline(
+            inner,
+            model,
+            DeploymentAction::Hold,
+            format!(
+                "requests for {model} are held: no ready replica yet (at most {} for {} s)",
+                inner.config.hold_queue,
+                inner.config.hold_timeout().as_secs()
+            ),
+            serde_json::json!({"hold_queue": inner.config.hold_queue, "hold_timeout_ms": inner.config.hold_timeout_ms}),
+        );
+    }
     loop {
         let changed = inner.pools.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
         if let Some(p) = inner.pools.model(model) {
-            tracing::info!(%model, waited_ms = started.elapsed().as_millis() as u64, "a replica is ready: releasing the held request");
+            let waited_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(%model, waited_ms, "a replica is ready: releasing the held request");
+            if inner.holding.flip(model, false) {
+                timeline(
+                    inner,
+                    model,
+                    DeploymentAction::Release,
+                    format!("a replica of {model} is ready: the held requests go on (the first waited {waited_ms} ms)"),
+                    serde_json::json!({"waited_ms": waited_ms}),
+                );
+            }
             return Ok(Some(p));
         }
         let wake = (noted + DEMAND_EVERY).min(deadline);
         match tokio::time::timeout_at(wake.into(), changed).await {
             Ok(()) => {}
-            Err(_) if Instant::now() >= deadline => return Err(scaling()),
+            Err(_) if Instant::now() >= deadline => {
+                if inner.holding.flip(model, false) {
+                    timeline(
+                        inner,
+                        model,
+                        DeploymentAction::Release,
+                        format!(
+                            "no replica of {model} was ready within {} s: the held requests got a 503",
+                            inner.config.hold_timeout().as_secs()
+                        ),
+                        serde_json::json!({"timed_out": true}),
+                    );
+                }
+                return Err(scaling());
+            }
             Err(_) => {
                 demand(inner, model).await?;
                 noted = Instant::now();

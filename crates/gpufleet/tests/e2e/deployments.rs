@@ -301,17 +301,36 @@ async fn an_idle_deployment_scales_to_zero_and_the_next_request_wakes_it() {
          the rest ({:?}) is the router's and the keeper's",
         waited.saturating_sub(boot)
     );
-    let events: Value = app
-        .req(Method::GET, &format!("/api/v1/deployments/{id}/events"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let text = events.to_string();
-    for want in ["(scale to zero)", "(scale from zero)"] {
-        assert!(text.contains(want), "{want}: {text}");
+    // Every decision on the timeline, the router's hold and release too
+    // (written in the background).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events: Value = app
+            .req(Method::GET, &format!("/api/v1/deployments/{id}/events"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let text = events.to_string();
+        let missing: Vec<&str> = [
+            "(scale to zero)",
+            "(scale from zero)",
+            "are held",
+            "the held requests go on",
+        ]
+        .into_iter()
+        .filter(|w| !text.contains(w))
+        .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing:?} not on the timeline: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -14,7 +14,6 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::{Bytes, BytesMut};
-use http_body_util::Full;
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use serde::de::IgnoredAny;
@@ -235,21 +234,7 @@ async fn forward_as(
         // On a connection this task drives (see `upstream`); idle ones are
         // kept under the backend's key (plain and TLS never mixed).
         let host = b.conn_key.as_str();
-        let host_value = &b.host_header;
-        let make = || {
-            let mut r = hyper::Request::new(Full::new(body.clone()));
-            *r.method_mut() = hyper::Method::POST;
-            *r.uri_mut() = hyper::Uri::from_static(path);
-            let h = r.headers_mut();
-            if let Some(v) = &host_value {
-                h.insert(header::HOST, v.clone());
-            }
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r
-        };
+        let make = crate::stream::request(&b, path, &body);
         let send = inner.upstream.send(
             host,
             authority.as_str(),

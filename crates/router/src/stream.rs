@@ -145,7 +145,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// The request to `b`, with the body `body`.
-fn request(
+pub(crate) fn request(
     b: &Backend,
     path: &'static str,
     body: &Bytes,

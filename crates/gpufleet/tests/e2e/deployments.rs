@@ -24,6 +24,18 @@ async fn deployment(app: &TestApp, id: &str) -> DeploymentView {
     resp.json().await.expect("deployment JSON")
 }
 
+/// `POST /api/v1/deployments` with `body`: 201 and the deployment.
+async fn create_deployment(app: &TestApp, body: Value) -> DeploymentView {
+    let resp = app
+        .req(Method::POST, "/api/v1/deployments")
+        .json(&body)
+        .send()
+        .await
+        .expect("POST deployment");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    resp.json().await.expect("deployment JSON")
+}
+
 async fn wait_deployment(
     app: &TestApp,
     id: &str,
@@ -74,20 +86,13 @@ async fn a_killed_replica_is_replaced_while_requests_keep_succeeding() {
         },
     )
     .await;
-    let resp = app
-        .req(Method::POST, "/api/v1/deployments")
-        .json(&json!({
+    let created = create_deployment(&app, json!({
             "name": "sim",
             "model": MODEL,
             "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
             "replicas": {"min": 2, "max": 3},
             "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"}
-        }))
-        .send()
-        .await
-        .expect("POST deployment");
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let created: DeploymentView = resp.json().await.unwrap();
+        })).await;
     let id = created.id.to_string();
     let d = wait_deployment(
         &app,
@@ -221,21 +226,14 @@ async fn an_idle_deployment_scales_to_zero_and_the_next_request_wakes_it() {
         },
     )
     .await;
-    let resp = app
-        .req(Method::POST, "/api/v1/deployments")
-        .json(&json!({
+    let created = create_deployment(&app, json!({
             "name": "lazy",
             "model": MODEL,
             "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
             "replicas": {"min": 1, "max": 2},
             "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"},
             "scale_to_zero_after": "3s"
-        }))
-        .send()
-        .await
-        .expect("POST deployment");
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let created: DeploymentView = resp.json().await.unwrap();
+        })).await;
     let id = created.id.to_string();
     wait_deployment(&app, &id, Duration::from_secs(60), "1 replica ready", |d| {
         ready_ids(d).len() == 1
@@ -417,20 +415,13 @@ impl Clients {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_update_under_load_fails_no_request() {
     let app = TestApp::spawn(BIN).await;
-    let resp = app
-        .req(Method::POST, "/api/v1/deployments")
-        .json(&json!({
+    let created = create_deployment(&app, json!({
             "name": "roll",
             "model": MODEL,
             "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
             "replicas": {"min": 2, "max": 2},
             "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"}
-        }))
-        .send()
-        .await
-        .expect("POST deployment");
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let created: DeploymentView = resp.json().await.unwrap();
+        })).await;
     let id = created.id.to_string();
     let d = wait_deployment(
         &app,
@@ -497,20 +488,13 @@ async fn a_rolling_update_under_load_fails_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_burst_of_load_raises_the_replicas_then_they_fall_after_the_delay() {
     let app = TestApp::spawn(BIN).await;
-    let resp = app
-        .req(Method::POST, "/api/v1/deployments")
-        .json(&json!({
+    let created = create_deployment(&app, json!({
             "name": "burst",
             "model": MODEL,
             "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
             "replicas": {"min": 1, "max": 3},
             "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 2, "scale_down_delay": "3s"}
-        }))
-        .send()
-        .await
-        .expect("POST deployment");
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let created: DeploymentView = resp.json().await.unwrap();
+        })).await;
     let id = created.id.to_string();
     let d = wait_deployment(&app, &id, Duration::from_secs(60), "1 replica ready", |d| {
         ready_ids(d).len() == 1
@@ -595,20 +579,13 @@ async fn a_burst_of_load_raises_the_replicas_then_they_fall_after_the_delay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn new_engine_args_roll_the_replicas_over() {
     let app = TestApp::spawn(BIN).await;
-    let resp = app
-        .req(Method::POST, "/api/v1/deployments")
-        .json(&json!({
+    let created = create_deployment(&app, json!({
             "name": "args",
             "model": MODEL,
             "placements": [{"provider": "mock", "zone": "local-1", "instance_type": TYPE}],
             "replicas": {"min": 1, "max": 1},
             "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"}
-        }))
-        .send()
-        .await
-        .expect("POST deployment");
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let created: DeploymentView = resp.json().await.unwrap();
+        })).await;
     let id = created.id.to_string();
     let d = wait_deployment(&app, &id, Duration::from_secs(60), "1 replica ready", |d| {
         ready_ids(d).len() == 1
@@ -665,9 +642,7 @@ async fn a_sold_out_first_placement_falls_back_to_the_second() {
         },
     )
     .await;
-    let resp = app
-        .req(Method::POST, "/api/v1/deployments")
-        .json(&json!({
+    let created = create_deployment(&app, json!({
             "name": "fallback",
             "model": MODEL,
             "placements": [
@@ -676,12 +651,7 @@ async fn a_sold_out_first_placement_falls_back_to_the_second() {
             ],
             "replicas": {"min": 1, "max": 1},
             "autoscaling": {"metric": "requests_in_flight", "target_per_replica": 1000, "scale_down_delay": "5m"}
-        }))
-        .send()
-        .await
-        .expect("POST deployment");
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let created: DeploymentView = resp.json().await.unwrap();
+        })).await;
     let id = created.id.to_string();
     let d = wait_deployment(
         &app,

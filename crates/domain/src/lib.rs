@@ -10,6 +10,8 @@ pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
 pub mod names;
+pub mod spend;
+pub mod teams;
 
 pub use catalog::{GpuSpec, InstanceType, Zone};
 pub use deployment::{
@@ -22,3 +24,7 @@ pub use lifecycle::{
     Milestones,
 };
 pub use names::{ModelName, NameError, ProviderName};
+pub use teams::{
+    AccessTokenId, ActorKind, AuditOutcome, KeyLimits, LimitError, Permission, ProjectId, Role,
+    RoleError, UserId,
+};

@@ -42,6 +42,8 @@ fn new_instance(now: DateTime<Utc>) -> NewInstance {
         created_at: now,
         deployment_id: None,
         engine_args: None,
+        project_id: gpufleet_domain::ProjectId::default_project(),
+        price_per_hour: None,
     }
 }
 
@@ -276,7 +278,7 @@ async fn run(store: &Store, label: &str) {
     }
     let t = Instant::now();
     let fleet = store
-        .fleet_now(Utc::now() - ChronoDuration::minutes(5))
+        .fleet_now(Utc::now() - ChronoDuration::minutes(5), None)
         .await
         .expect("fleet_now");
     println!(

@@ -2,9 +2,10 @@
 //! SHA-256 digests only) and usage counters per key and per instance
 //! (`usage_counters`, running totals the router adds to).
 
-use crate::rows::{corrupt, millis, to_i64, RowReader};
+use crate::rows::{bind_opt_f64, corrupt, millis, to_i64, RowReader};
 use crate::{Store, StoreError};
 use chrono::{DateTime, Utc};
+use gpufleet_domain::{KeyLimits, ProjectId};
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use std::fmt;
@@ -76,6 +77,8 @@ pub struct NewApiKey {
     /// Models the key may use; `None`: every model.
     pub models: Option<Vec<String>>,
     pub created_at: DateTime<Utc>,
+    pub project_id: ProjectId,
+    pub limits: KeyLimits,
 }
 
 /// A stored key (without its secret, which is never stored).
@@ -87,6 +90,8 @@ pub struct ApiKeyRecord {
     pub models: Option<Vec<String>>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    pub project_id: ProjectId,
+    pub limits: KeyLimits,
 }
 
 impl ApiKeyRecord {
@@ -191,10 +196,17 @@ fn decode_key(row: &AnyRow) -> Result<ApiKeyRecord, StoreError> {
         models,
         created_at: r.time("created_at")?,
         revoked_at: r.time_opt("revoked_at")?,
+        project_id: r.parsed("project_id")?,
+        limits: KeyLimits {
+            rpm: r.get::<Option<i64>>("rpm")?.map(|v| v.max(0) as u64),
+            tpm: r.get::<Option<i64>>("tpm")?.map(|v| v.max(0) as u64),
+            monthly_budget: r.get("monthly_budget")?,
+        },
     })
 }
 
-const KEY_COLUMNS: &str = "id, name, key_hash, models, created_at, revoked_at";
+const KEY_COLUMNS: &str =
+    "id, name, key_hash, models, created_at, revoked_at, project_id, rpm, tpm, monthly_budget";
 
 impl Store {
     /// Store a new key.
@@ -203,17 +215,22 @@ impl Store {
             .models
             .as_ref()
             .map(|m| serde_json::Value::from(m.clone()).to_string());
-        sqlx::query(
-            "INSERT INTO api_keys (id, name, key_hash, models, created_at, revoked_at) \
-             VALUES ($1, $2, $3, $4, $5, NULL)",
+        let q = sqlx::query(
+            "INSERT INTO api_keys (id, name, key_hash, models, created_at, revoked_at, \
+             project_id, rpm, tpm, monthly_budget) \
+             VALUES ($1, $2, $3, $4, $5, NULL, $6, $7, $8, $9)",
         )
         .bind(key.id.to_string())
         .bind(key.name.as_str())
         .bind(key.key_hash.as_str())
         .bind(models)
         .bind(millis(key.created_at))
-        .execute(&self.pool)
-        .await?;
+        .bind(key.project_id.as_str())
+        .bind(key.limits.rpm.map(|v| to_i64(v, "rpm")).transpose()?)
+        .bind(key.limits.tpm.map(|v| to_i64(v, "tpm")).transpose()?);
+        bind_opt_f64(q, key.limits.monthly_budget)
+            .execute(&self.pool)
+            .await?;
         Ok(ApiKeyRecord {
             id: key.id,
             name: key.name.clone(),
@@ -221,7 +238,36 @@ impl Store {
             models: key.models.clone(),
             created_at: key.created_at,
             revoked_at: None,
+            project_id: key.project_id.clone(),
+            limits: key.limits,
         })
+    }
+
+    /// Change a key's limits. `None` when no key has this id.
+    pub async fn set_api_key_limits(
+        &self,
+        id: ApiKeyId,
+        limits: KeyLimits,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let q = sqlx::query(
+            "UPDATE api_keys SET rpm = $2, tpm = $3, monthly_budget = $4 WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(limits.rpm.map(|v| to_i64(v, "rpm")).transpose()?)
+        .bind(limits.tpm.map(|v| to_i64(v, "tpm")).transpose()?);
+        bind_opt_f64(q, limits.monthly_budget)
+            .execute(&self.pool)
+            .await?;
+        self.get_api_key(id).await
+    }
+
+    /// One key, revoked or not.
+    pub async fn get_api_key(&self, id: ApiKeyId) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(decode_key).transpose()
     }
 
     /// Every key, revoked ones too, oldest first.
@@ -260,11 +306,7 @@ impl Store {
             .bind(millis(at))
             .execute(&self.pool)
             .await?;
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(decode_key).transpose()
+        self.get_api_key(id).await
     }
 
     /// Add counts to each subject's totals, in one transaction.
@@ -368,6 +410,8 @@ mod tests {
             models: None,
             created_at: Utc::now(),
             revoked_at: None,
+            project_id: ProjectId::default_project(),
+            limits: KeyLimits::default(),
         };
         assert!(k.allows("anything"));
         k.models = Some(vec!["a".into()]);

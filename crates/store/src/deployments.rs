@@ -8,7 +8,7 @@ use crate::{Fence, InstanceRecord, Outcome, Store, StoreError};
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{
     DeploymentAction, DeploymentId, DeploymentSpec, DeploymentState, InstanceStatus, ModelName,
-    ReplicaStatus,
+    ProjectId, ReplicaStatus,
 };
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
@@ -18,7 +18,7 @@ use sqlx::AnyConnection;
 const FIRST_GENERATION: i64 = 1;
 
 const DEPLOYMENT_COLUMNS: &str = "id, name, model, spec, state, generation, desired_replicas, \
-     status, created_at, updated_at, delete_requested_at, deleted_at, demand_at";
+     status, created_at, updated_at, delete_requested_at, deleted_at, demand_at, project_id";
 
 /// A deployment as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +41,9 @@ pub struct DeploymentRecord {
     /// When a request last wanted the deployment's model (routers write it;
     /// [`Store::note_model_demand`]). Not written by `update_deployment`.
     pub demand_at: Option<DateTime<Utc>>,
+    /// The project that owns it (not rewritten by `update_deployment`).
+    #[serde(default = "ProjectId::default_project")]
+    pub project_id: ProjectId,
 }
 
 /// A new deployment.
@@ -52,6 +55,7 @@ pub struct NewDeployment {
     pub spec: DeploymentSpec,
     pub desired_replicas: u32,
     pub created_at: DateTime<Utc>,
+    pub project_id: ProjectId,
 }
 
 /// A deployment timeline entry to append.
@@ -100,6 +104,7 @@ fn decode_deployment(row: &AnyRow) -> Result<DeploymentRecord, StoreError> {
         delete_requested_at: r.time_opt("delete_requested_at")?,
         deleted_at: r.time_opt("deleted_at")?,
         demand_at: r.time_opt("demand_at")?,
+        project_id: r.parsed("project_id")?,
     })
 }
 
@@ -177,8 +182,8 @@ impl Store {
         let created = millis(n.created_at);
         sqlx::query(
             "INSERT INTO deployments (id, name, model, spec, state, generation, \
-             desired_replicas, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+             desired_replicas, status, created_at, updated_at, project_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)",
         )
         .bind(n.id.to_string())
         .bind(n.name.as_str())
@@ -189,6 +194,7 @@ impl Store {
         .bind(i64::from(n.desired_replicas))
         .bind(to_json(&ReplicaStatus::default(), "deployment status")?)
         .bind(created)
+        .bind(n.project_id.as_str())
         .execute(&mut *tx)
         .await
         .map_err(|e| name_taken(e, &n.name))?;
@@ -219,6 +225,45 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected())
+    }
+
+    /// [`Self::note_model_demand`] for the deployments of one project.
+    pub async fn note_project_model_demand(
+        &self,
+        project: &ProjectId,
+        model: &str,
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let r = sqlx::query(
+            "UPDATE deployments SET demand_at = $2 WHERE model = $1 AND state = $3 \
+             AND project_id = $4 AND (demand_at IS NULL OR demand_at < $2)",
+        )
+        .bind(model)
+        .bind(millis(at))
+        .bind(DeploymentState::Active.as_str())
+        .bind(project.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
+    /// Whether an active deployment of `project` serves `model`.
+    pub async fn project_model_has_deployment(
+        &self,
+        project: &ProjectId,
+        model: &str,
+    ) -> Result<bool, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM deployments WHERE model = $1 AND state = $2 \
+             AND project_id = $3",
+        )
+        .bind(model)
+        .bind(DeploymentState::Active.as_str())
+        .bind(project.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        let n: i64 = RowReader::new(&row, "deployments count").get("n")?;
+        Ok(n > 0)
     }
 
     /// Whether an active deployment serves `model` (so a request for it may

@@ -343,13 +343,11 @@ impl Store {
                     .bind(p.at)
                     .bind(index)
                     .bind(gs.name.as_str())
-                    .bind(gs.uuid.as_deref())
-                    .bind(gs.util_pct)
-                    .bind(used)
-                    .bind(total)
-                    .bind(gs.temp_c)
-                    .bind(gs.power_w)
-                    .bind(gs.power_limit_w);
+                    .bind(gs.uuid.as_deref());
+                q = bind_opt_f64(q, gs.util_pct).bind(used).bind(total);
+                q = bind_opt_f64(q, gs.temp_c);
+                q = bind_opt_f64(q, gs.power_w);
+                q = bind_opt_f64(q, gs.power_limit_w);
             }
             q.execute(&mut *tx).await?;
         }

@@ -1,6 +1,6 @@
 //! The `instances` table: insert, read, list, compare-and-swap update.
 
-use crate::rows::{corrupt, flag, millis, millis_opt, RowReader};
+use crate::rows::{bind_opt_f64, corrupt, flag, millis, millis_opt, RowReader};
 use crate::timeline::insert_event;
 use crate::{
     Fence, InstanceFilter, InstanceRecord, NewInstance, NewTimelineEvent, Outcome, Store,
@@ -22,7 +22,7 @@ pub(crate) const INSTANCE_COLUMNS: &str =
      startup_deadline_at, created_at, updated_at, status_changed_at, ready_at, \
      terminate_requested_at, terminated_at, cleanup_started_at, cleaned_up_at, \
      last_heartbeat_seq, last_heartbeat_at, engine_status, engine_cert_pem, deployment_id, \
-     engine_args";
+     engine_args, project_id, price_per_hour, billing_started_at, billing_ended_at";
 
 pub(crate) fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError> {
     let mut r = RowReader::new(row, "instances row");
@@ -81,6 +81,10 @@ pub(crate) fn decode_instance(row: &AnyRow) -> Result<InstanceRecord, StoreError
                 })?),
             }
         },
+        project_id: r.parsed("project_id")?,
+        price_per_hour: r.get("price_per_hour")?,
+        billing_started_at: r.time_opt("billing_started_at")?,
+        billing_ended_at: r.time_opt("billing_ended_at")?,
     })
 }
 
@@ -116,6 +120,7 @@ fn created_event(n: &NewInstance) -> NewTimelineEvent {
             "model": n.model.as_str(),
             "idempotency_key": n.idempotency_key,
             "deployment_id": n.deployment_id.map(|d| d.to_string()),
+            "project_id": n.project_id.as_str(),
         }),
     }
 }
@@ -133,12 +138,12 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for n in new {
             let created = millis(n.created_at);
-            sqlx::query(
+            let q = sqlx::query(
                 "INSERT INTO instances (id, provider, zone, instance_type, model, status, \
                  idempotency_key, bootstrap_secret_hash, generation, provision_attempts, \
                  startup_deadline_at, created_at, updated_at, status_changed_at, deployment_id, \
-                 engine_args) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $11, $12, $13)",
+                 engine_args, project_id, price_per_hour) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $11, $12, $13, $14, $15)",
             )
             .bind(n.id.to_string())
             .bind(n.provider.as_str())
@@ -157,8 +162,8 @@ impl Store {
                     .as_ref()
                     .map(|a| serde_json::to_string(a).unwrap_or_else(|_| "[]".into())),
             )
-            .execute(&mut *tx)
-            .await?;
+            .bind(n.project_id.as_str());
+            bind_opt_f64(q, n.price_per_hour).execute(&mut *tx).await?;
             insert_event(&mut tx, &created_event(n)).await?;
         }
         let mut out = Vec::with_capacity(new.len());
@@ -170,6 +175,23 @@ impl Store {
         }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Move an instance to another project (what `gpufleet bench router
+    /// --projects` sets up before the instances are ready). The change is
+    /// not published: the next lifecycle write carries it. Returns whether
+    /// the instance exists.
+    pub async fn set_instance_project(
+        &self,
+        id: InstanceId,
+        project: &gpufleet_domain::ProjectId,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query("UPDATE instances SET project_id = $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(project.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     pub async fn get_instance(&self, id: InstanceId) -> Result<Option<InstanceRecord>, StoreError> {
@@ -206,6 +228,14 @@ impl Store {
         if let Some(ph) = &provider_ph {
             conds.push(format!("provider = {ph}"));
         }
+        if let Some(projects) = &filter.projects {
+            if projects.is_empty() {
+                conds.push("1 = 0".to_string());
+            } else {
+                let ph: Vec<String> = projects.iter().map(|_| next()).collect();
+                conds.push(format!("project_id IN ({})", ph.join(", ")));
+            }
+        }
         let limit_ph = filter.limit.map(|_| next());
         let mut sql = format!("SELECT {INSTANCE_COLUMNS} FROM instances");
         if !conds.is_empty() {
@@ -221,6 +251,9 @@ impl Store {
             q = q.bind(t);
         }
         if let Some(p) = &filter.provider {
+            q = q.bind(p.as_str());
+        }
+        for p in filter.projects.iter().flatten() {
             q = q.bind(p.as_str());
         }
         if let Some(l) = filter.limit {
@@ -285,12 +318,13 @@ impl Store {
              provision_attempts = $12, next_attempt_at = $13, startup_deadline_at = $14, \
              updated_at = $15, status_changed_at = $16, ready_at = $17, \
              terminate_requested_at = $18, terminated_at = $19, cleanup_started_at = $20, \
-             cleaned_up_at = $21, engine_cert_pem = $22 \
+             cleaned_up_at = $21, engine_cert_pem = $22, billing_started_at = $23, \
+             billing_ended_at = $24 \
              WHERE id = $1 AND generation = $2",
         );
         if fence.is_some() {
             sql.push_str(" AND ");
-            sql.push_str(&self.fence_condition(23));
+            sql.push_str(&self.fence_condition(25));
         }
         let mut q = sqlx::query(&sql)
             .bind(next.id.to_string())
@@ -318,7 +352,9 @@ impl Store {
             .bind(millis_opt(next.terminated_at))
             .bind(millis_opt(next.cleanup_started_at))
             .bind(millis_opt(next.cleaned_up_at))
-            .bind(next.engine_cert_pem.as_deref());
+            .bind(next.engine_cert_pem.as_deref())
+            .bind(millis_opt(next.billing_started_at))
+            .bind(millis_opt(next.billing_ended_at));
         if let Some(f) = fence {
             q = f.bind(q);
         }

@@ -25,19 +25,23 @@ mod deployments;
 mod figures;
 mod ingest;
 mod instances;
+mod rate_shares;
 mod replicas;
 mod rollup;
 mod rows;
 mod samples;
 mod series;
 mod staging;
+mod teams;
 mod timeline;
+mod usage_hourly;
 
 pub use api_keys::{
     ApiKeyId, ApiKeyIdError, ApiKeyRecord, NewApiKey, UsageCounts, UsageDelta, UsageRecord,
     UsageScope,
 };
 pub use deployments::{DeploymentEvent, DeploymentRecord, NewDeployment, NewDeploymentEvent};
+pub use rate_shares::{RateShare, RATE_SHARE_MAX_AGE};
 pub use replicas::{ChangeListener, DbChange, Fence, Lease, LeaseInfo};
 pub use rollup::{RetentionReport, RollupReport};
 pub use series::{
@@ -45,10 +49,15 @@ pub use series::{
     SystemPoint,
 };
 pub use staging::{staging_part, IngestSession, STAGING_PARTS};
+pub use teams::{
+    AccessTokenRecord, AuditEntry, AuditFilter, Membership, NewAuditEntry, ProjectRecord,
+    SessionRecord, UserRecord,
+};
+pub use usage_hourly::{hour_of, HourlyUsage};
 
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{
-    DeploymentId, FailureReason, InstanceId, InstanceStatus, Milestones, ModelName,
+    DeploymentId, FailureReason, InstanceId, InstanceStatus, Milestones, ModelName, ProjectId,
     ProviderInstanceId, ProviderName,
 };
 use gpufleet_proto::EngineStatus;
@@ -163,6 +172,19 @@ pub struct InstanceRecord {
     /// Extra engine arguments it was started with (a deployment's).
     #[serde(default)]
     pub engine_args: Option<Vec<String>>,
+    /// The project that owns it.
+    #[serde(default = "ProjectId::default_project")]
+    pub project_id: ProjectId,
+    /// Its type's price per hour when it was created (`None`: unknown,
+    /// e.g. created before prices were kept).
+    #[serde(default)]
+    pub price_per_hour: Option<f64>,
+    /// Billable from: the provider made the machine.
+    #[serde(default)]
+    pub billing_started_at: Option<DateTime<Utc>>,
+    /// Billable until: the provider said the machine is gone.
+    #[serde(default)]
+    pub billing_ended_at: Option<DateTime<Utc>>,
 }
 
 /// A new instance, with its provision intent.
@@ -182,6 +204,10 @@ pub struct NewInstance {
     pub deployment_id: Option<DeploymentId>,
     /// Extra engine arguments (a deployment's `engine_args`).
     pub engine_args: Option<Vec<String>>,
+    /// The project that owns it.
+    pub project_id: ProjectId,
+    /// Its type's price per hour now.
+    pub price_per_hour: Option<f64>,
 }
 
 /// What to list.
@@ -191,6 +217,8 @@ pub struct InstanceFilter {
     pub statuses: Vec<InstanceStatus>,
     pub include_archived: bool,
     pub provider: Option<ProviderName>,
+    /// Only instances of these projects (`None`: every project).
+    pub projects: Option<Vec<ProjectId>>,
     pub limit: Option<i64>,
 }
 

@@ -73,7 +73,7 @@ impl Fence {
 
 impl Store {
     /// The database's clock in milliseconds, as SQL.
-    fn db_now_ms(&self) -> &'static str {
+    pub(crate) fn db_now_ms(&self) -> &'static str {
         match self.backend {
             Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
             Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",

@@ -7,7 +7,7 @@ use crate::staging::{tier_rows, Raw};
 use crate::{Backend, Store, StoreError};
 use chrono::{DateTime, Utc};
 use gpufleet_domain::metrics::{Step, Tier, MAX_POINTS};
-use gpufleet_domain::{InstanceId, InstanceStatus};
+use gpufleet_domain::{InstanceId, InstanceStatus, ProjectId};
 use serde::{Deserialize, Serialize};
 
 /// One instance's history over a window, in aligned buckets.
@@ -456,7 +456,14 @@ impl Store {
     /// The fleet now: non-terminal instances by status, and over those whose
     /// last heartbeat arrived at or after `fresh_after`, the GPUs of that
     /// heartbeat (count, mean utilisation, VRAM used/total, power and limit).
-    pub async fn fleet_now(&self, fresh_after: DateTime<Utc>) -> Result<FleetNow, StoreError> {
+    /// Only the instances of `projects`, when given.
+    pub async fn fleet_now(
+        &self,
+        fresh_after: DateTime<Utc>,
+        projects: Option<&[ProjectId]>,
+    ) -> Result<FleetNow, StoreError> {
+        let in_projects = project_condition("project_id", projects);
+        let i_in_projects = project_condition("i.project_id", projects);
         let terminal = InstanceStatus::TERMINAL
             .iter()
             .map(|s| format!("'{}'", s.as_str()))
@@ -466,7 +473,7 @@ impl Store {
         let counts = sqlx::query(&format!(
             "SELECT status, COUNT(*) AS instances, \
              SUM(CASE WHEN last_heartbeat_at >= $1 THEN 1 ELSE 0 END) AS reporting \
-             FROM instances WHERE status NOT IN ({terminal}) GROUP BY status"
+             FROM instances WHERE status NOT IN ({terminal}){in_projects} GROUP BY status"
         ))
         .bind(fresh)
         .fetch_all(&self.pool)
@@ -485,7 +492,7 @@ impl Store {
                      SUM(g.power_w) AS power, SUM(g.power_limit_w) AS power_limit \
                      FROM instances i JOIN {table} g \
                      ON g.instance_id = i.id AND g.seq = i.last_heartbeat_seq \
-                     WHERE i.status NOT IN ({terminal}) AND i.last_heartbeat_at >= $1 \
+                     WHERE i.status NOT IN ({terminal}) AND i.last_heartbeat_at >= $1{i_in_projects} \
                      GROUP BY i.status"
                 ))
                 .bind(fresh)
@@ -583,6 +590,7 @@ impl Store {
         to: DateTime<Utc>,
         step: Step,
         tier: Tier,
+        projects: Option<&[ProjectId]>,
     ) -> Result<FleetSeries, StoreError> {
         let step = effective_step(step, tier);
         let mut series = FleetSeries {
@@ -597,7 +605,16 @@ impl Store {
         };
         let (_, _, source) = tier_tables(tier);
         let tc = source.time_col();
-        let cond = format!("{tc} >= $1 AND {tc} < $2");
+        let cond = format!(
+            "{tc} >= $1 AND {tc} < $2{}",
+            match projects {
+                None => String::new(),
+                Some(_) => format!(
+                    " AND instance_id IN (SELECT id FROM instances WHERE 1 = 1{})",
+                    project_condition("project_id", projects)
+                ),
+            }
+        );
         let sql = format!(
             "SELECT b, COUNT(DISTINCT instance_id) AS instances, COUNT(*) AS gpus, \
              AVG(util_avg) AS util, SUM(mem_used_avg) AS vram_used, \
@@ -627,6 +644,29 @@ impl Store {
             });
         }
         Ok(series)
+    }
+}
+
+/// ` AND {column} IN ('a', 'b')` for `Some(projects)` (nothing matches an
+/// empty list), nothing for `None`. Project ids are slugs
+/// (`[a-z0-9][a-z0-9-]*`, checked when parsed), so they are written inline.
+fn project_condition(column: &str, projects: Option<&[ProjectId]>) -> String {
+    match projects {
+        None => String::new(),
+        Some([]) => " AND 1 = 0".to_string(),
+        Some(list) => {
+            let ids: Vec<String> = list
+                .iter()
+                .map(|p| {
+                    debug_assert!(p
+                        .as_str()
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+                    format!("'{}'", p.as_str())
+                })
+                .collect();
+            format!(" AND {column} IN ({})", ids.join(", "))
+        }
     }
 }
 

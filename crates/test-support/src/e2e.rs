@@ -325,6 +325,18 @@ agent_restart_delay_ms = 1500
         serde_json::from_str(&text).with_context(|| format!("{what}: cannot parse {text}"))
     }
 
+    /// `GET path` with the admin token: the JSON answer; panics unless 2xx.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let resp = self
+            .req(Method::GET, path)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        Self::json(resp, &format!("GET {path}"))
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// `POST /api/v1/instances` of `count` Mock instances; panics unless 202.
     pub async fn create(&self, count: u32) -> Vec<InstanceView> {
         self.create_on("mock", TYPE, count).await
@@ -339,6 +351,7 @@ agent_restart_delay_ms = 1500
         count: u32,
     ) -> Vec<InstanceView> {
         let body = CreateInstancesBody {
+            project: None,
             provider: provider.into(),
             zone: None,
             instance_type: instance_type.into(),

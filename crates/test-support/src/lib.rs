@@ -15,6 +15,9 @@
 //!   [`cluster`]: several replicas on one fresh PostgreSQL database sharing
 //!   a `gpufleet mock-provider`, behind a TCP load balancer, with a proxy
 //!   that stalls one replica's database connections (a partition).
+//! - [`oidc`] (feature `oidc`, and `e2e`): a small OpenID Connect issuer
+//!   (discovery, JWKS, a sign-in form, PKCE-checking token endpoint) with
+//!   knobs for negative tests.
 //!
 //! A dev-dependency only; never part of a shipped binary.
 
@@ -23,6 +26,8 @@ pub mod cluster;
 pub mod db;
 #[cfg(feature = "e2e")]
 pub mod e2e;
+#[cfg(feature = "oidc")]
+pub mod oidc;
 pub mod promtool;
 pub mod provider;
 pub mod wait;

@@ -15,6 +15,8 @@ fn key(name: &str, hash: &str, models: Option<Vec<&str>>, at_ms: i64) -> NewApiK
         key_hash: hash.to_string(),
         models: models.map(|m| m.into_iter().map(String::from).collect()),
         created_at: t(at_ms),
+        project_id: gpufleet_domain::ProjectId::default_project(),
+        limits: Default::default(),
     }
 }
 
@@ -117,4 +119,34 @@ pub async fn usage_counters_add_up(ctx: Ctx) {
         .unwrap();
     assert_eq!(i.counts.requests, 2);
     assert_eq!(i.updated_at, t(0));
+}
+
+/// sqlx 0.8's Any driver sends a NULL `f64` to PostgreSQL as a `float4`:
+/// a statement first run with NULL then refused a value on the same
+/// connection ("incorrect binary data format"). Budgets go from NULL to a
+/// value several times, on insert and on update.
+pub async fn budgets_go_from_null_to_a_value(ctx: Ctx) {
+    let s = &ctx.store;
+    let steps = [None, None, None, Some(12.5), Some(12.5), Some(12.5)];
+    for (i, budget) in steps.into_iter().enumerate() {
+        let mut k = key("b", &format!("hash-budget-{i}"), None, i as i64);
+        k.limits.monthly_budget = budget;
+        let rec = s.insert_api_key(&k).await.unwrap();
+        assert_eq!(rec.limits.monthly_budget, budget);
+        let got = s.api_key_by_hash(&k.key_hash).await.unwrap().unwrap();
+        assert_eq!(got.limits.monthly_budget, budget);
+    }
+    let id = s
+        .insert_api_key(&key("u", "hash-budget-u", None, 0))
+        .await
+        .unwrap()
+        .id;
+    for budget in steps {
+        let limits = gpufleet_domain::KeyLimits {
+            monthly_budget: budget,
+            ..Default::default()
+        };
+        let rec = s.set_api_key_limits(id, limits).await.unwrap().unwrap();
+        assert_eq!(rec.limits.monthly_budget, budget);
+    }
 }

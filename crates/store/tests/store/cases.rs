@@ -14,7 +14,7 @@ fn t(offset_ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(1_750_000_000_000 + offset_ms).unwrap()
 }
 
-fn new_instance(created_ms: i64) -> NewInstance {
+pub(crate) fn new_instance(created_ms: i64) -> NewInstance {
     let id = InstanceId::new();
     NewInstance {
         id,
@@ -28,6 +28,8 @@ fn new_instance(created_ms: i64) -> NewInstance {
         created_at: t(created_ms),
         deployment_id: None,
         engine_args: None,
+        project_id: gpufleet_domain::ProjectId::default_project(),
+        price_per_hour: None,
     }
 }
 
@@ -176,6 +178,23 @@ pub async fn insert_and_get(ctx: Ctx) {
     );
     assert_eq!(events[0].event.kind, TimelineKind::Transition);
     assert!(s.insert_instances(&[]).await.unwrap().is_empty());
+}
+
+pub async fn an_instance_moves_to_another_project(ctx: Ctx) {
+    let s = &ctx.store;
+    let rec = insert_one(s, 0).await;
+    let research: gpufleet_domain::ProjectId = "research".parse().unwrap();
+    s.insert_project(&research, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(s.set_instance_project(rec.id, &research).await.unwrap());
+    let moved = s.get_instance(rec.id).await.unwrap().unwrap();
+    assert_eq!(moved.project_id, research);
+    assert_eq!(moved.generation, rec.generation, "not a lifecycle write");
+    assert!(!s
+        .set_instance_project(InstanceId::new(), &research)
+        .await
+        .unwrap());
 }
 
 pub async fn insert_rejects_duplicate_id_atomically(ctx: Ctx) {
@@ -767,6 +786,31 @@ pub async fn samples_with_gpus_round_trip(ctx: Ctx) {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// sqlx 0.8's Any driver sends a NULL `f64` to PostgreSQL as a `float4`:
+/// a statement first run with NULL then refused a value on the same
+/// connection ("incorrect binary data format"). Prices and GPU figures go
+/// from unknown to known several times.
+pub async fn optional_floats_go_from_null_to_a_value(ctx: Ctx) {
+    let s = &ctx.store;
+    let steps = [None, None, None, Some(2.5), Some(2.5), Some(2.5)];
+    for price in steps {
+        let mut n = new_instance(0);
+        n.price_per_hour = price;
+        let rec = s.insert_instances(&[n]).await.unwrap().remove(0);
+        assert_eq!(rec.price_per_hour, price);
+    }
+    let a = insert_one(s, 0).await;
+    for (i, v) in steps.into_iter().enumerate() {
+        let mut hb = heartbeat(a.id, i as u64 + 1, 1);
+        let g = &mut hb.gpus[0];
+        (g.util_pct, g.temp_c, g.power_w, g.power_limit_w) = (v, v, v, v);
+        s.record_heartbeat(&hb, t(1_000 * i as i64)).await.unwrap();
+    }
+    let got = s.recent_samples(a.id, 10).await.unwrap();
+    let temps: Vec<_> = got.iter().rev().map(|r| r.gpus[0].temp_c).collect();
+    assert_eq!(temps, steps.to_vec());
 }
 
 pub async fn count_by_status_counts_everything(ctx: Ctx) {
@@ -1458,7 +1502,7 @@ pub async fn fleet_now_and_series(ctx: Ctx) {
     hbs.push((heartbeat(d.id, 1, 8), at(62_000)));
     s.record_heartbeats(&hbs).await.unwrap();
 
-    let now = s.fleet_now(at(30_000)).await.unwrap();
+    let now = s.fleet_now(at(30_000), None).await.unwrap();
     assert_eq!(now.instances, 4);
     assert_eq!(now.reporting_instances, 2);
     assert_eq!(now.gpus, 3);
@@ -1479,14 +1523,14 @@ pub async fn fleet_now_and_series(ctx: Ctx) {
     assert_eq!(st(InstanceStatus::Provisioning).instances, 1);
     assert_eq!(st(InstanceStatus::Provisioning).mean_gpu_util_pct, None);
     // Nobody fresh.
-    let quiet = s.fleet_now(at(1_000_000)).await.unwrap();
+    let quiet = s.fleet_now(at(1_000_000), None).await.unwrap();
     assert_eq!((quiet.gpus, quiet.reporting_instances), (0, 0));
     assert_eq!(quiet.mean_gpu_util_pct, None);
 
     // Over time, at 1 m from raw: bucket 0 has a (2 GPUs of figure_hb(50):
     // 100 %, 101 %) and c (4 GPUs at 40..43 %); bucket 1 has a, b and d.
     let series = s
-        .fleet_series(at(0), at(120_000), Step::MINUTE, Tier::Raw)
+        .fleet_series(at(0), at(120_000), Step::MINUTE, Tier::Raw, None)
         .await
         .unwrap();
     assert_eq!(series.points.len(), 2);
@@ -1507,7 +1551,7 @@ pub async fn fleet_now_and_series(ctx: Ctx) {
     // The same from minute rollups.
     rollup_all(s, Tier::Minute, at(120_000)).await;
     let rolled = s
-        .fleet_series(at(0), at(120_000), Step::MINUTE, Tier::Minute)
+        .fleet_series(at(0), at(120_000), Step::MINUTE, Tier::Minute, None)
         .await
         .unwrap();
     assert_eq!(rolled.points.len(), 2);
@@ -1519,6 +1563,41 @@ pub async fn fleet_now_and_series(ctx: Ctx) {
         assert_close!(x.mean_gpu_util_pct, y.mean_gpu_util_pct);
         assert_close!(x.vram_used_mib, y.vram_used_mib);
         assert_close!(x.power_w, y.power_w);
+    }
+
+    // Scoped to projects: b alone moves to "research".
+    let research: gpufleet_domain::ProjectId = "research".parse().unwrap();
+    s.insert_project(&research, at(0)).await.unwrap();
+    assert!(s.set_instance_project(b.id, &research).await.unwrap());
+    let only = [research];
+    let scoped = s.fleet_now(at(30_000), Some(&only)).await.unwrap();
+    assert_eq!(
+        (scoped.instances, scoped.reporting_instances, scoped.gpus),
+        (1, 1, 1)
+    );
+    assert_close!(scoped.mean_gpu_util_pct.unwrap(), 50.0);
+    let default = [gpufleet_domain::ProjectId::default_project()];
+    let rest = s.fleet_now(at(30_000), Some(&default)).await.unwrap();
+    assert_eq!((rest.instances, rest.gpus), (3, 2));
+    let nothing = s.fleet_now(at(30_000), Some(&[])).await.unwrap();
+    assert_eq!((nothing.instances, nothing.gpus), (0, 0));
+    assert!(nothing.by_status.iter().all(|f| f.instances == 0));
+    for tier in [Tier::Raw, Tier::Minute] {
+        let scoped = s
+            .fleet_series(at(0), at(120_000), Step::MINUTE, tier, Some(&only))
+            .await
+            .unwrap();
+        let points: Vec<_> = scoped
+            .points
+            .iter()
+            .map(|p| (p.bucket, p.instances, p.gpus))
+            .collect();
+        assert_eq!(points, vec![(at(60_000), 1, 1)], "{tier:?}");
+        let nothing = s
+            .fleet_series(at(0), at(120_000), Step::MINUTE, tier, Some(&[]))
+            .await
+            .unwrap();
+        assert!(nothing.points.is_empty(), "{tier:?}");
     }
 }
 
@@ -1579,7 +1658,7 @@ pub async fn out_of_range_values_round_trip(ctx: Ctx) {
         .unwrap();
     assert_eq!(rolled.points[0].cpu_pct_max, 250.0);
     assert_close!(rolled.gpus[0].points[0].mem_used_mib_avg, i64::MAX as f64);
-    let now = s.fleet_now(at(0)).await.unwrap();
+    let now = s.fleet_now(at(0), None).await.unwrap();
     assert_eq!(now.gpus, 1);
 }
 
@@ -1610,9 +1689,9 @@ async fn raw_views(
             .unwrap(),
         );
     }
-    let now = s.fleet_now(at(0)).await.unwrap();
+    let now = s.fleet_now(at(0), None).await.unwrap();
     let fleet = s
-        .fleet_series(at(0), at(300_000), Step::MINUTE, Tier::Raw)
+        .fleet_series(at(0), at(300_000), Step::MINUTE, Tier::Raw, None)
         .await
         .unwrap();
     (recent, series, now, fleet)
@@ -1966,7 +2045,7 @@ pub async fn unknown_gpu_figures_stay_unknown_through_rollups(ctx: Ctx) {
     last.gpus[1].util_pct = None;
     last.gpus[1].power_w = None;
     s.record_heartbeats(&[(last, at(7_300_000))]).await.unwrap();
-    let now = s.fleet_now(at(7_200_000)).await.unwrap();
+    let now = s.fleet_now(at(7_200_000), None).await.unwrap();
     assert_eq!(now.gpus, 2);
     assert_close!(now.mean_gpu_util_pct, Some(80.0));
     assert_close!(now.power_w, 60.25);

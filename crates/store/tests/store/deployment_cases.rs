@@ -32,6 +32,7 @@ fn new_deployment(name: &str, at: i64) -> NewDeployment {
         spec: spec(),
         desired_replicas: 1,
         created_at: t(at),
+        project_id: gpufleet_domain::ProjectId::default_project(),
     }
 }
 
@@ -207,6 +208,8 @@ pub async fn instances_carry_their_deployment(ctx: Ctx) {
             created_at: t(at),
             deployment_id: dep,
             engine_args: dep.map(|_| vec!["--max-model-len".to_string(), "4096".to_string()]),
+            project_id: gpufleet_domain::ProjectId::default_project(),
+            price_per_hour: None,
         }
     };
     let recs = s

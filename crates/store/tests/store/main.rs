@@ -10,6 +10,7 @@ mod cases;
 mod deployment_cases;
 mod harness;
 mod replica_cases;
+mod team_cases;
 
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
@@ -36,6 +37,7 @@ store_tests!(
     migrations_are_idempotent,
     cluster_id_is_stable,
     insert_and_get,
+    an_instance_moves_to_another_project,
     insert_rejects_duplicate_id_atomically,
     list_filters_and_orders,
     list_archived_handling,
@@ -52,6 +54,7 @@ store_tests!(
     heartbeat_does_not_bump_generation_and_update_keeps_heartbeat_columns,
     heartbeat_for_unknown_instance_is_not_found,
     samples_with_gpus_round_trip,
+    optional_floats_go_from_null_to_a_value,
     count_by_status_counts_everything,
     corrupt_status_is_an_error,
     corrupt_event_is_an_error,
@@ -90,7 +93,11 @@ macro_rules! api_key_store_tests {
     };
 }
 
-api_key_store_tests!(api_keys_insert_lookup_list_revoke, usage_counters_add_up);
+api_key_store_tests!(
+    api_keys_insert_lookup_list_revoke,
+    usage_counters_add_up,
+    budgets_go_from_null_to_a_value,
+);
 
 macro_rules! replica_store_tests {
     ($($name:ident),* $(,)?) => {
@@ -118,6 +125,7 @@ replica_store_tests!(
     an_expired_lease_is_taken_over,
     fenced_writes_need_the_current_lease,
     committed_changes_are_announced,
+    rate_shares_add_up_across_replicas,
 );
 
 macro_rules! deployment_store_tests {
@@ -147,4 +155,36 @@ deployment_store_tests!(
     deployment_timeline_appends_and_pages,
     instances_carry_their_deployment,
     model_demand_moves_forward_only_and_survives_updates,
+);
+
+/// `names` of module `cases` as tests on SQLite (module `$sqlite`) and on
+/// PostgreSQL (module `$postgres`).
+macro_rules! on_both_backends {
+    ($sqlite:ident, $postgres:ident, $cases:ident: $($name:ident),* $(,)?) => {
+        mod $sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::harness::run_sqlite(crate::$cases::$name).await;
+                }
+            )*
+        }
+        mod $postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    crate::harness::run_postgres(crate::$cases::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    teams_sqlite,
+    teams_postgres,
+    team_cases: projects_users_and_roles,
+    sessions_expire_and_tokens_revoke,
+    audit_entries_filter_and_page,
+    hourly_usage_adds_up_and_charges_keys,
 );

@@ -27,6 +27,8 @@ async fn insert_one(s: &Store) -> InstanceRecord {
         created_at: Utc::now(),
         deployment_id: None,
         engine_args: None,
+        project_id: gpufleet_domain::ProjectId::default_project(),
+        price_per_hour: None,
     };
     s.insert_instances(&[n]).await.unwrap().remove(0)
 }
@@ -158,6 +160,8 @@ pub async fn committed_changes_are_announced(ctx: Ctx) {
             key_hash: "digest-1".into(),
             models: None,
             created_at: t(0),
+            project_id: gpufleet_domain::ProjectId::default_project(),
+            limits: Default::default(),
         })
         .await
         .unwrap();
@@ -189,4 +193,38 @@ async fn next_change(l: &mut gpufleet_store::ChangeListener) -> DbChange {
     tokio::time::timeout(Duration::from_secs(10), l.recv())
         .await
         .expect("a notification within 10 s")
+}
+
+pub async fn rate_shares_add_up_across_replicas(ctx: Ctx) {
+    use gpufleet_store::RateShare;
+    let s = &ctx.store;
+    let (k1, k2) = (ApiKeyId::new(), ApiKeyId::new());
+    let share = |requests, tokens| RateShare { requests, tokens };
+    s.put_rate_shares("a", &[(k1, share(3, 300)), (k2, share(1, 0))])
+        .await
+        .unwrap();
+    s.put_rate_shares("b", &[(k1, share(2, 50))]).await.unwrap();
+    // Replica c sees both; each of a and b sees only the other.
+    let c = s.other_rate_shares("c").await.unwrap();
+    assert_eq!(c.get(&k1), Some(&share(5, 350)));
+    assert_eq!(c.get(&k2), Some(&share(1, 0)));
+    let a = s.other_rate_shares("a").await.unwrap();
+    assert_eq!(a.get(&k1), Some(&share(2, 50)));
+    assert_eq!(a.get(&k2), None);
+    // A new value replaces the old; a zero share removes the row.
+    s.put_rate_shares("a", &[(k1, share(4, 400)), (k2, share(0, 0))])
+        .await
+        .unwrap();
+    let b = s.other_rate_shares("b").await.unwrap();
+    assert_eq!(b.get(&k1), Some(&share(4, 400)));
+    assert_eq!(b.get(&k2), None, "{b:?}");
+    // Counts beyond i64 are refused, and nothing of that write lands.
+    let err = s
+        .put_rate_shares("a", &[(k2, share(7, 7)), (k1, share(u64::MAX, 0))])
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("requests"), "{err:?}");
+    let b = s.other_rate_shares("b").await.unwrap();
+    assert_eq!(b.get(&k1), Some(&share(4, 400)));
+    assert_eq!(b.get(&k2), None);
 }

@@ -107,6 +107,11 @@ impl ControlConfig {
                 ));
             }
         }
+        for (i, m) in self.models.iter().enumerate() {
+            m.validate().map_err(|(field, message)| {
+                crate::ControlError::invalid(field, format!("models[{i}]: {message}"))
+            })?;
+        }
         Ok(())
     }
 }
@@ -258,14 +263,48 @@ pub struct ModelSpec {
     /// VRAM the weights need, in MiB (0: unknown).
     #[serde(default)]
     pub min_vram_mib: u64,
+    /// What an API key is charged per million prompt tokens, in the
+    /// currency of the instance prices (none: the model's measured cost
+    /// per million tokens, else 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_price_per_million: Option<f64>,
+    /// Same, per million completion tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_price_per_million: Option<f64>,
 }
 
 impl ModelSpec {
+    /// Prices must be finite numbers of at least 0: the field and why not.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (field, v) in [
+            ("prompt_price_per_million", self.prompt_price_per_million),
+            (
+                "completion_price_per_million",
+                self.completion_price_per_million,
+            ),
+        ] {
+            if let Some(p) = v {
+                if !p.is_finite() || p < 0.0 {
+                    return Err((
+                        field,
+                        format!(
+                            "{field} of {} must be a number of at least 0, got {p}",
+                            self.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn defaults() -> Vec<ModelSpec> {
         let m = |name: &str, description: &str, min_vram_mib| ModelSpec {
             name: name.parse().expect("built-in model names are valid"),
             description: description.to_string(),
             min_vram_mib,
+            prompt_price_per_million: None,
+            completion_price_per_million: None,
         };
         vec![
             m(
@@ -291,6 +330,27 @@ impl ModelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_prices_are_numbers_of_at_least_zero() {
+        let mut c = ControlConfig::default();
+        c.models[0].prompt_price_per_million = Some(0.5);
+        c.models[0].completion_price_per_million = Some(0.0);
+        assert!(c.validate().is_ok());
+        c.models[1].completion_price_per_million = Some(-1.0);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("completion_price_per_million"), "{e}");
+        c.models[1].completion_price_per_million = Some(f64::NAN);
+        assert!(c.validate().is_err());
+        let m: ModelSpec = serde_json::from_value(serde_json::json!({
+            "name": "org/m", "prompt_price_per_million": 0.2, "completion_price_per_million": 0.6
+        }))
+        .unwrap();
+        assert_eq!(
+            (m.prompt_price_per_million, m.completion_price_per_million),
+            (Some(0.2), Some(0.6))
+        );
+    }
 
     #[test]
     fn the_canary_timeout_must_fit_in_its_interval() {

@@ -14,7 +14,7 @@ use chrono::Utc;
 use gpufleet_domain::deployment::validate_deployment_name;
 use gpufleet_domain::{
     Autoscaling, DeploymentAction, DeploymentId, DeploymentSpec, DeploymentState, HumanDuration,
-    ModelName, Placement, ReplicaBounds, SpecError,
+    ModelName, Placement, ProjectId, ReplicaBounds, SpecError,
 };
 use gpufleet_store::{
     DeploymentEvent, DeploymentRecord, InstanceRecord, NewDeployment, NewDeploymentEvent, Outcome,
@@ -25,6 +25,8 @@ use std::sync::Arc;
 /// A create request, parsed at the edge.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CreateDeployment {
+    /// The project that owns it.
+    pub project: ProjectId,
     pub name: String,
     pub model: ModelName,
     pub spec: DeploymentSpec,
@@ -205,6 +207,7 @@ impl Deployments {
             desired_replicas: req.spec.replicas.min.max(1).min(req.spec.replicas.max),
             spec: req.spec,
             created_at: Utc::now(),
+            project_id: req.project.clone(),
         };
         let created = event(
             id,

@@ -14,7 +14,7 @@ use crate::timeline;
 use crate::traffic::{TrafficSlot, TrafficSource};
 use chrono::Utc;
 use gpufleet_domain::{
-    DeploymentId, InstanceId, InstanceStatus, LifecycleEvent, ModelName, ProviderName,
+    DeploymentId, InstanceId, InstanceStatus, LifecycleEvent, ModelName, ProjectId, ProviderName,
 };
 use gpufleet_store::{
     InstanceFilter, InstanceRecord, NewInstance, Outcome, SampleRecord, Store, TimelineEvent,
@@ -126,7 +126,17 @@ impl Fleet {
         &self,
         req: CreateInstances,
     ) -> Result<Vec<InstanceRecord>, ControlError> {
-        self.create_instances_for(req, None, None).await
+        self.create_instances_in(ProjectId::default_project(), req)
+            .await
+    }
+
+    /// [`Fleet::create_instances`] owned by `project`.
+    pub async fn create_instances_in(
+        &self,
+        project: ProjectId,
+        req: CreateInstances,
+    ) -> Result<Vec<InstanceRecord>, ControlError> {
+        self.create_instances_for(req, project, None, None).await
     }
 
     /// [`Fleet::create_instances`] for the replicas of a deployment: the
@@ -135,6 +145,7 @@ impl Fleet {
     pub async fn create_instances_for(
         &self,
         req: CreateInstances,
+        project: ProjectId,
         deployment_id: Option<DeploymentId>,
         engine_args: Option<Vec<String>>,
     ) -> Result<Vec<InstanceRecord>, ControlError> {
@@ -245,6 +256,8 @@ impl Fleet {
                     created_at: now,
                     deployment_id,
                     engine_args: engine_args.clone(),
+                    project_id: project.clone(),
+                    price_per_hour: Some(itype.price_per_hour),
                 }
             })
             .collect();
@@ -418,11 +431,41 @@ impl Fleet {
         Ok(moved > 0 || self.inner.store.model_has_deployment(model).await?)
     }
 
+    /// [`Self::note_demand`] for the deployments of `project` only (a
+    /// request's key reaches its own project's replicas alone).
+    pub async fn note_demand_in(
+        &self,
+        project: &ProjectId,
+        model: &str,
+    ) -> Result<bool, ControlError> {
+        let store = &self.inner.store;
+        let moved = store
+            .note_project_model_demand(project, model, Utc::now())
+            .await?;
+        if moved > 0 {
+            self.inner.waker.wake(TaskName::Deployments);
+        }
+        Ok(moved > 0 || store.project_model_has_deployment(project, model).await?)
+    }
+
     /// The router holds requests for `model` (`Hold`) or releases them
     /// (`Release`): on the timeline of its active deployments and in
     /// `gpufleet_deployment_decisions_total`.
     pub async fn note_hold(
         &self,
+        model: &str,
+        action: gpufleet_domain::DeploymentAction,
+        message: String,
+        metadata: serde_json::Value,
+    ) -> Result<(), ControlError> {
+        self.note_hold_in(None, model, action, message, metadata)
+            .await
+    }
+
+    /// [`Self::note_hold`] on the deployments of `project` only (`None`: all).
+    pub async fn note_hold_in(
+        &self,
+        project: Option<&ProjectId>,
         model: &str,
         action: gpufleet_domain::DeploymentAction,
         message: String,
@@ -434,7 +477,9 @@ impl Fleet {
             .await?
             .into_iter()
             .filter(|d| {
-                d.model.as_str() == model && d.state == gpufleet_domain::DeploymentState::Active
+                d.model.as_str() == model
+                    && d.state == gpufleet_domain::DeploymentState::Active
+                    && project.is_none_or(|p| *p == d.project_id)
             })
             .map(|d| {
                 crate::deployments::event(

@@ -7,7 +7,7 @@ use crate::config::ControlConfig;
 use crate::ControlError;
 use chrono::{DateTime, Utc};
 use gpufleet_domain::metrics::{validate_window, MetricsError, Step, Tier};
-use gpufleet_domain::{InstanceId, InstanceStatus, ModelName, ProviderName};
+use gpufleet_domain::{InstanceId, InstanceStatus, ModelName, ProjectId, ProviderName};
 use gpufleet_store::{FleetNow, FleetSeries, InstanceFilter, MetricSeries, Store};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -106,8 +106,13 @@ impl History {
 
     /// The fleet now (instances by status; GPUs of fresh heartbeats; price
     /// per hour of billable instances) and fleet totals over the last
-    /// `window_ms` (validated like any metrics window).
-    pub async fn fleet_metrics(&self, window_ms: i64) -> Result<FleetMetrics, ControlError> {
+    /// `window_ms` (validated like any metrics window); of the instances of
+    /// `projects` only, when given.
+    pub async fn fleet_metrics(
+        &self,
+        window_ms: i64,
+        projects: Option<Vec<ProjectId>>,
+    ) -> Result<FleetMetrics, ControlError> {
         let now = Utc::now();
         let step = Step::for_window(window_ms);
         let to_ms = ms(now);
@@ -129,13 +134,16 @@ impl History {
             .saturating_mul(u64::from(cfg.missed_heartbeats_unhealthy.max(1)));
         let fresh_after = now - chrono::Duration::milliseconds(fresh_ms as i64);
         let store = self.store();
-        let fleet_now = store.fleet_now(fresh_after).await?;
+        let fleet_now = store.fleet_now(fresh_after, projects.as_deref()).await?;
         let tier = Tier::for_query(step, from_ms, to_ms, &cfg.retention);
-        let series = store.fleet_series(from, now, step, tier).await?;
+        let series = store
+            .fleet_series(from, now, step, tier, projects.as_deref())
+            .await?;
 
         let billable = store
             .list_instances(&InstanceFilter {
                 statuses: InstanceStatus::BILLABLE.to_vec(),
+                projects,
                 ..InstanceFilter::default()
             })
             .await?;

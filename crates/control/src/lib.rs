@@ -23,6 +23,7 @@
 //! - [`catalog`], [`history`], [`telemetry`]: reads (the providers' catalogs
 //!   and models; metric history; Prometheus metrics).
 
+pub mod accounts;
 pub mod agents;
 pub mod bus;
 pub mod catalog;
@@ -37,12 +38,14 @@ pub mod lifecycle;
 pub mod metered;
 pub mod reconcilers;
 pub mod secrets;
+pub mod spend;
 pub mod telemetry;
 pub mod timeline;
 pub mod traffic;
 pub mod validate;
 pub mod wiring;
 
+pub use accounts::Accounts;
 pub use agents::AgentService;
 pub use bus::{ChangeKind, InstanceChange, KeyChange};
 pub use catalog::Catalogs;
@@ -52,5 +55,6 @@ pub use driver::{TaskName, TaskReport, TaskStatus, Tasks, Waker};
 pub use error::ControlError;
 pub use fleet::{CreateInstances, Fleet};
 pub use history::History;
+pub use spend::Spend;
 pub use traffic::TrafficSource;
 pub use wiring::ControlPlane;

@@ -7,8 +7,8 @@
 use crate::bus::{Bus, ChangeKind, InstanceChange};
 use crate::error::ControlError;
 use crate::timeline::{self, EntryExt};
-use chrono::Utc;
-use gpufleet_domain::{transition, InstanceId, LifecycleEvent};
+use chrono::{DateTime, Utc};
+use gpufleet_domain::{transition, FailureReason, InstanceId, InstanceStatus, LifecycleEvent};
 use gpufleet_store::{InstanceRecord, NewInstance, NewTimelineEvent, Outcome, Store, StoreError};
 use tokio::sync::broadcast;
 
@@ -88,6 +88,7 @@ impl Lifecycle {
             _ => {}
         }
         mutate(&mut next);
+        stamp_billing(&mut next, now);
         let mut t = timeline::transition(rec.id, now, rec.status, to, message);
         if let LifecycleEvent::Fail(reason) = event {
             t = t.error_code(reason.as_str());
@@ -124,8 +125,11 @@ impl Lifecycle {
         events: &[NewTimelineEvent],
     ) -> Result<InstanceRecord, StoreError> {
         let fence = crate::driver::current_fence();
+        let mut next = next.clone();
+        let at = next.updated_at;
+        stamp_billing(&mut next, at);
         self.store
-            .update_instance_fenced(next, events, fence.as_ref())
+            .update_instance_fenced(&next, events, fence.as_ref())
             .await
     }
 
@@ -146,7 +150,9 @@ impl Lifecycle {
                 }
                 return Ok(rec);
             }
-            next.updated_at = Utc::now();
+            let at = Utc::now();
+            next.updated_at = at;
+            stamp_billing(&mut next, at);
             let fence = crate::driver::current_fence();
             match self
                 .store
@@ -164,6 +170,30 @@ impl Lifecycle {
         Err(ControlError::Conflict {
             message: format!("instance {id} is changing too fast; retry"),
         })
+    }
+}
+
+/// Set the billable interval from what the record now says, on every
+/// write: billing starts when the provider has made the machine (the record
+/// has its `provider_instance_id`) and ends when the provider said it is
+/// gone (`terminated`), when failed-instance cleanup finished
+/// (`cleaned_up_at`), or when the machine vanished at the provider (failed
+/// `provider_deleted`). Idempotent: a bound once set never moves.
+pub(crate) fn stamp_billing(next: &mut InstanceRecord, now: DateTime<Utc>) {
+    if next.billing_started_at.is_none() && next.provider_instance_id.is_some() {
+        next.billing_started_at = Some(now);
+    }
+    let Some(started) = next.billing_started_at else {
+        return;
+    };
+    let gone = matches!(
+        next.status,
+        InstanceStatus::Terminated | InstanceStatus::Archived
+    ) || next.cleaned_up_at.is_some()
+        || (next.status == InstanceStatus::Failed
+            && next.status_reason == Some(FailureReason::ProviderDeleted));
+    if gone && next.billing_ended_at.is_none() {
+        next.billing_ended_at = Some(now.max(started));
     }
 }
 

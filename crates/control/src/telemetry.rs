@@ -63,6 +63,25 @@ struct DeploymentLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceCostLabels {
+    instance_id: String,
+    project: String,
+    provider: String,
+    instance_type: String,
+    model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProjectLabels {
+    project: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderOpLabels {
     pub provider: String,
     pub op: &'static str,
@@ -435,7 +454,65 @@ impl Telemetry {
             "Replicas of each deployment: desired (what the keeper decided), ready, starting, unhealthy, draining",
             replicas,
         );
+        self.spend_metrics(store, &mut scrape, now).await?;
         encode_registry(out, &scrape).map_err(|_| encode_error())?;
+        Ok(())
+    }
+}
+
+impl Telemetry {
+    /// Spend gauges: the price per hour of each instance billable now, the
+    /// month-to-date cost per project and the cost per million tokens per
+    /// model over the trailing 24 h ([`crate::spend::Spend::gauges`]).
+    async fn spend_metrics(
+        &self,
+        store: &Store,
+        scrape: &mut Registry,
+        now: DateTime<Utc>,
+    ) -> Result<(), ControlError> {
+        let g = crate::spend::Spend::new(store.clone()).gauges(now).await?;
+        let per_hour = Family::<InstanceCostLabels, FloatGauge>::default();
+        for (r, price) in g.billable_now.iter().take(MAX_EXPORTED_INSTANCES as usize) {
+            per_hour
+                .get_or_create(&InstanceCostLabels {
+                    instance_id: r.id.to_string(),
+                    project: label(r.project_id.as_str()),
+                    provider: label(r.provider.as_str()),
+                    instance_type: label(&r.instance_type),
+                    model: label(r.model.as_str()),
+                })
+                .set(*price);
+        }
+        scrape.register(
+            "gpufleet_instance_cost_per_hour",
+            "Price per hour of each instance billable now (the price it was created at)",
+            per_hour,
+        );
+        let month = Family::<ProjectLabels, FloatGauge>::default();
+        for (project, cost) in &g.month_to_date {
+            month
+                .get_or_create(&ProjectLabels {
+                    project: label(project.as_str()),
+                })
+                .set(*cost);
+        }
+        scrape.register(
+            "gpufleet_spend_month_to_date",
+            "Cost of each project's instances since the start of the UTC month",
+            month,
+        );
+        let cpm = Family::<ModelLabels, FloatGauge>::default();
+        for (model, cost) in &g.model_cost_per_million_tokens {
+            cpm.get_or_create(&ModelLabels {
+                model: label(model.as_str()),
+            })
+            .set(*cost);
+        }
+        scrape.register(
+            "gpufleet_model_cost_per_million_tokens",
+            "GPU spend per million tokens served, per model, over the trailing 24 hours",
+            cpm,
+        );
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! Over a connected store and the configured providers it makes the
 //! telemetry, the providers wrapped in [`MeteredProvider`], the bus and the
 //! [`Lifecycle`] write path over it, the [`AgentService`], the [`Fleet`]
-//! commands, the read sides ([`Catalogs`], [`History`]) and the reconcilers,
+//! commands, the read sides ([`Catalogs`], [`History`], [`Spend`]) and the reconcilers,
 //! each given only what it uses. `gpufleet up` (and the test harnesses)
 //! build a [`ControlPlane`], [`ControlPlane::start`] its reconcilers and hand
 //! its parts to the HTTP edge and the router.
@@ -22,6 +22,7 @@ use crate::lifecycle::Lifecycle;
 use crate::metered::MeteredProvider;
 use crate::reconcilers::{self, Creating};
 use crate::secrets::BootstrapKey;
+use crate::spend::Spend;
 use crate::telemetry::Telemetry;
 use crate::traffic::TrafficSlot;
 use gpufleet_providers::ProviderRegistry;
@@ -33,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 /// The parts of a built control plane. Each is a cheap-to-clone handle.
 pub struct ControlPlane {
     pub store: Store,
+    /// Users, projects, roles, sessions, tokens, the audit log.
+    pub accounts: crate::accounts::Accounts,
     /// Commands on instances.
     pub fleet: Fleet,
     /// Commands on deployments.
@@ -43,6 +46,8 @@ pub struct ControlPlane {
     pub catalogs: Catalogs,
     /// Metric history and fleet figures.
     pub history: History,
+    /// Spend reports (cost per instance, project, model, ...).
+    pub spend: Spend,
     /// Prometheus metrics recorded as things happen.
     pub telemetry: Arc<Telemetry>,
     /// The reconcilers' driver: their statuses.
@@ -61,7 +66,8 @@ impl ControlPlane {
     ) -> Result<ControlPlane, ControlError> {
         config.validate()?;
         let cluster_id = store.cluster_id().await?;
-        let bootstrap = BootstrapKey::new(store.secret_key().await?);
+        let secret_key = store.secret_key().await?;
+        let bootstrap = BootstrapKey::new(secret_key.clone());
         let config = Arc::new(config);
         let tasks = Tasks::default().with_leases(crate::driver::Leases {
             store: store.clone(),
@@ -102,6 +108,7 @@ impl ControlPlane {
             telemetry.clone(),
         );
         let history = History::new(store.clone(), catalogs.clone(), config.clone());
+        let spend = Spend::new(store.clone()).with_catalogs(catalogs.clone());
 
         let creating = Creating::default();
         let period = Duration::from_millis(config.reconcile_interval_ms.max(10));
@@ -185,13 +192,20 @@ impl ControlPlane {
                 period,
             ),
         ];
+        let accounts = crate::accounts::Accounts::new(
+            store.clone(),
+            std::time::Duration::from_secs(12 * 3600),
+            &secret_key,
+        );
         Ok(ControlPlane {
+            accounts,
             store,
             fleet,
             deployments,
             agents,
             catalogs,
             history,
+            spend,
             telemetry,
             tasks,
             reconcilers,

@@ -518,7 +518,12 @@ impl Keeper {
                         };
                         match self
                             .fleet
-                            .create_instances_for(req, Some(d.id), spec.engine_args.clone())
+                            .create_instances_for(
+                                req,
+                                d.project_id.clone(),
+                                Some(d.id),
+                                spec.engine_args.clone(),
+                            )
                             .await
                         {
                             Ok(created) => {

@@ -81,6 +81,7 @@ pub(crate) async fn instances_in(
         statuses: statuses.to_vec(),
         include_archived: false,
         provider: None,
+        projects: None,
         // Every one: a cap here would starve the oldest instances whenever
         // more than the cap share these statuses (the list is newest first).
         limit: None,

@@ -53,6 +53,7 @@ fn spec(min: u32, max: u32) -> DeploymentSpec {
 
 fn create(name: &str, spec: DeploymentSpec) -> CreateDeployment {
     CreateDeployment {
+        project: gpufleet_domain::ProjectId::default_project(),
         name: name.into(),
         model: MODEL.parse().unwrap(),
         spec,
@@ -271,6 +272,22 @@ async fn timeline(h: &Harness, id: DeploymentId) -> Vec<(DeploymentAction, Strin
         .collect()
 }
 
+/// The timeline once `pred` holds for it. The keeper writes a pass's events
+/// after that pass's actions, so what the instances show may lead the
+/// timeline by one pass.
+async fn timeline_once(
+    h: &Harness,
+    id: DeploymentId,
+    what: &str,
+    pred: impl Fn(&[(DeploymentAction, String)]) -> bool,
+) -> Vec<(DeploymentAction, String)> {
+    eventually(10, what, || async {
+        let t = timeline(h, id).await;
+        pred(&t).then_some(t)
+    })
+    .await
+}
+
 fn live(list: &[gpufleet_store::InstanceRecord]) -> usize {
     list.iter()
         .filter(|r| {
@@ -433,12 +450,11 @@ async fn a_failed_replica_is_replaced_first_and_never_beyond_max() {
     }
     watcher.abort();
     assert!(*over.lock().unwrap() <= 3, "never beyond max (3)");
-    let t = timeline(&h, d.id).await;
-    assert!(
+    timeline_once(&h, d.id, "the victim's replacement", |t| {
         t.iter()
-            .any(|(a, m)| *a == DeploymentAction::Replace && m.contains(&victim.to_string())),
-        "{t:?}"
-    );
+            .any(|(a, m)| *a == DeploymentAction::Replace && m.contains(&victim.to_string()))
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -521,17 +537,16 @@ async fn scales_up_on_load_at_once_and_down_only_after_the_delay() {
         (live(&list) == 1).then_some(())
     })
     .await;
-    let t = timeline(&h, d.id).await;
-    assert!(
-        t.iter()
-            .any(|(a, m)| *a == DeploymentAction::DesiredChanged && m.contains("1 → 3")),
-        "{t:?}"
-    );
-    assert!(
+    let t = timeline_once(&h, d.id, "two scale-downs", |t| {
         t.iter()
             .filter(|(a, _)| *a == DeploymentAction::ScaleDown)
             .count()
-            >= 2,
+            >= 2
+    })
+    .await;
+    assert!(
+        t.iter()
+            .any(|(a, m)| *a == DeploymentAction::DesiredChanged && m.contains("1 → 3")),
         "{t:?}"
     );
     assert_eq!(all.len(), 3);
@@ -663,17 +678,16 @@ async fn a_rolling_update_brings_up_the_new_before_draining_the_old() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let t = timeline(&h, d.id).await;
-    assert!(
-        t.iter()
-            .any(|(a, m)| *a == DeploymentAction::Updated && m.contains("rolling update")),
-        "{t:?}"
-    );
-    assert!(
+    let t = timeline_once(&h, d.id, "both old replicas drained", |t| {
         t.iter()
             .filter(|(a, m)| *a == DeploymentAction::Replace && m.contains("rolling update"))
             .count()
-            >= 2,
+            >= 2
+    })
+    .await;
+    assert!(
+        t.iter()
+            .any(|(a, m)| *a == DeploymentAction::Updated && m.contains("rolling update")),
         "{t:?}"
     );
 }

@@ -47,6 +47,7 @@ pub struct Harness {
     pub deployments: Deployments,
     pub agents: AgentService,
     pub history: History,
+    pub spend: gpufleet_control::Spend,
     pub tasks: Tasks,
     pub stop: CancellationToken,
     /// Dropped after `drop` stops the reconcilers.
@@ -72,6 +73,7 @@ pub async fn start(provider: Arc<dyn Provider>, config: ControlConfig) -> Harnes
         deployments: control.deployments,
         agents: control.agents,
         history: control.history,
+        spend: control.spend,
         tasks: control.tasks,
         stop,
         db,

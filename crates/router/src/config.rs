@@ -58,6 +58,11 @@ pub struct RouterConfig {
     pub api_key_cache_ttl_ms: u64,
     /// How often usage counts are added to the database, in milliseconds.
     pub usage_flush_interval_ms: u64,
+    /// With several replicas (PostgreSQL): how often this router writes
+    /// its limited keys' counts of the trailing minute and reads the other
+    /// replicas', in milliseconds. Requests and tokens per minute hold
+    /// across replicas to within what they admit in this interval.
+    pub rate_share_interval_ms: u64,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
     /// Time constant of the moving averages of time to first token and
@@ -116,6 +121,7 @@ impl Default for RouterConfig {
             breaker_cooldown_ms: 5_000,
             api_key_cache_ttl_ms: 5_000,
             usage_flush_interval_ms: 5_000,
+            rate_share_interval_ms: 1_000,
             max_body_bytes: 4 * 1024 * 1024,
             ewma_decay_ms: 10_000,
             stall_detection: true,
@@ -184,6 +190,9 @@ impl RouterConfig {
     }
     pub fn usage_flush_interval(&self) -> Duration {
         Duration::from_millis(self.usage_flush_interval_ms.max(10))
+    }
+    pub fn rate_share_interval(&self) -> Duration {
+        Duration::from_millis(self.rate_share_interval_ms.max(10))
     }
 }
 

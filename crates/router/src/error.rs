@@ -15,7 +15,7 @@ pub enum RouterError {
     InvalidKey,
     #[error("this API key may not use the model `{model}`")]
     ModelNotAllowed { model: String },
-    #[error("the model `{model}` does not exist")]
+    #[error("the model `{model}` does not exist or you do not have access to it")]
     UnknownModel { model: String },
     #[error("the model `{model}` has no ready instance ({starting} starting)")]
     NoReadyInstance { model: String, starting: usize },
@@ -39,10 +39,30 @@ pub enum RouterError {
     Timeout { model: String },
     #[error("an instance of `{model}` broke the connection")]
     UpstreamBroken { model: String },
+    /// Refused by the key's rpm, tpm or budget.
+    #[error("{}", limited_message(key, refusal))]
+    Limited {
+        key: String,
+        refusal: crate::limits::Refusal,
+    },
     #[error("storage failure")]
     Store(#[from] StoreError),
     #[error("the control plane failed")]
     Control(#[from] gpufleet_control::ControlError),
+}
+
+fn limited_message(key: &str, refusal: &crate::limits::Refusal) -> String {
+    match refusal {
+        crate::limits::Refusal::Budget { .. } => format!("API key `{key}` {refusal}"),
+        _ => format!("{} (API key `{key}`)", capitalised(&refusal.to_string())),
+    }
+}
+
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
 }
 
 impl RouterError {
@@ -117,6 +137,28 @@ impl RouterError {
                 Some("upstream_timeout"),
                 None,
             ),
+            Limited { refusal, .. } => match refusal {
+                crate::limits::Refusal::Budget { .. } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "insufficient_quota",
+                    Some("insufficient_quota"),
+                    None,
+                ),
+                crate::limits::Refusal::Requests { .. } => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "requests",
+                    Some("rate_limit_exceeded"),
+                    None,
+                ),
+                crate::limits::Refusal::Tokens { .. } | crate::limits::Refusal::TooLarge { .. } => {
+                    (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "tokens",
+                        Some("rate_limit_exceeded"),
+                        None,
+                    )
+                }
+            },
             Store(_) | Control(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
@@ -172,6 +214,15 @@ impl IntoResponse for RouterError {
                 HeaderValue::from_str(&retry_after_secs.to_string())
                     .unwrap_or(HeaderValue::from_static("10")),
             );
+        }
+        if let RouterError::Limited { refusal, .. } = &self {
+            if let Some(h) = refusal.headers() {
+                crate::proxy::insert_rate_headers(resp.headers_mut(), h);
+            }
+            if let Some(secs) = refusal.retry_after_secs() {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
         }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()

@@ -3,12 +3,14 @@
 //! the deployment's demand moves forward (which wakes it from zero), and
 //! the request waits, in a bounded queue for a bounded time, until the
 //! model's pool has a ready instance. Past either bound it gets a 503 in
-//! OpenAI's error shape with `Retry-After`.
+//! OpenAI's error shape with `Retry-After`. All of it per project: a
+//! request waits for its key's project's replicas, and wakes that
+//! project's deployments only.
 
 use crate::error::RouterError;
 use crate::pool::ModelPool;
 use crate::Inner;
-use gpufleet_domain::DeploymentAction;
+use gpufleet_domain::{DeploymentAction, ProjectId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +25,7 @@ const RETRY_AFTER_SECS: u64 = 10;
 
 #[derive(Default)]
 pub(crate) struct Holding {
-    /// Requests held per model.
+    /// Requests held per `project/model`.
     held: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     /// Models whose holding episode is written on their deployments'
     /// timelines (a `hold` written, its `release` not yet).
@@ -82,10 +84,15 @@ impl Holding {
     }
 }
 
-/// Note the demand for `model`: whether a deployment serves it.
-async fn demand(inner: &Inner, model: &str) -> Result<bool, RouterError> {
-    let yes = inner.fleet.note_demand(model).await?;
-    inner.holding.learn(model, yes);
+/// Note the demand for `model` in `project`: whether a deployment serves it.
+async fn demand(
+    inner: &Inner,
+    project: &ProjectId,
+    model: &str,
+    slot: &str,
+) -> Result<bool, RouterError> {
+    let yes = inner.fleet.note_demand_in(project, model).await?;
+    inner.holding.learn(slot, yes);
     Ok(yes)
 }
 
@@ -93,45 +100,54 @@ async fn demand(inner: &Inner, model: &str) -> Result<bool, RouterError> {
 /// background.
 fn timeline(
     inner: &Inner,
+    project: &ProjectId,
     model: &str,
     action: DeploymentAction,
     message: String,
     meta: serde_json::Value,
 ) {
-    let (fleet, model) = (inner.fleet.clone(), model.to_string());
+    let (fleet, model, project) = (inner.fleet.clone(), model.to_string(), project.clone());
     tokio::spawn(async move {
-        if let Err(e) = fleet.note_hold(&model, action, message, meta).await {
+        if let Err(e) = fleet
+            .note_hold_in(Some(&project), &model, action, message, meta)
+            .await
+        {
             tracing::warn!(%model, error = %e, "could not write a hold or release on the deployment's timeline");
         }
     });
 }
 
-/// Wait for a ready instance of `model`, which has none now. `Ok(None)`:
-/// no deployment serves it (the caller answers as before).
+/// Wait for a ready instance of `model` in `project`, which has none now.
+/// `Ok(None)`: no deployment of the project serves it (the caller answers
+/// as before).
 pub(crate) async fn hold(
     inner: &Inner,
+    project: &ProjectId,
     model: &str,
 ) -> Result<Option<Arc<ModelPool>>, RouterError> {
-    if inner.holding.cached(model) == Some(false) {
+    let slot_key = format!("{project}/{model}");
+    let slot_key = slot_key.as_str();
+    if inner.holding.cached(slot_key) == Some(false) {
         return Ok(None);
     }
     let scaling = || RouterError::ScalingUp {
         model: model.to_string(),
         retry_after_secs: RETRY_AFTER_SECS,
     };
-    let Some(_slot) = inner.holding.take(model, inner.config.hold_queue) else {
+    let Some(_slot) = inner.holding.take(slot_key, inner.config.hold_queue) else {
         return Err(scaling());
     };
-    if !demand(inner, model).await? {
+    if !demand(inner, project, model, slot_key).await? {
         return Ok(None);
     }
     let started = Instant::now();
     let deadline = started + inner.config.hold_timeout();
     let mut noted = started;
     tracing::info!(%model, "no ready replica: holding the request while one starts");
-    if inner.holding.flip(model, true) {
+    if inner.holding.flip(slot_key, true) {
         timeline(
             inner,
+            project,
             model,
             DeploymentAction::Hold,
             format!(
@@ -146,12 +162,13 @@ pub(crate) async fn hold(
         let changed = inner.pools.changed.notified();
         tokio::pin!(changed);
         changed.as_mut().enable();
-        if let Some(p) = inner.pools.model(model) {
+        if let Some(p) = inner.pools.model(project.as_str(), model) {
             let waited_ms = started.elapsed().as_millis() as u64;
             tracing::info!(%model, waited_ms, "a replica is ready: releasing the held request");
-            if inner.holding.flip(model, false) {
+            if inner.holding.flip(slot_key, false) {
                 timeline(
                     inner,
+                    project,
                     model,
                     DeploymentAction::Release,
                     format!("a replica of {model} is ready: the held requests go on (the first waited {waited_ms} ms)"),
@@ -164,9 +181,10 @@ pub(crate) async fn hold(
         match tokio::time::timeout_at(wake.into(), changed).await {
             Ok(()) => {}
             Err(_) if Instant::now() >= deadline => {
-                if inner.holding.flip(model, false) {
+                if inner.holding.flip(slot_key, false) {
                     timeline(
                         inner,
+                        project,
                         model,
                         DeploymentAction::Release,
                         format!(
@@ -179,7 +197,7 @@ pub(crate) async fn hold(
                 return Err(scaling());
             }
             Err(_) => {
-                demand(inner, model).await?;
+                demand(inner, project, model, slot_key).await?;
                 noted = Instant::now();
             }
         }

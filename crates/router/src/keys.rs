@@ -2,8 +2,10 @@
 //! the store, the answer (found or not) trusted for `api_key_cache_ttl_ms`.
 
 use crate::error::RouterError;
+use crate::limits::{KeyLimiter, Limits};
 use crate::usage::{Counters, Usage};
 use gpufleet_control::secrets::{digest_bytes, digest_hex};
+use gpufleet_domain::ProjectId;
 use gpufleet_store::{ApiKeyId, Store};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
@@ -21,6 +23,12 @@ pub struct AuthedKey {
     /// `None`: every model.
     pub models: Option<HashSet<String>>,
     pub usage: Arc<Counters>,
+    /// The project whose instances it reaches (and no other's).
+    pub project: ProjectId,
+    /// Its rpm, tpm and budget ([`KeyLimiter::limits`]), enforced for all
+    /// of the key's requests (kept across cache refreshes); `None` for a key
+    /// without limits.
+    pub limiter: Option<Arc<KeyLimiter>>,
 }
 
 impl AuthedKey {
@@ -38,21 +46,24 @@ pub struct KeyCache {
     store: Store,
     ttl: Duration,
     usage: Arc<Usage>,
+    limits: Arc<Limits>,
     /// By the key's SHA-256 digest.
     entries: RwLock<HashMap<[u8; 32], Entry>>,
 }
 
 impl KeyCache {
-    pub fn new(store: Store, ttl: Duration, usage: Arc<Usage>) -> Self {
+    pub fn new(store: Store, ttl: Duration, usage: Arc<Usage>, limits: Arc<Limits>) -> Self {
         Self {
             store,
             ttl,
             usage,
+            limits,
             entries: RwLock::new(HashMap::new()),
         }
     }
 
-    /// Forget what is cached of a key that changed (a revocation).
+    /// Forget what is cached of a key that changed (a revocation, new
+    /// limits): its next request reads it again.
     pub fn forget(&self, change: &gpufleet_control::KeyChange) {
         let mut entries = self.entries.write().unwrap_or_else(|p| p.into_inner());
         match change {
@@ -84,9 +95,11 @@ impl KeyCache {
         let key = rec.filter(|r| r.revoked_at.is_none()).map(|r| {
             Arc::new(AuthedKey {
                 usage: self.usage.key(r.id, &r.name),
+                limiter: self.limits.limiter(r.id, r.limits),
                 id: r.id,
                 name: r.name,
                 models: r.models.map(|m| m.into_iter().collect()),
+                project: r.project_id,
             })
         });
         {

@@ -28,8 +28,16 @@
 //!   hedge and failover is counted per instance and written on its timeline.
 //!   A client that goes away drops the upstream request, which cancels it in
 //!   the engine.
-//! - **Usage** per instance and per key ([`usage`]), flushed to the store and
-//!   rendered for Prometheus.
+//! - **Projects**: a key reaches only the instances of its own project
+//!   (pools by project and model); `/v1/models` lists its project's models.
+//! - **Limits** per key ([`limits`]): requests and tokens per minute and a
+//!   monthly budget, refused with 429 in OpenAI's shape; `x-ratelimit-*`
+//!   headers on every answer to a limited key.
+//! - **Usage** per instance, per key and per (hour, key, instance) with its
+//!   charge ([`usage`], [`TokenPrices`]), flushed to the store and rendered
+//!   for Prometheus. Engines are asked for the usage in every chunk
+//!   (`continuous_usage_stats`), so a stream its client leaves is counted
+//!   with what was generated.
 
 pub mod breaker;
 pub mod config;
@@ -37,8 +45,10 @@ mod error;
 mod hold;
 mod keys;
 pub mod latency;
+pub mod limits;
 pub mod pool;
 mod proxy;
+mod scan;
 mod stream;
 pub mod tls;
 mod upstream;
@@ -47,13 +57,14 @@ pub mod usage;
 pub use config::{Policy, RouterConfig};
 pub use error::RouterError;
 pub use tls::EngineClientIdentity;
-pub use usage::{SubjectUsage, UsageFigures};
+pub use usage::{SubjectUsage, TokenPrices, UsageFigures};
 
 use axum::routing::{get, post};
 use gpufleet_control::{Catalogs, Fleet, TrafficSource};
 use gpufleet_domain::InstanceId;
 use gpufleet_store::InstanceFilter;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
@@ -65,16 +76,23 @@ pub struct RouterState {
 
 pub(crate) struct Inner {
     pub fleet: Fleet,
-    /// The models served (and the providers' whereabouts).
-    pub catalogs: Catalogs,
     pub config: RouterConfig,
     pub pools: Arc<pool::Pools>,
     pub keys: keys::KeyCache,
     pub usage: Arc<usage::Usage>,
+    pub limits: Arc<limits::Limits>,
     /// Upstream connections (keep-alive, per instance).
     pub upstream: Arc<upstream::UpstreamConns>,
     /// Requests held for models with no ready replica yet ([`hold`]).
     pub holding: hold::Holding,
+    /// The month's charges before the recent hours, for budgets.
+    pub closed_charges: std::sync::Mutex<limits::ClosedCharges>,
+}
+
+impl Inner {
+    fn closed_charges(&self) -> std::sync::MutexGuard<'_, limits::ClosedCharges> {
+        limits::locked(&self.closed_charges)
+    }
 }
 
 /// Requests in flight per instance, for draining.
@@ -99,7 +117,10 @@ impl RouterState {
         engine_identity: Option<EngineClientIdentity>,
         shutdown: CancellationToken,
     ) -> Result<RouterState, RouterError> {
-        let usage = Arc::new(usage::Usage::default());
+        let usage = Arc::new(usage::Usage::with_prices(Arc::new(
+            TokenPrices::from_models(catalogs.models()),
+        )));
+        let limits = Arc::new(limits::Limits::default());
         // Providers are fixed for the process's life.
         let remote: std::collections::HashSet<_> = catalogs
             .provider_names()
@@ -122,14 +143,16 @@ impl RouterState {
                     fleet.store().clone(),
                     config.api_key_cache_ttl(),
                     usage.clone(),
+                    limits.clone(),
                 ),
                 fleet: fleet.clone(),
-                catalogs: catalogs.clone(),
                 config,
                 pools: pools.clone(),
                 usage,
+                limits,
                 upstream: Arc::default(),
                 holding: hold::Holding::default(),
+                closed_charges: Default::default(),
             }),
         };
         fleet.set_traffic_source(Arc::new(Traffic(pools)));
@@ -139,12 +162,27 @@ impl RouterState {
             fleet.subscribe_keys(),
             shutdown.clone(),
         ));
+        if state.inner.fleet.store().backend() == gpufleet_store::Backend::Postgres {
+            // Other replicas may share the database: limits count their usage.
+            let replica = format!("{}:{:016x}", std::process::id(), rand::random::<u64>());
+            tokio::spawn(share_rates_periodically(
+                state.clone(),
+                replica,
+                shutdown.clone(),
+            ));
+        }
         tokio::spawn(flush_usage_periodically(state.clone(), shutdown));
         Ok(state)
     }
 
     pub fn config(&self) -> &RouterConfig {
         &self.inner.config
+    }
+
+    /// What keys are charged per token of each model; install measured
+    /// prices with [`TokenPrices::set_fallback`].
+    pub fn token_prices(&self) -> &Arc<TokenPrices> {
+        self.inner.usage.prices()
     }
 
     /// Usage counted since this process started, per instance and per key.
@@ -193,15 +231,74 @@ impl RouterState {
 
     /// Add the usage counted since the last flush to the database.
     /// Models that got requests move their deployments' `demand_at`
-    /// forward (what scale to zero measures idleness by).
+    /// forward (what scale to zero measures idleness by). Then the keys'
+    /// charges this month are read back (every replica's), for budgets.
     pub async fn flush_usage(&self) -> Result<(), RouterError> {
-        let store = self.inner.fleet.store();
-        let models = self.inner.usage.flush(store).await?;
+        let inner = &self.inner;
+        let store = inner.fleet.store();
+        let flushed = inner.usage.flush(store).await?;
+        inner.limits.flushed(flushed.key_costs);
         let now = chrono::Utc::now();
-        for m in models {
-            store.note_model_demand(&m, now).await?;
+        for (project, model) in flushed.models {
+            store
+                .note_project_model_demand(&project, &model, now)
+                .await?;
+        }
+        if inner.limits.wants_charges() {
+            let month = limits::month_start(now);
+            let split = limits::recent_from(now);
+            if inner.closed_charges().stale(split, Instant::now()) {
+                let closed = if split > month {
+                    store.key_charges_between(month, Some(split)).await?
+                } else {
+                    Default::default()
+                };
+                inner.closed_charges().set(split, closed, Instant::now());
+            }
+            let recent = store.key_charges_between(split, None).await?;
+            let charges = inner.closed_charges().with_recent(recent);
+            inner.limits.refreshed(month, charges);
         }
         Ok(())
+    }
+}
+
+impl RouterState {
+    /// Write this replica's share of its limited keys' trailing-minute
+    /// usage (what changed) as `replica`, and read the other replicas'.
+    pub async fn share_rates(&self, replica: &str) -> Result<(), RouterError> {
+        let inner = &self.inner;
+        let store = inner.fleet.store();
+        let now = limits::now_ms();
+        let shares = inner.limits.shares_to_write(now);
+        if !shares.is_empty() {
+            store.put_rate_shares(replica, &shares).await?;
+            inner.limits.shares_written(&shares, now);
+        }
+        let others = store.other_rate_shares(replica).await?;
+        inner.limits.set_others(others);
+        Ok(())
+    }
+}
+
+async fn share_rates_periodically(
+    state: RouterState,
+    replica: String,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(state.inner.config.rate_share_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = state.share_rates(&replica).await {
+            tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "sharing rate-limit counts with the other replicas failed; retrying at the next tick"
+            );
+        }
     }
 }
 
@@ -210,6 +307,7 @@ fn all_live() -> InstanceFilter {
         statuses: vec![],
         include_archived: false,
         provider: None,
+        projects: None,
         limit: None,
     }
 }

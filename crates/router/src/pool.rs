@@ -8,7 +8,7 @@ use crate::config::{Policy, RouterConfig};
 use crate::latency::{now_us, Latency, RecentTtft};
 use crate::tls::{EngineClientIdentity, UpstreamTls};
 use crate::usage::{Counters, Usage};
-use gpufleet_domain::{InstanceId, InstanceStatus, ProviderName};
+use gpufleet_domain::{DeploymentId, InstanceId, InstanceStatus, ProjectId, ProviderName};
 use gpufleet_store::InstanceRecord;
 use hyper::http::uri::Authority;
 use hyper::http::HeaderValue;
@@ -27,6 +27,10 @@ const VNODES: u64 = 64;
 pub struct Backend {
     pub id: InstanceId,
     pub model: String,
+    /// The project that owns the instance: only its keys reach it.
+    pub project: ProjectId,
+    /// The deployment it is a replica of, if any.
+    pub deployment: Option<DeploymentId>,
     /// `http://<ip>:<engine port>`
     pub base_url: String,
     /// `<ip>:<engine port>`, for request URIs.
@@ -73,6 +77,8 @@ impl Backend {
         Self {
             id,
             model: model.to_string(),
+            project: ProjectId::default_project(),
+            deployment: None,
             base_url,
             authority,
             in_flight: AtomicU64::new(0),
@@ -295,13 +301,16 @@ struct Known {
     generation: i64,
 }
 
-/// Routable instances by model (a snapshot swapped on change), and every
-/// live instance for in-flight counts.
+/// Per project, per model (looked up by `&str` twice, no allocation).
+type ByProject<T> = HashMap<String, HashMap<String, T>>;
+
+/// Routable instances by project and model (a snapshot swapped on change),
+/// and every live instance for in-flight counts.
 pub struct Pools {
-    table: RwLock<Arc<HashMap<String, Arc<ModelPool>>>>,
+    table: RwLock<Arc<ByProject<Arc<ModelPool>>>>,
     known: Mutex<HashMap<InstanceId, Known>>,
     /// Models with instances on their way up (for "none ready yet" errors).
-    starting: RwLock<Arc<HashMap<String, usize>>>,
+    starting: RwLock<Arc<ByProject<usize>>>,
     /// Recent times to first token per hedged model.
     recent: Mutex<HashMap<String, Arc<RecentTtft>>>,
     /// Notified whenever the routable instances change.
@@ -367,29 +376,35 @@ impl Pools {
         m.entry(model.to_string()).or_default().clone()
     }
 
-    /// The ready instances of `model`.
-    pub fn model(&self, model: &str) -> Option<Arc<ModelPool>> {
+    /// The ready instances of `project` serving `model`.
+    pub fn model(&self, project: &str, model: &str) -> Option<Arc<ModelPool>> {
         self.table
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(model)
+            .get(project)
+            .and_then(|m| m.get(model))
             .cloned()
     }
 
-    /// Models with at least one ready instance, sorted.
-    pub fn models(&self) -> Vec<String> {
+    /// Models of `project` with at least one ready instance, sorted.
+    pub fn models(&self, project: &str) -> Vec<String> {
         let t = self.table.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut v: Vec<String> = t.keys().cloned().collect();
+        let mut v: Vec<String> = t
+            .get(project)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
         v.sort();
         v
     }
 
-    /// Instances of `model` not ready yet (provisioning .. starting, unhealthy).
-    pub fn starting(&self, model: &str) -> usize {
+    /// Instances of `project` serving `model` not ready yet (provisioning
+    /// .. starting, unhealthy).
+    pub fn starting(&self, project: &str, model: &str) -> usize {
         self.starting
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(model)
+            .get(project)
+            .and_then(|m| m.get(model))
             .copied()
             .unwrap_or(0)
     }
@@ -466,6 +481,8 @@ impl Pools {
             Some(k)
                 if k.backend.base_url == base_url
                     && k.backend.model == model
+                    && k.backend.project == rec.project_id
+                    && k.backend.deployment == rec.deployment_id
                     && k.backend.engine_cert_pem == rec.engine_cert_pem =>
             {
                 let changed = k.status != rec.status;
@@ -513,6 +530,8 @@ impl Pools {
                     self.usage.instance(rec.id, model),
                 );
                 backend.latency = Latency::new(self.ewma_decay);
+                backend.project = rec.project_id.clone();
+                backend.deployment = rec.deployment_id;
                 if let Some((t, cert)) = tls {
                     backend = backend.with_tls(t, cert);
                 }
@@ -531,24 +550,37 @@ impl Pools {
     }
 
     fn rebuild(&self, known: &HashMap<InstanceId, Known>) {
-        let mut by_model: HashMap<String, Vec<Arc<Backend>>> = HashMap::new();
-        let mut starting: HashMap<String, usize> = HashMap::new();
+        let mut by_model: ByProject<Vec<Arc<Backend>>> = HashMap::new();
+        let mut starting: ByProject<usize> = HashMap::new();
         for k in known.values() {
-            if k.status == InstanceStatus::Ready && !k.backend.base_url.is_empty() {
+            let b = &k.backend;
+            if k.status == InstanceStatus::Ready && !b.base_url.is_empty() {
                 by_model
-                    .entry(k.backend.model.clone())
+                    .entry(b.project.to_string())
                     .or_default()
-                    .push(k.backend.clone());
+                    .entry(b.model.clone())
+                    .or_default()
+                    .push(b.clone());
             } else if !matches!(
                 k.status,
                 InstanceStatus::Draining | InstanceStatus::Terminating
             ) {
-                *starting.entry(k.backend.model.clone()).or_default() += 1;
+                *starting
+                    .entry(b.project.to_string())
+                    .or_default()
+                    .entry(b.model.clone())
+                    .or_default() += 1;
             }
         }
-        let table: HashMap<String, Arc<ModelPool>> = by_model
+        let table: ByProject<Arc<ModelPool>> = by_model
             .into_iter()
-            .map(|(m, b)| (m, Arc::new(ModelPool::new(b))))
+            .map(|(p, models)| {
+                let models = models
+                    .into_iter()
+                    .map(|(m, b)| (m, Arc::new(ModelPool::new(b))))
+                    .collect();
+                (p, models)
+            })
             .collect();
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
         *self.starting.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(starting);
@@ -764,12 +796,16 @@ mod tests {
             engine_cert_pem: cert,
             deployment_id: None,
             engine_args: None,
+            project_id: gpufleet_domain::ProjectId::default_project(),
+            price_per_hour: None,
+            billing_started_at: None,
+            billing_ended_at: None,
         }
     }
 
     fn routed(p: &Pools) -> Vec<(InstanceId, String, bool)> {
         let mut v: Vec<_> = p
-            .model("org/m")
+            .model("default", "org/m")
             .map(|m| {
                 m.backends
                     .iter()
@@ -779,6 +815,42 @@ mod tests {
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_project_reaches_its_own_instances_only() {
+        let pools = Pools::new(&RouterConfig::default(), 8000, Arc::default());
+        let mut a = record(1, "mock", None);
+        a.project_id = "research".parse().unwrap();
+        let b = record(2, "mock", None);
+        let mut c = record(3, "mock", None);
+        c.project_id = "research".parse().unwrap();
+        c.status = InstanceStatus::Starting;
+        pools.reset(&[a.clone(), b.clone(), c]);
+        let ids = |p: &str| {
+            pools
+                .model(p, "org/m")
+                .map(|m| m.backends.iter().map(|b| b.id).collect::<Vec<_>>())
+        };
+        assert_eq!(ids("research"), Some(vec![a.id]));
+        assert_eq!(ids("default"), Some(vec![b.id]));
+        assert_eq!(ids("other"), None);
+        assert_eq!(pools.models("research"), vec!["org/m".to_string()]);
+        assert!(pools.models("other").is_empty());
+        assert_eq!(
+            (
+                pools.starting("research", "org/m"),
+                pools.starting("default", "org/m")
+            ),
+            (1, 0)
+        );
+        // Moved to another project (a new generation): it follows.
+        let mut moved = b;
+        moved.generation += 1;
+        moved.project_id = "research".parse().unwrap();
+        assert!(pools.apply(&moved));
+        assert_eq!(ids("default"), None);
+        assert_eq!(ids("research").map(|v| v.len()), Some(2));
     }
 
     #[test]
@@ -811,7 +883,7 @@ mod tests {
             ],
             "a remote engine without its certificate is not routed to"
         );
-        assert_eq!(pools.starting("org/m"), 1);
+        assert_eq!(pools.starting("default", "org/m"), 1);
         // Once its certificate is known, it is.
         let mut w = waiting.clone();
         w.generation = 2;
@@ -819,12 +891,12 @@ mod tests {
         assert!(pools.apply(&w));
         assert_eq!(routed(&pools).len(), 3);
         // A new certificate (agent restarted) makes a new backend.
-        let before = pools.model("org/m").unwrap().backends[2].clone();
+        let before = pools.model("default", "org/m").unwrap().backends[2].clone();
         let other = rcgen::generate_simple_self_signed(vec!["gpufleet-engine".into()]).unwrap();
         with_cert.generation = 2;
         with_cert.engine_cert_pem = Some(other.cert.pem());
         assert!(pools.apply(&with_cert));
-        let after = pools.model("org/m").unwrap().backends[2].clone();
+        let after = pools.model("default", "org/m").unwrap().backends[2].clone();
         assert_eq!(after.id, before.id);
         assert!(!Arc::ptr_eq(&after, &before));
 

@@ -4,9 +4,11 @@
 
 use crate::error::RouterError;
 use crate::keys::AuthedKey;
+use crate::limits::RateHeaders;
 use crate::pool::{Backend, InFlight};
+use crate::scan::{self, has, USAGE_KEY};
 use crate::upstream::{Conn, UpstreamConns};
-use crate::usage::Tokens;
+use crate::usage::{Meter, Tokens};
 use crate::{Inner, RouterState};
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -53,7 +55,7 @@ pub(crate) async fn models(State(state): State<RouterState>, headers: HeaderMap)
     };
     let data: Vec<serde_json::Value> = inner
         .pools
-        .models()
+        .models(key.project.as_str())
         .into_iter()
         .filter(|m| key.allows(m))
         .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "gpufleet"}))
@@ -76,15 +78,46 @@ async fn forward(state: &RouterState, path: &'static str, req: Request) -> Respo
         Err(e) => return e.into_response(),
     };
     key.usage.request();
-    let resp = match forward_as(state, &key, path, req).await {
+    let mut rate = None;
+    let mut resp = match forward_as(state, &key, path, req, &mut rate).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
+    if let Some(h) = &rate {
+        insert_rate_headers(resp.headers_mut(), h);
+    }
     if resp.status().is_client_error() || resp.status().is_server_error() {
         key.usage.error();
         tracing::debug!(api_key_id = %key.id, api_key_name = %key.name, status = %resp.status(), "request failed");
     }
     resp
+}
+
+/// OpenAI's `x-ratelimit-*` headers: limit, remaining and reset of
+/// requests and tokens (the limits the key has).
+pub(crate) fn insert_rate_headers(h: &mut HeaderMap, r: &RateHeaders) {
+    const NAMES: [[HeaderName; 3]; 2] = [
+        [
+            HeaderName::from_static("x-ratelimit-limit-requests"),
+            HeaderName::from_static("x-ratelimit-remaining-requests"),
+            HeaderName::from_static("x-ratelimit-reset-requests"),
+        ],
+        [
+            HeaderName::from_static("x-ratelimit-limit-tokens"),
+            HeaderName::from_static("x-ratelimit-remaining-tokens"),
+            HeaderName::from_static("x-ratelimit-reset-tokens"),
+        ],
+    ];
+    for (names, figures) in NAMES.iter().zip([r.requests, r.tokens]) {
+        let Some((limit, remaining, reset_ms)) = figures else {
+            continue;
+        };
+        h.insert(names[0].clone(), HeaderValue::from(limit));
+        h.insert(names[1].clone(), HeaderValue::from(remaining));
+        if let Ok(v) = HeaderValue::from_str(&crate::limits::duration_text(reset_ms)) {
+            h.insert(names[2].clone(), v);
+        }
+    }
 }
 
 /// The fields of a request body the router looks at.
@@ -94,11 +127,28 @@ struct Peek {
     stream: Option<bool>,
     user: Option<String>,
     stream_options: Option<StreamOptions>,
+    /// Numbers, read as such only for the token estimate (whatever else is
+    /// sent is the engine's to refuse).
+    max_tokens: Option<serde_json::Value>,
+    max_completion_tokens: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
 struct StreamOptions {
     include_usage: Option<bool>,
+    continuous_usage_stats: Option<bool>,
+}
+
+/// Which usage a streaming client asked for (the engine is always asked
+/// for it in every chunk; what the client did not ask for is stripped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientUsage {
+    /// None: per-chunk usage and the usage-only last chunk are stripped.
+    None,
+    /// `include_usage`: the usage-only last chunk is kept.
+    Last,
+    /// `include_usage` and `continuous_usage_stats`: passed through as is.
+    Every,
 }
 
 /// How the last failed attempt failed.
@@ -113,6 +163,7 @@ async fn forward_as(
     key: &Arc<AuthedKey>,
     path: &'static str,
     req: Request,
+    rate: &mut Option<RateHeaders>,
 ) -> Result<Response, RouterError> {
     let inner = &*state.inner;
     let cfg = &inner.config;
@@ -143,32 +194,70 @@ async fn forward_as(
     if !key.allows(&model) {
         return Err(RouterError::ModelNotAllowed { model });
     }
+    // The key's limits: admitted (its estimate reserved until the request
+    // ends, however it ends) or refused here.
+    let reservation = match &key.limiter {
+        None => None,
+        Some(l) => {
+            let completion = [&peek.max_tokens, &peek.max_completion_tokens]
+                .into_iter()
+                .find_map(|v| v.as_ref().and_then(serde_json::Value::as_u64))
+                .unwrap_or(crate::limits::DEFAULT_COMPLETION_ESTIMATE);
+            let t = Tokens {
+                prompt: body.len() as u64 / 4,
+                completion,
+            };
+            let est = crate::limits::Estimate {
+                tokens: t.prompt + t.completion,
+                cost: inner.usage.prices().cost(&model, t),
+            };
+            match l.admit(est, crate::limits::now_ms()) {
+                Ok((r, headers)) => {
+                    *rate = Some(headers);
+                    Some(r)
+                }
+                Err(refusal) => {
+                    *rate = refusal.headers().copied();
+                    tracing::debug!(api_key_id = %key.id, reason = %refusal, "request refused by the key's limits");
+                    return Err(RouterError::Limited {
+                        key: key.name.clone(),
+                        refusal,
+                    });
+                }
+            }
+        }
+    };
+    let meter = Meter::new(inner.usage.clone(), key.clone(), reservation);
     let stream = peek.stream.unwrap_or(false);
-    let client_wants_usage = peek
-        .stream_options
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    // Ask the engine for the final usage chunk; drop it again on the way back.
-    let strip_usage = stream && !client_wants_usage;
-    if strip_usage {
-        body = with_include_usage(&body)?;
+    let asked = peek.stream_options.as_ref();
+    let client_usage = match (
+        asked.and_then(|o| o.include_usage).unwrap_or(false),
+        asked
+            .and_then(|o| o.continuous_usage_stats)
+            .unwrap_or(false),
+    ) {
+        (false, _) => ClientUsage::None,
+        (true, false) => ClientUsage::Last,
+        (true, true) => ClientUsage::Every,
+    };
+    // Ask the engine for the usage in every chunk (so a stream cut short
+    // is counted exactly); strip what the client did not ask for.
+    if stream && client_usage != ClientUsage::Every {
+        body = with_usage_options(&body)?;
     }
     let session = session_header.or(peek.user);
 
-    let pool = match inner.pools.model(&model) {
+    let project = key.project.as_str();
+    let pool = match inner.pools.model(project, &model) {
         Some(p) => Some(p),
         // A deployment's model waits for a replica (scale from zero).
-        None => crate::hold::hold(inner, &model).await?,
+        None => crate::hold::hold(inner, &key.project, &model).await?,
     };
+    // Only what the key's own project has decides the answer: a model
+    // served in another project is as unknown as one served nowhere.
     let pool = pool.ok_or_else(|| {
-        let starting = inner.pools.starting(&model);
-        if starting > 0
-            || inner
-                .catalogs
-                .models()
-                .iter()
-                .any(|m| m.name.as_str() == model)
-        {
+        let starting = inner.pools.starting(project, &model);
+        if starting > 0 {
             RouterError::NoReadyInstance {
                 model: model.clone(),
                 starting,
@@ -196,7 +285,8 @@ async fn forward_as(
             body: streamed,
             model,
             session,
-            strip_usage: false,
+            client_usage: ClientUsage::Every,
+            meter,
         };
         return crate::stream::forward_whole(ask, pool).await;
     }
@@ -208,10 +298,12 @@ async fn forward_as(
             body,
             model,
             session,
-            strip_usage,
+            client_usage,
+            meter,
         };
         return crate::stream::forward(ask, pool).await;
     }
+    let mut meter = meter;
     let mut tried = Vec::new();
     let mut last: Option<Last> = None;
     for _ in 0..=cfg.retries {
@@ -291,15 +383,19 @@ async fn forward_as(
             continue;
         }
         let _ = crate::stream::answered(inner, &b);
+        // If the client goes away now, the request is counted on `b` with
+        // what is known (the meter is dropped with this future).
+        meter.served_by(&b);
         match reader.read_all(resp, cfg.idle_timeout()).await {
             Ok(bytes) => {
                 if status.is_success() {
                     if let Some(t) = usage_of(&bytes) {
                         b.usage.tokens(t);
-                        key.usage.tokens(t);
+                        meter.tokens(&b, t);
                     }
                 } else {
                     b.usage.error();
+                    meter.failed();
                 }
                 drop(guard);
                 return Ok(whole(status, content_type, bytes, &b));
@@ -312,10 +408,14 @@ async fn forward_as(
             }
         }
     }
+    meter.failed();
     match last {
         None => Err(RouterError::AllCircuitsOpen { model }),
         Some(Last::Error(e)) => Err(e),
-        Some(Last::Answer(status, ct, bytes, b)) => Ok(whole(status, ct, bytes, &b)),
+        Some(Last::Answer(status, ct, bytes, b)) => {
+            meter.served_by(&b);
+            Ok(whole(status, ct, bytes, &b))
+        }
     }
 }
 
@@ -348,12 +448,14 @@ fn whole(status: StatusCode, ct: Option<HeaderValue>, bytes: Bytes, b: &Backend)
     r
 }
 
-/// The body with `stream_options.include_usage` set. `body` is a JSON
-/// object with at least a `model` member.
-fn with_include_usage(body: &[u8]) -> Result<Bytes, RouterError> {
-    const MEMBER: &[u8] = b"\"stream_options\":{\"include_usage\":true},";
+/// The body with `stream_options.include_usage` and vLLM's
+/// `continuous_usage_stats` set (the usage so far in every chunk). `body`
+/// is a JSON object with at least a `model` member.
+fn with_usage_options(body: &[u8]) -> Result<Bytes, RouterError> {
+    const MEMBER: &[u8] =
+        b"\"stream_options\":{\"include_usage\":true,\"continuous_usage_stats\":true},";
     let start = body.iter().position(|c| !c.is_ascii_whitespace());
-    let mentions = body.windows(16).any(|w| w == b"\"stream_options\"");
+    let mentions = scan::contains(body, b"\"stream_options\"");
     if let (Some(i), false) = (start, mentions) {
         if body[i] == b'{' {
             // The common case: no stream_options at all. Insert the member
@@ -370,14 +472,20 @@ fn with_include_usage(body: &[u8]) -> Result<Bytes, RouterError> {
     match v.get_mut("stream_options") {
         Some(serde_json::Value::Object(o)) => {
             o.insert("include_usage".into(), true.into());
+            o.insert("continuous_usage_stats".into(), true.into());
         }
         _ => {
-            v.insert("stream_options".into(), json!({"include_usage": true}));
+            v.insert("stream_options".into(), usage_options());
         }
     }
     serde_json::to_vec(&v)
         .map(Bytes::from)
         .map_err(|e| RouterError::bad(None, e.to_string()))
+}
+
+/// `stream_options` asking for the usage in every chunk.
+pub(crate) fn usage_options() -> serde_json::Value {
+    json!({"include_usage": true, "continuous_usage_stats": true})
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -467,12 +575,6 @@ struct WithUsage {
     choices: Option<IgnoredAny>,
 }
 
-#[derive(Deserialize)]
-struct ChoicesLen {
-    #[serde(default)]
-    choices: Vec<IgnoredAny>,
-}
-
 fn tokens(u: UsageJson) -> Tokens {
     Tokens {
         prompt: u.prompt_tokens.unwrap_or(0),
@@ -489,10 +591,9 @@ fn usage_of(body: &[u8]) -> Option<Tokens> {
 
 /// Whether `ev` carries a non-null `"usage"` object (cheap pre-check).
 pub(crate) fn has_usage_object(ev: &[u8]) -> bool {
-    const NEEDLE: &[u8] = b"\"usage\"";
     let mut rest = ev;
-    while let Some(pos) = rest.windows(NEEDLE.len()).position(|w| w == NEEDLE) {
-        let after = &rest[pos + NEEDLE.len()..];
+    while let Some(pos) = USAGE_KEY.find(rest) {
+        let after = &rest[pos + USAGE_KEY.needle().len()..];
         let mut it = after.iter().skip_while(|c| c.is_ascii_whitespace());
         if it.next() == Some(&b':') && it.find(|c| !c.is_ascii_whitespace()) == Some(&b'{') {
             return true;
@@ -502,25 +603,75 @@ pub(crate) fn has_usage_object(ev: &[u8]) -> bool {
     false
 }
 
-/// The usage of one SSE event, and whether the event is nothing but usage
-/// (no choices).
-pub(crate) fn event_usage(ev: &[u8]) -> Option<(Tokens, bool)> {
-    if !has_usage_object(ev) {
-        return None;
+/// The usage of one SSE event (with continuous usage stats, the counts so
+/// far), whether the event is nothing but usage (no choices), and the
+/// bytes to cut to strip the usage from it (the member and a comma).
+pub(crate) fn event_usage(ev: &[u8]) -> Option<(Tokens, bool, std::ops::Range<usize>)> {
+    let key_len = USAGE_KEY.needle().len();
+    let mut from = 0;
+    let (key_at, open) = loop {
+        let pos = from + USAGE_KEY.find(&ev[from..])?;
+        let mut i = pos + key_len;
+        while ev.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        if ev.get(i) == Some(&b':') {
+            i += 1;
+            while ev.get(i).is_some_and(u8::is_ascii_whitespace) {
+                i += 1;
+            }
+            if ev.get(i) == Some(&b'{') {
+                break (pos, i);
+            }
+        }
+        from = pos + key_len;
+    };
+    // The matching brace (the usage holds numbers and small objects).
+    let (mut depth, mut in_str, mut escaped) = (0u32, false, false);
+    let mut close = None;
+    for (j, &c) in ev.iter().enumerate().skip(open) {
+        if in_str {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_str = true,
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    close = Some(j);
+                    break;
+                }
+            }
+            _ => {}
+        }
     }
-    let text = std::str::from_utf8(ev).ok()?;
-    let data: String = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(str::trim_start)
-        .collect::<Vec<_>>()
-        .join("\n");
-    let w: WithUsage = serde_json::from_str(&data).ok()?;
-    let usage = w.usage?;
-    let only = serde_json::from_str::<ChoicesLen>(&data)
-        .map(|c| c.choices.is_empty())
-        .unwrap_or(false);
-    Some((tokens(usage), only))
+    let close = close?;
+    let u: UsageJson = serde_json::from_slice(&ev[open..=close]).ok()?;
+    // Cut `,"usage":{..}` (or `"usage":{..},` when it comes first).
+    let mut start = key_at;
+    while start > 0 && ev[start - 1].is_ascii_whitespace() {
+        start -= 1;
+    }
+    let mut end = close + 1;
+    if start > 0 && ev[start - 1] == b',' {
+        start -= 1;
+    } else {
+        while ev.get(end).is_some_and(u8::is_ascii_whitespace) {
+            end += 1;
+        }
+        if ev.get(end) == Some(&b',') {
+            end += 1;
+        }
+    }
+    let only = has(ev, &scan::NO_CHOICES) || has(ev, &scan::NO_CHOICES_SPACED);
+    Some((tokens(u), only, start..end))
 }
 
 /// Events of a region of complete events, each with its closing blank line.
@@ -530,11 +681,7 @@ pub(crate) fn split_events(region: &[u8]) -> impl Iterator<Item = &[u8]> {
         if rest.is_empty() {
             return None;
         }
-        let end = rest
-            .windows(2)
-            .position(|w| w == b"\n\n")
-            .map(|p| p + 2)
-            .unwrap_or(rest.len());
+        let end = scan::EVENT_END.find(rest).map_or(rest.len(), |p| p + 2);
         let (ev, r) = rest.split_at(end);
         rest = r;
         Some(ev)
@@ -548,8 +695,27 @@ mod tests {
     #[test]
     fn finds_usage_in_events() {
         let ev = b"data: {\"id\":\"x\",\"choices\":[],\"usage\": {\"prompt_tokens\":3,\"completion_tokens\":7,\"total_tokens\":10}}\n\n";
-        let (t, only) = event_usage(ev).unwrap();
+        let (t, only, _) = event_usage(ev).unwrap();
         assert_eq!((t.prompt, t.completion, only), (3, 7, true));
+        // A token chunk with the usage so far: stripped, it is what it
+        // would have been without.
+        let ev = b"data: {\"id\":\"x\",\"choices\":[{\"delta\":{\"content\":\"}\"}}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n";
+        let (t, only, cut) = event_usage(ev).unwrap();
+        assert_eq!((t.prompt, t.completion, only), (3, 1, false));
+        let mut stripped = ev[..cut.start].to_vec();
+        stripped.extend_from_slice(&ev[cut.end..]);
+        assert_eq!(
+            std::str::from_utf8(&stripped).unwrap(),
+            "data: {\"id\":\"x\",\"choices\":[{\"delta\":{\"content\":\"}\"}}]}\n\n"
+        );
+        let ev = b"data: {\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":0,\"total_tokens\":1}, \"choices\":[{\"text\":\"a\"}]}\n\n";
+        let (_, _, cut) = event_usage(ev).unwrap();
+        let mut stripped = ev[..cut.start].to_vec();
+        stripped.extend_from_slice(&ev[cut.end..]);
+        assert_eq!(
+            std::str::from_utf8(&stripped).unwrap(),
+            "data: { \"choices\":[{\"text\":\"a\"}]}\n\n"
+        );
         let ev = b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n";
         assert!(event_usage(ev).is_none());
         let ev = b"data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\"\"}}]}\n\n";
@@ -571,16 +737,19 @@ mod tests {
     }
 
     #[test]
-    fn include_usage_is_added_and_kept() {
+    fn usage_options_are_added_and_kept() {
         let b =
-            with_include_usage(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#).unwrap();
+            with_usage_options(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(v["stream_options"], json!({"x": 1, "include_usage": true}));
-        let b = with_include_usage(br#" {"model":"m","stream":true}"#).unwrap();
+        assert_eq!(
+            v["stream_options"],
+            json!({"x": 1, "include_usage": true, "continuous_usage_stats": true})
+        );
+        let b = with_usage_options(br#" {"model":"m","stream":true}"#).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"], usage_options());
         assert_eq!(v["model"], "m");
-        let b = with_include_usage(br#"{"model":"m","stream_options":{"include_usage":false}}"#)
+        let b = with_usage_options(br#"{"model":"m","stream_options":{"include_usage":false}}"#)
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);

@@ -24,10 +24,12 @@ use crate::keys::AuthedKey;
 use crate::latency::{now_us, us};
 use crate::pool::{Backend, InFlight, ModelPool, Waiting};
 use crate::proxy::{
-    event_usage, has_usage_object, insert_instance, split_events, CHAT_COMPLETIONS,
+    event_usage, has_usage_object, insert_instance, split_events, usage_options, ClientUsage,
+    CHAT_COMPLETIONS,
 };
+use crate::scan::{self, contains, has};
 use crate::upstream::{Conn, UpstreamConns};
-use crate::usage::{Counters, Tokens};
+use crate::usage::{Counters, Meter, Tokens};
 use crate::{Inner, RouterState};
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -51,12 +53,15 @@ pub(crate) struct Ask {
     pub state: RouterState,
     pub key: Arc<AuthedKey>,
     pub path: &'static str,
-    /// The body sent upstream (`stream_options.include_usage` set).
+    /// The body sent upstream (`stream_options.include_usage` and
+    /// `continuous_usage_stats` set).
     pub body: Bytes,
     pub model: String,
     pub session: Option<String>,
-    /// Drop the usage-only chunk on the way back (the client did not ask).
-    pub strip_usage: bool,
+    /// The usage the client asked for (the rest is stripped on the way back).
+    pub client_usage: ClientUsage,
+    /// The request's accounting, done when the stream is dropped.
+    pub meter: Meter,
 }
 
 /// Why an attempt failed before its first token.
@@ -117,7 +122,7 @@ impl Attempt {
                 Poll::Pending => break,
             }
         }
-        match self.buf.windows(2).rposition(|w| w == b"\n\n") {
+        match scan::LAST_EVENT_END.rfind(&self.buf) {
             Some(end) => Poll::Ready(Ok(Some(self.buf.split_to(end + 2).freeze()))),
             None => Poll::Pending,
         }
@@ -132,16 +137,12 @@ impl Attempt {
 /// (a token, a finish, usage, an error or the end).
 fn has_token(region: &[u8]) -> bool {
     split_events(region).any(|ev| {
-        let role_only = contains(ev, b"\"role\"")
-            && (contains(ev, b"\"content\":\"\"") || !contains(ev, b"\"content\""))
-            && !contains(ev, b"\"finish_reason\":\"")
-            && !contains(ev, b"\"tool_calls\"");
+        let role_only = has(ev, &scan::ROLE_KEY)
+            && (has(ev, &scan::EMPTY_CONTENT) || !has(ev, &scan::CONTENT_KEY))
+            && !has(ev, &scan::FINISHED)
+            && !has(ev, &scan::TOOL_CALLS_KEY);
         !role_only && !ev.iter().all(u8::is_ascii_whitespace)
     })
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The request to `b`, with the body `body`.
@@ -518,22 +519,30 @@ async fn begin(ask: Ask, pool: Arc<ModelPool>) -> Result<Relay, Result<Response,
     let mut tried = Vec::new();
     let body = ask.body.clone();
     match start(inner, &pool, &ask, &body, &mut tried, cfg.retries + 1).await {
-        Ok((attempt, head)) => Ok(Relay {
-            ask,
-            pool,
-            attempt,
-            queue: head.into(),
-            sent: Vec::new(),
-            continuing: None,
-            tried,
-            failovers: 0,
-            done: false,
-            deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
-        }),
+        Ok((attempt, head)) => {
+            let mut ask = ask;
+            ask.meter.served_by(&attempt.backend);
+            Ok(Relay {
+                ask,
+                pool,
+                attempt,
+                queue: head.into(),
+                sent: Vec::new(),
+                continuing: None,
+                tried,
+                failovers: 0,
+                done: false,
+                deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                seen: None,
+                prompt_charged: false,
+            })
+        }
         Err(None) => Err(Err(RouterError::AllCircuitsOpen {
             model: ask.model.clone(),
         })),
         Err(Some(f)) => {
+            let mut ask = ask;
+            ask.meter.failed();
             let model = ask.model.clone();
             Err(match f {
                 Fail::Stall(_) => Err(RouterError::Timeout { model }),
@@ -626,7 +635,7 @@ pub(crate) fn as_stream(body: &[u8]) -> Option<Bytes> {
     let start = body.iter().position(|c| !c.is_ascii_whitespace())?;
     if body[start] == b'{' && !SIGNS.iter().any(|s| contains(body, s)) {
         // The usual request: insert the members rather than parse it all.
-        const MEMBERS: &[u8] = b"\"stream\":true,\"stream_options\":{\"include_usage\":true},";
+        const MEMBERS: &[u8] = b"\"stream\":true,\"stream_options\":{\"include_usage\":true,\"continuous_usage_stats\":true},";
         let mut out = BytesMut::with_capacity(body.len() + MEMBERS.len());
         out.extend_from_slice(&body[..=start]);
         out.extend_from_slice(MEMBERS);
@@ -659,7 +668,7 @@ pub(crate) fn as_stream(body: &[u8]) -> Option<Bytes> {
         return None;
     }
     v.insert("stream".into(), true.into());
-    v.insert("stream_options".into(), json!({"include_usage": true}));
+    v.insert("stream_options".into(), usage_options());
     serde_json::to_vec(&v).ok().map(Bytes::from)
 }
 
@@ -813,6 +822,20 @@ struct Relay {
     done: bool,
     /// Fires when the stream may have gone silent too long (see `next`).
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The current attempt's usage so far, as its engine last reported it
+    /// (every chunk carries it with `continuous_usage_stats`).
+    seen: Option<Tokens>,
+    /// Whether the key was charged the prompt already (by an earlier
+    /// attempt: a continuation reads it again, at our expense).
+    prompt_charged: bool,
+}
+
+/// The drop guard of a stream: however it ends (its client gone
+/// mid-stream included), what the current attempt generated is counted.
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.close_attempt(None);
+    }
 }
 
 impl Relay {
@@ -875,6 +898,7 @@ impl Relay {
                 }
                 Ok(Ok(None)) => {
                     self.done = true;
+                    self.close_attempt(None);
                     return None;
                 }
                 Ok(Err(e)) => Fail::Broken(format!("the stream broke off: {e}")),
@@ -915,11 +939,14 @@ impl Relay {
                 Ok(false) => {
                     // The answer was complete already: end it properly.
                     self.done = true;
+                    self.close_attempt(None);
                     return Some(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
                 }
                 Err(e) => {
                     self.done = true;
+                    self.close_attempt(None);
                     self.ask.key.usage.error();
+                    self.ask.meter.failed();
                     return Some(Err(std::io::Error::other(e)));
                 }
             }
@@ -939,23 +966,67 @@ impl Relay {
         out
     }
 
-    /// The first answer's regions: usage counted, the usage-only chunk
-    /// dropped if the client did not ask for it.
+    /// The current attempt is over (ended, broke off, or the client went
+    /// away): count what it generated, as its engine last reported it, on
+    /// its instance and for the key (the prompt once per request; a
+    /// continuation's re-read of the text so far is ours). Without any
+    /// report, `generated` completion tokens if known.
+    fn close_attempt(&mut self, generated: Option<u64>) {
+        let raw = match (self.seen.take(), generated) {
+            (Some(t), _) => t,
+            (None, Some(n)) => Tokens {
+                prompt: 0,
+                completion: n,
+            },
+            (None, None) => return,
+        };
+        let b = self.attempt.backend.clone();
+        b.usage.tokens(raw);
+        let relayed = self.continuing.as_ref().map_or(0, |c| c.relayed);
+        let for_key = Tokens {
+            prompt: if self.prompt_charged {
+                0
+            } else {
+                raw.prompt.saturating_sub(relayed)
+            },
+            completion: raw.completion,
+        };
+        if raw.prompt > 0 {
+            self.prompt_charged = true;
+        }
+        self.ask.meter.tokens(&b, for_key);
+    }
+
+    /// The first answer's regions: the usage so far noted, and stripped
+    /// where the client did not ask for it.
     fn scan(&mut self, region: Bytes) -> Bytes {
         if !has_usage_object(&region) {
             return region;
         }
-        let b = &self.attempt.backend;
-        let mut kept = BytesMut::with_capacity(region.len());
-        for ev in split_events(&region) {
-            if let Some((t, only)) = event_usage(ev) {
-                b.usage.tokens(t);
-                self.ask.key.usage.tokens(t);
-                if only && self.ask.strip_usage {
-                    continue;
+        let mode = self.ask.client_usage;
+        if mode == ClientUsage::Every {
+            for ev in split_events(&region) {
+                if let Some((t, _, _)) = event_usage(ev) {
+                    self.seen = Some(t);
                 }
             }
-            kept.extend_from_slice(ev);
+            return region;
+        }
+        let mut kept = BytesMut::with_capacity(region.len());
+        for ev in split_events(&region) {
+            let Some((t, only, cut)) = event_usage(ev) else {
+                kept.extend_from_slice(ev);
+                continue;
+            };
+            self.seen = Some(t);
+            if only {
+                if mode == ClientUsage::Last {
+                    kept.extend_from_slice(ev);
+                }
+                continue;
+            }
+            kept.extend_from_slice(&ev[..cut.start]);
+            kept.extend_from_slice(&ev[cut.end..]);
         }
         kept.freeze()
     }
@@ -991,27 +1062,32 @@ impl Relay {
             if let Some(u) = v.get("usage").filter(|u| u.is_object()).cloned() {
                 let prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
                 let completion = u["completion_tokens"].as_u64().unwrap_or(0);
-                // This instance read the text so far as prompt.
-                self.attempt
-                    .backend
-                    .usage
-                    .tokens(Tokens { prompt, completion });
+                // This instance read the text so far as prompt; counted
+                // when the attempt is over.
+                self.seen = Some(Tokens { prompt, completion });
                 let merged = Tokens {
                     prompt: prompt.saturating_sub(c.relayed),
                     completion: completion + c.relayed,
                 };
-                self.ask.key.usage.tokens(merged);
-                v["usage"] = json!({
-                    "prompt_tokens": merged.prompt,
-                    "completion_tokens": merged.completion,
-                    "total_tokens": merged.prompt + merged.completion,
-                });
                 let only = v
                     .get("choices")
                     .and_then(Value::as_array)
                     .is_none_or(Vec::is_empty);
-                if only && self.ask.strip_usage {
+                let keep = match self.ask.client_usage {
+                    ClientUsage::Every => true,
+                    ClientUsage::Last => only,
+                    ClientUsage::None => false,
+                };
+                if keep {
+                    v["usage"] = json!({
+                        "prompt_tokens": merged.prompt,
+                        "completion_tokens": merged.completion,
+                        "total_tokens": merged.prompt + merged.completion,
+                    });
+                } else if only {
                     continue;
+                } else if let Some(o) = v.as_object_mut() {
+                    o.remove("usage");
                 }
             }
             out.extend_from_slice(b"data: ");
@@ -1024,7 +1100,8 @@ impl Relay {
     /// Continue the generation on another instance. `Ok(false)`: nothing
     /// to continue (the answer had finished).
     async fn failover(&mut self, why: &str) -> Result<bool, String> {
-        let inner = &*self.ask.state.inner;
+        let state = self.ask.state.clone();
+        let inner = &*state.inner;
         let cfg = &inner.config;
         if !cfg.stream_failover {
             return Err(why.to_string());
@@ -1044,12 +1121,10 @@ impl Relay {
         self.failovers += 1;
         let from = self.attempt.backend.clone();
         Counters::bump(&from.usage.failovers);
-        // What the broken attempt generated, counted on it.
+        // What the broken attempt generated, counted on it (as its engine
+        // last reported it, else the tokens it relayed).
         let before = self.continuing.as_ref().map_or(0, |c| c.relayed);
-        from.usage.tokens(Tokens {
-            prompt: 0,
-            completion: so_far.tokens.saturating_sub(before),
-        });
+        self.close_attempt(Some(so_far.tokens.saturating_sub(before)));
         let body = Bytes::from(body);
         let pool = self.pool.clone();
         let (attempt, head) = start(
@@ -1075,6 +1150,7 @@ impl Relay {
         );
         tracing::info!(from = %from.id, to = %attempt.backend.id, tokens = so_far.tokens, "stream continued on another instance");
         self.attempt = attempt;
+        self.ask.meter.served_by(&self.attempt.backend);
         self.continuing = Some(Continuing {
             id: so_far.id,
             created: so_far.created,
@@ -1189,7 +1265,7 @@ fn continuation(body: &[u8], path: &str, so_far: &SoFar) -> Option<Vec<u8>> {
         v.insert("prompt".into(), format!("{prompt}{}", so_far.text).into());
     }
     v.insert("stream".into(), true.into());
-    v.insert("stream_options".into(), json!({"include_usage": true}));
+    v.insert("stream_options".into(), usage_options());
     serde_json::to_vec(&v).ok()
 }
 

@@ -162,7 +162,17 @@ async fn generate(
     }
     let meta = ResponseMeta::new(endpoint, &state.model);
     if req.stream {
-        return Ok(stream_response(state, ticket, plan, req.include_usage, meta).into_response());
+        return Ok(stream_response(
+            state,
+            ticket,
+            plan,
+            Usage {
+                last: req.include_usage,
+                every: req.continuous_usage,
+            },
+            meta,
+        )
+        .into_response());
     }
     // Non-streaming: wait for a slot here; if the client goes away, axum
     // drops this future and the guards give the slot back.
@@ -193,6 +203,16 @@ fn data(v: &Value) -> Result<Event, Infallible> {
     Ok(Event::default().data(v.to_string()))
 }
 
+/// Which chunks of a stream carry the usage.
+#[derive(Clone, Copy)]
+struct Usage {
+    /// `include_usage`: a last chunk with no choices and the usage.
+    last: bool,
+    /// `continuous_usage_stats` (vLLM's): every chunk carries the usage so
+    /// far (prompt tokens, completion tokens generated until then, total).
+    every: bool,
+}
+
 /// SSE in OpenAI's chunk shapes, ending with `data: [DONE]`. The request
 /// waits for a slot inside the stream, so a client that disconnects while
 /// waiting or generating is dropped from the counts at once.
@@ -200,7 +220,7 @@ fn stream_response(
     state: Arc<SimState>,
     ticket: Ticket,
     plan: text::Plan,
-    include_usage: bool,
+    usage: Usage,
     meta: ResponseMeta,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let meta = Arc::new(meta);
@@ -215,20 +235,26 @@ fn stream_response(
             },
         )
     };
-    let role = openai::role_chunk(&meta).map(|v| data(&v));
+    let so_far = move |mut v: Value, n: u32| {
+        if usage.every {
+            v["usage"] = openai::usage(prompt_tokens, n);
+        }
+        v
+    };
+    let role = openai::role_chunk(&meta).map(|v| data(&so_far(v, 0)));
     let body = {
         let meta = meta.clone();
         let produced = produced.clone();
         tokens.map(move |t| {
-            produced.fetch_add(1, Ordering::Relaxed);
-            data(&openai::token_chunk(&meta, &t.text))
+            let n = produced.fetch_add(1, Ordering::Relaxed) + 1;
+            data(&so_far(openai::token_chunk(&meta, &t.text), n))
         })
     };
     let tail = stream::once(async move {
         let n = produced.load(Ordering::Relaxed);
         let finish = if n < max_tokens { "stop" } else { "length" };
-        let mut tail = vec![data(&openai::finish_chunk(&meta, finish))];
-        if include_usage {
+        let mut tail = vec![data(&so_far(openai::finish_chunk(&meta, finish), n))];
+        if usage.last {
             tail.push(data(&openai::usage_chunk(&meta, prompt_tokens, n)));
         }
         tail.push(Ok(Event::default().data("[DONE]")));

@@ -15,6 +15,9 @@ pub const MAX_TOKENS_LIMIT: u32 = 32_768;
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
+    /// vLLM's: usage (so far) in every chunk, not only the last.
+    #[serde(default)]
+    continuous_usage_stats: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +91,9 @@ pub struct GenRequest {
     pub max_tokens_given: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// `stream_options.continuous_usage_stats` with `include_usage` (vLLM's):
+    /// every chunk carries the usage so far.
+    pub continuous_usage: bool,
     /// The request's `seed`: with one, the text depends only on it and on
     /// the position of each token in the whole context, so a continuation
     /// of a partial answer (chat's `continue_final_message`, or a
@@ -164,7 +170,11 @@ impl GenRequest {
                     max_tokens_given: b.max_tokens.is_some(),
                     max_tokens: check_max_tokens(b.max_tokens)?,
                     stream: b.stream.unwrap_or(false),
-                    include_usage: b.stream_options.is_some_and(|o| o.include_usage),
+                    include_usage: b.stream_options.as_ref().is_some_and(|o| o.include_usage),
+                    continuous_usage: b
+                        .stream_options
+                        .as_ref()
+                        .is_some_and(|o| o.include_usage && o.continuous_usage_stats),
                     seed: b.seed.map(|s| s as u64),
                     context_tokens: prompt_tokens,
                 })
@@ -217,7 +227,11 @@ impl GenRequest {
                     max_tokens_given: max_tokens.is_some(),
                     max_tokens: check_max_tokens(max_tokens)?,
                     stream: b.stream.unwrap_or(false),
-                    include_usage: b.stream_options.is_some_and(|o| o.include_usage),
+                    include_usage: b.stream_options.as_ref().is_some_and(|o| o.include_usage),
+                    continuous_usage: b
+                        .stream_options
+                        .as_ref()
+                        .is_some_and(|o| o.include_usage && o.continuous_usage_stats),
                     seed: b.seed.map(|s| s as u64),
                     context_tokens: prompt_tokens,
                 })

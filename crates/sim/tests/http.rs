@@ -298,6 +298,62 @@ async fn completion_streaming_with_usage() {
 }
 
 #[tokio::test]
+async fn continuous_usage_stats_put_the_usage_so_far_in_every_chunk() {
+    let sim = Sim::start(args("m")).await;
+    let resp = sim
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "m", "stream": true, "max_tokens": 3,
+            "messages": [{"role": "user", "content": "p q"}],
+            "stream_options": {"include_usage": true, "continuous_usage_stats": true}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let data = sse_data(&resp.text().await.expect("body"));
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("json"))
+        .collect();
+    assert_eq!(chunks.len(), 1 + 3 + 1 + 1, "role, 3 tokens, finish, usage");
+    let prompt = chunks[0]["usage"]["prompt_tokens"]
+        .as_u64()
+        .expect("prompt");
+    let completions: Vec<u64> = chunks
+        .iter()
+        .map(|c| {
+            assert_eq!(c["usage"]["prompt_tokens"], prompt, "{c}");
+            assert_eq!(
+                c["usage"]["total_tokens"].as_u64(),
+                c["usage"]["completion_tokens"].as_u64().map(|n| n + prompt)
+            );
+            c["usage"]["completion_tokens"]
+                .as_u64()
+                .expect("completion")
+        })
+        .collect();
+    assert_eq!(completions, vec![0, 1, 2, 3, 3, 3]);
+    assert_eq!(chunks[5]["choices"], json!([]));
+    // Without it, only the last chunk has a usage.
+    let resp = sim
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "m", "stream": true, "max_tokens": 3,
+            "messages": [{"role": "user", "content": "p q"}],
+            "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    let data = sse_data(&resp.text().await.expect("body"));
+    let with_usage = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter(|c| c.get("usage").is_some_and(|u| !u.is_null()))
+        .count();
+    assert_eq!(with_usage, 1);
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn malformed_requests_and_unknown_models_get_openai_errors() {
     let sim = Sim::start(args("m")).await;
     let cases = [

@@ -2,19 +2,24 @@
 //! and `/api/v1/usage`: requests, errors and tokens per key and per instance.
 //!
 //! A key's secret (`gfk_...`) is returned once, by create; only its SHA-256
-//! digest is stored.
+//! digest is stored. A key may have limits (`rpm`, `tpm`, `monthly_budget`),
+//! which the router enforces; `PATCH` changes them, on every replica's
+//! router at once (the key cache forgets the key).
 
+use crate::audit::AuditTarget;
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::extract::ApiJson;
+use crate::extract::{ApiJson, ApiQuery};
+use crate::instances::parse_project_opt;
 use crate::views::ErrorBody;
 use crate::SharedState;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use gpufleet_control::{secrets, ControlError};
-use gpufleet_domain::ModelName;
+use gpufleet_domain::{KeyLimits, ModelName, Permission};
 use gpufleet_store::{ApiKeyId, ApiKeyRecord, NewApiKey, UsageScope};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -42,6 +47,76 @@ pub struct CreateApiKeyBody {
     #[serde(default)]
     #[schema(value_type = Option<Vec<ModelName>>, max_items = 100)]
     pub models: Option<Vec<String>>,
+    /// The project the key belongs to: it reaches that project's
+    /// instances only (default: `default` for the admin token, else the
+    /// caller's only project where they may manage keys).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9-]{0,38}$")]
+    pub project: Option<String>,
+    /// Requests per minute (any trailing 60 s); absent or null: no limit.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 10_000_000)]
+    pub rpm: Option<u64>,
+    /// Tokens (prompt and completion) per minute; absent or null: no limit.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 10_000_000_000_u64)]
+    pub tpm: Option<u64>,
+    /// What the key may be charged per calendar month (UTC), in the
+    /// currency of the instance prices; absent or null: no budget.
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub monthly_budget: Option<f64>,
+}
+
+/// `PATCH /api/v1/api-keys/{id}` body: the limits to change. An absent
+/// member is left as it is; null removes that limit.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchApiKeyBody {
+    /// Requests per minute; null: no limit.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 10_000_000)]
+    pub rpm: Option<Option<u64>>,
+    /// Tokens per minute; null: no limit.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 10_000_000_000_u64)]
+    pub tpm: Option<Option<u64>>,
+    /// Budget per calendar month; null: no budget.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<f64>, minimum = 0)]
+    pub monthly_budget: Option<Option<f64>>,
+}
+
+/// A member that is present (null or not) is `Some`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+impl PatchApiKeyBody {
+    /// `current` with this patch applied.
+    fn apply(&self, current: KeyLimits) -> KeyLimits {
+        KeyLimits {
+            rpm: self.rpm.unwrap_or(current.rpm),
+            tpm: self.tpm.unwrap_or(current.tpm),
+            monthly_budget: self.monthly_budget.unwrap_or(current.monthly_budget),
+        }
+    }
 }
 
 /// An API key (never with its secret).
@@ -56,6 +131,18 @@ pub struct ApiKeyView {
     pub created_at: DateTime<Utc>,
     /// When it was revoked; null while it works.
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The project it belongs to.
+    #[schema(value_type = String)]
+    pub project_id: gpufleet_domain::ProjectId,
+    /// Requests per minute; null: no limit.
+    pub rpm: Option<u64>,
+    /// Tokens per minute; null: no limit.
+    pub tpm: Option<u64>,
+    /// Budget per calendar month (UTC); null: no budget.
+    pub monthly_budget: Option<f64>,
+    /// What the key was charged this calendar month (UTC), as the routers
+    /// last flushed it (every `router.usage_flush_interval_ms`).
+    pub spent_this_month: f64,
 }
 
 impl From<&ApiKeyRecord> for ApiKeyView {
@@ -66,8 +153,40 @@ impl From<&ApiKeyRecord> for ApiKeyView {
             models: r.models.clone(),
             created_at: r.created_at,
             revoked_at: r.revoked_at,
+            project_id: r.project_id.clone(),
+            rpm: r.limits.rpm,
+            tpm: r.limits.tpm,
+            monthly_budget: r.limits.monthly_budget,
+            spent_this_month: 0.0,
         }
     }
+}
+
+impl ApiKeyView {
+    /// With what the key was charged this month (from `charges`).
+    pub fn with_charges(mut self, id: ApiKeyId, charges: &HashMap<ApiKeyId, f64>) -> Self {
+        self.spent_this_month = charges.get(&id).copied().unwrap_or(0.0);
+        self
+    }
+}
+
+/// The start of this calendar month, UTC.
+fn this_month() -> DateTime<Utc> {
+    use chrono::{Datelike, TimeZone};
+    let now = Utc::now();
+    Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or(now)
+}
+
+/// What each key was charged this month.
+async fn charges(state: &SharedState) -> Result<HashMap<ApiKeyId, f64>, ApiError> {
+    state
+        .fleet
+        .store()
+        .key_charges_since(this_month())
+        .await
+        .map_err(store_error)
 }
 
 /// A new key, with its secret: shown this once.
@@ -178,8 +297,21 @@ fn store_error(e: gpufleet_store::StoreError) -> ApiError {
     ApiError::from(ControlError::from(e))
 }
 
-/// Edge validation of a create body: name length, model names.
-fn validate(body: CreateApiKeyBody) -> Result<(String, Option<Vec<String>>), ApiError> {
+/// Limits in range, or 400 naming the field.
+fn validate_limits(limits: &KeyLimits) -> Result<(), ApiError> {
+    limits
+        .validate()
+        .map_err(|e| ApiError::invalid(e.field, format!("invalid {}: {}", e.field, e.message)))
+}
+
+/// Edge validation of a create body: name length, model names, limits.
+fn validate(body: CreateApiKeyBody) -> Result<(String, Option<Vec<String>>, KeyLimits), ApiError> {
+    let limits = KeyLimits {
+        rpm: body.rpm,
+        tpm: body.tpm,
+        monthly_budget: body.monthly_budget,
+    };
+    validate_limits(&limits)?;
     let name = body.name.trim().to_string();
     if name.is_empty() || body.name.chars().count() > MAX_NAME_CHARS {
         return Err(ApiError::invalid(
@@ -209,7 +341,7 @@ fn validate(body: CreateApiKeyBody) -> Result<(String, Option<Vec<String>>), Api
             Some(out)
         }
     };
-    Ok((name, models))
+    Ok((name, models, limits))
 }
 
 /// Create an API key; its secret is in `key`, this once.
@@ -219,7 +351,8 @@ fn validate(body: CreateApiKeyBody) -> Result<(String, Option<Vec<String>>), Api
     responses(
         (status = 201, description = "Key created; `key` holds the secret, shown once", body = CreatedApiKey),
         (status = 400, description = "Malformed JSON, or invalid input (`field` names it)", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
         (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
     ),
@@ -227,9 +360,12 @@ fn validate(body: CreateApiKeyBody) -> Result<(String, Option<Vec<String>>), Api
 )]
 pub async fn create(
     State(state): State<SharedState>,
+    caller: Caller,
     ApiJson(body): ApiJson<CreateApiKeyBody>,
-) -> Result<(StatusCode, Json<CreatedApiKey>), ApiError> {
-    let (name, models) = validate(body)?;
+) -> Result<(StatusCode, Extension<AuditTarget>, Json<CreatedApiKey>), ApiError> {
+    let asked = parse_project_opt(body.project.as_deref(), "project")?;
+    let (name, models, limits) = validate(body)?;
+    let project = caller.project_for_create(asked, Permission::ManageKeys)?;
     let secret = secrets::generate(KEY_PREFIX);
     let rec = state
         .fleet
@@ -240,12 +376,18 @@ pub async fn create(
             key_hash: secrets::digest(&secret),
             models,
             created_at: Utc::now(),
+            project_id: project.clone(),
+            limits,
         })
         .await
         .map_err(store_error)?;
     tracing::info!(api_key_id = %rec.id, name = %rec.name, "API key created");
     Ok((
         StatusCode::CREATED,
+        Extension(
+            AuditTarget::new(rec.id, Some(&project))
+                .with_message(format!("API key {:?} created", rec.name)),
+        ),
         Json(CreatedApiKey {
             api_key: ApiKeyView::from(&rec),
             key: secret,
@@ -256,22 +398,85 @@ pub async fn create(
 /// Every API key, revoked ones too, oldest first.
 #[utoipa::path(
     get, path = "/api/v1/api-keys", tag = "api-keys",
+    params(ProjectParam),
     responses(
+        (status = 400, description = "Bad query parameter (names it)", body = ErrorBody),
         (status = 200, description = "The keys (without secrets)", body = ApiKeyList),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
-pub async fn list(State(state): State<SharedState>) -> Result<Json<ApiKeyList>, ApiError> {
-    let keys = state
+pub async fn list(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<ProjectParam>,
+) -> Result<Json<ApiKeyList>, ApiError> {
+    let projects = caller.project_filter(parse_project_opt(q.project.as_deref(), "project")?);
+    let mut keys = state
         .fleet
         .store()
         .list_api_keys()
         .await
         .map_err(store_error)?;
+    if let Some(ps) = &projects {
+        keys.retain(|k| ps.contains(&k.project_id));
+    }
+    let charges = charges(&state).await?;
     Ok(Json(ApiKeyList {
-        api_keys: keys.iter().map(ApiKeyView::from).collect(),
+        api_keys: keys
+            .iter()
+            .map(|k| ApiKeyView::from(k).with_charges(k.id, &charges))
+            .collect(),
     }))
+}
+
+/// Change a key's limits (`rpm`, `tpm`, `monthly_budget`; null removes
+/// one). Every replica's router applies them from its next request.
+#[utoipa::path(
+    patch, path = "/api/v1/api-keys/{id}", tag = "api-keys",
+    params(("id" = ApiKeyIdSchema, Path, description = "API key id (`ak-` and 32 lowercase hex digits)")),
+    request_body = PatchApiKeyBody,
+    responses(
+        (status = 200, description = "The key with its new limits", body = ApiKeyView),
+        (status = 400, description = "Malformed id or JSON, or a limit out of range (`field` names it)", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
+        (status = 404, description = "No such key", body = ErrorBody),
+        (status = 413, description = "Body over 1 MiB", body = ErrorBody),
+        (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn patch(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiKeyIdPath(id): ApiKeyIdPath,
+    ApiJson(body): ApiJson<PatchApiKeyBody>,
+) -> Result<(Extension<AuditTarget>, Json<ApiKeyView>), ApiError> {
+    let store = state.fleet.store();
+    let current = reach(&state, &caller, id, Permission::ManageKeys).await?;
+    let limits = body.apply(current.limits);
+    validate_limits(&limits)?;
+    let rec = store
+        .set_api_key_limits(id, limits)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| ApiError::not_found(format!("API key {id} not found")))?;
+    // This replica's router reads the key again now; the others hear it
+    // from the database.
+    state.fleet.api_key_changed(&rec.key_hash);
+    tracing::info!(api_key_id = %rec.id, rpm = ?limits.rpm, tpm = ?limits.tpm, monthly_budget = ?limits.monthly_budget, "API key limits changed");
+    let charges = charges(&state).await?;
+    Ok((
+        Extension(
+            AuditTarget::new(rec.id, Some(&rec.project_id)).with_message(format!(
+                "limits: rpm {:?}, tpm {:?}, monthly budget {:?}",
+                limits.rpm, limits.tpm, limits.monthly_budget
+            )),
+        ),
+        Json(ApiKeyView::from(&rec).with_charges(rec.id, &charges)),
+    ))
 }
 
 /// Revoke an API key (idempotent). The router stops accepting it within
@@ -282,15 +487,18 @@ pub async fn list(State(state): State<SharedState>) -> Result<Json<ApiKeyList>, 
     responses(
         (status = 200, description = "The key, revoked", body = ApiKeyView),
         (status = 400, description = "Malformed id", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
         (status = 404, description = "No such key", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn revoke(
     State(state): State<SharedState>,
+    caller: Caller,
     ApiKeyIdPath(id): ApiKeyIdPath,
-) -> Result<Json<ApiKeyView>, ApiError> {
+) -> Result<(Extension<AuditTarget>, Json<ApiKeyView>), ApiError> {
+    reach(&state, &caller, id, Permission::ManageKeys).await?;
     let rec = state
         .fleet
         .store()
@@ -302,32 +510,103 @@ pub async fn revoke(
     // the database.
     state.fleet.api_key_changed(&rec.key_hash);
     tracing::info!(api_key_id = %rec.id, "API key revoked");
-    Ok(Json(ApiKeyView::from(&rec)))
+    let charges = charges(&state).await?;
+    Ok((
+        Extension(AuditTarget::new(rec.id, Some(&rec.project_id))),
+        Json(ApiKeyView::from(&rec).with_charges(rec.id, &charges)),
+    ))
+}
+
+/// `?project=`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectParam {
+    /// Only this project's.
+    #[param(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9-]{0,38}$")]
+    pub project: Option<String>,
+}
+
+/// The key, if the caller may do `need` in its project; another project's
+/// key answers as a missing one.
+async fn reach(
+    state: &SharedState,
+    caller: &Caller,
+    id: ApiKeyId,
+    need: Permission,
+) -> Result<ApiKeyRecord, ApiError> {
+    let not_found = || ApiError::not_found(format!("API key {id} not found"));
+    let rec = state
+        .fleet
+        .store()
+        .get_api_key(id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(not_found)?;
+    caller.check(&rec.project_id, need, not_found)?;
+    Ok(rec)
 }
 
 /// Requests, errors and tokens per API key and per instance.
 #[utoipa::path(
     get, path = "/api/v1/usage", tag = "api-keys",
+    params(ProjectParam),
     responses(
+        (status = 400, description = "Bad query parameter (names it)", body = ErrorBody),
         (status = 200, description = "Running totals", body = UsageReport),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
-pub async fn usage(State(state): State<SharedState>) -> Result<Json<UsageReport>, ApiError> {
+pub async fn usage(
+    State(state): State<SharedState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<ProjectParam>,
+) -> Result<Json<UsageReport>, ApiError> {
+    let projects = caller.project_filter(parse_project_opt(q.project.as_deref(), "project")?);
     let store = state.fleet.store();
     let names: HashMap<String, String> = store
         .list_api_keys()
         .await
         .map_err(store_error)?
         .into_iter()
+        .filter(|k| {
+            projects
+                .as_ref()
+                .is_none_or(|ps| ps.contains(&k.project_id))
+        })
         .map(|k| (k.id.to_string(), k.name))
         .collect();
+    // The instances whose usage the caller may see (archived ones too).
+    let instances: Option<std::collections::HashSet<String>> = match &projects {
+        None => None,
+        Some(ps) => Some(
+            store
+                .list_instances(&gpufleet_store::InstanceFilter {
+                    include_archived: true,
+                    projects: Some(ps.clone()),
+                    ..Default::default()
+                })
+                .await
+                .map_err(store_error)?
+                .into_iter()
+                .map(|r| r.id.to_string())
+                .collect(),
+        ),
+    };
     let mut report = UsageReport {
         keys: vec![],
         instances: vec![],
     };
     for u in store.list_usage().await.map_err(store_error)? {
+        let visible = match u.scope {
+            UsageScope::Key => names.contains_key(&u.subject),
+            UsageScope::Instance => instances.as_ref().is_none_or(|s| s.contains(&u.subject)),
+        };
+        if !visible {
+            continue;
+        }
         let view = UsageView {
             name: match u.scope {
                 UsageScope::Key => names.get(&u.subject).cloned(),
@@ -356,17 +635,92 @@ pub async fn usage(State(state): State<SharedState>) -> Result<Json<UsageReport>
 mod tests {
     use super::*;
 
+    fn body(name: &str) -> CreateApiKeyBody {
+        CreateApiKeyBody {
+            name: name.into(),
+            models: None,
+            rpm: None,
+            tpm: None,
+            monthly_budget: None,
+            project: None,
+        }
+    }
+
+    #[test]
+    fn limits_are_validated_naming_the_field() {
+        for (json, field) in [
+            (r#"{"name":"k","rpm":0}"#, "rpm"),
+            (r#"{"name":"k","rpm":-1}"#, "rpm"),
+            (r#"{"name":"k","rpm":"10"}"#, "rpm"),
+            (r#"{"name":"k","tpm":0}"#, "tpm"),
+            (r#"{"name":"k","monthly_budget":-0.5}"#, "monthly_budget"),
+            (r#"{"name":"k","monthly_budget":"1"}"#, "monthly_budget"),
+        ] {
+            let e = crate::extract::decode_json::<CreateApiKeyBody>(json.as_bytes())
+                .and_then(validate)
+                .unwrap_err();
+            assert_eq!(e.field(), Some(field), "{json}");
+        }
+        let (_, _, l) = validate(CreateApiKeyBody {
+            rpm: Some(60),
+            tpm: Some(1000),
+            monthly_budget: Some(0.0),
+            ..body("k")
+        })
+        .unwrap();
+        assert_eq!(
+            l,
+            KeyLimits {
+                rpm: Some(60),
+                tpm: Some(1000),
+                monthly_budget: Some(0.0)
+            }
+        );
+    }
+
+    #[test]
+    fn a_patch_changes_what_it_names_and_null_removes() {
+        let current = KeyLimits {
+            rpm: Some(10),
+            tpm: Some(100),
+            monthly_budget: Some(5.0),
+        };
+        let p: PatchApiKeyBody =
+            serde_json::from_str(r#"{"rpm": 20, "monthly_budget": null}"#).unwrap();
+        assert_eq!(
+            p.apply(current),
+            KeyLimits {
+                rpm: Some(20),
+                tpm: Some(100),
+                monthly_budget: None
+            }
+        );
+        let p: PatchApiKeyBody = serde_json::from_str("{}").unwrap();
+        assert_eq!(p.apply(current), current);
+        let e = crate::extract::decode_json::<PatchApiKeyBody>(br#"{"tpm": "x"}"#).unwrap_err();
+        assert_eq!(e.field(), Some("tpm"));
+    }
+
     #[test]
     fn validates_names_and_models() {
         let ok = validate(CreateApiKeyBody {
             name: " ci ".into(),
             models: Some(vec!["a/b".into(), "a/b".into()]),
+            ..body("x")
         })
         .unwrap();
-        assert_eq!(ok, ("ci".to_string(), Some(vec!["a/b".to_string()])));
+        assert_eq!(
+            ok,
+            (
+                "ci".to_string(),
+                Some(vec!["a/b".to_string()]),
+                KeyLimits::default()
+            )
+        );
         let e = validate(CreateApiKeyBody {
             name: "".into(),
             models: None,
+            ..body("x")
         })
         .unwrap_err();
         assert_eq!(e.field(), Some("name"));
@@ -374,17 +728,20 @@ mod tests {
         assert!(validate(CreateApiKeyBody {
             name: "x".repeat(100),
             models: None,
+            ..body("x")
         })
         .is_ok());
         let e = validate(CreateApiKeyBody {
             name: format!("{} ", "x".repeat(100)),
             models: None,
+            ..body("x")
         })
         .unwrap_err();
         assert_eq!(e.field(), Some("name"));
         let e = validate(CreateApiKeyBody {
             name: "x".into(),
             models: Some(vec!["ok".into(), "bad name with spaces".into()]),
+            ..body("x")
         })
         .unwrap_err();
         assert_eq!(e.field(), Some("models[1]"));

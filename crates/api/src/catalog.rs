@@ -65,20 +65,26 @@ pub async fn instance_types(
     }))
 }
 
-/// Models instances may serve, with how many ready instances serve each.
+/// Models instances may serve, with how many ready instances of the
+/// caller's projects serve each.
 #[utoipa::path(
     get, path = "/api/v1/models", tag = "catalog",
     responses(
         (status = 200, description = "Models", body = ModelList),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
-pub async fn models(State(state): State<SharedState>) -> Result<Json<ModelList>, ApiError> {
+pub async fn models(
+    State(state): State<SharedState>,
+    caller: crate::auth::Caller,
+) -> Result<Json<ModelList>, ApiError> {
+    // Ready instances of the projects the caller may read only.
     let ready = state
         .fleet
         .list_instances(&InstanceFilter {
             statuses: vec![InstanceStatus::Ready],
+            projects: caller.project_filter(None),
             ..InstanceFilter::default()
         })
         .await?;

@@ -19,6 +19,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     field: Option<String>,
+    /// The project of the resource refused (for the audit log only).
+    project: Option<gpufleet_domain::ProjectId>,
 }
 
 impl ApiError {
@@ -28,7 +30,15 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            project: None,
         }
+    }
+
+    /// Name the project of the resource refused, for the audit log (never
+    /// shown to the client).
+    pub fn in_project(mut self, project: &gpufleet_domain::ProjectId) -> Self {
+        self.project = Some(project.clone());
+        self
     }
 
     /// 400 `invalid_request` naming the offending field.
@@ -47,6 +57,15 @@ impl ApiError {
     /// 401 `unauthorized` (answered with `WWW-Authenticate: Bearer`).
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 403 `csrf`: a cookie-authenticated write without the CSRF header.
+    pub fn csrf() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "csrf",
+            "missing or wrong `x-csrf-token` header (send the `gpufleet_csrf` cookie's value)",
+        )
     }
 
     /// 403 `forbidden`: valid credentials, wrong resource.
@@ -167,6 +186,13 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(p) = self.project {
+            resp.extensions_mut().insert(crate::audit::AuditTarget {
+                id: None,
+                project: Some(p),
+                message: Some(self.message),
+            });
         }
         resp
     }

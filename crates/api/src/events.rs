@@ -16,7 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Extension;
 use futures::stream::{self, Stream, StreamExt};
 use gpufleet_control::{Fleet, InstanceChange};
-use gpufleet_domain::InstanceId;
+use gpufleet_domain::{InstanceId, ProjectId};
 use gpufleet_store::InstanceFilter;
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
@@ -57,6 +57,7 @@ pub struct StreamParams {
 )]
 pub async fn stream(
     State(state): State<SharedState>,
+    caller: crate::auth::Caller,
     shutdown: Option<Extension<StreamsShutdown>>,
     ApiQuery(params): ApiQuery<StreamParams>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
@@ -68,11 +69,13 @@ pub async fn stream(
     // Subscribe before reading the snapshot: a change racing the read shows up
     // as an event after it rather than being lost.
     let rx = state.fleet.subscribe();
-    let first = snapshot(&state.fleet, only).await?;
+    let projects = caller.visible_projects();
+    let first = snapshot(&state.fleet, only, &projects).await?;
     let feed = Feed {
         fleet: state.fleet.clone(),
         rx,
         only,
+        projects,
     };
     let events = stream::once(async move { json_event(names::SNAPSHOT, None, &first) })
         .chain(stream::unfold(feed, Feed::next))
@@ -87,8 +90,16 @@ pub async fn stream(
 }
 
 /// Current non-archived instances (or the one asked for).
-async fn snapshot(fleet: &Fleet, only: Option<InstanceId>) -> Result<InstanceList, ApiError> {
-    let mut records = fleet.list_instances(&InstanceFilter::default()).await?;
+async fn snapshot(
+    fleet: &Fleet,
+    only: Option<InstanceId>,
+    projects: &Option<Vec<ProjectId>>,
+) -> Result<InstanceList, ApiError> {
+    let filter = InstanceFilter {
+        projects: projects.clone(),
+        ..InstanceFilter::default()
+    };
+    let mut records = fleet.list_instances(&filter).await?;
     if let Some(id) = only {
         records.retain(|r| r.id == id);
     }
@@ -99,6 +110,8 @@ struct Feed {
     fleet: Fleet,
     rx: Receiver<InstanceChange>,
     only: Option<InstanceId>,
+    /// The projects the subscriber may see (`None`: all).
+    projects: Option<Vec<ProjectId>>,
 }
 
 impl Feed {
@@ -110,13 +123,18 @@ impl Feed {
                     if self.only.is_some_and(|id| id != change.instance.id) {
                         continue;
                     }
+                    if let Some(ps) = &self.projects {
+                        if !ps.contains(&change.instance.project_id) {
+                            continue;
+                        }
+                    }
                     let view = InstanceView::from(&change.instance);
                     let ev = json_event(names::INSTANCE, Some(view.generation), &view);
                     return Some((ev, self));
                 }
                 Err(RecvError::Lagged(missed)) => {
                     tracing::debug!(missed, "event stream subscriber lagged; sending a resync");
-                    match snapshot(&self.fleet, self.only).await {
+                    match snapshot(&self.fleet, self.only, &self.projects).await {
                         Ok(list) => return Some((json_event(names::RESYNC, None, &list), self)),
                         // Already logged by ApiError; the client reconnects and gets a snapshot.
                         Err(_) => return None,

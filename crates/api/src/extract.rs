@@ -39,6 +39,13 @@ where
         let bytes = Bytes::from_request(req, state)
             .await
             .map_err(|r| bytes_rejection(r, limit))?;
+        // Every body this API takes is an object: serde would also read a
+        // struct from an array (`[null, null]`), which no client means.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            ));
+        }
         decode_json(&bytes).map(ApiJson)
     }
 }
@@ -168,6 +175,30 @@ impl<S: Send + Sync> FromRequestParts<S> for DeploymentIdPath {
         raw.parse()
             .map(DeploymentIdPath)
             .map_err(|e| ApiError::invalid("id", e.to_string()))
+    }
+}
+
+/// The `{id}` and `{user_id}` path parameters of a project member; a
+/// malformed one is 400 naming it.
+#[derive(Debug, Clone)]
+pub struct MemberPath(pub gpufleet_domain::ProjectId, pub gpufleet_domain::UserId);
+
+impl<S: Send + Sync> FromRequestParts<S> for MemberPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path((id, user_id)) = Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map_err(|r| ApiError::invalid("id", format!("invalid path: {}", r.body_text())))?;
+        let project = id
+            .parse()
+            .map_err(|e: gpufleet_domain::IdParseError| ApiError::invalid("id", e.to_string()))?;
+        let user = user_id
+            .parse()
+            .map_err(|e: gpufleet_domain::IdParseError| {
+                ApiError::invalid("user_id", e.to_string())
+            })?;
+        Ok(MemberPath(project, user))
     }
 }
 

@@ -1,5 +1,7 @@
 //! `/api/v1/instances`: create, list, get, terminate, archive, timeline, metrics.
 
+use crate::audit::AuditTarget;
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{ApiJson, ApiQuery, InstanceIdPath};
 use crate::views::{
@@ -9,11 +11,11 @@ use crate::views::{
 use crate::SharedState;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use gpufleet_control::CreateInstances;
 use gpufleet_domain::metrics::{parse_step, Step};
-use gpufleet_domain::{InstanceId, InstanceStatus, ModelName, ProviderName};
+use gpufleet_domain::{InstanceId, InstanceStatus, ModelName, Permission, ProjectId, ProviderName};
 use gpufleet_store::InstanceFilter;
 use serde::Deserialize;
 
@@ -31,7 +33,8 @@ const METRICS_MAX_LIMIT: i64 = 1000;
     responses(
         (status = 202, description = "Instances recorded; provisioning starts", body = CreatedInstances),
         (status = 400, description = "Malformed JSON, or invalid input (`field` names it: e.g. an unknown provider, instance type, zone or model, or `count` out of range)", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
         (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
         (status = 503, description = "The provider's catalog is unavailable; retry", body = ErrorBody),
@@ -40,12 +43,53 @@ const METRICS_MAX_LIMIT: i64 = 1000;
 )]
 pub async fn create(
     State(state): State<SharedState>,
+    caller: Caller,
     ApiJson(body): ApiJson<CreateInstancesBody>,
-) -> Result<(StatusCode, Json<CreatedInstances>), ApiError> {
+) -> Result<(StatusCode, Extension<AuditTarget>, Json<CreatedInstances>), ApiError> {
+    let asked = parse_project_opt(body.project.as_deref(), "project")?;
     let req = validate_create(body, state.fleet.config().max_instances_per_request)?;
-    let created = state.fleet.create_instances(req).await?;
+    let project = caller.project_for_create(asked, Permission::Operate)?;
+    let created = state
+        .fleet
+        .create_instances_in(project.clone(), req)
+        .await?;
+    let ids: Vec<String> = created.iter().map(|r| r.id.to_string()).collect();
     let instances = created.iter().map(InstanceView::from).collect();
-    Ok((StatusCode::ACCEPTED, Json(CreatedInstances { instances })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Extension(
+            AuditTarget::new(ids.join(","), Some(&project))
+                .with_message(format!("{} instance(s) created", ids.len())),
+        ),
+        Json(CreatedInstances { instances }),
+    ))
+}
+
+/// An optional `project` field or parameter.
+pub(crate) fn parse_project_opt(
+    raw: Option<&str>,
+    field: &'static str,
+) -> Result<Option<ProjectId>, ApiError> {
+    raw.map(|p| {
+        p.parse::<ProjectId>()
+            .map_err(|e| ApiError::invalid(field, e.to_string()))
+    })
+    .transpose()
+}
+
+/// The instance, if the caller may do `need` in its project; a project
+/// the caller has no role in answers as if the instance did not exist.
+async fn reach(
+    state: &SharedState,
+    caller: &Caller,
+    id: InstanceId,
+    need: Permission,
+) -> Result<gpufleet_store::InstanceRecord, ApiError> {
+    let rec = state.fleet.get_instance(id).await?;
+    caller.check(&rec.project_id, need, || {
+        ApiError::not_found(format!("instance {id} not found"))
+    })?;
+    Ok(rec)
 }
 
 /// Edge validation: names parse, count in range. Existence checks are Fleet's.
@@ -105,6 +149,9 @@ pub struct ListParams {
     /// At most this many instances (at least 1).
     #[param(minimum = 1)]
     pub limit: Option<i64>,
+    /// Only this project's instances.
+    #[param(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9-]{0,38}$")]
+    pub project: Option<String>,
 }
 
 impl ListParams {
@@ -130,6 +177,7 @@ impl ListParams {
             statuses,
             include_archived: self.include_archived.unwrap_or(false),
             provider,
+            projects: None,
             limit,
         })
     }
@@ -153,15 +201,19 @@ fn check_limit(limit: i64, max: i64) -> Result<i64, ApiError> {
     responses(
         (status = 200, description = "Instances", body = InstanceList),
         (status = 400, description = "Bad query parameter", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn list(
     State(state): State<SharedState>,
+    caller: Caller,
     ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<InstanceList>, ApiError> {
-    let filter = params.filter()?;
+    let project = parse_project_opt(params.project.as_deref(), "project")?;
+    let mut filter = params.filter()?;
+    filter.projects = caller.project_filter(project);
     let records = state.fleet.list_instances(&filter).await?;
     Ok(Json(InstanceList::from_records(&records)))
 }
@@ -173,16 +225,18 @@ pub async fn list(
     responses(
         (status = 200, description = "The instance", body = InstanceView),
         (status = 400, description = "Malformed id", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn get(
     State(state): State<SharedState>,
+    caller: Caller,
     InstanceIdPath(id): InstanceIdPath,
 ) -> Result<Json<InstanceView>, ApiError> {
-    let rec = state.fleet.get_instance(id).await?;
+    let rec = reach(&state, &caller, id, Permission::Read).await?;
     Ok(Json(InstanceView::from(&rec)))
 }
 
@@ -193,7 +247,8 @@ pub async fn get(
     responses(
         (status = 202, description = "Termination requested (or already under way)", body = InstanceView),
         (status = 400, description = "Malformed id", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
         (status = 409, description = "The instance cannot be terminated now", body = ErrorBody),
     ),
@@ -201,10 +256,16 @@ pub async fn get(
 )]
 pub async fn terminate(
     State(state): State<SharedState>,
+    caller: Caller,
     InstanceIdPath(id): InstanceIdPath,
-) -> Result<(StatusCode, Json<InstanceView>), ApiError> {
+) -> Result<(StatusCode, Extension<AuditTarget>, Json<InstanceView>), ApiError> {
+    reach(&state, &caller, id, Permission::Operate).await?;
     let rec = state.fleet.terminate_instance(id).await?;
-    Ok((StatusCode::ACCEPTED, Json(InstanceView::from(&rec))))
+    Ok((
+        StatusCode::ACCEPTED,
+        Extension(AuditTarget::new(id, Some(&rec.project_id))),
+        Json(InstanceView::from(&rec)),
+    ))
 }
 
 /// Hide a terminated (or cleaned-up failed) instance from default listings.
@@ -214,7 +275,8 @@ pub async fn terminate(
     responses(
         (status = 200, description = "Archived", body = InstanceView),
         (status = 400, description = "Malformed id", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
         (status = 409, description = "Not terminated yet", body = ErrorBody),
     ),
@@ -222,10 +284,15 @@ pub async fn terminate(
 )]
 pub async fn archive(
     State(state): State<SharedState>,
+    caller: Caller,
     InstanceIdPath(id): InstanceIdPath,
-) -> Result<Json<InstanceView>, ApiError> {
+) -> Result<(Extension<AuditTarget>, Json<InstanceView>), ApiError> {
+    reach(&state, &caller, id, Permission::Operate).await?;
     let rec = state.fleet.archive_instance(id).await?;
-    Ok(Json(InstanceView::from(&rec)))
+    Ok((
+        Extension(AuditTarget::new(id, Some(&rec.project_id))),
+        Json(InstanceView::from(&rec)),
+    ))
 }
 
 /// Query of `GET /api/v1/instances/{id}/events`.
@@ -246,13 +313,15 @@ pub struct EventsParams {
     responses(
         (status = 200, description = "Timeline", body = Timeline),
         (status = 400, description = "Malformed id or query", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn timeline(
     State(state): State<SharedState>,
+    caller: Caller,
     InstanceIdPath(id): InstanceIdPath,
     ApiQuery(params): ApiQuery<EventsParams>,
 ) -> Result<Json<Timeline>, ApiError> {
@@ -260,6 +329,7 @@ pub async fn timeline(
         params.limit.unwrap_or(EVENTS_DEFAULT_LIMIT),
         EVENTS_MAX_LIMIT,
     )?;
+    reach(&state, &caller, id, Permission::Read).await?;
     let events = state.fleet.instance_events(id, params.after, limit).await?;
     Ok(Json(Timeline {
         instance_id: id,
@@ -296,13 +366,15 @@ pub struct MetricsParams {
     responses(
         (status = 200, description = "Samples (and series)", body = InstanceMetrics),
         (status = 400, description = "Malformed id or query; `field` names `from`, `to`, `step` or `limit`", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Your role does not allow this", body = ErrorBody),
         (status = 404, description = "No such instance", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn metrics(
     State(state): State<SharedState>,
+    caller: Caller,
     InstanceIdPath(id): InstanceIdPath,
     ApiQuery(params): ApiQuery<MetricsParams>,
 ) -> Result<Json<InstanceMetrics>, ApiError> {
@@ -311,6 +383,7 @@ pub async fn metrics(
         METRICS_MAX_LIMIT,
     )?;
     let window = history_window(&params)?;
+    reach(&state, &caller, id, Permission::Read).await?;
     let newest_first = state.fleet.instance_samples(id, limit).await?;
     let mut metrics = InstanceMetrics::from_newest_first(id, &newest_first);
     if let Some((from, to, step)) = window {
@@ -371,6 +444,7 @@ mod tests {
 
     fn body() -> CreateInstancesBody {
         CreateInstancesBody {
+            project: None,
             provider: "mock".into(),
             zone: None,
             instance_type: "t".into(),

@@ -9,12 +9,14 @@
 //! - `/healthz` (no auth), `/readyz` (no auth: the database answers)
 //! - `/metrics` (no auth, like a node exporter): Prometheus text format
 //! - `/api/v1/...` (admin bearer token): instances, deployments, catalog, models, the SSE
-//!   stream, task statuses, the OpenAPI document
+//!   stream, task statuses, spend, the OpenAPI document
 //! - `/internal/v1/agent/...` (agent bootstrap secret, then agent token)
 
+pub mod accounts;
 mod agent;
 pub mod api_keys;
-mod auth;
+pub mod audit;
+pub mod auth;
 mod catalog;
 mod deployments;
 pub mod downloads;
@@ -23,7 +25,10 @@ mod events;
 mod extract;
 mod instances;
 mod observability;
+pub mod oidc;
+pub mod oidc_routes;
 mod openapi;
+pub mod spend;
 mod system;
 pub mod views;
 
@@ -51,23 +56,44 @@ pub struct ApiState {
     pub agents: AgentService,
     pub catalogs: Catalogs,
     pub history: History,
+    /// Spend reports.
+    pub spend: gpufleet_control::Spend,
     /// The reconcilers' statuses.
     pub tasks: Tasks,
     pub telemetry: Arc<gpufleet_control::telemetry::Telemetry>,
     /// The token `/api/` callers present as `Authorization: Bearer <token>`.
     /// An empty token admits nobody.
     pub admin_token: String,
+    /// Users, projects, roles, sessions, tokens, the audit log.
+    pub accounts: gpufleet_control::Accounts,
+    /// Session cookies carry `Secure` (the public URL is https).
+    pub secure_cookies: bool,
+    /// Whether users may sign in with a password.
+    pub password_sign_in: bool,
+    /// Single sign-on, when configured.
+    pub sso: Option<std::sync::Arc<oidc_routes::Sso>>,
     /// More metric families for `/metrics` in the Prometheus text format
     /// (e.g. the OpenAI router's usage), appended to the control plane's own.
     pub extra_metrics: Option<ExtraMetrics>,
     /// The agent binary cloud machines download (`GET /downloads/gpufleet`).
     pub agent_binary: Option<downloads::AgentBinary>,
+    /// When set, `/metrics` answers only `Authorization: Bearer` with this
+    /// token (or the admin token); open otherwise.
+    pub metrics_token: Option<String>,
 }
 
 /// A source of extra `/metrics` text (Prometheus text format 0.0.4).
 pub type ExtraMetrics = std::sync::Arc<dyn Fn() -> String + Send + Sync>;
 
 impl ApiState {
+    /// Whether `sent` is the admin token (an empty one admits nobody).
+    /// Digests are compared, so not even the token's length shows in the
+    /// timing.
+    pub fn is_admin_token(&self, sent: &str) -> bool {
+        use gpufleet_control::secrets::{constant_time_eq, digest};
+        !self.admin_token.is_empty() && constant_time_eq(&digest(sent), &digest(&self.admin_token))
+    }
+
     pub fn new(control: &ControlPlane, admin_token: impl Into<String>) -> Self {
         Self {
             fleet: control.fleet.clone(),
@@ -75,17 +101,52 @@ impl ApiState {
             agents: control.agents.clone(),
             catalogs: control.catalogs.clone(),
             history: control.history.clone(),
+            spend: control.spend.clone(),
             tasks: control.tasks.clone(),
             telemetry: control.telemetry.clone(),
             admin_token: admin_token.into(),
+            accounts: control.accounts.clone(),
+            secure_cookies: false,
+            password_sign_in: true,
+            sso: None,
             extra_metrics: None,
             agent_binary: None,
+            metrics_token: None,
         }
     }
 
     /// Serve `binary` at `GET /downloads/gpufleet`.
     pub fn with_agent_binary(mut self, binary: downloads::AgentBinary) -> Self {
         self.agent_binary = Some(binary);
+        self
+    }
+
+    /// How users sign in: session length, passwords on or off, `Secure`
+    /// cookies (an https public URL), single sign-on.
+    pub fn with_sign_in(
+        mut self,
+        session_ttl: std::time::Duration,
+        password_sign_in: bool,
+        secure_cookies: bool,
+        oidc: Option<oidc::OidcConfig>,
+    ) -> Self {
+        self.accounts = self.accounts.with_session_ttl(session_ttl);
+        self.password_sign_in = password_sign_in;
+        self.secure_cookies = secure_cookies;
+        self.sso = oidc.map(|c| {
+            let http = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()
+                .unwrap_or_default();
+            oidc_routes::Sso::new(c, http)
+        });
+        self
+    }
+
+    /// Require `token` (or the admin token) of `/metrics` scrapers; `None`
+    /// leaves it open.
+    pub fn with_metrics_token(mut self, token: Option<String>) -> Self {
+        self.metrics_token = token.filter(|t| !t.is_empty());
         self
     }
 
@@ -139,13 +200,50 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics/fleet", get(observability::fleet))
         .route("/prometheus/targets", get(observability::targets))
         .route("/api-keys", post(api_keys::create).get(api_keys::list))
-        .route("/api-keys/{id}", axum::routing::delete(api_keys::revoke))
+        .route(
+            "/api-keys/{id}",
+            axum::routing::delete(api_keys::revoke).patch(api_keys::patch),
+        )
         .route("/usage", get(api_keys::usage))
-        // route_layer: unknown /api/ paths are 404, not 401.
+        .route("/spend", get(spend::report))
+        .route("/audit", get(audit::list))
+        .route("/auth/me", get(accounts::me))
+        .route("/auth/logout", post(accounts::logout))
+        .route(
+            "/tokens",
+            post(accounts::create_token).get(accounts::list_tokens),
+        )
+        .route(
+            "/tokens/{id}",
+            axum::routing::delete(accounts::revoke_token),
+        )
+        .route(
+            "/users",
+            post(accounts::create_user).get(accounts::list_users),
+        )
+        .route(
+            "/projects",
+            post(accounts::create_project).get(accounts::list_projects),
+        )
+        .route("/projects/{id}", get(accounts::get_project))
+        .route("/projects/{id}/members", get(accounts::list_members))
+        .route(
+            "/projects/{id}/members/{user_id}",
+            axum::routing::put(accounts::grant).delete(accounts::revoke),
+        )
+        // route_layer: unknown /api/ paths are 404, not 401. The audit
+        // layer is outside authentication, so refusals are recorded too.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
-            auth::require_admin,
-        ));
+            auth::authenticate,
+        ))
+        .route_layer(middleware::from_fn_with_state(state.clone(), audit::record));
+
+    // Signing in needs no credentials.
+    let public = Router::new()
+        .route("/auth/login", post(accounts::login))
+        .route("/auth/providers", get(accounts::providers));
+    let api = api.merge(public);
 
     let agent = Router::new()
         .route(paths::REGISTER, post(agent::register))
@@ -160,6 +258,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(system::readyz))
         .route("/metrics", get(observability::prometheus))
         .route(downloads::AGENT_BINARY_PATH, get(downloads::agent_binary))
+        .route(oidc_routes::LOGIN_PATH, get(oidc_routes::login))
+        .route(oidc_routes::CALLBACK_PATH, get(oidc_routes::callback))
         .nest("/api/v1", api)
         .merge(agent)
         .fallback(not_found)
@@ -222,21 +322,53 @@ pub async fn serve_with(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
+    // The peer's address reaches the handlers (`ConnectInfo`: the audit
+    // log's source address).
     match first {
         None => {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(signal)
-                .await
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(signal)
+            .await
         }
         Some(first) => {
             let service = FirstThen {
                 first,
                 rest: router,
+                peer: None,
             };
-            axum::serve(listener, tower::make::Shared::new(service))
+            axum::serve(listener, MakeFirstThen(service))
                 .with_graceful_shutdown(signal)
                 .await
         }
+    }
+}
+
+/// Makes a [`FirstThen`] per connection, knowing the peer's address.
+#[derive(Clone)]
+struct MakeFirstThen(FirstThen);
+
+impl<'a, L> tower::Service<axum::serve::IncomingStream<'a, L>> for MakeFirstThen
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
+    type Response = FirstThen;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<FirstThen, std::convert::Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, stream: axum::serve::IncomingStream<'a, L>) -> Self::Future {
+        let mut service = self.0.clone();
+        service.peer = Some(*stream.remote_addr());
+        std::future::ready(Ok(service))
     }
 }
 
@@ -245,6 +377,9 @@ pub async fn serve_with(
 struct FirstThen {
     first: Arc<dyn FirstHandler>,
     rest: Router,
+    /// The connection's peer, handed to the router's requests only (the
+    /// first handler's hot path allocates nothing for it).
+    peer: Option<std::net::SocketAddr>,
 }
 
 type FirstThenFuture = futures::future::Either<
@@ -267,11 +402,15 @@ impl tower::Service<axum::extract::Request> for FirstThen {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: axum::extract::Request) -> Self::Future {
+    fn call(&mut self, mut req: axum::extract::Request) -> Self::Future {
         use futures::FutureExt as _;
         if self.first.takes(&req) {
             futures::future::Either::Left(self.first.call(req).map(Ok as fn(_) -> _))
         } else {
+            if let Some(peer) = self.peer {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+            }
             futures::future::Either::Right(tower::Service::call(&mut self.rest, req))
         }
     }

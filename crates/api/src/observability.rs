@@ -88,14 +88,18 @@ pub(crate) async fn track(
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// The control plane's metrics for Prometheus (no auth, like a node
-/// exporter: serve it on a network you trust). The classic text format by
-/// default; OpenMetrics when the scraper asks for it in `Accept`.
+/// The control plane's metrics for Prometheus: open, like a node exporter,
+/// unless a metrics token is configured (`[auth] metrics_token` or
+/// `GPUFLEET_METRICS_TOKEN`); then the scraper sends it (or the admin
+/// token) as a bearer token. The labels name instances, models and
+/// projects. The classic text format by default; OpenMetrics when the
+/// scraper asks for it in `Accept`.
 #[utoipa::path(
     get, path = "/metrics", tag = "system",
     responses(
         (status = 200, description = "Prometheus text format 0.0.4 (or OpenMetrics 1.0 when `Accept` names `application/openmetrics-text`)",
          content((String = "text/plain"), (String = "application/openmetrics-text"))),
+        (status = 401, description = "A metrics token is configured and was not sent", body = ErrorBody),
         (status = 500, description = "The store could not be read", body = ErrorBody),
         (status = 503, description = "The metrics could not be encoded", body = ErrorBody),
     )
@@ -105,6 +109,19 @@ pub async fn prometheus(
     Extension(http): Extension<Arc<HttpMetrics>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if let Some(expected) = &state.metrics_token {
+        use gpufleet_control::secrets::{constant_time_eq, digest};
+        // Digests first, so that not even the token's length shows in the timing.
+        let allowed = crate::auth::bearer(&headers).is_some_and(|sent| {
+            constant_time_eq(&digest(sent), &digest(expected)) || state.is_admin_token(sent)
+        });
+        if !allowed {
+            return Err(ApiError::unauthorized(
+                "/metrics needs the metrics token: send Authorization: Bearer <token> \
+                 (Prometheus: authorization.credentials in the scrape config)",
+            ));
+        }
+    }
     let mut text = String::with_capacity(16 * 1024);
     state
         .telemetry
@@ -141,6 +158,9 @@ pub struct FleetParams {
     /// days; default 1h).
     #[param(pattern = "^[0-9]{1,9}[smhd]$", example = "1h")]
     pub window: Option<String>,
+    /// Only this project's instances (default: every project the caller
+    /// has a role in; everything for the admin token).
+    pub project: Option<gpufleet_domain::ProjectId>,
 }
 
 /// `<digits><s|m|h|d>` (nothing around it) in milliseconds.
@@ -163,19 +183,21 @@ fn parse_window(raw: &str) -> Option<i64> {
 }
 
 /// The fleet now (GPUs by status, mean GPU utilisation, VRAM used/total,
-/// power draw, price per hour of what is running) and over the window.
+/// power draw, price per hour of what is running) and over the window, of
+/// the projects the caller may read.
 #[utoipa::path(
     get, path = "/api/v1/metrics/fleet", tag = "metrics",
     params(FleetParams),
     responses(
         (status = 200, description = "Fleet figures", body = FleetMetricsView),
-        (status = 400, description = "Malformed `window`, or one outside 5 minutes to 30 days", body = ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 400, description = "Malformed `window` (or one outside 5 minutes to 30 days) or `project`", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn fleet(
     State(state): State<SharedState>,
+    caller: crate::auth::Caller,
     ApiQuery(params): ApiQuery<FleetParams>,
 ) -> Result<Json<FleetMetricsView>, ApiError> {
     let window_ms = match params.window.as_deref() {
@@ -196,7 +218,10 @@ pub async fn fleet(
                 )
             })?,
     };
-    let figures = state.history.fleet_metrics(window_ms).await?;
+    // What the caller may read: every project (the admin token) or theirs;
+    // another project asked for by name shows nothing.
+    let projects = caller.project_filter(params.project);
+    let figures = state.history.fleet_metrics(window_ms, projects).await?;
     Ok(Json(FleetMetricsView::from(&figures)))
 }
 
@@ -207,13 +232,16 @@ pub async fn fleet(
     get, path = "/api/v1/prometheus/targets", tag = "metrics",
     responses(
         (status = 200, description = "Target groups", body = Vec<ScrapeTargetGroup>),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Not the admin token", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
 pub async fn targets(
     State(state): State<SharedState>,
+    caller: crate::auth::Caller,
 ) -> Result<Json<Vec<ScrapeTargetGroup>>, ApiError> {
+    caller.require_admin()?;
     let targets = state.history.scrape_targets().await?;
     Ok(Json(targets.iter().map(ScrapeTargetGroup::from).collect()))
 }

@@ -3,7 +3,8 @@
 use crate::views::ErrorBody;
 use crate::SharedState;
 use crate::{
-    agent, api_keys, catalog, deployments, downloads, events, instances, observability, system,
+    accounts, agent, api_keys, audit, catalog, deployments, downloads, events, instances,
+    observability, spend, system,
 };
 use axum::extract::State;
 use axum::Json;
@@ -15,7 +16,7 @@ use utoipa::{Modify, OpenApi};
 #[openapi(
     info(
         title = "gpufleet",
-        description = "Control plane for GPU fleets serving LLMs. Every `/api/` route needs `Authorization: Bearer <admin token>`."
+        description = "Control plane for GPU fleets serving LLMs. Every `/api/` route but sign-in needs a caller: `Authorization: Bearer <admin token>` (everything), `Authorization: Bearer gfp_…` (a user's personal access token) or the console's session cookie (writes also send `x-csrf-token`). A user's role in a project (admin, operator, viewer) decides what they may do there; another project's resources answer 404."
     ),
     paths(
         instances::create,
@@ -41,7 +42,9 @@ use utoipa::{Modify, OpenApi};
         api_keys::create,
         api_keys::list,
         api_keys::revoke,
+        api_keys::patch,
         api_keys::usage,
+        spend::report,
         document,
         agent::register,
         agent::heartbeat,
@@ -52,7 +55,28 @@ use utoipa::{Modify, OpenApi};
         observability::targets,
         observability::prometheus,
         downloads::agent_binary,
+        accounts::login,
+        accounts::logout,
+        accounts::me,
+        accounts::providers,
+        accounts::create_token,
+        accounts::list_tokens,
+        accounts::revoke_token,
+        accounts::create_user,
+        accounts::list_users,
+        accounts::create_project,
+        accounts::list_projects,
+        accounts::get_project,
+        accounts::list_members,
+        accounts::grant,
+        accounts::revoke,
+        audit::list,
     ),
+    components(schemas(
+        gpufleet_domain::ProjectId,
+        gpufleet_domain::UserId,
+        gpufleet_domain::AccessTokenId
+    )),
     modifiers(&SecuritySchemes),
     tags(
         (name = "instances", description = "GPU instances serving a model"),
@@ -62,7 +86,11 @@ use utoipa::{Modify, OpenApi};
         (name = "system", description = "Health and background tasks"),
         (name = "metrics", description = "Fleet figures and Prometheus service discovery"),
         (name = "api-keys", description = "Keys of the OpenAI-compatible endpoint (/v1/...) and their usage"),
+        (name = "spend", description = "What the machines cost, per project, deployment, model or provider, and per million tokens"),
         (name = "agent", description = "Called by the worker agents, not by users"),
+        (name = "auth", description = "Signing in: sessions, personal access tokens"),
+        (name = "accounts", description = "Users, projects and their members' roles"),
+        (name = "audit", description = "Who changed what, when, and how it ended"),
     )
 )]
 pub struct ApiDoc;
@@ -77,7 +105,9 @@ impl Modify for SecuritySchemes {
             SecurityScheme::Http(
                 Http::builder()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("The admin token"))
+                    .description(Some(
+                        "The admin token, or a personal access token (`gfp_…`)",
+                    ))
                     .build(),
             ),
         );
@@ -158,6 +188,7 @@ mod tests {
             "/api/v1/api-keys",
             "/api/v1/api-keys/{id}",
             "/api/v1/usage",
+            "/api/v1/spend",
             "/healthz",
             "/readyz",
             "/metrics",
@@ -178,12 +209,46 @@ mod tests {
             "TaskStatus",
             "DeploymentView",
             "CreateDeploymentBody",
+            "SpendView",
         ] {
             assert!(schemas.contains_key(s), "missing schema {s}");
         }
         assert_eq!(
             doc["components"]["securitySchemes"]["bearer"]["scheme"],
             "bearer"
+        );
+    }
+}
+
+#[cfg(test)]
+mod spend_doc {
+    use utoipa::OpenApi;
+
+    #[test]
+    fn spend_parameters_are_exact_enums_and_patterns() {
+        let doc = serde_json::to_value(super::ApiDoc::openapi()).unwrap();
+        let params = doc["paths"]["/api/v1/spend"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let schema = |name: &str| {
+            params
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap_or_else(|| panic!("no {name}"))["schema"]
+                .clone()
+        };
+        assert_eq!(
+            schema("group_by")["enum"],
+            serde_json::json!(["project", "deployment", "model", "provider"])
+        );
+        assert_eq!(schema("step")["enum"], serde_json::json!(["1h", "1d"]));
+        assert_eq!(schema("from")["format"], "date-time");
+        assert_eq!(schema("to")["format"], "date-time");
+        assert_eq!(schema("project")["$ref"], "#/components/schemas/ProjectId");
+        assert_eq!(
+            doc["components"]["schemas"]["ProjectId"]["pattern"],
+            gpufleet_domain::ProjectId::PATTERN
         );
     }
 }

@@ -54,12 +54,17 @@ pub async fn readyz(State(state): State<SharedState>) -> (axum::http::StatusCode
     get, path = "/api/v1/system/tasks", tag = "system",
     responses(
         (status = 200, description = "Task statuses", body = TaskList),
-        (status = 401, description = "Missing or wrong admin token", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 403, description = "Not the admin token", body = ErrorBody),
     ),
     security(("bearer" = []))
 )]
-pub async fn tasks(State(state): State<SharedState>) -> Json<TaskList> {
-    Json(TaskList {
+pub async fn tasks(
+    State(state): State<SharedState>,
+    caller: crate::auth::Caller,
+) -> Result<Json<TaskList>, crate::ApiError> {
+    caller.require_admin()?;
+    Ok(Json(TaskList {
         tasks: state.tasks.statuses(),
-    })
+    }))
 }

@@ -4,15 +4,22 @@
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{
     Autoscaling, DeploymentAction, DeploymentId, DeploymentState, FailureReason, HumanDuration,
-    InstanceId, InstanceStatus, InstanceType, ModelName, Placement, ProviderName, ReplicaBounds,
-    Zone,
+    InstanceId, InstanceStatus, InstanceType, ModelName, Placement, ProjectId, ProviderName,
+    ReplicaBounds, Zone,
 };
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
+pub use crate::spend::{SpendGroupView, SpendSeriesView, SpendTotalView, SpendView};
+
 /// `POST /api/v1/instances` body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateInstancesBody {
+    /// The project that will own them (default: `default` for the admin
+    /// token, else the caller's only project where they may operate).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9-]{0,38}$")]
+    pub project: Option<String>,
     /// Provider name, e.g. `mock`.
     #[schema(value_type = ProviderName)]
     pub provider: String,
@@ -86,6 +93,19 @@ pub struct InstanceView {
     pub generation: i64,
     /// The deployment this instance is a replica of (null: created on its own).
     pub deployment_id: Option<DeploymentId>,
+    /// The project that owns it.
+    pub project_id: ProjectId,
+    /// Its type's price per hour when it was created (null: unknown, an
+    /// instance created before prices were kept).
+    pub price_per_hour: Option<f64>,
+    /// Billable from: when the provider made its machine.
+    pub billing_started_at: Option<DateTime<Utc>>,
+    /// Billable until: when the provider said the machine is gone (null
+    /// while it is billable).
+    pub billing_ended_at: Option<DateTime<Utc>>,
+    /// What it has cost: billable time (until now while billable) × its
+    /// price per hour; null before its machine exists or without a price.
+    pub cost_so_far: Option<f64>,
 }
 
 /// `POST /api/v1/instances` answer (202).
@@ -230,6 +250,11 @@ impl From<&gpufleet_store::InstanceRecord> for InstanceView {
             last_heartbeat_at: r.last_heartbeat_at,
             generation: r.generation,
             deployment_id: r.deployment_id,
+            project_id: r.project_id.clone(),
+            price_per_hour: r.price_per_hour,
+            billing_started_at: r.billing_started_at,
+            billing_ended_at: r.billing_ended_at,
+            cost_so_far: gpufleet_control::spend::instance_cost(r, Utc::now()),
         }
     }
 }
@@ -674,6 +699,11 @@ mod metric_view_tests {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateDeploymentBody {
+    /// The project that will own it (default: `default` for the admin
+    /// token, else the caller's only project where they may operate).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9-]{0,38}$")]
+    pub project: Option<String>,
     /// 1–63 lowercase letters, digits and `-`; unique among deployments not deleted.
     #[schema(example = "qwen-7b", pattern = "^[a-z0-9][a-z0-9-]{0,62}$")]
     pub name: String,
@@ -737,6 +767,9 @@ pub struct DeploymentStatusView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeploymentView {
     pub id: DeploymentId,
+    /// The project that owns it.
+    #[schema(value_type = String)]
+    pub project_id: gpufleet_domain::ProjectId,
     pub name: String,
     #[schema(value_type = ModelName)]
     pub model: String,
@@ -762,6 +795,7 @@ impl From<&gpufleet_store::DeploymentRecord> for DeploymentView {
     fn from(d: &gpufleet_store::DeploymentRecord) -> Self {
         DeploymentView {
             id: d.id,
+            project_id: d.project_id.clone(),
             name: d.name.clone(),
             model: d.model.to_string(),
             state: d.state,

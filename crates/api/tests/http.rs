@@ -29,6 +29,41 @@ async fn healthz_and_readyz_need_no_token() {
 }
 
 #[tokio::test]
+async fn metrics_is_open_unless_a_metrics_token_is_set() {
+    let app = TestApp::spawn().await;
+    let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    const METRICS_TOKEN: &str = "scraper-token-0123456789";
+    let app = TestApp::spawn_with(|s, _| s.with_metrics_token(Some(METRICS_TOKEN.into()))).await;
+    let scrape = |token: Option<&str>| {
+        let mut r = app.client.get(app.url("/metrics"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    for wrong in [None, Some("scraper-token-012345678"), Some("nope")] {
+        let resp = scrape(wrong).await.unwrap();
+        let body: serde_json::Value = expect_json(resp, StatusCode::UNAUTHORIZED).await;
+        assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("metrics token"),
+            "{body}"
+        );
+    }
+    for right in [METRICS_TOKEN, ADMIN_TOKEN] {
+        let resp = scrape(Some(right)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = resp.text().await.unwrap();
+        assert!(text.contains("gpufleet_heartbeat_lag_seconds"), "{text}");
+    }
+}
+
+#[tokio::test]
 async fn api_routes_need_the_admin_token() {
     let app = TestApp::spawn().await;
     for (method, path) in [

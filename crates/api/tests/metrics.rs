@@ -389,6 +389,27 @@ async fn prometheus_exposition_passes_promtool() {
     })
     .await;
 
+    // Tokens served by `a` this hour, so its model has a cost per million.
+    let rec = app.fleet.get_instance(a).await.unwrap();
+    assert!(rec.billing_started_at.is_some() && rec.price_per_hour.is_some());
+    app.fleet
+        .store()
+        .add_hourly_usage(&[gpufleet_store::HourlyUsage {
+            hour: Utc::now(),
+            key_id: None,
+            instance_id: a,
+            project_id: rec.project_id.clone(),
+            model: rec.model.clone(),
+            deployment_id: None,
+            requests: 1,
+            errors: 0,
+            prompt_tokens: 1000,
+            completion_tokens: 500,
+            cost: 0.0,
+        }])
+        .await
+        .unwrap();
+
     // No token needed.
     let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -412,6 +433,12 @@ async fn prometheus_exposition_passes_promtool() {
         &format!("gpufleet_instance_gpu_utilization_percent{{instance_id=\"{a}\""),
         "gpufleet_instance_gpu_power_watts{",
         "gpufleet_instance_gpu_memory_total_bytes{",
+        "# TYPE gpufleet_instance_cost_per_hour gauge",
+        &format!("gpufleet_instance_cost_per_hour{{instance_id=\"{a}\",project=\"default\",provider=\"testcloud\""),
+        "# TYPE gpufleet_spend_month_to_date gauge",
+        "gpufleet_spend_month_to_date{project=\"default\"} ",
+        "# TYPE gpufleet_model_cost_per_million_tokens gauge",
+        &format!("gpufleet_model_cost_per_million_tokens{{model=\"{}\"}} ", rec.model),
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }

@@ -237,8 +237,14 @@ async fn every_operation_declares_what_bad_requests_get() {
         // unknown is 404 (the examples name nothing that exists).
         for p in op.params("path") {
             let name = p["name"].as_str().expect("name");
-            let (_, bad) = path_values(&f.doc, &p);
-            let bad_path = op.path.replace(&format!("{{{name}}}"), &bad);
+            // This one malformed, any other one well-formed.
+            let mut bad_path = op.path.clone();
+            for q in op.params("path") {
+                let other = q["name"].as_str().expect("name");
+                let (good, bad) = path_values(&f.doc, &q);
+                let value = if other == name { bad } else { good };
+                bad_path = bad_path.replace(&format!("{{{other}}}"), &value);
+            }
             let req = f.request(op, &bad_path);
             let got = answer(op, "malformed path parameter", req, Some(name)).await;
             assert_eq!(got, StatusCode::BAD_REQUEST, "{}", op.name());

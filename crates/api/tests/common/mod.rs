@@ -76,6 +76,12 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn() -> TestApp {
+        Self::spawn_with(|s, _| s).await
+    }
+
+    /// [`TestApp::spawn`], with the API's state changed by `configure`
+    /// (e.g. single sign-on), which is given the server's base URL.
+    pub async fn spawn_with(configure: impl FnOnce(ApiState, &str) -> ApiState) -> TestApp {
         let db = TestDb::fresh().await;
         let store = Store::connect(db.url()).await.expect("store connects");
 
@@ -107,7 +113,7 @@ impl TestApp {
 
         let stop = CancellationToken::new();
         let tasks = control.start(stop.clone());
-        let app = router(ApiState::new(&control, ADMIN_TOKEN));
+        let app = router(configure(ApiState::new(&control, ADMIN_TOKEN), &base));
         let server = tokio::spawn(serve(listener, app, stop.clone().cancelled_owned()));
 
         TestApp {

@@ -13,6 +13,21 @@
 //! task) send chat completions for `--secs` seconds after a short warm-up,
 //! closed-loop (as fast as answers come) or paced (`--rate` requests per
 //! second in all). Latency is request sent → last byte of the answer.
+//!
+//! With `--keys N --projects M [--limits]`: N API keys spread over M
+//! projects (each project gets an instance: `--instances` is raised to M),
+//! written to the database before the runs, every request with the next
+//! key; targets `keys` (N keys without limits) and, with `--limits`,
+//! `limits` (N other keys with rpm, tpm and a budget too high to refuse),
+//! run side by side in the same rounds. Every key is used once before the
+//! runs, and the key cache keeps them, so the runs measure the hot path.
+//! E.g. `gpufleet bench router --keys 10000 --projects 10 --limits
+//! --rate 1000 --connections 10 --rounds 5 --no-nginx`: `limits` against
+//! `keys` is the cost of the limits alone (same keys, projects, instances).
+//! With `--busy-projects 1`, `keys` and `limits` send only the default
+//! project's keys, to the instance `direct` and `router` use, while the
+//! router holds every project and key: against `router`, the cost of their
+//! number alone.
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
@@ -75,6 +90,24 @@ pub struct RouterBenchArgs {
     /// this binary and the baseline.
     #[arg(long)]
     pub sick: bool,
+    /// API keys the `keys` (and `limits`) targets spread their requests over.
+    #[arg(long, default_value_t = 0)]
+    pub keys: usize,
+    /// Projects the keys (and instances) are spread over.
+    #[arg(long, default_value_t = 1)]
+    pub projects: usize,
+    /// Also measure target `limits`: as many keys again, each with rpm, tpm
+    /// and a monthly budget (too high to refuse).
+    #[arg(long)]
+    pub limits: bool,
+    /// With `--projects`: the `keys` and `limits` targets send requests
+    /// with the keys of the first this many projects only (default: all).
+    /// `--busy-projects 1` keeps every request on the default project's
+    /// instance, the one `direct` and `router` use, while the router holds
+    /// every project's keys and pool: the cost of their number alone, not
+    /// of as many engines sharing the machine.
+    #[arg(long)]
+    pub busy_projects: Option<usize>,
 }
 
 /// Children and the temporary directory, cleaned up on drop.
@@ -149,6 +182,8 @@ struct Target {
     name: &'static str,
     addr: SocketAddr,
     auth: Option<String>,
+    /// `Authorization` values taken in turn (one per request), instead of `auth`.
+    keys: Option<Arc<Vec<String>>>,
     /// The proxy's processes, whose CPU time is charged to each request.
     proxy: Option<Procs>,
 }
@@ -253,6 +288,20 @@ pub(crate) async fn start_up(
     instances: u32,
     knobs: &Value,
 ) -> anyhow::Result<Up> {
+    start_up_in(setup, exe, dir, instances, knobs, "", &[]).await
+}
+
+/// [`start_up`] with `extra_toml` appended to the configuration, and the
+/// instances spread over `projects` (none: all in the default project).
+async fn start_up_in(
+    setup: &mut Setup,
+    exe: &Path,
+    dir: &Path,
+    instances: u32,
+    knobs: &Value,
+    extra_toml: &str,
+    projects: &[gpufleet_domain::ProjectId],
+) -> anyhow::Result<Up> {
     std::fs::create_dir_all(dir)?;
     let pool = format!(
         "127.{}.{}.0/24",
@@ -262,39 +311,11 @@ pub(crate) async fn start_up(
     let config = format!(
         "[control]\nheartbeat_interval_ms = 1000\nreconcile_interval_ms = 200\n\
          [control.engine]\nmodel_load_delay_ms = 0\n\
-         [mock]\nip_pool = \"{pool}\"\nip_delay_ms = 0\nboot_delay_ms = 0\n"
+         [mock]\nip_pool = \"{pool}\"\nip_delay_ms = 0\nboot_delay_ms = 0\n{extra_toml}\n"
     );
     std::fs::write(dir.join("config.toml"), config)?;
-    eprintln!("starting {} up in {}", exe.display(), dir.display());
-    let mut child = Command::new(exe)
-        .args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("data"))
-        .arg("--config")
-        .arg(dir.join("config.toml"))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(dir.join("up.log"))?))
-        .spawn()
-        .context("cannot start gpufleet up")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let pid = child.id();
-    setup.ups.push(child);
+    let (mut pid, up_addr) = spawn_up(setup, exe, dir, "127.0.0.1:0")?;
     setup.machines.push(dir.join("data/mock/machines"));
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let up_addr: SocketAddr = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .map_err(|_| anyhow!("gpufleet up did not start; see {}/up.log", dir.display()))?;
-        if let Some(a) = line.strip_prefix("gpufleet listening on http://") {
-            break a.trim().parse()?;
-        }
-    };
     let token = std::fs::read_to_string(dir.join("data/admin-token"))?
         .trim()
         .to_string();
@@ -321,6 +342,18 @@ pub(crate) async fn start_up(
             .filter_map(|i| i["id"].as_str().map(str::to_string))
             .collect()
     };
+    if !projects.is_empty() {
+        // Before they are ready: the lifecycle's next writes carry it.
+        let store = store_of(dir).await?;
+        for p in projects {
+            store.insert_project(p, chrono::Utc::now()).await?;
+        }
+        for (i, id) in ids.iter().enumerate() {
+            store
+                .set_instance_project(id.parse()?, &projects[i % projects.len()])
+                .await?;
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut engines = Vec::new();
     for id in &ids {
@@ -353,6 +386,15 @@ pub(crate) async fn start_up(
         eprintln!("instance {id} ready; engine at {engine}");
         engines.push((id.clone(), engine));
     }
+    if !projects.is_empty() {
+        // A lifecycle write that read an instance before its move may have
+        // published it in `default`; a fresh `up` (same data, same address,
+        // which its agents report to) lists every instance as stored.
+        if let Some(old) = setup.ups.pop() {
+            stop_child(old);
+        }
+        pid = spawn_up(setup, exe, dir, &up_addr.to_string())?.0;
+    }
     let key: Value = http
         .post(format!("{base}/api/v1/api-keys"))
         .bearer_auth(&token)
@@ -371,6 +413,124 @@ pub(crate) async fn start_up(
         pid,
         machines: dir.join("data/mock/machines"),
     })
+}
+
+/// Start `exe up` in `dir` listening on `listen`; its pid and address.
+fn spawn_up(
+    setup: &mut Setup,
+    exe: &Path,
+    dir: &Path,
+    listen: &str,
+) -> anyhow::Result<(u32, SocketAddr)> {
+    eprintln!("starting {} up in {}", exe.display(), dir.display());
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("up.log"))?;
+    let mut child = Command::new(exe)
+        .args(["up", "--listen", listen, "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("cannot start gpufleet up")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let pid = child.id();
+    setup.ups.push(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr: SocketAddr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| anyhow!("gpufleet up did not start; see {}/up.log", dir.display()))?;
+        if let Some(a) = line.strip_prefix("gpufleet listening on http://") {
+            break a.trim().parse()?;
+        }
+    };
+    Ok((pid, addr))
+}
+
+/// The database of the `up` in `dir`.
+async fn store_of(dir: &Path) -> anyhow::Result<gpufleet_store::Store> {
+    let url = format!(
+        "sqlite://{}?mode=rw",
+        dir.join("data/gpufleet.db").display()
+    );
+    Ok(gpufleet_store::Store::connect(&url).await?)
+}
+
+/// `n` API keys over `projects`, written to the database; their
+/// `Authorization` values.
+async fn bench_keys(
+    dir: &Path,
+    n: usize,
+    projects: &[gpufleet_domain::ProjectId],
+    tag: &str,
+    limits: gpufleet_domain::KeyLimits,
+) -> anyhow::Result<Vec<String>> {
+    let store = store_of(dir).await?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let secret = format!("gfk_bench{tag}{i:054}");
+        store
+            .insert_api_key(&gpufleet_store::NewApiKey {
+                id: gpufleet_store::ApiKeyId::new(),
+                name: format!("bench-{tag}-{i}"),
+                key_hash: gpufleet_control::secrets::digest(&secret),
+                models: None,
+                created_at: chrono::Utc::now(),
+                project_id: projects[i % projects.len()].clone(),
+                limits,
+            })
+            .await?;
+        out.push(format!("Bearer {secret}"));
+    }
+    Ok(out)
+}
+
+/// One request per key (50 at a time), so the key cache holds them all.
+async fn warm_keys(addr: SocketAddr, keys: &[String]) -> anyhow::Result<()> {
+    let body = body(false, 1);
+    let failed = AtomicU64::new(0);
+    use futures::StreamExt as _;
+    futures::stream::iter(keys.chunks(keys.len().div_ceil(50).max(1)))
+        .for_each_concurrent(50, |chunk| {
+            let (body, failed) = (body.clone(), &failed);
+            async move {
+                let Ok(mut sender) = connect(addr).await else {
+                    failed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    return;
+                };
+                for k in chunk {
+                    let t = Target {
+                        name: "warm",
+                        addr,
+                        auth: Some(k.clone()),
+                        keys: None,
+                        proxy: None,
+                    };
+                    if !matches!(
+                        one_request(&mut sender, &t, body.clone(), 0).await,
+                        Ok(true)
+                    ) {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+        .await;
+    match failed.into_inner() {
+        0 => Ok(()),
+        n => bail!("{n} of {} warm-up requests failed", keys.len()),
+    }
 }
 
 /// The simulator with no latency and no limits.
@@ -408,14 +568,60 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
         drop(setup);
         return Ok(());
     }
-    let up = start_up(
+    let projects: Vec<gpufleet_domain::ProjectId> = if args.keys > 0 && args.projects > 1 {
+        std::iter::once(gpufleet_domain::ProjectId::default_project())
+            .chain((1..args.projects).map(|i| format!("bench-{i}").parse().expect("a project id")))
+            .collect()
+    } else {
+        vec![]
+    };
+    let instances = args.instances.max(projects.len() as u32);
+    // Keys stay cached for the whole bench; usage is flushed every second,
+    // so each target pays for writing its own (the N keys' rows would
+    // otherwise be written during the next target's run).
+    let router_toml = if args.keys > 0 {
+        "[router]\napi_key_cache_ttl_ms = 86400000\nusage_flush_interval_ms = 1000\n"
+    } else {
+        ""
+    };
+    let up = start_up_in(
         &mut setup,
         &exe,
         &dir.join("up0"),
-        args.instances,
+        instances,
         &zero_latency(),
+        router_toml,
+        &projects,
     )
     .await?;
+    let key_projects = if projects.is_empty() {
+        vec![gpufleet_domain::ProjectId::default_project()]
+    } else {
+        projects.clone()
+    };
+    let mut many_keys = vec![];
+    if args.keys > 0 {
+        let up0 = dir.join("up0");
+        let plain = bench_keys(&up0, args.keys, &key_projects, "k", Default::default()).await?;
+        many_keys.push(("keys", plain));
+        if args.limits {
+            let high = gpufleet_domain::KeyLimits {
+                rpm: Some(gpufleet_domain::KeyLimits::MAX_RPM),
+                tpm: Some(gpufleet_domain::KeyLimits::MAX_TPM),
+                monthly_budget: Some(1e12),
+            };
+            let limited = bench_keys(&up0, args.keys, &key_projects, "l", high).await?;
+            many_keys.push(("limits", limited));
+        }
+        for (name, keys) in &many_keys {
+            eprintln!(
+                "{} keys over {} projects ({name}); using each once",
+                keys.len(),
+                key_projects.len()
+            );
+            warm_keys(up.addr, keys).await?;
+        }
+    }
     let engine = up.engines[0].1;
     let key = up.key.clone();
     let up_addr = up.addr;
@@ -438,6 +644,7 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
         name: "direct",
         addr: engine,
         auth: None,
+        keys: None,
         proxy: None,
     }];
     if !args.sim_only {
@@ -445,13 +652,39 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
             name: "router",
             addr: up_addr,
             auth: Some(format!("Bearer {key}")),
+            keys: None,
             proxy: Some(Procs::Pid(up.pid)),
         });
+        for (name, keys) in many_keys {
+            // Key i belongs to project i % M (see `bench_keys`).
+            let m = key_projects.len();
+            let busy = args.busy_projects.unwrap_or(m).clamp(1, m);
+            let keys: Vec<String> = keys
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| i % m < busy)
+                .map(|(_, k)| k)
+                .collect();
+            if busy < m {
+                eprintln!(
+                    "{name}: requests with the {} keys of the first {busy} of {m} projects",
+                    keys.len()
+                );
+            }
+            targets.push(Target {
+                name,
+                addr: up_addr,
+                auth: None,
+                keys: Some(Arc::new(keys)),
+                proxy: Some(Procs::Pid(up.pid)),
+            });
+        }
         if let Some(b) = &baseline {
             targets.push(Target {
                 name: "baseline",
                 addr: b.addr,
                 auth: Some(format!("Bearer {}", b.key)),
+                keys: None,
                 proxy: Some(Procs::Pid(b.pid)),
             });
         }
@@ -461,6 +694,7 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
                 name: "nginx",
                 addr,
                 auth: None,
+                keys: None,
                 proxy: setup.nginx.as_ref().map(|c| Procs::WithChildren(c.id())),
             });
         }
@@ -665,6 +899,7 @@ async fn run_load(
             };
             // Spread the paced connections' first sends over one interval.
             let mut next = interval.map(|iv| start + iv.mul_f64(i as f64 / conns as f64));
+            let mut turn = i;
             'conn: while Instant::now() < end {
                 let Ok(mut sender) = connect(t.addr).await else {
                     errors.fetch_add(1, Ordering::Relaxed);
@@ -680,7 +915,9 @@ async fn run_load(
                     if sent >= end {
                         break 'conn;
                     }
-                    match one_request(&mut sender, &t, body.clone()).await {
+                    // Connections take the keys in turn, each a different one.
+                    turn += conns;
+                    match one_request(&mut sender, &t, body.clone(), turn).await {
                         Ok(true) => {
                             if sent >= measure_from {
                                 ok.fetch_add(1, Ordering::Relaxed);
@@ -739,22 +976,46 @@ pub(crate) async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
 }
 
 /// Sends one request and reads the whole answer; `Ok(false)`: not 200.
-async fn one_request(sender: &mut Sender, t: &Target, body: Bytes) -> anyhow::Result<bool> {
+/// With several keys, the `turn`-th (modulo their number) is used.
+async fn one_request(
+    sender: &mut Sender,
+    t: &Target,
+    body: Bytes,
+    turn: usize,
+) -> anyhow::Result<bool> {
     sender.ready().await?;
     let mut req = hyper::Request::post("/v1/chat/completions")
         .header(hyper::header::HOST, t.addr.to_string())
         .header(hyper::header::CONTENT_TYPE, "application/json");
-    if let Some(a) = &t.auth {
+    let auth = match &t.keys {
+        Some(keys) if !keys.is_empty() => Some(&keys[turn % keys.len()]),
+        _ => t.auth.as_ref(),
+    };
+    if let Some(a) = auth {
         req = req.header(hyper::header::AUTHORIZATION, a.as_str());
     }
     let resp = sender.send_request(req.body(Full::new(body))?).await?;
-    let ok = resp.status() == hyper::StatusCode::OK;
+    let status = resp.status();
+    let ok = status == hyper::StatusCode::OK;
     let mut b = resp.into_body();
+    let mut head = Vec::new();
     while let Some(frame) = b.frame().await {
-        frame?;
+        if let (false, Ok(d)) = (ok, frame?.into_data()) {
+            head.extend_from_slice(&d[..d.len().min(300usize.saturating_sub(head.len()))]);
+        }
+    }
+    if !ok {
+        let _ = FIRST_ERROR.set(format!(
+            "{} {status}: {}",
+            t.name,
+            String::from_utf8_lossy(&head)
+        ));
     }
     Ok(ok)
 }
+
+/// The first answer that was not a 200 (target, status, start of the body).
+static FIRST_ERROR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn load_text(r: &RunResult) -> String {
     match r.load {
@@ -812,6 +1073,9 @@ fn summarize(results: &[RunResult]) {
     let med = |rs: &[&RunResult], f: &dyn Fn(&RunResult) -> f64| -> f64 {
         median(rs.iter().map(|r| f(r)).collect())
     };
+    if let Some(e) = FIRST_ERROR.get() {
+        println!("\nfirst answer that was not a 200: {e}");
+    }
     println!(
         "\nsummary, medians over rounds (added latency = proxy minus direct; \
          throughput ratio = router / nginx, per round)"
@@ -870,8 +1134,13 @@ fn summarize(results: &[RunResult]) {
         } else {
             String::new()
         };
+        let many: String = ["keys", "limits"]
+            .into_iter()
+            .filter_map(line)
+            .map(|l| format!(" | {l}"))
+            .collect();
         println!(
-            "  {:<6} {:<22} direct {:.0} req/s | {} | {}{}{}{}",
+            "  {:<6} {:<22} direct {:.0} req/s | {}{many} | {}{}{}{}",
             if r.stream { "stream" } else { "whole" },
             load_text(r),
             med(&direct, &|x| x.rps()),

@@ -54,6 +54,37 @@ pub struct UpConfig {
     /// Cloud providers (`[providers.scaleway]`); credentials come from their
     /// own conventions (`SCW_*`, the `scw` CLI's profiles), never from here.
     pub providers: ProvidersSection,
+    /// Users' sign-in (`[auth]`): sessions, passwords, single sign-on.
+    pub auth: AuthSection,
+}
+
+/// `[auth]`: how users sign in. The admin token always works.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// How long a console session lasts.
+    pub session_ttl_hours: u64,
+    /// Whether users may sign in with a password (off: single sign-on only).
+    pub password_sign_in: bool,
+    /// OpenID Connect single sign-on (`[auth.oidc]`): `issuer_url`,
+    /// `client_id`, `client_secret`, `redirect_url` (the public URL +
+    /// `/auth/oidc/callback`), `scopes`, `display_name`.
+    pub oidc: Option<gpufleet_api::oidc::OidcConfig>,
+    /// When set, `/metrics` answers only scrapers that send it as a bearer
+    /// token (or the admin token). `GPUFLEET_METRICS_TOKEN` sets it without
+    /// writing it here. (A secret: printed as `***`.)
+    pub metrics_token: Option<gpufleet_api::oidc::ClientSecret>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            session_ttl_hours: 12,
+            password_sign_in: true,
+            oidc: None,
+            metrics_token: None,
+        }
+    }
 }
 
 /// `[providers.*]`: settings of the cloud providers.
@@ -81,6 +112,7 @@ impl Default for UpConfig {
             mock: MockSection::default(),
             router: gpufleet_router::RouterConfig::default(),
             providers: ProvidersSection::default(),
+            auth: AuthSection::default(),
         }
     }
 }
@@ -218,6 +250,33 @@ impl UpConfig {
         if let Err((field, why)) = config.router.validate() {
             anyhow::bail!("[router] {field}: {why}");
         }
+        if !(1..=24 * 90).contains(&config.auth.session_ttl_hours) {
+            anyhow::bail!("[auth] session_ttl_hours: must be between 1 and 2160 (90 days)");
+        }
+        if let Some(t) = env("GPUFLEET_METRICS_TOKEN") {
+            config.auth.metrics_token = Some(gpufleet_api::oidc::ClientSecret::new(t.trim()));
+        }
+        if let Some(t) = &config.auth.metrics_token {
+            let t = t.expose();
+            if t.trim().len() < 16 || t.trim() != t {
+                anyhow::bail!(
+                    "[auth] metrics_token: must be at least 16 characters, without spaces around it (or set GPUFLEET_METRICS_TOKEN)"
+                );
+            }
+        }
+        if let Some(oidc) = &mut config.auth.oidc {
+            // The client secret may stay out of the file.
+            if oidc.client_secret.is_none() {
+                if let Ok(s) = std::env::var("GPUFLEET_OIDC_CLIENT_SECRET") {
+                    if !s.trim().is_empty() {
+                        oidc.client_secret = Some(gpufleet_api::oidc::ClientSecret::new(s.trim()));
+                    }
+                }
+            }
+            if let Err(e) = oidc.validate() {
+                anyhow::bail!("[auth] {e}");
+            }
+        }
         Ok(config)
     }
 
@@ -278,6 +337,33 @@ mod tests {
         assert!(err.to_string().contains("listen_addr"), "{err}");
         let err = UpConfig::from_toml("[mock]\nboot_delay = 5\n").unwrap_err();
         assert!(err.to_string().contains("boot_delay"), "{err}");
+    }
+
+    #[test]
+    fn the_metrics_token_comes_from_the_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[auth]\nmetrics_token = \"short\"\n").unwrap();
+        let none = |_: &str| None;
+        let err = UpConfig::load(Some(&file), none, &UpOverrides::default()).unwrap_err();
+        assert!(err.to_string().contains("[auth] metrics_token"), "{err}");
+        let env =
+            |k: &str| (k == "GPUFLEET_METRICS_TOKEN").then(|| "from-the-environment-42".into());
+        let c = UpConfig::load(Some(&file), env, &UpOverrides::default()).unwrap();
+        let token = c.auth.metrics_token.as_ref().unwrap();
+        assert_eq!(token.expose(), "from-the-environment-42");
+        // A secret: never in a dump of the configuration.
+        assert!(!format!("{c:?}").contains("from-the-environment"));
+        assert!(!toml::to_string(&c)
+            .unwrap()
+            .contains("from-the-environment"));
+        assert_eq!(
+            UpConfig::load(None, none, &UpOverrides::default())
+                .unwrap()
+                .auth
+                .metrics_token,
+            None
+        );
     }
 
     #[test]

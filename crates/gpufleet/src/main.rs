@@ -102,6 +102,59 @@ enum Command {
         #[command(subcommand)]
         command: client::api_keys::ApiKeysCommand,
     },
+    /// Sign in: make a personal access token and keep it for this server.
+    Login {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(flatten)]
+        args: client::accounts::LoginArgs,
+    },
+    /// Forget (and revoke) the token `login` saved for this server.
+    Logout {
+        #[command(flatten)]
+        client: client::ClientOpts,
+    },
+    /// Who the client speaks as, and their roles.
+    Whoami {
+        #[command(flatten)]
+        client: client::ClientOpts,
+    },
+    /// Projects and their members' roles.
+    Projects {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(subcommand)]
+        command: client::accounts::ProjectsCommand,
+    },
+    /// Users (created with the admin token, or by their first single sign-on).
+    Users {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(subcommand)]
+        command: client::accounts::UsersCommand,
+    },
+    /// Your personal access tokens.
+    Tokens {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(subcommand)]
+        command: client::accounts::TokensCommand,
+    },
+    /// Who changed what: the audit log.
+    Audit {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(flatten)]
+        args: client::accounts::AuditArgs,
+    },
+    /// What the machines cost: per project, deployment, model or provider,
+    /// with tokens served and the cost per million tokens.
+    Spend {
+        #[command(flatten)]
+        client: client::ClientOpts,
+        #[command(flatten)]
+        args: client::spend::SpendArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -195,6 +248,30 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Models { client } => client::catalog::models(&client::Client::new(&client)?).await,
         Command::ApiKeys { client, command } => {
             client::api_keys::run(&client::Client::new(&client)?, command).await
+        }
+        Command::Login { client, args } => {
+            client::accounts::login(&client::Client::without_token(&client)?, args).await
+        }
+        Command::Logout { client } => {
+            client::accounts::logout(&client::Client::without_token(&client)?).await
+        }
+        Command::Whoami { client } => {
+            client::accounts::whoami(&client::Client::new(&client)?).await
+        }
+        Command::Projects { client, command } => {
+            client::accounts::projects(&client::Client::new(&client)?, command).await
+        }
+        Command::Users { client, command } => {
+            client::accounts::users(&client::Client::new(&client)?, command).await
+        }
+        Command::Tokens { client, command } => {
+            client::accounts::tokens(&client::Client::new(&client)?, command).await
+        }
+        Command::Audit { client, args } => {
+            client::accounts::audit(&client::Client::new(&client)?, args).await
+        }
+        Command::Spend { client, args } => {
+            client::spend::run(&client::Client::new(&client)?, args).await
         }
     }
 }

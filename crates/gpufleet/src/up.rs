@@ -152,12 +152,34 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await
     .context("cannot start the OpenAI-compatible router")?;
+    // Keys of models without configured token prices are charged the
+    // model's measured cost per million tokens (its GPUs' spend over the
+    // tokens they served, trailing 24 h).
+    tokio::spawn(measured_token_prices(
+        control.spend.clone(),
+        openai.token_prices().clone(),
+        cancel.child_token(),
+    ));
 
     let router_metrics = openai.clone();
     let router = gpufleet_api::router({
-        let state = gpufleet_api::ApiState::new(&control, admin_token).with_extra_metrics(
-            std::sync::Arc::new(move || router_metrics.render_prometheus()),
-        );
+        let state = gpufleet_api::ApiState::new(&control, admin_token)
+            .with_extra_metrics(std::sync::Arc::new(move || {
+                router_metrics.render_prometheus()
+            }))
+            .with_sign_in(
+                std::time::Duration::from_secs(config.auth.session_ttl_hours * 3600),
+                config.auth.password_sign_in,
+                config.public_url.starts_with("https://"),
+                config.auth.oidc.clone(),
+            )
+            .with_metrics_token(
+                config
+                    .auth
+                    .metrics_token
+                    .as_ref()
+                    .map(|t| t.expose().to_string()),
+            );
         match agent_binary {
             Some(binary) => state.with_agent_binary(binary),
             None => state,
@@ -315,9 +337,80 @@ impl gpufleet_api::FirstHandler for HotPath {
     }
 }
 
+/// How often the measured token prices are read again.
+const MEASURED_PRICES_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Install each model's measured cost per million tokens (trailing 24 h)
+/// as the router's fallback token price, every [`MEASURED_PRICES_EVERY`].
+async fn measured_token_prices(
+    spend: gpufleet_control::spend::Spend,
+    prices: std::sync::Arc<gpufleet_router::TokenPrices>,
+    stop: CancellationToken,
+) {
+    let mut known: std::collections::BTreeSet<String> = Default::default();
+    let mut tick = tokio::time::interval(MEASURED_PRICES_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match spend
+            .model_costs(chrono::Duration::hours(24), chrono::Utc::now())
+            .await
+        {
+            Ok(costs) => install_measured_prices(&prices, &mut known, &costs),
+            Err(e) => tracing::warn!(
+                error = &e as &dyn std::error::Error,
+                "cannot measure the models' cost per million tokens; keeping the last"
+            ),
+        }
+    }
+}
+
+/// Install one measurement: each measured model's cost per million tokens
+/// becomes its fallback price; a model in `known` (measured last time) and
+/// not measured now loses its fallback. `known` becomes the models measured.
+fn install_measured_prices(
+    prices: &gpufleet_router::TokenPrices,
+    known: &mut std::collections::BTreeSet<String>,
+    costs: &std::collections::BTreeMap<gpufleet_domain::ModelName, f64>,
+) {
+    let now: std::collections::BTreeSet<String> = costs.keys().map(|m| m.to_string()).collect();
+    for gone in known.difference(&now) {
+        prices.set_fallback(gone, None);
+    }
+    for (model, per_million) in costs {
+        prices.set_fallback(model.as_str(), Some(*per_million));
+    }
+    *known = now;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn measured_prices_are_installed_then_withdrawn() {
+        use gpufleet_router::usage::Tokens;
+        let prices = gpufleet_router::TokenPrices::default();
+        let mut known = Default::default();
+        let million = Tokens {
+            prompt: 400_000,
+            completion: 600_000,
+        };
+        let model = |m: &str| m.parse::<gpufleet_domain::ModelName>().unwrap();
+        let costs = [(model("org/a"), 2.0), (model("org/b"), 0.5)].into();
+        install_measured_prices(&prices, &mut known, &costs);
+        assert_eq!(prices.cost("org/a", million), 2.0);
+        assert_eq!(prices.cost("org/b", million), 0.5);
+        // b served no tokens in the window: its measured price goes.
+        let costs = [(model("org/a"), 3.0)].into();
+        install_measured_prices(&prices, &mut known, &costs);
+        assert_eq!(prices.cost("org/a", million), 3.0);
+        assert_eq!(prices.cost("org/b", million), 0.0);
+        assert_eq!(known.len(), 1);
+    }
 
     #[test]
     fn agents_reach_an_unspecified_listener_on_loopback() {

@@ -63,6 +63,10 @@ pub enum DeploymentsCommand {
 pub struct CreateArgs {
     /// Lowercase letters, digits and '-'.
     pub name: String,
+    /// The project that will own it [default: yours, when you have one;
+    /// `default` with the admin token].
+    #[arg(long)]
+    pub project: Option<String>,
     /// Model to serve (see `gpufleet models`).
     #[arg(long)]
     pub model: String,
@@ -174,6 +178,7 @@ pub async fn run(client: &Client, cmd: DeploymentsCommand) -> anyhow::Result<()>
     match cmd {
         DeploymentsCommand::Create(args) => {
             let body = CreateDeploymentBody {
+                project: args.project,
                 name: args.name,
                 model: args.model,
                 placements: args.placements,

@@ -66,6 +66,10 @@ pub struct CreateArgs {
     /// How many instances.
     #[arg(long, default_value_t = 1)]
     pub count: u32,
+    /// The project that will own them [default: yours, when you have one;
+    /// `default` with the admin token].
+    #[arg(long)]
+    pub project: Option<String>,
     /// Follow the instances until ready; exit non-zero if one fails.
     #[arg(long)]
     pub wait: bool,
@@ -189,6 +193,7 @@ pub async fn run(client: &Client, cmd: InstancesCommand) -> anyhow::Result<()> {
 
 async fn create(client: &Client, args: CreateArgs) -> anyhow::Result<()> {
     let body = CreateInstancesBody {
+        project: args.project,
         provider: args.provider,
         zone: args.zone,
         instance_type: args.instance_type,

@@ -1,14 +1,16 @@
 //! The client commands: `instances` (with `instances metrics`), `deployments`, `providers`,
-//! `models`, `top`. They speak the
+//! `models`, `top`, `api-keys`, `spend`. They speak the
 //! public API with the same JSON types the server uses
 //! ([`gpufleet_api::views`]).
 
+pub mod accounts;
 pub mod api_keys;
 pub mod catalog;
 pub mod deployments;
 pub mod instances;
 pub mod metrics;
 pub mod render;
+pub mod spend;
 pub mod sse;
 pub mod top;
 
@@ -31,7 +33,9 @@ pub struct ClientOpts {
         default_value = "http://127.0.0.1:8080"
     )]
     pub server: String,
-    /// Admin token [default: $GPUFLEET_ADMIN_TOKEN, else <data-dir>/admin-token].
+    /// Admin token or personal access token [default: $GPUFLEET_ADMIN_TOKEN,
+    /// else the token `gpufleet login` saved for this server, else
+    /// <data-dir>/admin-token].
     #[arg(
         long,
         global = true,
@@ -57,25 +61,40 @@ pub struct Client {
 }
 
 impl Client {
-    /// Resolves the token (flag/env, else the data dir's file) and builds the client.
+    /// Resolves the token (flag/env, else the one `login` saved for this
+    /// server, else the data dir's admin token) and builds the client.
     pub fn new(opts: &ClientOpts) -> anyhow::Result<Client> {
-        let token = match opts.token.clone().filter(|t| !t.trim().is_empty()) {
+        let server = opts.server.trim_end_matches('/');
+        let given = opts.token.clone().filter(|t| !t.trim().is_empty());
+        let token = match given {
             Some(t) => t.trim().to_string(),
-            None => {
-                let dir = opts
-                    .data_dir
-                    .clone()
-                    .or_else(|| std::env::var_os("GPUFLEET_DATA_DIR").map(PathBuf::from))
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-                let path = dir.join(ADMIN_TOKEN_FILE);
-                crate::token::read(&path)?.ok_or_else(|| {
+            None => match accounts::saved_token(server)? {
+                Some(t) => t,
+                None => {
+                    let dir = opts
+                        .data_dir
+                        .clone()
+                        .or_else(|| std::env::var_os("GPUFLEET_DATA_DIR").map(PathBuf::from))
+                        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+                    let path = dir.join(ADMIN_TOKEN_FILE);
+                    crate::token::read(&path)?.ok_or_else(|| {
                     anyhow!(
-                        "no admin token\nhint: set GPUFLEET_ADMIN_TOKEN or pass --token, or run where `gpufleet up` wrote {}",
+                        "not logged in and no admin token\nhint: run `gpufleet login --email <you>`, set GPUFLEET_ADMIN_TOKEN or pass --token, or run where `gpufleet up` wrote {}",
                         path.display()
                     )
                 })?
-            }
+                }
+            },
         };
+        Self::with_token(opts, token)
+    }
+
+    /// A client that has no token yet (`gpufleet login`, `logout`).
+    pub fn without_token(opts: &ClientOpts) -> anyhow::Result<Client> {
+        Self::with_token(opts, String::new())
+    }
+
+    fn with_token(opts: &ClientOpts, token: String) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(5))
             .build()
@@ -86,6 +105,16 @@ impl Client {
             http,
             json: opts.json,
         })
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// A request without credentials.
+    pub fn raw(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(path))
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -137,8 +166,12 @@ impl Client {
         };
         let hint = match status {
             StatusCode::UNAUTHORIZED => Some(
-                "the server rejected the admin token; use the token of the `gpufleet up` at this URL \
-                 (GPUFLEET_ADMIN_TOKEN, --token, or its <data-dir>/admin-token)"
+                "the server rejected the token; log in again with `gpufleet login`, or use the admin token \
+                 of the `gpufleet up` at this URL (GPUFLEET_ADMIN_TOKEN, --token, or its <data-dir>/admin-token)"
+                    .to_string(),
+            ),
+            StatusCode::FORBIDDEN => Some(
+                "your role does not allow this; `gpufleet whoami` shows your roles, a project admin can grant another"
                     .to_string(),
             ),
             StatusCode::NOT_FOUND if message.contains("deployment") => {

@@ -636,6 +636,11 @@ mod tests {
             last_heartbeat_at: Some(now - chrono::Duration::seconds(3)),
             generation: 1,
             deployment_id: None,
+            project_id: gpufleet_domain::ProjectId::default_project(),
+            price_per_hour: None,
+            billing_started_at: None,
+            billing_ended_at: None,
+            cost_so_far: None,
         }
     }
 

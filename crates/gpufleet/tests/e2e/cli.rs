@@ -7,21 +7,7 @@ use std::process::Output;
 
 /// Runs `gpufleet <args>` with a clean environment plus `env`.
 async fn gpufleet(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = tokio::process::Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("GPUFLEET_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(args).envs(env.iter().copied()).kill_on_drop(true);
-    tokio::time::timeout(std::time::Duration::from_secs(120), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("gpufleet {args:?} did not finish within 120 s"))
-        .expect("run gpufleet")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    run_cli(args, env, "").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,4 +279,45 @@ async fn cli_deployments_create_scale_get_and_delete() {
         "{}",
         text(&out.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_sets_and_changes_api_key_limits() {
+    let app = TestApp::spawn(BIN).await;
+    let env = [
+        ("GPUFLEET_ADMIN_TOKEN", app.token.as_str()),
+        ("GPUFLEET_SERVER", app.base_url.as_str()),
+    ];
+    let out = gpufleet(
+        &[
+            "api-keys", "create", "--json", "--name", "ci", "--rpm", "60", "--budget", "2.5",
+        ],
+        &env,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&created["rpm"], &created["tpm"], &created["monthly_budget"]),
+        (&60.into(), &serde_json::Value::Null, &2.5.into())
+    );
+    let id = created["id"].as_str().unwrap();
+    let out = gpufleet(
+        &["api-keys", "limits", id, "--rpm", "none", "--tpm", "1000"],
+        &env,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("rpm -, tpm 1000, monthly budget 2.5"),
+        "{said}"
+    );
+    let out = gpufleet(&["api-keys", "limits", id, "--rpm", "0"], &env).await;
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("rpm"), "{}", text(&out.stderr));
+    let out = gpufleet(&["api-keys", "list"], &env).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list = text(&out.stdout);
+    assert!(list.contains("BUDGET") && list.contains("1000"), "{list}");
 }

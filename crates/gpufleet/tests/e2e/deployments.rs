@@ -304,13 +304,8 @@ async fn an_idle_deployment_scales_to_zero_and_the_next_request_wakes_it() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let events: Value = app
-            .req(Method::GET, &format!("/api/v1/deployments/{id}/events"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .get_json(&format!("/api/v1/deployments/{id}/events"))
+            .await;
         let text = events.to_string();
         let missing: Vec<&str> = [
             "(scale to zero)",
@@ -677,13 +672,8 @@ async fn a_sold_out_first_placement_falls_back_to_the_second() {
         "the sold-out zone's attempts failed: {failed:?}"
     );
     let events: Value = app
-        .req(Method::GET, &format!("/api/v1/deployments/{id}/events"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/api/v1/deployments/{id}/events"))
+        .await;
     assert!(
         events["events"]
             .as_array()

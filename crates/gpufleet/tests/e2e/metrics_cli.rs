@@ -12,24 +12,11 @@ use std::process::Output;
 use std::time::Duration;
 
 async fn gpufleet(app: &TestApp, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("GPUFLEET_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(args)
-        .env("GPUFLEET_ADMIN_TOKEN", &app.token)
-        .env("GPUFLEET_SERVER", &app.base_url)
-        .kill_on_drop(true);
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("gpufleet {args:?} did not finish within 60 s"))
-        .expect("run gpufleet")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    let env = [
+        ("GPUFLEET_ADMIN_TOKEN", app.token.as_str()),
+        ("GPUFLEET_SERVER", app.base_url.as_str()),
+    ];
+    run_cli(args, &env, "").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

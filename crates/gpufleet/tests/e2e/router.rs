@@ -145,14 +145,7 @@ async fn ready_instances(app: &TestApp, n: u32) -> HashMap<InstanceId, IpAddr> {
 pub(crate) async fn wait_usage(app: &TestApp, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let v: Value = app
-            .req(Method::GET, "/api/v1/usage")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = app.get_json("/api/v1/usage").await;
         if cond(&v) {
             return v;
         }
@@ -174,9 +167,10 @@ async fn an_openai_client_talks_to_the_fleet() {
     let (key_id, key) = create_key(&app, "e2e", None).await;
     let client = openai(&app, &key);
 
-    // No instance yet: the model exists but nothing is ready.
+    // No instance of it in the key's project (none at all yet): not found,
+    // as a model served only in another project would be.
     let e = api_error(client.chat().create(chat(4, false)).await.unwrap_err());
-    assert_eq!(e.code.as_deref(), Some("no_ready_instance"), "{e:?}");
+    assert_eq!(e.code.as_deref(), Some("model_not_found"), "{e:?}");
     assert!(client.models().list().await.unwrap().data.is_empty());
 
     let instances = ready_instances(&app, 2).await;

@@ -184,13 +184,8 @@ async fn create_to_ready_serves_and_terminate_leaves_nothing() {
 
     // The catalog comes from the emulated API: GPU types with their prices.
     let types: Value = app
-        .req(Method::GET, "/api/v1/providers/scaleway/instance-types")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json("/api/v1/providers/scaleway/instance-types")
+        .await;
     let l4 = types["instance_types"]
         .as_array()
         .expect("types")

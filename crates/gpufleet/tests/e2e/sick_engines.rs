@@ -408,6 +408,12 @@ async fn a_stream_whose_engine_dies_or_stalls_completes_elsewhere() {
         json!({"failure_rate": 1.0, "failure_kinds": ["stall_mid_stream"], "stall_ms": 30000}),
     )
     .await;
+    // And the victim slow to its first token, so that the latency-aware
+    // choice turns to the staller as soon as it has seen one slow answer
+    // (the staller's stall comes after its first token, which is fast):
+    // without it, on a loaded machine, the two figures could keep the
+    // victim cheaper for every try.
+    knobs(&app, ip_of[&victim], json!({"ttft_ms": 400.0})).await;
     let body = json!({"model": MODEL, "stream": true, "max_tokens": 60, "seed": 7,
                       "messages": [{"role": "user", "content": prompt}]});
     let mut started_on_staller = 0;

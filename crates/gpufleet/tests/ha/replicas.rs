@@ -1,6 +1,7 @@
 //! Replicas share the work and see each other's changes; a killed replica's
 //! work is taken over; a replica cut off from the database stops acting and
-//! rejoins; SQLite refuses a second replica.
+//! rejoins; SQLite refuses a second replica; a key's requests per minute
+//! hold across replicas.
 
 use crate::common::{transitions, MODEL, TYPE};
 use futures::StreamExt;
@@ -120,9 +121,14 @@ pub async fn machines(c: &Cluster) -> BTreeMap<String, usize> {
 
 /// Create an API key through replica `i`; returns (id, secret).
 pub async fn create_key(c: &Cluster, i: usize) -> (String, String) {
+    create_key_with(c, i, json!({"name": "ha"})).await
+}
+
+/// Create the API key `body` describes through replica `i`; returns (id, secret).
+pub async fn create_key_with(c: &Cluster, i: usize, body: Value) -> (String, String) {
     let v: Value = c
         .req(i, Method::POST, "/api/v1/api-keys")
-        .json(&json!({"name": "ha"}))
+        .json(&body)
         .send()
         .await
         .unwrap()
@@ -228,6 +234,45 @@ async fn replicas_share_work_and_every_change() {
     eprintln!(
         "revocation honoured everywhere after {:?}",
         revoked.elapsed()
+    );
+
+    // Requests per minute hold across replicas: replica 1 counts what
+    // replica 0 admitted (as shared through the database about every
+    // second), so it admits at most what arrives before it has read that,
+    // not a minute's worth of its own.
+    const RPM: u64 = 30;
+    let (_, limited) = create_key_with(&c, 0, json!({"name": "ha-limited", "rpm": RPM})).await;
+    for n in 0..RPM {
+        let resp = chat(&c, 0, &limited).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "request {n} on replica 0");
+    }
+    let resp = chat(&c, 0, &limited).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut admitted_elsewhere = 0;
+    loop {
+        let resp = chat(&c, 1, &limited).await.unwrap();
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(
+                resp.headers()["x-ratelimit-remaining-requests"],
+                "0",
+                "{:?}",
+                resp.headers()
+            );
+            break;
+        }
+        assert_eq!(resp.status(), StatusCode::OK);
+        admitted_elsewhere += 1;
+        assert!(
+            Instant::now() < deadline,
+            "replica 1 never counted replica 0's requests"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("replica 1 admitted {admitted_elsewhere} before it counted replica 0's {RPM}");
+    assert!(
+        admitted_elsewhere < RPM,
+        "replica 1 admitted a whole minute's worth ({admitted_elsewhere}) on its own"
     );
 
     // Terminated through yet another replica; machines and processes go.

@@ -5,6 +5,12 @@
 //
 // Optional: CHROMIUM (default /usr/bin/chromium), SCREENSHOT_DIR (default
 // <repo>/target/console-screenshots), E2E_TIMEOUT_MS (per wait, default 90000).
+// The team journey (single sign-on, password sign-in, roles) runs when
+// E2E_PROJECT is set, with the users the Rust test made: E2E_SSO_NAME (the
+// issuer's name on the button), E2E_SSO_EMAIL / E2E_SSO_DISPLAY_NAME /
+// E2E_SSO_PASSWORD (an admin of the project, signing in at the issuer),
+// E2E_PW_EMAIL / E2E_PW_NAME / E2E_PW_PASSWORD (an operator, by password),
+// E2E_OTHER_EMAIL (a user with no role yet).
 // Exits non-zero on the first failed step, on any page error and on any
 // browser console error not deliberately provoked by a step.
 
@@ -20,6 +26,15 @@ const TOKEN = process.env.GPUFLEET_TOKEN ?? ''
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium'
 const SHOTS = resolve(process.env.SCREENSHOT_DIR ?? join(here, '..', '..', 'target', 'console-screenshots'))
 const WAIT = Number(process.env.E2E_TIMEOUT_MS ?? 90000)
+const PROJECT = process.env.E2E_PROJECT ?? ''
+const SSO = {
+  name: process.env.E2E_SSO_NAME ?? '',
+  email: process.env.E2E_SSO_EMAIL ?? '',
+  displayName: process.env.E2E_SSO_DISPLAY_NAME ?? '',
+  password: process.env.E2E_SSO_PASSWORD ?? '',
+}
+const PW = { email: process.env.E2E_PW_EMAIL ?? '', name: process.env.E2E_PW_NAME ?? '', password: process.env.E2E_PW_PASSWORD ?? '' }
+const OTHER_EMAIL = process.env.E2E_OTHER_EMAIL ?? ''
 const TYPE = 'mock-l4-1'
 const MODEL = 'gpufleet/sim-small'
 
@@ -120,24 +135,29 @@ const before = await fetch(BASE + '/api/v1/instances', { headers: { Authorizatio
 const rows = () => page.locator('table[aria-label="Instances"] tbody tr')
 let ids = []
 
-await step('sign-in page is shown', async () => {
+await step('sign-in page is shown: email and password, single sign-on, the admin token as a second choice', async () => {
   await page.goto(BASE + '/')
   await page.getByRole('heading', { name: 'gpufleet' }).waitFor()
-  await page.getByLabel('Admin token').waitFor()
+  await page.getByLabel('Email').waitFor()
+  await page.getByLabel('Password').waitFor()
+  if (SSO.name) await page.getByRole('link', { name: `Sign in with ${SSO.name}` }).waitFor()
+  expect((await page.getByLabel('Admin token').count()) === 0, 'the admin token is not the first choice')
   await shot('01-sign-in')
+  await page.getByRole('button', { name: 'Use an admin token instead' }).click()
+  await page.getByLabel('Admin token').waitFor()
 })
 
 await step('a wrong token is refused on the page', async () => {
   allowed = [/status of 401/]
   await page.getByLabel('Admin token').fill('not-the-token')
-  await page.getByRole('button', { name: 'Sign in' }).click()
+  await page.getByRole('button', { name: 'Sign in with the token' }).click()
   await page.getByText('This token was not accepted.').waitFor()
   allowed = []
 })
 
 await step('sign in with the admin token', async () => {
   await page.getByLabel('Admin token').fill(TOKEN)
-  await page.getByRole('button', { name: 'Sign in' }).click()
+  await page.getByRole('button', { name: 'Sign in with the token' }).click()
   await page.getByRole('heading', { name: 'Fleet overview' }).waitFor()
   await page.getByText('Live', { exact: true }).waitFor()
   expect(!page.url().includes(TOKEN), `the token is in the URL: ${page.url()}`)
@@ -303,6 +323,9 @@ await step('open one instance: summary, timeline and a non-empty chart', async (
   // The router's figures for this instance (stalls, ejections, hedges, failovers).
   await page.getByRole('heading', { name: 'Routing' }).waitFor()
   await page.locator('[data-testid="routing"]').waitFor()
+  // Spend: the price it was created at, and what it cost so far.
+  expect(/€|EUR/.test(await page.locator('[data-testid="detail-price"]').textContent()), 'the price per hour is shown')
+  expect(/€|EUR/.test(await page.locator('[data-testid="detail-cost"]').textContent()), 'the cost so far is shown')
   await shot('09-instance-detail')
 })
 
@@ -451,7 +474,7 @@ await step('delete the deployment after confirming: it leaves the list', async (
 
 await step('a narrow screen stays readable', async () => {
   await page.setViewportSize({ width: 390, height: 844 })
-  await page.waitForTimeout(300)
+  await page.waitForFunction(() => window.innerWidth === 390)
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth)
   expect(overflow <= 1, `the page scrolls sideways by ${overflow}px: ${await wide()}`)
   await shot('13-instances-narrow')
@@ -465,9 +488,11 @@ await step('a narrow screen stays readable', async () => {
 })
 
 await step('keyboard: Tab reaches the navigation, shows a focus ring, Enter follows the link', async () => {
+  // A reload puts the sequential-focus starting point at the top of the document: after a
+  // same-document (hash) navigation Chromium keeps it where the last click was, deep in the page.
   await page.goto(BASE + '/#/')
+  await page.reload()
   await page.getByRole('heading', { name: 'Fleet overview' }).waitFor()
-  await page.evaluate(() => document.activeElement instanceof HTMLElement && document.activeElement.blur())
   let focused = null
   for (let k = 0; k < 8; k++) {
     await page.keyboard.press('Tab')
@@ -486,12 +511,334 @@ await step('keyboard: Tab reaches the navigation, shows a focus ring, Enter foll
 
 await step('sign out returns to the sign-in page and forgets the token', async () => {
   await page.getByRole('button', { name: 'Sign out' }).click()
-  await page.getByLabel('Admin token').waitFor()
+  await page.getByLabel('Email').waitFor()
   const stored = await page.evaluate(() => Object.values(sessionStorage))
   expect(!stored.includes(TOKEN), 'the token is forgotten')
 })
+
+if (PROJECT) await teamJourney()
 
 await context.close()
 rmSync(profile, { recursive: true, force: true })
 check()
 log(`console e2e: OK (screenshots in ${SHOTS})`)
+
+// ---------------------------------------------------------------------------
+// Teams: single sign-on, projects and roles, API keys, the audit log, spend.
+
+async function teamJourney() {
+  const header = page.locator('header.top')
+  const switcher = header.getByLabel('Project')
+  const who = page.locator('[data-testid="who"]')
+  const admin = (method, path, body) =>
+    fetch(BASE + path, {
+      method,
+      headers: { Authorization: `Bearer ${TOKEN}`, 'Content-Type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    }).then(async (r) => {
+      const text = await r.text()
+      expect(r.ok, `${method} ${path}: ${r.status} ${text}`)
+      return text ? JSON.parse(text) : null
+    })
+  const dialogConfirm = async (name) => {
+    const dialog = page.getByRole('dialog')
+    await dialog.waitFor()
+    await dialog.getByRole('button', { name }).click()
+    await dialog.waitFor({ state: 'hidden' })
+  }
+  const isIssuer = (u) => new URL(u).origin !== new URL(BASE).origin
+
+  await step('single sign-on: the issuer\'s form, then back on the page it started from, signed in', async () => {
+    await page.goto(BASE + '/#/instances')
+    await page.getByLabel('Email').waitFor()
+    // The issuer is another origin (its own port), which serves no favicon.
+    allowed = [/status of 404/]
+    await page.getByRole('link', { name: `Sign in with ${SSO.name}` }).click()
+    await page.waitForURL((u) => isIssuer(u.href))
+    await page.getByLabel('Username').fill(SSO.email)
+    await page.getByLabel('Password').fill(SSO.password)
+    await shot('20-sso-issuer')
+    await page.getByRole('button', { name: 'Sign in' }).click()
+    await page.waitForURL((u) => !isIssuer(u.href))
+    await page.getByRole('heading', { name: 'Instances', exact: true }).waitFor()
+    allowed = []
+    expect(new URL(page.url()).hash === '#/instances', `back where the sign-in started: ${page.url()}`)
+    await who.getByText(SSO.displayName).waitFor()
+    const cookies = await context.cookies(BASE)
+    const session = cookies.find((c) => c.name === 'gpufleet_session')
+    expect(session && session.httpOnly, `an HttpOnly session cookie: ${JSON.stringify(cookies.map((c) => c.name))}`)
+    expect(cookies.some((c) => c.name === 'gpufleet_csrf' && !c.httpOnly), 'a CSRF cookie the page can read')
+    const stored = await page.evaluate(() => Object.values(sessionStorage))
+    expect(!stored.includes(TOKEN), 'no admin token in this tab')
+  })
+
+  await step('the header lists the project with the role; choosing it scopes the instances', async () => {
+    await switcher.locator(`option[value="${PROJECT}"]`).waitFor({ state: 'attached' })
+    const label = await switcher.locator(`option[value="${PROJECT}"]`).textContent()
+    expect(label.includes('admin'), `the role is shown: ${label}`)
+    expect((await switcher.locator('option').count()) === 2, 'All projects and the one project of this user')
+    await switcher.selectOption(PROJECT)
+    await page.locator('[data-testid="project-scope"]').getByText(`Project ${PROJECT} only`).waitFor()
+    // The admin token's instances are in `default`: none here.
+    await page.getByText('No instances yet.').waitFor()
+    // An admin of the project may create.
+    await page.getByRole('link', { name: 'Create instances' }).waitFor()
+    await shot('21-sso-signed-in')
+  })
+
+  await step('API keys: one made in the project shows its secret once, then is revoked', async () => {
+    await nav('API keys').click()
+    await page.getByRole('heading', { name: 'API keys', exact: true }).waitFor()
+    await page.getByRole('button', { name: 'Create API key' }).click()
+    const form = page.locator('[data-testid="key-form"]')
+    await form.getByLabel('Name').fill('ada-notebook')
+    expect((await form.getByLabel('Project').inputValue()) === PROJECT, 'the project defaults to the header\'s')
+    await form.getByRole('button', { name: 'Create key' }).click()
+    const secret = page.locator('[data-testid="secret-once"]')
+    await secret.waitFor()
+    const value = await secret.getByRole('textbox').inputValue()
+    expect(/^gfk_[0-9a-f]{64}$/.test(value), `the key's secret is shown: ${value.slice(0, 8)}…`)
+    await secret.getByRole('button', { name: 'Copy' }).waitFor()
+    const row = page.locator('table[aria-label="API keys"] tr[data-name="ada-notebook"]')
+    await row.waitFor()
+    expect((await row.locator('td[data-label="Project"]').textContent()) === PROJECT, 'the key is in the project')
+    const keys = await page.evaluate(() => fetch('/api/v1/api-keys').then((r) => r.json()))
+    const key = keys.api_keys.find((k) => k.name === 'ada-notebook')
+    if (key && 'rpm' in key) {
+      await row.getByRole('button', { name: 'Edit limits of ada-notebook' }).click()
+      const lf = page.locator('[data-testid="limits-form"]')
+      await lf.getByLabel('Requests per minute').fill('60')
+      await lf.getByLabel(/Monthly budget/).fill('25')
+      await lf.getByRole('button', { name: 'Save limits' }).click()
+      await lf.waitFor({ state: 'detached' })
+      await row.locator('td[data-label="RPM"]').getByText('60').waitFor()
+      log('  limits edited (PATCH)')
+    } else {
+      log('  (this server has no key limits yet: editing limits not exercised)')
+    }
+    await shot('22-api-keys')
+    await secret.getByRole('button', { name: 'Done' }).click()
+    await row.getByRole('button', { name: 'Revoke ada-notebook' }).click()
+    await dialogConfirm('Revoke')
+    await row.waitFor({ state: 'detached' })
+    await page.getByLabel(/Show revoked keys/).check()
+    await row.locator('td[data-label="Revoked"]').filter({ hasText: /\d/ }).waitFor()
+  })
+
+  await step('projects: members listed; a role granted by email, changed, revoked', async () => {
+    await nav('Projects').click()
+    await page.getByRole('heading', { name: 'Projects', exact: true }).waitFor()
+    const card = page.locator(`article[data-project="${PROJECT}"]`)
+    const members = card.getByRole('table', { name: `Members of ${PROJECT}` })
+    await members.locator(`tr[data-user="${SSO.email}"]`).waitFor()
+    await members.locator(`tr[data-user="${PW.email}"]`).waitFor()
+    expect((await members.locator(`tr[data-user="${PW.email}"] td[data-label="Granted by"]`).textContent()).length > 0, 'granted by is shown')
+    const grant = card.getByRole('form', { name: `Grant a role in ${PROJECT}` })
+    const userSelect = grant.getByLabel('User')
+    await userSelect.locator('option', { hasText: OTHER_EMAIL }).waitFor({ state: 'attached' })
+    await userSelect.selectOption(await userSelect.locator('option', { hasText: OTHER_EMAIL }).getAttribute('value'))
+    await grant.getByLabel('Role').selectOption('viewer')
+    await grant.getByRole('button', { name: 'Grant role' }).click()
+    const carol = members.locator(`tr[data-user="${OTHER_EMAIL}"]`)
+    await carol.waitFor()
+    expect((await carol.getByLabel(`Role of ${OTHER_EMAIL}`, { exact: true }).inputValue()) === 'viewer', 'granted viewer')
+    await carol.getByLabel(`Role of ${OTHER_EMAIL}`, { exact: true }).selectOption('operator')
+    await page.waitForFunction(
+      async ([p, email]) => {
+        const ms = await fetch(`/api/v1/projects/${p}/members`).then((r) => r.json())
+        return ms.some((m) => m.user.email === email && m.role === 'operator')
+      },
+      [PROJECT, OTHER_EMAIL],
+    )
+    await shot('25-projects')
+    await carol.getByRole('button', { name: `Revoke the role of ${OTHER_EMAIL}` }).click()
+    await dialogConfirm('Revoke')
+    await carol.waitFor({ state: 'detached' })
+  })
+
+  await step('audit: a project admin reads the project\'s entries and their own sign-in, with outcomes', async () => {
+    await nav('Audit').click()
+    await page.getByRole('heading', { name: 'Audit log' }).waitFor()
+    const table = page.getByRole('table', { name: 'Audit log' })
+    await table.locator('tr[data-action="api_key.create"][data-outcome="success"]').first().waitFor()
+    await table.locator('tr[data-action="member.grant"]').first().waitFor()
+    await table.locator('tr[data-action="member.revoke"]').first().waitFor()
+    // Filter by action prefix.
+    await page.getByLabel('Action').fill('member.')
+    await page.getByRole('button', { name: 'Apply filters' }).click()
+    await page.waitForFunction(() => {
+      const rows = [...document.querySelectorAll('table[aria-label="Audit log"] tbody tr')]
+      return rows.length > 0 && rows.every((r) => r.dataset.action.startsWith('member.'))
+    })
+    await shot('23-audit')
+    // Their own sign-in belongs to no project: it is there with every
+    // project, not under the header's one.
+    const filters = page.getByRole('search', { name: 'Audit filters' })
+    await filters.getByLabel('Action').fill('auth.')
+    await filters.getByLabel('Project').selectOption('')
+    await page.getByRole('button', { name: 'Apply filters' }).click()
+    await table.locator('tr[data-action="auth.sign_in"][data-outcome="success"]').filter({ hasText: SSO.email }).first().waitFor()
+    await page.getByRole('button', { name: 'Clear' }).click()
+  })
+
+  await step('spend: the range, grouping and step; the total, or the honest empty state', async () => {
+    allowed = [/status of 404/]
+    await nav('Spend').click()
+    await page.getByRole('heading', { name: 'Spend', exact: true }).waitFor()
+    await page.getByRole('radio', { name: 'Last 7 d' }).click()
+    await page.getByLabel('Group by').selectOption('model')
+    const total = page.locator('[data-testid="spend-total"]')
+    const missing = page.getByText('Spend reporting is not available on this control plane.')
+    await total.or(missing).first().waitFor()
+    if (await missing.isVisible()) log('  (this server has no spend API yet: the page says so)')
+    else {
+      await total.getByText('Total cost').waitFor()
+      await page
+        .getByRole('table', { name: 'Spend by model' })
+        .or(page.getByText('Nothing was spent in this range.'))
+        .first()
+        .waitFor()
+    }
+    await shot('24-spend')
+    allowed = []
+  })
+
+  await step('account: a personal access token, shown once, then revoked', async () => {
+    await who.click()
+    await page.getByRole('heading', { name: 'Your account' }).waitFor()
+    await page.locator('[data-testid="account-summary"]').getByText(`admin in ${PROJECT}`).waitFor()
+    await page.getByLabel('Name').fill('ada-cli')
+    await page.getByRole('button', { name: 'Create token' }).click()
+    const secret = page.locator('[data-testid="secret-once"]')
+    const value = await secret.getByRole('textbox').inputValue()
+    expect(/^gfp_/.test(value), `the token is shown once: ${value.slice(0, 6)}…`)
+    // It works as a bearer token.
+    const me = await fetch(BASE + '/api/v1/auth/me', { headers: { Authorization: `Bearer ${value}` } }).then((r) => r.json())
+    expect(me.user?.email === SSO.email, `the token acts as its user: ${JSON.stringify(me)}`)
+    const row = page.getByRole('table', { name: 'Access tokens' }).locator('tr').filter({ hasText: 'ada-cli' })
+    await row.waitFor()
+    await shot('26-account')
+    await row.getByRole('button', { name: 'Revoke token ada-cli' }).click()
+    await dialogConfirm('Revoke')
+    await row.locator('td').nth(4).filter({ hasText: /\d/ }).waitFor()
+  })
+
+  await step('sign out ends the session at the server and returns to the sign-in page', async () => {
+    // Polls in flight when the session ends may be answered 401.
+    allowed = [/status of 401/]
+    await page.getByRole('button', { name: 'Sign out' }).click()
+    await page.getByLabel('Email').waitFor()
+    const status = await page.evaluate(() => fetch('/api/v1/auth/me').then((r) => r.status))
+    expect(status === 401, `the session is over at the server (${status})`)
+    allowed = []
+  })
+
+  await step('password sign-in: a wrong password is refused, the right one signs in', async () => {
+    allowed = [/status of 401/]
+    await page.getByLabel('Email').fill(PW.email)
+    await page.getByLabel('Password').fill('not-the-password')
+    await page.getByRole('button', { name: 'Sign in', exact: true }).click()
+    await page.getByText('Wrong email or password.').waitFor()
+    allowed = []
+    await page.getByLabel('Password').fill(PW.password)
+    await page.getByRole('button', { name: 'Sign in', exact: true }).click()
+    // Signed in where the page was (the previous user's account page: now this user's).
+    await who.getByText(PW.name).waitFor()
+    await page.getByRole('heading', { name: 'Your account' }).waitFor()
+    await page.locator('[data-testid="account-summary"]').getByText(`operator in ${PROJECT}`).waitFor()
+    await switcher.locator(`option[value="${PROJECT}"]`).waitFor({ state: 'attached' })
+    await switcher.selectOption(PROJECT)
+    await nav('API keys').click()
+    await page.getByRole('heading', { name: 'API keys', exact: true }).waitFor()
+    await shot('27-password-operator')
+  })
+
+  await step('a write the role no longer allows is refused with a clear message', async () => {
+    // An operator may create keys: the form is offered...
+    await page.getByRole('button', { name: 'Create API key' }).click()
+    const form = page.locator('[data-testid="key-form"]')
+    await form.getByLabel('Name').fill('bob-key')
+    // ...but a project admin makes them a viewer meanwhile; the server decides.
+    const users = await admin('GET', '/api/v1/users')
+    const bob = users.find((u) => u.email === PW.email)
+    await admin('PUT', `/api/v1/projects/${PROJECT}/members/${bob.id}`, { role: 'viewer' })
+    allowed = [/status of 403/]
+    await form.getByRole('button', { name: 'Create key' }).click()
+    await form.getByText(/Not allowed: .*viewer.* does not allow this/).waitFor()
+    allowed = []
+    // The refusal makes the page read the roles again: the header says viewer.
+    await switcher.locator(`option[value="${PROJECT}"]`).filter({ hasText: 'viewer' }).waitFor({ state: 'attached' })
+    await page.getByText('Your role here does not allow managing API keys').waitFor()
+    await shot('28-viewer-refused')
+    // With the new role read, the page no longer offers it.
+    await page.reload()
+    await page.getByRole('heading', { name: 'API keys', exact: true }).waitFor()
+    await page.getByText('Your role here does not allow managing API keys').waitFor()
+    expect((await page.getByRole('button', { name: 'Create API key' }).count()) === 0, 'no create for a viewer')
+    await nav('Instances').click()
+    await page.getByRole('heading', { name: 'Instances', exact: true }).waitFor()
+    expect((await page.getByRole('link', { name: 'Create instances' }).count()) === 0, 'no create for a viewer')
+    allowed = [/status of 401/]
+    await page.getByRole('button', { name: 'Sign out' }).click()
+    await page.getByLabel('Email').waitFor()
+    allowed = []
+  })
+
+  await step('the admin token reads every sign-in in the audit log, older pages too', async () => {
+    await page.getByRole('button', { name: 'Use an admin token instead' }).click()
+    await page.getByLabel('Admin token').fill(TOKEN)
+    await page.getByRole('button', { name: 'Sign in with the token' }).click()
+    await who.getByText('Admin token').waitFor()
+    await nav('Audit').click()
+    await page.getByRole('heading', { name: 'Audit log' }).waitFor()
+    await page.getByLabel('Action').fill('auth.sign_in')
+    await page.getByRole('button', { name: 'Apply filters' }).click()
+    const table = page.getByRole('table', { name: 'Audit log' })
+    await table.locator('tr[data-outcome="success"]').filter({ hasText: SSO.email }).filter({ hasText: 'single sign-on' }).first().waitFor()
+    await table.locator('tr[data-outcome="success"]').filter({ hasText: PW.email }).first().waitFor()
+    await table.locator('tr[data-outcome="denied"]').filter({ hasText: PW.email }).first().waitFor()
+    await shot('29-audit-admin')
+    // Paging: 10 per page, then the older ones.
+    await page.getByLabel('Action').fill('')
+    await page.getByLabel('Per page').selectOption('10')
+    await page.getByRole('button', { name: 'Apply filters' }).click()
+    await page.waitForFunction(() => document.querySelectorAll('table[aria-label="Audit log"] tbody tr').length === 10)
+    const newest = await table.locator('tbody tr').first().getAttribute('data-id')
+    await page.getByRole('button', { name: 'Show older entries' }).click()
+    await page.waitForFunction(() => document.querySelectorAll('table[aria-label="Audit log"] tbody tr').length > 10)
+    const ids = await table.locator('tbody tr').evaluateAll((trs) => trs.map((tr) => Number(tr.dataset.id)))
+    expect(String(ids[0]) === newest && ids.every((id, i) => i === 0 || id < ids[i - 1]), `newest first, no repeats: ${ids}`)
+    // A narrow screen: the filters stack, the table becomes cards, nothing scrolls sideways.
+    await page.setViewportSize({ width: 390, height: 844 })
+    for (const name of ['Audit', 'API keys', 'Projects']) {
+      await nav(name).click()
+      await page.getByRole('heading', { level: 1 }).first().waitFor()
+      await page.waitForFunction(() => !document.querySelector('.loading'))
+      const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth)
+      expect(overflow <= 1, `${name} scrolls sideways by ${overflow}px on a narrow screen: ${await wide()}`)
+    }
+    await shot('31-projects-narrow')
+    await page.setViewportSize({ width: 1280, height: 800 })
+    await nav('Audit').click()
+    await page.getByRole('button', { name: 'Clear' }).click()
+  })
+
+  await step('spend for every project: a chart of cost per bucket, a table per project, the total', async () => {
+    await nav('Spend').click()
+    await page.getByRole('heading', { name: 'Spend', exact: true }).waitFor()
+    await page.getByRole('radio', { name: 'Last 24 h' }).click()
+    await page.getByLabel('Group by').selectOption('project')
+    const row = page.getByRole('table', { name: 'Spend by project' }).locator('tr[data-group="default"]')
+    await row.waitFor()
+    const cost = await row.locator('td[data-label="Cost"]').textContent()
+    expect(/[1-9]/.test(cost), `the instances of the first journey cost something: ${cost}`)
+    await page.waitForFunction(() => {
+      const el = document.querySelector('[data-testid="spend-chart"] .chart-canvas')
+      return el?.uplot && el.uplot.data.length > 1 && el.uplot.data[1].some((v) => v > 0)
+    })
+    await page.locator('[data-testid="spend-total"]').getByText('Total cost').waitFor()
+    await shot('30-spend-admin')
+    await page.getByRole('button', { name: 'Sign out' }).click()
+    await page.getByLabel('Email').waitFor()
+  })
+}

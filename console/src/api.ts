@@ -1,5 +1,9 @@
-// The gpufleet HTTP API, typed after crates/api/src/views.rs.
-// Every /api/ call carries the admin token, which lives in sessionStorage only.
+// The gpufleet HTTP API, typed after crates/api/src/views.rs (and accounts.rs,
+// audit.rs, api_keys.rs for teams).
+// Two ways in: a console session (cookies set by POST /api/v1/auth/login or
+// single sign-on; every write echoes the `gpufleet_csrf` cookie in
+// `x-csrf-token`), or the admin token, kept in sessionStorage only and sent
+// as `Authorization: Bearer`.
 
 export type Status =
   | 'provisioning'
@@ -53,6 +57,16 @@ export interface Instance {
   generation: number
   /** The deployment this instance is a replica of (null: created on its own). */
   deployment_id?: string | null
+  /** The project it belongs to (teams). */
+  project_id?: string
+  /** The instance type's price when created (spend; absent on older servers). */
+  price_per_hour?: number | null
+  /** When the provider made the machine (billing starts). */
+  billing_started_at?: string | null
+  /** When the provider said it is gone (billing ends). */
+  billing_ended_at?: string | null
+  /** What it has cost so far, from the billing interval and its price. */
+  cost_so_far?: number | null
 }
 
 export interface InstanceList {
@@ -65,6 +79,7 @@ export interface CreateInstancesBody {
   instance_type: string
   model: string
   count?: number
+  project?: string
 }
 
 export interface TimelineEntry {
@@ -373,6 +388,7 @@ export interface Deployment {
   updated_at: string
   delete_requested_at: string | null
   deleted_at: string | null
+  project_id?: string
   /** Only in `GET /api/v1/deployments/{id}`: its instances, archived ones left out. */
   instances?: Instance[]
 }
@@ -385,6 +401,7 @@ export interface CreateDeploymentBody {
   autoscaling?: Autoscaling
   scale_to_zero_after?: string | null
   engine_args?: string[] | null
+  project?: string
 }
 
 export interface PatchDeploymentBody {
@@ -409,6 +426,167 @@ export interface DeploymentTimeline {
   events: DeploymentEvent[]
 }
 
+// ---------------------------------------------------------------------------
+// Teams: who is signed in, projects and roles, tokens, API keys, the audit log, spend.
+
+export type Role = 'admin' | 'operator' | 'viewer'
+export const ROLES: Role[] = ['admin', 'operator', 'viewer']
+
+export interface User {
+  id: string
+  email: string
+  display_name: string
+  has_password: boolean
+  sso: boolean
+  created_at: string
+}
+
+export interface Membership {
+  project_id: string
+  role: Role
+}
+
+/** `GET /api/v1/auth/me`. */
+export interface Me {
+  kind: 'admin' | 'user'
+  user: User | null
+  memberships: Membership[]
+}
+
+/** `GET /api/v1/auth/providers`. */
+export interface AuthProviders {
+  password: boolean
+  oidc: { name: string; login_url: string } | null
+}
+
+export interface Project {
+  id: string
+  created_at: string
+  /** The caller's role (the admin token: admin). */
+  role: Role
+}
+
+export interface Member {
+  user: User
+  role: Role
+  granted_at: string
+  granted_by: string
+}
+
+export interface AccessToken {
+  id: string
+  name: string
+  created_at: string
+  expires_at: string | null
+  last_used_at: string | null
+  revoked_at: string | null
+}
+
+export interface CreatedAccessToken extends AccessToken {
+  /** Shown this once. */
+  token: string
+}
+
+export interface ApiKey {
+  id: string
+  name: string
+  models: string[] | null
+  created_at: string
+  revoked_at: string | null
+  project_id: string
+  /** Requests per minute (null: no limit; absent before key limits landed). */
+  rpm?: number | null
+  tpm?: number | null
+  monthly_budget?: number | null
+  spent_this_month?: number | null
+}
+
+export interface CreatedApiKey extends ApiKey {
+  /** The secret, shown this once. */
+  key: string
+}
+
+export interface CreateApiKeyBody {
+  name: string
+  models?: string[] | null
+  project?: string
+  rpm?: number | null
+  tpm?: number | null
+  monthly_budget?: number | null
+}
+
+export interface PatchApiKeyBody {
+  rpm?: number | null
+  tpm?: number | null
+  monthly_budget?: number | null
+}
+
+export type AuditOutcome = 'success' | 'denied' | 'failure'
+
+export interface AuditEntry {
+  id: number
+  at: string
+  actor: { kind: string; id: string | null; name: string }
+  action: string
+  target: { kind: string; id: string | null }
+  project_id: string | null
+  outcome: AuditOutcome
+  status: number
+  message: string
+  source_ip: string | null
+}
+
+export interface AuditPage {
+  entries: AuditEntry[]
+  next_before: number | null
+}
+
+export interface AuditFilter {
+  actor?: string
+  action?: string
+  target?: string
+  project?: string
+  outcome?: string
+  from?: string
+  to?: string
+  before?: number
+  limit?: number
+}
+
+export type SpendGroupBy = 'project' | 'deployment' | 'model' | 'provider'
+export type SpendStep = '1h' | '1d'
+
+export interface SpendFigures {
+  cost: number
+  gpu_hours: number
+  /** Hours the instances were billable. */
+  instance_hours?: number
+  prompt_tokens: number
+  completion_tokens: number
+  cost_per_million_tokens: number | null
+}
+
+export interface SpendGroup extends SpendFigures {
+  key: string
+  series: { timestamps: string[]; cost: number[] }
+}
+
+/** `GET /api/v1/spend`. */
+export interface SpendReport {
+  from: string
+  to: string
+  step: string
+  group_by: SpendGroupBy
+  currency: string
+  total: SpendFigures
+  /** Most expensive first. */
+  groups: SpendGroup[]
+  /** Billable instances with no known price: they count 0. */
+  unpriced_instances?: number
+  /** Billable instances whose type's GPU count is unknown (not in gpu_hours). */
+  gpu_count_unknown_instances?: number
+}
+
 /** An error the API answered (`{"error": {code, message, field}}`), or a network failure (status 0). */
 export class ApiError extends Error {
   readonly status: number
@@ -429,6 +607,8 @@ export class ApiError extends Error {
 }
 
 const TOKEN_KEY = 'gpufleet.adminToken'
+/** The console session's CSRF cookie (readable; the session cookie itself is HttpOnly). */
+export const CSRF_COOKIE = 'gpufleet_csrf'
 
 export function getToken(): string | null {
   return sessionStorage.getItem(TOKEN_KEY)
@@ -438,18 +618,65 @@ export function setToken(token: string): void {
   sessionStorage.setItem(TOKEN_KEY, token)
 }
 
+/** The value of the CSRF cookie, while a console session lasts. */
+export function csrfToken(): string | null {
+  for (const part of document.cookie.split(';')) {
+    const [k, ...v] = part.trim().split('=')
+    if (k === CSRF_COOKIE) return v.join('=') || null
+  }
+  return null
+}
+
+/** Which credentials the console holds: the admin token, a session (cookies), or none. */
+export function authMode(): 'token' | 'session' | 'none' {
+  if (getToken()) return 'token'
+  if (csrfToken()) return 'session'
+  return 'none'
+}
+
 type Listener = () => void
 const unauthorizedListeners = new Set<Listener>()
 
-/** Called when the API rejects the token: the app returns to the sign-in page. */
+/** Called when the API rejects the credentials, or on sign-out: the app returns to the sign-in page. */
 export function onUnauthorized(l: Listener): () => void {
   unauthorizedListeners.add(l)
   return () => unauthorizedListeners.delete(l)
 }
 
-export function signOut(): void {
+const forbiddenListeners = new Set<Listener>()
+
+/** Called when the API refuses a call for the caller's role (403 `forbidden`). */
+export function onForbidden(l: Listener): () => void {
+  forbiddenListeners.add(l)
+  return () => forbiddenListeners.delete(l)
+}
+
+/** Forgets the credentials here (the token; a session's cookies are the server's to clear). */
+function forget(): void {
   sessionStorage.removeItem(TOKEN_KEY)
+  // A session the server no longer knows: drop its CSRF cookie so a reload does not try it again.
+  document.cookie = `${CSRF_COOKIE}=; Path=/; Max-Age=0; SameSite=Strict`
   unauthorizedListeners.forEach((l) => l())
+}
+
+/** Signs out: ends the session at the server (POST /api/v1/auth/logout), or forgets the admin token. */
+export async function signOut(): Promise<void> {
+  if (!getToken() && csrfToken()) {
+    try {
+      await request<void>('POST', '/api/v1/auth/logout')
+    } catch {
+      // Already gone at the server: the page still returns to sign-in.
+    }
+  }
+  forget()
+}
+
+/** The headers that authenticate a request: the admin token, or the session's CSRF echo on writes. */
+function authHeaders(method: string, token: string | null): Record<string, string> {
+  if (token) return { Authorization: `Bearer ${token}` }
+  const csrf = csrfToken()
+  if (csrf && method !== 'GET' && method !== 'HEAD') return { 'x-csrf-token': csrf }
+  return {}
 }
 
 async function errorFrom(resp: Response): Promise<ApiError> {
@@ -466,23 +693,26 @@ async function errorFrom(resp: Response): Promise<ApiError> {
   } catch {
     // not JSON: keep the status line
   }
+  if (resp.status === 403 && code !== 'csrf') message = `Not allowed: ${message}`
   return new ApiError(resp.status, code, message, field)
 }
 
 async function request<T>(method: string, path: string, body?: unknown, signal?: AbortSignal, token = getToken()): Promise<T> {
-  const headers: Record<string, string> = { Accept: 'application/json' }
-  if (token) headers.Authorization = `Bearer ${token}`
+  const headers: Record<string, string> = { Accept: 'application/json', ...authHeaders(method, token) }
   if (body !== undefined) headers['Content-Type'] = 'application/json'
   let resp: Response
   try {
-    resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal })
+    resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal, credentials: 'same-origin' })
   } catch (e) {
     if (signal?.aborted) throw e
     throw new ApiError(0, 'unreachable', 'The control plane cannot be reached.')
   }
   if (!resp.ok) {
     const err = await errorFrom(resp)
-    if (resp.status === 401 && token === getToken()) signOut()
+    // Credentials the server no longer accepts: back to sign-in (not for a token being checked, nor the sign-in itself).
+    if (resp.status === 401 && token === getToken() && path !== '/api/v1/auth/login') forget()
+    // Refused for the role: the roles may have changed since they were read.
+    if (resp.status === 403 && err.code === 'forbidden') forbiddenListeners.forEach((l) => l())
     throw err
   }
   if (resp.status === 204) return undefined as T
@@ -495,8 +725,9 @@ const enc = encodeURIComponent
 export const api = {
   /** Checks a token without storing it. */
   check: (token: string) => request<InstanceList>('GET', '/api/v1/instances?limit=1', undefined, undefined, token),
-  instances: (opts: { statuses?: Status[]; includeArchived?: boolean } = {}, signal?: AbortSignal) => {
+  instances: (opts: { statuses?: Status[]; includeArchived?: boolean; project?: string | null } = {}, signal?: AbortSignal) => {
     const q = new URLSearchParams()
+    if (opts.project) q.set('project', opts.project)
     if (opts.statuses?.length) q.set('status', opts.statuses.join(','))
     if (opts.includeArchived) q.set('include_archived', 'true')
     const qs = q.toString()
@@ -521,8 +752,13 @@ export const api = {
   instanceTypes: (provider: string, signal?: AbortSignal) =>
     request<{ provider: string; instance_types: InstanceType[] }>('GET', `/api/v1/providers/${enc(provider)}/instance-types`, undefined, signal),
   models: (signal?: AbortSignal) => request<{ models: Model[] }>('GET', '/api/v1/models', undefined, signal),
-  deployments: (opts: { includeDeleted?: boolean } = {}, signal?: AbortSignal) =>
-    request<{ deployments: Deployment[] }>('GET', '/api/v1/deployments' + (opts.includeDeleted ? '?include_deleted=true' : ''), undefined, signal),
+  deployments: (opts: { includeDeleted?: boolean; project?: string | null } = {}, signal?: AbortSignal) => {
+    const q = new URLSearchParams()
+    if (opts.includeDeleted) q.set('include_deleted', 'true')
+    if (opts.project) q.set('project', opts.project)
+    const qs = q.toString()
+    return request<{ deployments: Deployment[] }>('GET', '/api/v1/deployments' + (qs ? '?' + qs : ''), undefined, signal)
+  },
   deployment: (id: string, signal?: AbortSignal) => request<Deployment>('GET', `/api/v1/deployments/${enc(id)}`, undefined, signal),
   createDeployment: (body: CreateDeploymentBody) => request<Deployment>('POST', '/api/v1/deployments', body),
   patchDeployment: (id: string, body: PatchDeploymentBody) => request<Deployment>('PATCH', `/api/v1/deployments/${enc(id)}`, body),
@@ -535,6 +771,44 @@ export const api = {
     if (opts.limit !== undefined) q.set('limit', String(opts.limit))
     const qs = q.toString()
     return request<DeploymentTimeline>('GET', `/api/v1/deployments/${enc(id)}/events` + (qs ? '?' + qs : ''), undefined, signal)
+  },
+  // --- sign-in and accounts
+  providersOfSignIn: (signal?: AbortSignal) => request<AuthProviders>('GET', '/api/v1/auth/providers', undefined, signal, null),
+  login: (email: string, password: string) => request<Me>('POST', '/api/v1/auth/login', { email, password }, undefined, null),
+  me: (signal?: AbortSignal) => request<Me>('GET', '/api/v1/auth/me', undefined, signal),
+  projects: (signal?: AbortSignal) => request<Project[]>('GET', '/api/v1/projects', undefined, signal),
+  createProject: (id: string) => request<Project>('POST', '/api/v1/projects', { id }),
+  members: (project: string, signal?: AbortSignal) => request<Member[]>('GET', `/api/v1/projects/${enc(project)}/members`, undefined, signal),
+  grant: (project: string, userId: string, role: Role) => request<Member>('PUT', `/api/v1/projects/${enc(project)}/members/${enc(userId)}`, { role }),
+  revokeMember: (project: string, userId: string) => request<void>('DELETE', `/api/v1/projects/${enc(project)}/members/${enc(userId)}`),
+  users: (signal?: AbortSignal) => request<User[]>('GET', '/api/v1/users', undefined, signal),
+  createUser: (body: { email: string; display_name: string; password?: string }) => request<User>('POST', '/api/v1/users', body),
+  tokens: (signal?: AbortSignal) => request<AccessToken[]>('GET', '/api/v1/tokens', undefined, signal),
+  createToken: (name: string, expiresInDays?: number) =>
+    request<CreatedAccessToken>('POST', '/api/v1/tokens', expiresInDays ? { name, expires_in_days: expiresInDays } : { name }),
+  revokeToken: (id: string) => request<void>('DELETE', `/api/v1/tokens/${enc(id)}`),
+  // --- API keys of the OpenAI-compatible endpoint
+  apiKeys: (project: string | null, signal?: AbortSignal) =>
+    request<{ api_keys: ApiKey[] }>('GET', '/api/v1/api-keys' + (project ? `?project=${enc(project)}` : ''), undefined, signal),
+  createApiKey: (body: CreateApiKeyBody) => request<CreatedApiKey>('POST', '/api/v1/api-keys', body),
+  patchApiKey: (id: string, body: PatchApiKeyBody) => request<ApiKey>('PATCH', `/api/v1/api-keys/${enc(id)}`, body),
+  revokeApiKey: (id: string) => request<unknown>('DELETE', `/api/v1/api-keys/${enc(id)}`),
+  // --- audit and spend
+  audit: (f: AuditFilter, signal?: AbortSignal) => {
+    const q = new URLSearchParams()
+    for (const [k, v] of Object.entries(f)) if (v !== undefined && v !== null && v !== '') q.set(k, String(v))
+    const qs = q.toString()
+    return request<AuditPage>('GET', '/api/v1/audit' + (qs ? '?' + qs : ''), undefined, signal)
+  },
+  spend: (opts: { from: number; to: number; groupBy: SpendGroupBy; step: SpendStep; project?: string | null }, signal?: AbortSignal) => {
+    const q = new URLSearchParams({
+      from: new Date(opts.from).toISOString(),
+      to: new Date(opts.to).toISOString(),
+      group_by: opts.groupBy,
+      step: opts.step,
+    })
+    if (opts.project) q.set('project', opts.project)
+    return request<SpendReport>('GET', `/api/v1/spend?${q}`, undefined, signal)
   },
 }
 
@@ -626,7 +900,7 @@ export function followEvents(h: StreamHandlers): () => void {
       if (!resp.ok || !resp.body) {
         failure = await errorFrom(resp)
         if (resp.status === 401) {
-          signOut()
+          forget()
           return
         }
       } else {

@@ -1,6 +1,9 @@
 import { useEffect, useState } from 'preact/hooks'
-import { getToken, onUnauthorized, signOut } from './api'
+import { authMode, onForbidden, onUnauthorized, signOut } from './api'
 import { ConnectionBadge, Notice } from './components/ui'
+import { Account } from './pages/Account'
+import { ApiKeys } from './pages/ApiKeys'
+import { Audit } from './pages/Audit'
 import { Create } from './pages/Create'
 import { DeploymentCreate } from './pages/DeploymentCreate'
 import { DeploymentDetail } from './pages/DeploymentDetail'
@@ -10,7 +13,10 @@ import { Instances } from './pages/Instances'
 import { Models } from './pages/Models'
 import { Observability } from './pages/Observability'
 import { Overview } from './pages/Overview'
+import { Projects } from './pages/Projects'
 import { SignIn } from './pages/SignIn'
+import { Spend } from './pages/Spend'
+import { chooseProject, forgetSession, loadSession, useSession, whoAmI } from './session'
 import { startFleet, stopFleet, useFleet } from './store'
 import { forgetUsage } from './usage'
 
@@ -32,16 +38,26 @@ const NAV = [
   { href: '#/deployments', label: 'Deployments', match: (p: string) => p.startsWith('/deployments') },
   { href: '#/observability', label: 'Observability', match: (p: string) => p.startsWith('/observability') },
   { href: '#/models', label: 'Models', match: (p: string) => p.startsWith('/models') },
+  { href: '#/api-keys', label: 'API keys', match: (p: string) => p.startsWith('/api-keys') },
+  { href: '#/spend', label: 'Spend', match: (p: string) => p.startsWith('/spend') },
+  { href: '#/audit', label: 'Audit', match: (p: string) => p.startsWith('/audit') },
+  { href: '#/projects', label: 'Projects', match: (p: string) => p.startsWith('/projects') },
 ]
 
 export function App() {
-  const [signedIn, setSignedIn] = useState(!!getToken())
+  // The admin token in this tab, or a session's cookies (checked by GET /api/v1/auth/me).
+  const [signedIn, setSignedIn] = useState(authMode() !== 'none')
   useEffect(() => onUnauthorized(() => setSignedIn(false)), [])
+  // A refusal may mean a role changed: read the roles again, so the pages offer what they allow.
+  useEffect(() => onForbidden(() => void loadSession()), [])
   useEffect(() => {
-    if (signedIn) startFleet()
-    else {
+    if (signedIn) {
+      startFleet()
+      loadSession()
+    } else {
       stopFleet()
       forgetUsage()
+      forgetSession()
     }
   }, [signedIn])
 
@@ -52,6 +68,7 @@ export function App() {
 function Shell() {
   const path = useHashPath()
   const fleet = useFleet()
+  const session = useSession()
   // A message for the page named by `path`, dropped on leaving it.
   const [flash, setFlash] = useState<{ path: string; text: string } | null>(null)
 
@@ -100,6 +117,11 @@ function Shell() {
     )
   else if (path === '/observability') page = <Observability />
   else if (path === '/models') page = <Models />
+  else if (path === '/api-keys') page = <ApiKeys />
+  else if (path === '/spend') page = <Spend />
+  else if (path === '/audit') page = <Audit />
+  else if (path === '/projects') page = <Projects />
+  else if (path === '/account') page = <Account />
   else
     page = (
       <Notice tone="warn">
@@ -130,11 +152,31 @@ function Shell() {
         </nav>
         <div class="top-right">
           <ConnectionBadge state={fleet.stream} error={fleet.error} />
-          <button type="button" class="btn btn-small btn-ghost" onClick={signOut}>
+          <label class="project-switch">
+            <span>Project</span>
+            <select value={session.project ?? ''} onChange={(e) => chooseProject(e.currentTarget.value || null)} disabled={!session.projects}>
+              <option value="">All projects</option>
+              {(session.projects ?? []).map((p) => (
+                <option value={p.id}>
+                  {p.id} · {p.role}
+                </option>
+              ))}
+            </select>
+          </label>
+          <a class="who" href="#/account" data-testid="who" title="Your account and access tokens" aria-current={path === '/account' ? 'page' : undefined}>
+            <span class="sr-only">Signed in as </span>
+            {whoAmI(session.me)}
+          </a>
+          <button type="button" class="btn btn-small btn-ghost" onClick={() => signOut()}>
             Sign out
           </button>
         </div>
       </header>
+      {session.error && (
+        <div class="banner" role="alert">
+          Cannot read your account: {session.error}
+        </div>
+      )}
       {unreachable && (
         <div class="banner" role="alert">
           {fleet.error!.message} Showing the last known state; reconnecting…

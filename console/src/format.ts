@@ -74,8 +74,19 @@ export function uptime(i: Instance, now: number): number | null {
   return Math.max(0, to - from)
 }
 
-/** price/h × hours since created, until terminated. */
+/**
+ * What the instance has cost: from its billing interval and the price it was
+ * created at when the server reports them (spend), else an estimate from the
+ * catalog price × hours since created, until terminated.
+ */
 export function costSoFar(i: Instance, t: InstanceType | undefined, now: number): number | null {
+  if (typeof i.price_per_hour === 'number') {
+    const start = ms(i.billing_started_at)
+    if (start === null) return typeof i.cost_so_far === 'number' ? i.cost_so_far : 0
+    const end = ms(i.billing_ended_at) ?? now
+    return (i.price_per_hour * Math.max(0, end - start)) / 3_600_000
+  }
+  if (typeof i.cost_so_far === 'number') return i.cost_so_far
   if (!t) return null
   const from = ms(i.created_at)
   if (from === null) return null

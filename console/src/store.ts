@@ -3,6 +3,7 @@
 
 import { useEffect, useState } from 'preact/hooks'
 import { api, ApiError, followEvents, type Instance, type InstanceType, type StreamState } from './api'
+import { observable, useFollow } from './observable'
 
 export interface FleetState {
   /** Instances by id, archived ones removed. */
@@ -13,14 +14,9 @@ export interface FleetState {
   error: ApiError | null
 }
 
-let state: FleetState = { instances: new Map(), loaded: false, stream: 'connecting', error: null }
-const listeners = new Set<() => void>()
+const fleet = observable<FleetState>({ instances: new Map(), loaded: false, stream: 'connecting', error: null })
+const set = fleet.set
 let stop: (() => void) | null = null
-
-function set(next: Partial<FleetState>) {
-  state = { ...state, ...next }
-  listeners.forEach((l) => l())
-}
 
 /** Starts following the event stream (after sign-in). */
 export function startFleet(): void {
@@ -32,7 +28,7 @@ export function startFleet(): void {
         for (const i of e.instances) if (i.status !== 'archived') m.set(i.id, i)
         set({ instances: m, loaded: true, error: null })
       } else {
-        const m = new Map(state.instances)
+        const m = new Map(fleet.get().instances)
         const old = m.get(e.instance.id)
         // Events carry a generation: never let an older one win.
         if (old && old.generation > e.instance.generation) return
@@ -41,38 +37,29 @@ export function startFleet(): void {
         set({ instances: m })
       }
     },
-    onState: (s, error) => set({ stream: s, error: s === 'live' ? null : (error ?? state.error) }),
+    onState: (s, error) => set({ stream: s, error: s === 'live' ? null : (error ?? fleet.get().error) }),
   })
 }
 
 export function stopFleet(): void {
   stop?.()
   stop = null
-  state = { instances: new Map(), loaded: false, stream: 'connecting', error: null }
   catalog = null
-  listeners.forEach((l) => l())
+  set({ instances: new Map(), loaded: false, stream: 'connecting', error: null })
 }
 
 /** Applies an instance the API just answered with, before its event arrives. */
 export function upsert(i: Instance): void {
-  const old = state.instances.get(i.id)
+  const old = fleet.get().instances.get(i.id)
   if (old && old.generation > i.generation) return
-  const m = new Map(state.instances)
+  const m = new Map(fleet.get().instances)
   if (i.status === 'archived') m.delete(i.id)
   else m.set(i.id, i)
   set({ instances: m })
 }
 
 export function useFleet(): FleetState {
-  const [, force] = useState(0)
-  useEffect(() => {
-    const l = () => force((n) => n + 1)
-    listeners.add(l)
-    return () => {
-      listeners.delete(l)
-    }
-  }, [])
-  return state
+  return fleet.use()
 }
 
 /** Instance types by `provider/type`, loaded once. */
@@ -163,14 +150,7 @@ export function rememberDeployment(d: { id: string; name: string }): void {
 
 /** Names of these deployments (looked up, at most every 10 s, while one is unknown). */
 export function useDeploymentNames(ids: (string | null | undefined)[]): Map<string, string> {
-  const [, force] = useState(0)
-  useEffect(() => {
-    const l = () => force((n) => n + 1)
-    nameListeners.add(l)
-    return () => {
-      nameListeners.delete(l)
-    }
-  }, [])
+  useFollow(nameListeners)
   const unknown = [...new Set(ids.filter((id): id is string => !!id && !deploymentNames.has(id)))].sort().join(',')
   useEffect(() => {
     if (!unknown || Date.now() - namesLookedUpAt < 10_000) return
@@ -181,4 +161,32 @@ export function useDeploymentNames(ids: (string | null | undefined)[]): Map<stri
     )
   }, [unknown])
   return deploymentNames
+}
+
+// ---------------------------------------------------------------------------
+// The header's project, applied to the live instance list.
+
+/**
+ * Whether an instance belongs to the project chosen in the header (all: yes).
+ * Instance views carry `project_id`; for a server whose views do not yet,
+ * the ids of `GET /api/v1/instances?project=` (polled) decide.
+ */
+export function useInProject(project: string | null): (i: Instance) => boolean {
+  const [ids, setIds] = useState<Set<string> | null>(null)
+  const needIds = !!project && [...fleet.get().instances.values()].some((i) => i.project_id === undefined)
+  usePoll(
+    async (signal) => {
+      if (!project || !needIds) return
+      try {
+        const l = await api.instances({ project, includeArchived: false }, signal)
+        setIds(new Set(l.instances.map((i) => i.id)))
+      } catch {
+        // The list keeps the last known set.
+      }
+    },
+    5000,
+    [project, needIds],
+  )
+  if (!project) return () => true
+  return (i) => (i.project_id !== undefined ? i.project_id === project : !!ids?.has(i.id))
 }

@@ -1,7 +1,7 @@
 // Small shared pieces: badges, progress bars, notices, the confirmation dialog.
 
 import type { ComponentChildren } from 'preact'
-import { useEffect, useRef } from 'preact/hooks'
+import { useEffect, useRef, useState } from 'preact/hooks'
 import { STARTING, type Instance, type Status } from '../api'
 
 const TONE: Record<Status, string> = {
@@ -119,4 +119,39 @@ export function ConnectionBadge({ state, error }: { state: string; error: { mess
       {text}
     </span>
   )
+}
+
+/** A secret shown once (a new token or API key), with a copy button. */
+export function SecretOnce({ label, secret, onDone }: { label: string; secret: string; onDone: () => void }) {
+  const [copied, setCopied] = useState<'yes' | 'no' | null>(null)
+  const copy = async () => {
+    try {
+      await navigator.clipboard.writeText(secret)
+      setCopied('yes')
+    } catch {
+      setCopied('no')
+    }
+  }
+  return (
+    <div class="notice notice-secret" role="status" data-testid="secret-once">
+      <p>
+        <strong>{label}</strong> Copy it now: it is shown only this once.
+      </p>
+      <div class="secret-row">
+        <input class="mono secret" readOnly value={secret} aria-label={label} onFocus={(e) => e.currentTarget.select()} />
+        <button type="button" class="btn btn-small" onClick={copy}>
+          Copy
+        </button>
+        <button type="button" class="btn btn-small" onClick={onDone}>
+          Done
+        </button>
+      </div>
+      {copied && <p class="small">{copied === 'yes' ? 'Copied to the clipboard.' : 'The browser refused the clipboard: select the text and copy it.'}</p>}
+    </div>
+  )
+}
+
+/** The message of an error thrown by the API client. */
+export function errorText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e)
 }

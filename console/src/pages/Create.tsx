@@ -1,10 +1,11 @@
 import { useEffect, useState } from 'preact/hooks'
 import { api, ApiError, type InstanceType, type Model, type Provider } from '../api'
+import { ProjectField } from '../components/project'
 import { Loading, Notice } from '../components/ui'
 import { mib, money } from '../format'
 import { upsert } from '../store'
 
-type Field = 'provider' | 'zone' | 'instance_type' | 'model' | 'count'
+type Field = 'provider' | 'zone' | 'instance_type' | 'model' | 'count' | 'project'
 
 export function Create({ onCreated }: { onCreated: (n: number) => void }) {
   const [providers, setProviders] = useState<Provider[] | null>(null)
@@ -19,6 +20,7 @@ export function Create({ onCreated }: { onCreated: (n: number) => void }) {
   const [errors, setErrors] = useState<Partial<Record<Field, string>>>({})
   const [formError, setFormError] = useState<string | null>(null)
   const [busy, setBusy] = useState(false)
+  const [project, setProject] = useState('')
 
   useEffect(() => {
     const ctrl = new AbortController()
@@ -65,16 +67,17 @@ export function Create({ onCreated }: { onCreated: (n: number) => void }) {
     if (!typeName) local.instance_type = 'Choose an instance type.'
     if (!model) local.model = 'Choose a model.'
     if (count.trim() === '' || !Number.isFinite(n)) local.count = 'Enter a number.'
+    if (!project) local.project = 'Choose the project they belong to.'
     setErrors(local)
     setFormError(null)
     if (Object.keys(local).length) return
     setBusy(true)
     try {
-      const created = await api.create({ provider, zone: zone || null, instance_type: typeName, model, count: n })
+      const created = await api.create({ provider, zone: zone || null, instance_type: typeName, model, count: n, project })
       created.instances.forEach(upsert)
       onCreated(created.instances.length)
     } catch (err) {
-      if (err instanceof ApiError && err.field && ['provider', 'zone', 'instance_type', 'model', 'count'].includes(err.field)) {
+      if (err instanceof ApiError && err.field && ['provider', 'zone', 'instance_type', 'model', 'count', 'project'].includes(err.field)) {
         setErrors({ [err.field as Field]: err.message })
       } else {
         setFormError(err instanceof ApiError ? err.message : String(err))
@@ -102,6 +105,7 @@ export function Create({ onCreated }: { onCreated: (n: number) => void }) {
       </div>
       <form class="card form" onSubmit={submit} noValidate>
         {formError && <Notice tone="bad">{formError}</Notice>}
+        <ProjectField id="project" value={project} onChange={setProject} need="operate" error={errors.project} />
         <div class="field">
           <label for="provider">Provider</label>
           <select id="provider" value={provider} onChange={(e) => setProvider(e.currentTarget.value)} aria-invalid={!!errors.provider} aria-describedby={described('provider')}>

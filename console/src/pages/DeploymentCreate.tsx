@@ -1,4 +1,5 @@
 import { useEffect, useState } from 'preact/hooks'
+import { ProjectField } from '../components/project'
 import { api, ApiError, SCALING_METRICS, type CreateDeploymentBody, type InstanceType, type Model, type Placement, type Provider, type ScalingMetric } from '../api'
 import { Loading, Notice } from '../components/ui'
 import { mib, money } from '../format'
@@ -48,6 +49,7 @@ export function DeploymentCreate({ onCreated }: { onCreated: (id: string, name: 
   const [errors, setErrors] = useState<FieldErrors>({})
   const [formError, setFormError] = useState<string | null>(null)
   const [busy, setBusy] = useState(false)
+  const [project, setProject] = useState('')
 
   useEffect(() => {
     const ctrl = new AbortController()
@@ -110,6 +112,7 @@ export function DeploymentCreate({ onCreated }: { onCreated: (id: string, name: 
       else if (!p.instance_type) local[`placements[${i}].instance_type`] = 'Choose an instance type.'
     })
     if (!placements.length) local.placements = 'Add at least one placement.'
+    if (!project) local.project = 'Choose the project it belongs to.'
     const minN = int(min)
     const maxN = int(max)
     const targetN = int(target)
@@ -128,6 +131,7 @@ export function DeploymentCreate({ onCreated }: { onCreated: (id: string, name: 
       autoscaling: { metric, target_per_replica: targetN!, scale_down_delay: downDelay.trim() },
     }
     if (toZero.trim()) body.scale_to_zero_after = toZero.trim()
+    body.project = project
     setBusy(true)
     try {
       const d = await api.createDeployment(body)
@@ -177,6 +181,8 @@ export function DeploymentCreate({ onCreated }: { onCreated: (id: string, name: 
           </p>
           <FieldError errors={errors} field="name" />
         </div>
+
+        <ProjectField id={fieldId('project')} value={project} onChange={setProject} need="operate" error={errors.project} />
 
         <div class="field">
           <label for={fieldId('model')}>Model</label>

@@ -3,6 +3,7 @@ import { api, ApiError, SCALING_METRICS, type Deployment, type DeploymentEvent, 
 import { Chart } from '../components/Chart'
 import { Confirm, Empty, Loading, Notice, StatusCell } from '../components/ui'
 import { ago, dateTime, shortDuration, shortId, time } from '../format'
+import { allows, roleIn, useSession } from '../session'
 import { rememberDeployment, usePoll, useFleet, useTick } from '../store'
 import { DeploymentStateBadge, placementText } from './Deployments'
 import { fieldId, FieldError, fieldProps, type FieldErrors } from './DeploymentCreate'
@@ -39,6 +40,7 @@ const MAX_EVENTS = 1000
 
 export function DeploymentDetail({ id, onDeleted }: { id: string; onDeleted: (name: string) => void }) {
   const fleet = useFleet()
+  const session = useSession()
   const now = useTick(1000)
   const [dep, setDep] = useState<Deployment | null>(null)
   const [points, setPoints] = useState<Point[]>(() => history.get(id) ?? [])
@@ -136,6 +138,7 @@ export function DeploymentDetail({ id, onDeleted }: { id: string; onDeleted: (na
     }
   }
 
+  const mayOperate = allows(roleIn(session, dep.project_id ?? session.project ?? 'default'), 'operate')
   return (
     <section aria-labelledby="deployment-title" data-state={dep.state}>
       <p class="crumbs">
@@ -146,7 +149,7 @@ export function DeploymentDetail({ id, onDeleted }: { id: string; onDeleted: (na
           {dep.name} <span class="muted">serves</span> {dep.model}
         </h1>
         <div class="head-actions">
-          {dep.state === 'active' && (
+          {dep.state === 'active' && mayOperate && (
             <>
               <button type="button" class="btn" aria-expanded={scaling} aria-controls="scale-form" onClick={() => setScaling(!scaling)}>
                 Scale

@@ -2,6 +2,7 @@ import { useState } from 'preact/hooks'
 import { api, ApiError, type Deployment, type DeploymentState } from '../api'
 import { Empty, Loading, Notice } from '../components/ui'
 import { ago, dateTime } from '../format'
+import { canHere, useSession } from '../session'
 import { rememberDeployment, usePoll, useTick } from '../store'
 
 const STATE_TONE: Record<DeploymentState, string> = { active: 'ok', deleting: 'warn', deleted: 'muted' }
@@ -21,13 +22,15 @@ export function placementText(p: { provider: string; zone: string; instance_type
 
 export function Deployments({ flash }: { flash?: string | null }) {
   const now = useTick(5000)
+  const session = useSession()
+  const mayCreate = canHere(session, 'operate')
   const [list, setList] = useState<Deployment[] | null>(null)
   const [error, setError] = useState<string | null>(null)
 
   usePoll(
     async (signal) => {
       try {
-        const l = await api.deployments({}, signal)
+        const l = await api.deployments({ project: session.project }, signal)
         l.deployments.forEach(rememberDeployment)
         setList(l.deployments)
         setError(null)
@@ -36,7 +39,7 @@ export function Deployments({ flash }: { flash?: string | null }) {
       }
     },
     3000,
-    [],
+    [session.project],
   )
 
   // Newest first, as the instances table.
@@ -46,9 +49,11 @@ export function Deployments({ flash }: { flash?: string | null }) {
     <section aria-labelledby="deployments-title">
       <div class="page-head">
         <h1 id="deployments-title">Deployments</h1>
-        <a class="btn btn-primary" href="#/deployments/new">
-          Create deployment
-        </a>
+        {mayCreate && (
+          <a class="btn btn-primary" href="#/deployments/new">
+            Create deployment
+          </a>
+        )}
       </div>
       {flash && <Notice>{flash}</Notice>}
       {error && <Notice tone="bad">{list ? `${error} Showing the last known state.` : `${error} Retrying…`}</Notice>}
@@ -61,9 +66,11 @@ export function Deployments({ flash }: { flash?: string | null }) {
         !error && <Loading what="deployments" />
       ) : rows.length === 0 ? (
         <Empty title="No deployments yet.">
-          <p>
-            <a href="#/deployments/new">Create a deployment</a> to keep a model served.
-          </p>
+          {mayCreate && (
+            <p>
+              <a href="#/deployments/new">Create a deployment</a> to keep a model served.
+            </p>
+          )}
         </Empty>
       ) : (
         <div class="table-wrap">

@@ -4,6 +4,7 @@ import { Chart } from '../components/Chart'
 import { Confirm, Loading, Notice, StatusBadge, StatusCell } from '../components/ui'
 import { ago, costSoFar, dateTime, duration, money, shortDuration, shortId, time, uptime } from '../format'
 import { detailCharts, FALLBACK_LIMIT, freshness, inWindow, seriesCharts, windowBounds, WINDOWS, windowOf, type WindowKey } from '../metrics'
+import { allows, roleIn, useSession } from '../session'
 import { upsert, useCatalog, useDeploymentNames, useFleet, usePoll, useTick } from '../store'
 import { useUsage } from '../usage'
 
@@ -21,6 +22,7 @@ export function Detail({ id }: { id: string }) {
   const [error, setError] = useState<string | null>(null)
   const [confirm, setConfirm] = useState(false)
   const usage = useUsage()
+  const session = useSession()
   const routed = usage.report?.instances.find((u) => u.id === id)
 
   // The stream keeps the instance current; archived ones leave the stream, so fall back to a GET.
@@ -91,6 +93,8 @@ export function Detail({ id }: { id: string }) {
 
   const type = catalog?.get(`${inst.provider}/${inst.instance_type}`)
   const cost = costSoFar(inst, type, now)
+  const mayOperate = allows(roleIn(session, inst.project_id ?? session.project ?? 'default'), 'operate')
+  const currency = type?.currency ?? 'EUR'
   const up = uptime(inst, now)
   const fresh = freshness(metrics?.latest?.at ?? inst.last_heartbeat_at, now)
 
@@ -124,12 +128,12 @@ export function Detail({ id }: { id: string }) {
           {inst.model} <span class="muted">on</span> {inst.instance_type}
         </h1>
         <div class="head-actions">
-          {TERMINABLE.includes(inst.status) && (
+          {TERMINABLE.includes(inst.status) && mayOperate && (
             <button type="button" class="btn btn-danger" onClick={() => setConfirm(true)}>
               Terminate
             </button>
           )}
-          {inst.status === 'terminated' && (
+          {inst.status === 'terminated' && mayOperate && (
             <button type="button" class="btn" onClick={archive}>
               Archive
             </button>
@@ -258,9 +262,31 @@ export function Detail({ id }: { id: string }) {
             <dt>Uptime</dt>
             <dd>{up === null ? '—' : duration(up)}</dd>
           </div>
+          {inst.project_id && (
+            <div>
+              <dt>Project</dt>
+              <dd data-testid="detail-project">{inst.project_id}</dd>
+            </div>
+          )}
+          {typeof inst.price_per_hour === 'number' && (
+            <div>
+              <dt>Price per hour</dt>
+              <dd data-testid="detail-price">
+                {money(inst.price_per_hour, currency)}/h
+                <span class="muted small"> · when created</span>
+              </dd>
+            </div>
+          )}
           <div>
             <dt>Cost so far</dt>
-            <dd>{cost === null ? '—' : money(cost, type!.currency)}</dd>
+            <dd data-testid="detail-cost">
+              {cost === null ? '—' : money(cost, currency)}
+              {typeof inst.price_per_hour === 'number' ? (
+                <span class="muted small">{inst.billing_started_at ? ` · billed since ${dateTime(inst.billing_started_at)}${inst.billing_ended_at ? ` until ${dateTime(inst.billing_ended_at)}` : ''}` : ' · not billed yet'}</span>
+              ) : (
+                cost !== null && <span class="muted small"> · estimate from the catalog price</span>
+              )}
+            </dd>
           </div>
           {inst.terminated_at && (
             <div>

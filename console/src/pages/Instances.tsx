@@ -2,7 +2,8 @@ import { useMemo, useState } from 'preact/hooks'
 import { api, ApiError, TERMINABLE, type Instance } from '../api'
 import { Confirm, Empty, Loading, Notice, StatusCell } from '../components/ui'
 import { costSoFar, duration, money, shortId, uptime } from '../format'
-import { upsert, useCatalog, useDeploymentNames, useFleet, useTick, type Catalog } from '../store'
+import { allows, canHere, roleIn, useSession } from '../session'
+import { upsert, useCatalog, useDeploymentNames, useFleet, useInProject, useTick, type Catalog } from '../store'
 
 type Group = 'all' | 'running' | 'starting' | 'problems' | 'stopped'
 
@@ -16,6 +17,10 @@ const GROUPS: Record<Group, { label: string; match: (i: Instance) => boolean }> 
 
 export function Instances({ flash }: { flash?: string | null }) {
   const fleet = useFleet()
+  const session = useSession()
+  const inProject = useInProject(session.project)
+  const mayCreate = canHere(session, 'operate')
+  const mayOperate = (i: Instance) => allows(roleIn(session, i.project_id ?? session.project ?? 'default'), 'operate')
   const catalog = useCatalog()
   const now = useTick(1000)
   const [group, setGroup] = useState<Group>('all')
@@ -27,8 +32,8 @@ export function Instances({ flash }: { flash?: string | null }) {
   const [error, setError] = useState<string | null>(null)
 
   const all = useMemo(
-    () => [...fleet.instances.values()].sort((a, b) => b.created_at.localeCompare(a.created_at)),
-    [fleet.instances],
+    () => [...fleet.instances.values()].filter(inProject).sort((a, b) => b.created_at.localeCompare(a.created_at)),
+    [fleet.instances, inProject],
   )
   const deploymentNames = useDeploymentNames(all.map((i) => i.deployment_id))
   const models = [...new Set(all.map((i) => i.model))].sort()
@@ -41,7 +46,7 @@ export function Instances({ flash }: { flash?: string | null }) {
       (!provider || i.provider === provider) &&
       (!q || i.id.includes(q) || (i.ip ?? '').includes(q) || i.zone.includes(q) || i.instance_type.toLowerCase().includes(q)),
   )
-  const selectable = rows.filter((i) => TERMINABLE.includes(i.status))
+  const selectable = rows.filter((i) => TERMINABLE.includes(i.status) && mayOperate(i))
   const chosen = selectable.filter((i) => selected.has(i.id))
 
   const toggle = (id: string) => {
@@ -84,10 +89,17 @@ export function Instances({ flash }: { flash?: string | null }) {
     <section aria-labelledby="instances-title">
       <div class="page-head">
         <h1 id="instances-title">Instances</h1>
-        <a class="btn btn-primary" href="#/instances/new">
-          Create instances
-        </a>
+        {mayCreate && (
+          <a class="btn btn-primary" href="#/instances/new">
+            Create instances
+          </a>
+        )}
       </div>
+      {session.project && (
+        <p class="muted small" data-testid="project-scope">
+          Project {session.project} only. Choose “All projects” in the header to see every instance you may.
+        </p>
+      )}
       {flash && <Notice>{flash}</Notice>}
       {error && <Notice tone="bad">{error}</Notice>}
 
@@ -124,9 +136,11 @@ export function Instances({ flash }: { flash?: string | null }) {
           Search
           <input type="search" placeholder="id, IP, zone, type" value={text} onInput={(e) => setText(e.currentTarget.value)} />
         </label>
-        <button type="button" class="btn btn-danger" disabled={!chosen.length} onClick={() => setConfirm(chosen)}>
-          Terminate selected{chosen.length ? ` (${chosen.length})` : ''}
-        </button>
+        {mayCreate && (
+          <button type="button" class="btn btn-danger" disabled={!chosen.length} onClick={() => setConfirm(chosen)}>
+            Terminate selected{chosen.length ? ` (${chosen.length})` : ''}
+          </button>
+        )}
       </div>
 
       {!fleet.loaded ? (
@@ -137,9 +151,11 @@ export function Instances({ flash }: { flash?: string | null }) {
         )
       ) : all.length === 0 ? (
         <Empty title="No instances yet.">
-          <p>
-            <a href="#/instances/new">Create your first instances</a> to serve a model.
-          </p>
+          {mayCreate && (
+            <p>
+              <a href="#/instances/new">Create your first instances</a> to serve a model.
+            </p>
+          )}
         </Empty>
       ) : rows.length === 0 ? (
         <Empty title="No instance matches these filters." />
@@ -178,6 +194,7 @@ export function Instances({ flash }: { flash?: string | null }) {
                   now={now}
                   catalog={catalog}
                   deployment={i.deployment_id ? (deploymentNames.get(i.deployment_id) ?? shortId(i.deployment_id)) : null}
+                  mayOperate={mayOperate(i)}
                   selected={selected.has(i.id)}
                   onToggle={() => toggle(i.id)}
                   onTerminate={() => setConfirm([i])}
@@ -215,17 +232,19 @@ interface RowProps {
   catalog: Catalog | null
   /** The name of the deployment it is a replica of. */
   deployment: string | null
+  /** The caller's role in its project allows terminate and archive. */
+  mayOperate: boolean
   selected: boolean
   onToggle: () => void
   onTerminate: () => void
   onArchive: () => void
 }
 
-function Row({ i, now, catalog, deployment, selected, onToggle, onTerminate, onArchive }: RowProps) {
+function Row({ i, now, catalog, deployment, mayOperate, selected, onToggle, onTerminate, onArchive }: RowProps) {
   const type = catalog?.get(`${i.provider}/${i.instance_type}`)
   const cost = costSoFar(i, type, now)
   const up = uptime(i, now)
-  const terminable = TERMINABLE.includes(i.status)
+  const terminable = TERMINABLE.includes(i.status) && mayOperate
   return (
     <tr data-id={i.id} data-status={i.status}>
       <td class="check" data-label="Select">
@@ -267,14 +286,14 @@ function Row({ i, now, catalog, deployment, selected, onToggle, onTerminate, onA
       </td>
       <td class="mono" data-label="IP">{i.ip ?? <span class="muted">—</span>}</td>
       <td class="num" data-label="Uptime">{up === null ? <span class="muted">—</span> : duration(up)}</td>
-      <td class="num" data-label="Cost so far">{cost === null ? <span class="muted">—</span> : money(cost, type!.currency)}</td>
+      <td class="num" data-label="Cost so far">{cost === null ? <span class="muted">—</span> : money(cost, type?.currency ?? 'EUR')}</td>
       <td class="actions" data-label="">
         {terminable && (
           <button type="button" class="btn btn-small btn-danger-outline" onClick={onTerminate} aria-label={`Terminate ${i.id}`}>
             Terminate
           </button>
         )}
-        {i.status === 'terminated' && (
+        {i.status === 'terminated' && mayOperate && (
           <button type="button" class="btn btn-small" onClick={onArchive} aria-label={`Archive ${i.id}`}>
             Archive
           </button>

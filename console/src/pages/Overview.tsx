@@ -3,6 +3,7 @@ import { ALIVE, ALL_STATUSES, api, ApiError, type FleetMetrics, type Sample } fr
 import { Chart } from '../components/Chart'
 import { Empty, Loading, Notice, Stat, StatusBadge } from '../components/ui'
 import { mib, money, pct, perSec } from '../format'
+import { canHere, useSession } from '../session'
 import { useCatalog, useFleet, usePoll, useTick } from '../store'
 import { sumRates, useUsage } from '../usage'
 
@@ -15,6 +16,7 @@ const SERVING = ['ready', 'unhealthy', 'starting']
  */
 export function Overview() {
   const fleet = useFleet()
+  const mayCreate = canHere(useSession(), 'operate')
   const catalog = useCatalog()
   const now = useTick(5000)
   const usage = useUsage()
@@ -110,15 +112,21 @@ export function Overview() {
     <section aria-labelledby="overview-title">
       <div class="page-head">
         <h1 id="overview-title">Fleet overview</h1>
-        <a class="btn btn-primary" href="#/instances/new">
-          Create instances
-        </a>
+        {mayCreate && (
+          <a class="btn btn-primary" href="#/instances/new">
+            Create instances
+          </a>
+        )}
       </div>
       {all.length === 0 ? (
         <Empty title="No instances yet.">
-          <p>
-            The fleet is empty. <a href="#/instances/new">Create instances</a> to serve a model.
-          </p>
+          {mayCreate ? (
+            <p>
+              The fleet is empty. <a href="#/instances/new">Create instances</a> to serve a model.
+            </p>
+          ) : (
+            <p>The fleet is empty.</p>
+          )}
         </Empty>
       ) : (
         <>

@@ -136,43 +136,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut tx = self.pool.begin().await?;
-        for n in new {
-            let created = millis(n.created_at);
-            let q = sqlx::query(
-                "INSERT INTO instances (id, provider, zone, instance_type, model, status, \
-                 idempotency_key, bootstrap_secret_hash, generation, provision_attempts, \
-                 startup_deadline_at, created_at, updated_at, status_changed_at, deployment_id, \
-                 engine_args, project_id, price_per_hour) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $11, $12, $13, $14, $15)",
-            )
-            .bind(n.id.to_string())
-            .bind(n.provider.as_str())
-            .bind(n.zone.as_str())
-            .bind(n.instance_type.as_str())
-            .bind(n.model.as_str())
-            .bind(InstanceStatus::Provisioning.as_str())
-            .bind(n.idempotency_key.as_str())
-            .bind(n.bootstrap_secret_hash.as_str())
-            .bind(FIRST_GENERATION)
-            .bind(millis(n.startup_deadline_at))
-            .bind(created)
-            .bind(n.deployment_id.map(|d| d.to_string()))
-            .bind(
-                n.engine_args
-                    .as_ref()
-                    .map(|a| serde_json::to_string(a).unwrap_or_else(|_| "[]".into())),
-            )
-            .bind(n.project_id.as_str());
-            bind_opt_f64(q, n.price_per_hour).execute(&mut *tx).await?;
-            insert_event(&mut tx, &created_event(n)).await?;
-        }
-        let mut out = Vec::with_capacity(new.len());
-        for n in new {
-            let rec = fetch_instance(&mut tx, n.id)
-                .await?
-                .ok_or(StoreError::NotFound { id: n.id })?;
-            out.push(rec);
-        }
+        let out = insert_rows(&mut tx, new).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -386,4 +350,52 @@ impl Store {
         tx.commit().await?;
         Ok(rec)
     }
+}
+
+/// Insert `new` and their "created" events on `conn` (in a transaction);
+/// the records as stored.
+pub(crate) async fn insert_rows(
+    conn: &mut AnyConnection,
+    new: &[NewInstance],
+) -> Result<Vec<InstanceRecord>, StoreError> {
+    for n in new {
+        let created = millis(n.created_at);
+        let q = sqlx::query(
+            "INSERT INTO instances (id, provider, zone, instance_type, model, status, \
+             idempotency_key, bootstrap_secret_hash, generation, provision_attempts, \
+             startup_deadline_at, created_at, updated_at, status_changed_at, deployment_id, \
+             engine_args, project_id, price_per_hour) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $11, $11, $11, $12, $13, $14, $15)",
+        )
+        .bind(n.id.to_string())
+        .bind(n.provider.as_str())
+        .bind(n.zone.as_str())
+        .bind(n.instance_type.as_str())
+        .bind(n.model.as_str())
+        .bind(InstanceStatus::Provisioning.as_str())
+        .bind(n.idempotency_key.as_str())
+        .bind(n.bootstrap_secret_hash.as_str())
+        .bind(FIRST_GENERATION)
+        .bind(millis(n.startup_deadline_at))
+        .bind(created)
+        .bind(n.deployment_id.map(|d| d.to_string()))
+        .bind(
+            n.engine_args
+                .as_ref()
+                .map(|a| serde_json::to_string(a).unwrap_or_else(|_| "[]".into())),
+        )
+        .bind(n.project_id.as_str());
+        bind_opt_f64(q, n.price_per_hour)
+            .execute(&mut *conn)
+            .await?;
+        insert_event(conn, &created_event(n)).await?;
+    }
+    let mut out = Vec::with_capacity(new.len());
+    for n in new {
+        let rec = fetch_instance(conn, n.id)
+            .await?
+            .ok_or(StoreError::NotFound { id: n.id })?;
+        out.push(rec);
+    }
+    Ok(out)
 }

@@ -23,6 +23,7 @@ mod api_keys;
 mod connect;
 mod deployments;
 mod figures;
+mod idempotency;
 mod ingest;
 mod instances;
 mod rate_shares;
@@ -41,6 +42,7 @@ pub use api_keys::{
     UsageScope,
 };
 pub use deployments::{DeploymentEvent, DeploymentRecord, NewDeployment, NewDeploymentEvent};
+pub use idempotency::{IdempotencyClaim, InsertOnce, IDEMPOTENCY_KEY_TTL};
 pub use rate_shares::{RateShare, RATE_SHARE_MAX_AGE};
 pub use replicas::{ChangeListener, DbChange, Fence, Lease, LeaseInfo};
 pub use rollup::{RetentionReport, RollupReport};

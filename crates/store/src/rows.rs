@@ -17,6 +17,11 @@ pub(crate) fn corrupt(what: impl Into<String>) -> StoreError {
 }
 
 /// A value that cannot be written (e.g. a `u64` above `i64::MAX`).
+/// Whether `e` is a unique-constraint violation.
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
 pub(crate) fn unencodable(what: impl Display) -> StoreError {
     StoreError::Query(sqlx::Error::Encode(format!("cannot store {what}").into()))
 }

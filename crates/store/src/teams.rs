@@ -3,7 +3,7 @@
 //! tokens) are stored as SHA-256 digests only; passwords as argon2 PHC
 //! strings made by the caller.
 
-use crate::rows::{millis, millis_opt, RowReader};
+use crate::rows::{is_unique_violation, millis, millis_opt, RowReader};
 use crate::{Store, StoreError};
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{AccessTokenId, ActorKind, AuditOutcome, ProjectId, Role, UserId};
@@ -197,11 +197,6 @@ fn decode_audit(row: &AnyRow) -> Result<AuditEntry, StoreError> {
             source_ip: r.get("source_ip")?,
         },
     })
-}
-
-/// Whether `e` is a unique-constraint violation.
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
 impl Store {

@@ -5,8 +5,9 @@ use chrono::{DateTime, Utc};
 use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, ProviderInstanceId};
 use gpufleet_proto::{EngineSample, EngineStatus, GpuSample, GpuSource, Heartbeat, SystemSample};
 use gpufleet_store::{
-    Backend, HeartbeatOutcome, InstanceFilter, InstanceRecord, NewInstance, NewTimelineEvent,
-    Outcome, RegisterOutcome, Store, StoreError, TimelineKind,
+    Backend, HeartbeatOutcome, IdempotencyClaim, InsertOnce, InstanceFilter, InstanceRecord,
+    NewInstance, NewTimelineEvent, Outcome, RegisterOutcome, Store, StoreError, TimelineKind,
+    IDEMPOTENCY_KEY_TTL,
 };
 
 /// A fixed instant with whole milliseconds (the store keeps milliseconds).
@@ -2119,4 +2120,148 @@ pub async fn engine_canary_of_the_latest_heartbeat(ctx: Ctx) {
         s.recent_samples(rec.id, 10).await.unwrap()[0].engine.canary,
         None
     );
+}
+
+fn claim(project: &str, key: &str, digest: &str) -> IdempotencyClaim {
+    IdempotencyClaim {
+        scope: "instances.create",
+        project: project.parse().unwrap(),
+        key: key.to_string(),
+        request_digest: digest.to_string(),
+    }
+}
+
+fn inserted(r: InsertOnce) -> Vec<InstanceId> {
+    match r {
+        InsertOnce::Inserted(v) => v.into_iter().map(|r| r.id).collect(),
+        InsertOnce::Used { ids, .. } => panic!("expected an insert, the key was used for {ids:?}"),
+    }
+}
+
+async fn instance_count(s: &Store) -> usize {
+    s.list_instances(&InstanceFilter::default())
+        .await
+        .unwrap()
+        .len()
+}
+
+pub async fn an_idempotency_key_inserts_once(ctx: Ctx) {
+    let s = &ctx.store;
+    let k = claim("default", "key-1", "digest-a");
+    let first = inserted(
+        s.insert_instances_once(&[new_instance(0), new_instance(1)], &k)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(first.len(), 2);
+
+    // The same key and request again: nothing new, the first batch named.
+    let again = s
+        .insert_instances_once(&[new_instance(2)], &k)
+        .await
+        .unwrap();
+    match again {
+        InsertOnce::Used { ids, same_request } => {
+            assert_eq!(ids, first);
+            assert!(same_request);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The same key with another request: refused, nothing new either.
+    match s
+        .insert_instances_once(&[new_instance(3)], &claim("default", "key-1", "digest-b"))
+        .await
+        .unwrap()
+    {
+        InsertOnce::Used { ids, same_request } => {
+            assert_eq!(ids, first);
+            assert!(!same_request);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(instance_count(s).await, 2);
+
+    // Another project or another scope: another key.
+    s.insert_project(&"research".parse().unwrap(), t(0))
+        .await
+        .unwrap();
+    let mut elsewhere = new_instance(4);
+    elsewhere.project_id = "research".parse().unwrap();
+    assert_eq!(
+        inserted(
+            s.insert_instances_once(&[elsewhere], &claim("research", "key-1", "digest-a"))
+                .await
+                .unwrap()
+        )
+        .len(),
+        1
+    );
+    let mut other_scope = claim("default", "key-1", "digest-a");
+    other_scope.scope = "other.create";
+    inserted(
+        s.insert_instances_once(&[new_instance(5)], &other_scope)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(instance_count(s).await, 4);
+
+    // A key older than its lifetime is forgotten: the same key makes anew,
+    // and the expired row is replaced.
+    let raw = raw_pool(&ctx.url).await;
+    let day_and_more = IDEMPOTENCY_KEY_TTL.as_millis() as i64 + 60_000;
+    sqlx::query(
+        "UPDATE idempotency_keys SET created_at = created_at - $1 \
+         WHERE scope = 'instances.create' AND project_id = 'default' AND key = 'key-1'",
+    )
+    .bind(day_and_more)
+    .execute(&raw)
+    .await
+    .unwrap();
+    let anew = inserted(
+        s.insert_instances_once(&[new_instance(6)], &k)
+            .await
+            .unwrap(),
+    );
+    assert_ne!(anew, first);
+    match s
+        .insert_instances_once(&[new_instance(7)], &k)
+        .await
+        .unwrap()
+    {
+        InsertOnce::Used { ids, .. } => assert_eq!(ids, anew),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(instance_count(s).await, 5);
+}
+
+pub async fn concurrent_uses_of_an_idempotency_key_insert_once(ctx: Ctx) {
+    let s = &ctx.store;
+    let k = claim("default", "together", "digest");
+    let tries: Vec<_> = (0..8)
+        .map(|i| {
+            let (s, k) = (s.clone(), k.clone());
+            tokio::spawn(async move {
+                s.insert_instances_once(&[new_instance(i), new_instance(100 + i)], &k)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut made = Vec::new();
+    let mut named = Vec::new();
+    for t in tries {
+        match t.await.unwrap() {
+            InsertOnce::Inserted(v) => made.push(v.into_iter().map(|r| r.id).collect::<Vec<_>>()),
+            InsertOnce::Used { ids, same_request } => {
+                assert!(same_request);
+                named.push(ids);
+            }
+        }
+    }
+    assert_eq!(made.len(), 1, "exactly one request inserts: {made:?}");
+    assert!(
+        named.iter().all(|ids| *ids == made[0]),
+        "{named:?} vs {made:?}"
+    );
+    assert_eq!(instance_count(s).await, 2);
 }

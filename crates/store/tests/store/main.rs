@@ -39,6 +39,8 @@ store_tests!(
     insert_and_get,
     an_instance_moves_to_another_project,
     insert_rejects_duplicate_id_atomically,
+    an_idempotency_key_inserts_once,
+    concurrent_uses_of_an_idempotency_key_insert_once,
     list_filters_and_orders,
     list_archived_handling,
     update_cas_succeeds_and_bumps_generation,

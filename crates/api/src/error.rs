@@ -150,6 +150,14 @@ impl From<ControlError> for ApiError {
             ControlError::Conflict { message } => {
                 Self::new(StatusCode::CONFLICT, "conflict", message)
             }
+            e @ ControlError::IdempotencyKeyReused { .. } => Self {
+                field: Some(crate::instances::IDEMPOTENCY_KEY.to_string()),
+                ..Self::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "idempotency_key_reused",
+                    e.to_string(),
+                )
+            },
             ControlError::Unauthorized { message } => Self::unauthorized(message),
             ControlError::Forbidden { message } => Self::forbidden(message),
             ControlError::ProviderUnavailable {

@@ -10,7 +10,7 @@ use crate::views::{
 };
 use crate::SharedState;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::{Extension, Json};
 use chrono::{DateTime, Utc};
 use gpufleet_control::CreateInstances;
@@ -31,38 +31,107 @@ const METRICS_MAX_LIMIT: i64 = 1000;
     post, path = "/api/v1/instances", tag = "instances",
     request_body = CreateInstancesBody,
     responses(
-        (status = 202, description = "Instances recorded; provisioning starts", body = CreatedInstances),
-        (status = 400, description = "Malformed JSON, or invalid input (`field` names it: e.g. an unknown provider, instance type, zone or model, or `count` out of range)", body = ErrorBody),
+        (status = 202, description = "Instances recorded; provisioning starts. With an `Idempotency-Key` used before (in this project, within a day) for the same request: the instances that request made, as they are now, with `Idempotent-Replayed: true`", body = CreatedInstances),
+        (status = 400, description = "Malformed JSON, or invalid input (`field` names it: e.g. an unknown provider, instance type, zone or model, `count` out of range, or a malformed `Idempotency-Key`)", body = ErrorBody),
         (status = 401, description = "Not signed in", body = ErrorBody),
         (status = 403, description = "Your role does not allow this", body = ErrorBody),
         (status = 413, description = "Body over 1 MiB", body = ErrorBody),
         (status = 415, description = "The body is not `Content-Type: application/json`", body = ErrorBody),
+        (status = 422, description = "The `Idempotency-Key` was used (in this project, within a day) with a different request", body = ErrorBody),
         (status = 503, description = "The provider's catalog is unavailable; retry", body = ErrorBody),
+    ),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: up to 255 visible ASCII characters (quoted as a Structured Field string, or not), unique per intended request, e.g. a UUID. A request with a key used before in the same project within a day makes nothing and answers with what the first made"),
     ),
     security(("bearer" = []))
 )]
 pub async fn create(
     State(state): State<SharedState>,
     caller: Caller,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<CreateInstancesBody>,
-) -> Result<(StatusCode, Extension<AuditTarget>, Json<CreatedInstances>), ApiError> {
+) -> Result<
+    (
+        StatusCode,
+        HeaderMap,
+        Extension<AuditTarget>,
+        Json<CreatedInstances>,
+    ),
+    ApiError,
+> {
+    let key = idempotency_key(&headers)?;
     let asked = parse_project_opt(body.project.as_deref(), "project")?;
     let req = validate_create(body, state.fleet.config().max_instances_per_request)?;
     let project = caller.project_for_create(asked, Permission::Operate)?;
-    let created = state
-        .fleet
-        .create_instances_in(project.clone(), req)
-        .await?;
+    let mut answer = HeaderMap::new();
+    let (created, message) = match key {
+        None => {
+            let created = state
+                .fleet
+                .create_instances_in(project.clone(), req)
+                .await?;
+            let message = format!("{} instance(s) created", created.len());
+            (created, message)
+        }
+        Some(key) => {
+            let once = state
+                .fleet
+                .create_instances_once(project.clone(), req, key)
+                .await?;
+            let message = if once.replayed {
+                answer.insert("idempotent-replayed", HeaderValue::from_static("true"));
+                format!(
+                    "replayed: the {} instance(s) an earlier request with this Idempotency-Key created",
+                    once.instances.len()
+                )
+            } else {
+                format!("{} instance(s) created", once.instances.len())
+            };
+            (once.instances, message)
+        }
+    };
     let ids: Vec<String> = created.iter().map(|r| r.id.to_string()).collect();
     let instances = created.iter().map(InstanceView::from).collect();
     Ok((
         StatusCode::ACCEPTED,
-        Extension(
-            AuditTarget::new(ids.join(","), Some(&project))
-                .with_message(format!("{} instance(s) created", ids.len())),
-        ),
+        answer,
+        Extension(AuditTarget::new(ids.join(","), Some(&project)).with_message(message)),
         Json(CreatedInstances { instances }),
     ))
+}
+
+/// The request header that makes a create safe to retry.
+pub(crate) const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// The `Idempotency-Key` header, if sent: 1 to 255 visible ASCII
+/// characters, bare or as a Structured Field string (`"..."`, as the IETF
+/// draft writes it).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(raw) = values.next() else {
+        return Ok(None);
+    };
+    let invalid =
+        |why: &str| ApiError::invalid(IDEMPOTENCY_KEY, format!("{IDEMPOTENCY_KEY} {why}"));
+    if values.next().is_some() {
+        return Err(invalid("must be sent once"));
+    }
+    let text = raw
+        .to_str()
+        .map_err(|_| invalid("must be visible ASCII characters"))?;
+    let key = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) => inner,
+        None => text,
+    };
+    if key.is_empty() || key.len() > 255 {
+        return Err(invalid("must be 1 to 255 characters long"));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) || key.contains(['"', '\\']) {
+        return Err(invalid(
+            "must be visible ASCII characters without quotes or backslashes (e.g. a UUID)",
+        ));
+    }
+    Ok(Some(key.to_string()))
 }
 
 /// An optional `project` field or parameter.

@@ -273,6 +273,98 @@ async fn create_explicit_zone_and_count() {
     assert!(created.instances.iter().all(|v| v.zone == OTHER_ZONE));
 }
 
+/// POST /api/v1/instances with an `Idempotency-Key` (raw header value).
+async fn create_with_key(app: &TestApp, key: &str, body: &serde_json::Value) -> reqwest::Response {
+    app.admin(Method::POST, "/api/v1/instances")
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+async fn instance_ids(app: &TestApp) -> Vec<InstanceId> {
+    let list: InstanceList = expect_json(app.get("/api/v1/instances").await, StatusCode::OK).await;
+    let mut ids: Vec<_> = list.instances.iter().map(|i| i.id).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn a_create_retried_with_its_idempotency_key_makes_nothing_more() {
+    let app = TestApp::spawn().await;
+    let mut body = create_body();
+    body["count"] = json!(2);
+    let resp = create_with_key(&app, "retry-me-1", &body).await;
+    assert!(resp.headers().get("idempotent-replayed").is_none());
+    let first: CreatedInstances = expect_json(resp, StatusCode::ACCEPTED).await;
+    let mut made: Vec<_> = first.instances.iter().map(|i| i.id).collect();
+    made.sort();
+    assert_eq!(made.len(), 2);
+
+    // The retry (the quoted form of the IETF draft is the same key): the
+    // same instances, marked as replayed, and nothing new.
+    let resp = create_with_key(&app, "\"retry-me-1\"", &body).await;
+    assert_eq!(resp.headers()["idempotent-replayed"], "true");
+    let again: CreatedInstances = expect_json(resp, StatusCode::ACCEPTED).await;
+    let mut replayed: Vec<_> = again.instances.iter().map(|i| i.id).collect();
+    replayed.sort();
+    assert_eq!(replayed, made);
+    assert_eq!(instance_ids(&app).await, made);
+
+    // The same key with another request is refused, naming the header.
+    let mut other = body.clone();
+    other["count"] = json!(1);
+    let err = expect_error(
+        create_with_key(&app, "retry-me-1", &other).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_eq!(err.error.code, "idempotency_key_reused");
+    assert_eq!(err.error.field.as_deref(), Some("Idempotency-Key"));
+    assert_eq!(instance_ids(&app).await, made);
+
+    // Malformed keys: 400 naming the header; nothing made.
+    for bad in ["", "has space", &"k".repeat(256), "\"unterminated"] {
+        let err = expect_error(
+            create_with_key(&app, bad, &body).await,
+            StatusCode::BAD_REQUEST,
+        )
+        .await;
+        assert_eq!(
+            err.error.field.as_deref(),
+            Some("Idempotency-Key"),
+            "{bad:?}"
+        );
+    }
+    let resp = app
+        .admin(Method::POST, "/api/v1/instances")
+        .header("Idempotency-Key", "a")
+        .header("Idempotency-Key", "b")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let err = expect_error(resp, StatusCode::BAD_REQUEST).await;
+    assert_eq!(err.error.field.as_deref(), Some("Idempotency-Key"));
+    assert_eq!(instance_ids(&app).await, made);
+
+    // A new key makes new instances; no key at all, too.
+    let fresh: CreatedInstances = expect_json(
+        create_with_key(&app, "retry-me-2", &body).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    assert_eq!(fresh.instances.len(), 2);
+    let plain: CreatedInstances = expect_json(
+        app.post("/api/v1/instances", &body).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    assert_eq!(plain.instances.len(), 2);
+    assert_eq!(instance_ids(&app).await.len(), 6);
+}
+
 #[tokio::test]
 async fn create_rejects_bad_input_and_creates_nothing() {
     let app = TestApp::spawn().await;

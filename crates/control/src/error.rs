@@ -27,6 +27,10 @@ pub enum ControlError {
     /// Valid credentials, but not for this resource.
     #[error("{message}")]
     Forbidden { message: String },
+    /// An idempotency key used before, within its lifetime, with another
+    /// request.
+    #[error("idempotency key {key:?} was used with a different request; use a new key for a new request")]
+    IdempotencyKeyReused { key: String },
     /// A provider could not answer right now.
     #[error("provider {provider} is unavailable")]
     ProviderUnavailable {

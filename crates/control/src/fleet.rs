@@ -17,8 +17,8 @@ use gpufleet_domain::{
     DeploymentId, InstanceId, InstanceStatus, LifecycleEvent, ModelName, ProjectId, ProviderName,
 };
 use gpufleet_store::{
-    InstanceFilter, InstanceRecord, NewInstance, Outcome, SampleRecord, Store, TimelineEvent,
-    TimelineKind,
+    IdempotencyClaim, InsertOnce, InstanceFilter, InstanceRecord, NewInstance, Outcome,
+    SampleRecord, Store, TimelineEvent, TimelineKind,
 };
 use std::sync::Arc;
 use tokio::sync::broadcast;
@@ -32,6 +32,14 @@ pub struct CreateInstances {
     pub instance_type: String,
     pub model: ModelName,
     pub count: u32,
+}
+
+/// What [`Fleet::create_instances_once`] answers.
+#[derive(Debug, Clone)]
+pub struct CreatedOnce {
+    pub instances: Vec<InstanceRecord>,
+    /// An earlier request with the same key made them.
+    pub replayed: bool,
 }
 
 /// The control plane's command side. Cheap to clone.
@@ -139,6 +147,57 @@ impl Fleet {
         self.create_instances_for(req, project, None, None).await
     }
 
+    /// [`Fleet::create_instances_in`] at most once per idempotency `key`
+    /// (the client's `Idempotency-Key`; per project, remembered for
+    /// [`gpufleet_store::IDEMPOTENCY_KEY_TTL`]): a retry of a request that
+    /// was recorded, whether or not its answer reached the client, gets the
+    /// instances the first made, as they are now (`replayed`), never a
+    /// second batch. The same key with another request is refused.
+    pub async fn create_instances_once(
+        &self,
+        project: ProjectId,
+        req: CreateInstances,
+        key: String,
+    ) -> Result<CreatedOnce, ControlError> {
+        let claim = IdempotencyClaim {
+            scope: "instances.create",
+            project: project.clone(),
+            request_digest: secrets::digest(&format!(
+                "provider={}\nzone={:?}\ninstance_type={}\nmodel={}\ncount={}",
+                req.provider, req.zone, req.instance_type, req.model, req.count
+            )),
+            key,
+        };
+        let new = self.plan_instances(req, project, None, None).await?;
+        match self.inner.lifecycle.insert_once(&new, &claim).await? {
+            InsertOnce::Inserted(created) => {
+                self.created(&created);
+                Ok(CreatedOnce {
+                    instances: created,
+                    replayed: false,
+                })
+            }
+            InsertOnce::Used {
+                ids,
+                same_request: true,
+            } => {
+                let mut instances = Vec::with_capacity(ids.len());
+                for id in ids {
+                    instances.push(self.get_instance(id).await?);
+                }
+                tracing::info!(key = %claim.key, count = instances.len(), "create replayed for its idempotency key");
+                Ok(CreatedOnce {
+                    instances,
+                    replayed: true,
+                })
+            }
+            InsertOnce::Used {
+                same_request: false,
+                ..
+            } => Err(ControlError::IdempotencyKeyReused { key: claim.key }),
+        }
+    }
+
     /// [`Fleet::create_instances`] for the replicas of a deployment: the
     /// same checks and the same persisted intent, with the deployment's id
     /// on each instance.
@@ -149,6 +208,31 @@ impl Fleet {
         deployment_id: Option<DeploymentId>,
         engine_args: Option<Vec<String>>,
     ) -> Result<Vec<InstanceRecord>, ControlError> {
+        let new = self
+            .plan_instances(req, project, deployment_id, engine_args)
+            .await?;
+        let created = self.inner.lifecycle.insert(&new).await?;
+        self.created(&created);
+        Ok(created)
+    }
+
+    /// Log what was created and wake the provisioner.
+    fn created(&self, created: &[InstanceRecord]) {
+        for rec in created {
+            tracing::info!(instance_id = %rec.id, provider = %rec.provider, instance_type = %rec.instance_type, deployment_id = ?rec.deployment_id, "instance created");
+        }
+        self.inner.waker.wake(TaskName::Provisioner);
+    }
+
+    /// Check `req` against the catalogs and the models; the instances to
+    /// record.
+    async fn plan_instances(
+        &self,
+        req: CreateInstances,
+        project: ProjectId,
+        deployment_id: Option<DeploymentId>,
+        engine_args: Option<Vec<String>>,
+    ) -> Result<Vec<NewInstance>, ControlError> {
         let cfg = &self.inner.config;
         let provider = self.inner.catalogs.provider(&req.provider).ok_or_else(|| {
             let known: Vec<_> = self
@@ -261,12 +345,7 @@ impl Fleet {
                 }
             })
             .collect();
-        let created = self.inner.lifecycle.insert(&new).await?;
-        for rec in &created {
-            tracing::info!(instance_id = %rec.id, provider = %rec.provider, instance_type = %rec.instance_type, deployment_id = ?rec.deployment_id, "instance created");
-        }
-        self.inner.waker.wake(TaskName::Provisioner);
-        Ok(created)
+        Ok(new)
     }
 
     pub async fn get_instance(&self, id: InstanceId) -> Result<InstanceRecord, ControlError> {

@@ -53,7 +53,7 @@ pub use config::{ControlConfig, EngineConfig, IngestConfig, ModelSpec, SecretEnv
 pub use deployments::{CreateDeployment, DeploymentPatch, Deployments};
 pub use driver::{TaskName, TaskReport, TaskStatus, Tasks, Waker};
 pub use error::ControlError;
-pub use fleet::{CreateInstances, Fleet};
+pub use fleet::{CreateInstances, CreatedOnce, Fleet};
 pub use history::History;
 pub use spend::Spend;
 pub use traffic::TrafficSource;

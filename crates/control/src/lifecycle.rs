@@ -9,7 +9,10 @@ use crate::error::ControlError;
 use crate::timeline::{self, EntryExt};
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{transition, FailureReason, InstanceId, InstanceStatus, LifecycleEvent};
-use gpufleet_store::{InstanceRecord, NewInstance, NewTimelineEvent, Outcome, Store, StoreError};
+use gpufleet_store::{
+    IdempotencyClaim, InsertOnce, InstanceRecord, NewInstance, NewTimelineEvent, Outcome, Store,
+    StoreError,
+};
 use tokio::sync::broadcast;
 
 /// How many times a write retries a compare-and-swap that lost a race.
@@ -47,6 +50,22 @@ impl Lifecycle {
             .get_instance(id)
             .await?
             .ok_or_else(|| ControlError::not_found("instance", id))
+    }
+
+    /// [`Lifecycle::insert`] at most once per `claim`'s key; publishes what
+    /// it inserted.
+    pub async fn insert_once(
+        &self,
+        new: &[NewInstance],
+        claim: &IdempotencyClaim,
+    ) -> Result<InsertOnce, ControlError> {
+        let done = self.store.insert_instances_once(new, claim).await?;
+        if let InsertOnce::Inserted(created) = &done {
+            for rec in created {
+                self.bus.publish(ChangeKind::Created, rec.clone());
+            }
+        }
+        Ok(done)
     }
 
     /// Insert new instances and publish each.

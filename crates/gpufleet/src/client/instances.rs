@@ -76,6 +76,13 @@ pub struct CreateArgs {
     /// Longest to wait, e.g. 90s, 10m.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Makes running this command again safe: a create with a key used in
+    /// the last day (same project, same request) makes nothing and shows the
+    /// instances the first made. Up to 255 visible ASCII characters, e.g. a
+    /// UUID [default: a new random key, kept across this command's own
+    /// retries].
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
 }
 
 /// "250ms", "90s", "10m", "1h", "7d"; a bare number is seconds.
@@ -200,7 +207,21 @@ async fn create(client: &Client, args: CreateArgs) -> anyhow::Result<()> {
         model: args.model,
         count: Some(args.count),
     };
-    let created: CreatedInstances = client.post("/api/v1/instances", &body).await?;
+    let key = match args.idempotency_key {
+        Some(k)
+            if (1..=255).contains(&k.len())
+                && k.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') =>
+        {
+            k
+        }
+        Some(_) => bail!(
+            "--idempotency-key must be 1 to 255 visible ASCII characters without quotes or \
+             backslashes, e.g. a UUID"
+        ),
+        None => format!("cli-{:032x}", rand::random::<u128>()),
+    };
+    let created = post_once(client, &body, &key).await?;
     if !args.wait {
         if client.json {
             return print_json(&created);
@@ -215,6 +236,50 @@ async fn create(client: &Client, args: CreateArgs) -> anyhow::Result<()> {
     }
     println!("{}", render::instances_table(&done));
     Ok(())
+}
+
+/// How many times a create is sent when the server cannot be reached or
+/// answers 502, 503 or 504.
+const CREATE_TRIES: u32 = 3;
+
+/// POST the create with `key` as its `Idempotency-Key`, retrying what may
+/// not have reached the server (or may have, unanswered): the key makes a
+/// retry of a recorded create make nothing twice.
+async fn post_once(
+    client: &Client,
+    body: &CreateInstancesBody,
+    key: &str,
+) -> anyhow::Result<CreatedInstances> {
+    let mut attempt = 1;
+    loop {
+        let req = client
+            .request(Method::POST, "/api/v1/instances")
+            .header("Idempotency-Key", key)
+            .json(body);
+        let transient = match req.send().await {
+            Ok(resp) if attempt < CREATE_TRIES && matches!(resp.status().as_u16(), 502..=504) => {
+                format!("{} answered {}", client.base(), resp.status())
+            }
+            Ok(resp) => {
+                let resp = client.check(resp).await?;
+                let text = resp.text().await.map_err(|e| client.transport_error(e))?;
+                return serde_json::from_str(&text)
+                    .with_context(|| format!("unexpected answer from {}: {text}", client.base()));
+            }
+            Err(e) if attempt < CREATE_TRIES && !e.is_builder() => {
+                client.transport_error(e).to_string()
+            }
+            Err(e) => return Err(client.transport_error(e)),
+        };
+        let wait = Duration::from_secs(u64::from(attempt));
+        eprintln!(
+            "{transient}; retrying in {} s with the same Idempotency-Key ({attempt}/{})",
+            wait.as_secs(),
+            CREATE_TRIES - 1
+        );
+        tokio::time::sleep(wait).await;
+        attempt += 1;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

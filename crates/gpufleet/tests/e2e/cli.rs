@@ -321,3 +321,105 @@ async fn cli_sets_and_changes_api_key_limits() {
     let list = text(&out.stdout);
     assert!(list.contains("BUDGET") && list.contains("1000"), "{list}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_runs_once_per_idempotency_key() {
+    let app = TestApp::spawn(BIN).await;
+    let server = app.base_url.as_str();
+    let env = [
+        ("GPUFLEET_ADMIN_TOKEN", app.token.as_str()),
+        ("GPUFLEET_SERVER", server),
+    ];
+    let create = |key: &'static str| async move {
+        let out = gpufleet(
+            &[
+                "instances",
+                "create",
+                "--provider",
+                "mock",
+                "--type",
+                TYPE,
+                "--model",
+                MODEL,
+                "--count",
+                "2",
+                "--idempotency-key",
+                key,
+                "--json",
+            ],
+            &env,
+        )
+        .await;
+        assert!(out.status.success(), "create: {}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut ids: Vec<String> = v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let first = create("rerun-1").await;
+    assert_eq!(first.len(), 2);
+    // Run again (a script retrying after a lost answer): the same two.
+    assert_eq!(create("rerun-1").await, first);
+    assert_eq!(app.list(false).await.unwrap().len(), 2);
+
+    // A malformed key is refused before anything is sent, naming the flag.
+    let out = gpufleet(
+        &[
+            "instances",
+            "create",
+            "--provider",
+            "mock",
+            "--type",
+            TYPE,
+            "--model",
+            MODEL,
+            "--idempotency-key",
+            "has space",
+        ],
+        &env,
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("--idempotency-key"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(app.list(false).await.unwrap().len(), 2);
+
+    // A server that cannot be reached: retried with the same key, then a
+    // clear error.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = gpufleet(
+        &[
+            "instances",
+            "create",
+            "--provider",
+            "mock",
+            "--type",
+            TYPE,
+            "--model",
+            MODEL,
+        ],
+        &[
+            ("GPUFLEET_ADMIN_TOKEN", app.token.as_str()),
+            ("GPUFLEET_SERVER", nowhere.as_str()),
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert_eq!(
+        err.matches("with the same Idempotency-Key").count(),
+        2,
+        "{err}"
+    );
+    assert!(err.contains("cannot connect to"), "{err}");
+}

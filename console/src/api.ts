@@ -697,8 +697,15 @@ async function errorFrom(resp: Response): Promise<ApiError> {
   return new ApiError(resp.status, code, message, field)
 }
 
-async function request<T>(method: string, path: string, body?: unknown, signal?: AbortSignal, token = getToken()): Promise<T> {
-  const headers: Record<string, string> = { Accept: 'application/json', ...authHeaders(method, token) }
+async function request<T>(
+  method: string,
+  path: string,
+  body?: unknown,
+  signal?: AbortSignal,
+  token = getToken(),
+  extra: Record<string, string> = {},
+): Promise<T> {
+  const headers: Record<string, string> = { Accept: 'application/json', ...authHeaders(method, token), ...extra }
   if (body !== undefined) headers['Content-Type'] = 'application/json'
   let resp: Response
   try {
@@ -734,7 +741,9 @@ export const api = {
     return request<InstanceList>('GET', '/api/v1/instances' + (qs ? '?' + qs : ''), undefined, signal)
   },
   instance: (id: string, signal?: AbortSignal) => request<Instance>('GET', `/api/v1/instances/${enc(id)}`, undefined, signal),
-  create: (body: CreateInstancesBody) => request<InstanceList>('POST', '/api/v1/instances', body),
+  /** Create instances; the same `idempotencyKey` again makes nothing more (it answers with what the first made). */
+  create: (body: CreateInstancesBody, idempotencyKey: string) =>
+    request<InstanceList>('POST', '/api/v1/instances', body, undefined, getToken(), { 'Idempotency-Key': idempotencyKey }),
   terminate: (id: string) => request<unknown>('DELETE', `/api/v1/instances/${enc(id)}`),
   archive: (id: string) => request<unknown>('POST', `/api/v1/instances/${enc(id)}/archive`),
   timeline: (id: string, signal?: AbortSignal) => request<Timeline>('GET', `/api/v1/instances/${enc(id)}/events`, undefined, signal),

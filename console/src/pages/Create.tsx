@@ -1,4 +1,4 @@
-import { useEffect, useState } from 'preact/hooks'
+import { useEffect, useRef, useState } from 'preact/hooks'
 import { api, ApiError, type InstanceType, type Model, type Provider } from '../api'
 import { ProjectField } from '../components/project'
 import { Loading, Notice } from '../components/ui'
@@ -21,6 +21,10 @@ export function Create({ onCreated }: { onCreated: (n: number) => void }) {
   const [formError, setFormError] = useState<string | null>(null)
   const [busy, setBusy] = useState(false)
   const [project, setProject] = useState('')
+  // The Idempotency-Key of the last request sent, and what it asked for:
+  // pressing Create again for the same request (after an error, e.g. the
+  // answer was lost) reuses it, so nothing is made twice.
+  const attempt = useRef<{ body: string; key: string } | null>(null)
 
   useEffect(() => {
     const ctrl = new AbortController()
@@ -73,7 +77,11 @@ export function Create({ onCreated }: { onCreated: (n: number) => void }) {
     if (Object.keys(local).length) return
     setBusy(true)
     try {
-      const created = await api.create({ provider, zone: zone || null, instance_type: typeName, model, count: n, project })
+      const body = { provider, zone: zone || null, instance_type: typeName, model, count: n, project }
+      const asked = JSON.stringify(body)
+      if (attempt.current?.body !== asked) attempt.current = { body: asked, key: newIdempotencyKey() }
+      const created = await api.create(body, attempt.current.key)
+      attempt.current = null
       created.instances.forEach(upsert)
       onCreated(created.instances.length)
     } catch (err) {
@@ -205,4 +213,10 @@ export function Create({ onCreated }: { onCreated: (n: number) => void }) {
       </form>
     </section>
   )
+}
+
+/** A random key for one create request (a UUID where the browser has it). */
+function newIdempotencyKey(): string {
+  if (typeof crypto.randomUUID === 'function') return crypto.randomUUID()
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, '0')).join('')
 }

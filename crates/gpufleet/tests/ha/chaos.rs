@@ -5,7 +5,10 @@
 //! was asked to be, no machine was ever duplicated, no machine or process
 //! is left, every timeline is one unbroken chain, and every request was
 //! answered by some replica (a retry on another replica is allowed, as a
-//! client behind a load balancer would).
+//! client behind a load balancer would). Creates carry an
+//! `Idempotency-Key`: a retry of one that a killed replica recorded but
+//! never answered makes nothing twice, so no instance exists that the
+//! client did not ask for.
 
 use crate::common::MODEL;
 use crate::replicas::{chain_is_complete, create_key, machines};
@@ -38,6 +41,20 @@ impl Rotating {
         body: Option<Value>,
         bearer: &str,
     ) -> (StatusCode, Value) {
+        self.send_keyed(method, path, body, bearer, None).await
+    }
+
+    /// [`Rotating::send`] with an `Idempotency-Key`, the same on every try:
+    /// a replica killed after it recorded the request but before it
+    /// answered must not make the retry a second request.
+    async fn send_keyed(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        bearer: &str,
+        key: Option<&str>,
+    ) -> (StatusCode, Value) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let i = self.next.fetch_add(1, Ordering::Relaxed) % self.c.replicas.len();
@@ -52,6 +69,9 @@ impl Rotating {
                 .bearer_auth(bearer);
             if let Some(b) = &body {
                 req = req.json(b);
+            }
+            if let Some(k) = key {
+                req = req.header("Idempotency-Key", k);
             }
             match req.send().await {
                 Ok(resp) if !resp.status().is_server_error() => {
@@ -90,6 +110,33 @@ impl Rotating {
             .into_iter()
             .map(|x| (x.id, x.status))
             .collect()
+    }
+
+    /// What the cluster knows of `ids`: each one's timeline, and every
+    /// replica's and the Mock service's log lines that name it.
+    async fn explain(&self, ids: impl Iterator<Item = &String>) -> String {
+        let mut logs = vec![self.c.mock_dir.join("mock.log")];
+        logs.extend(self.c.replicas.iter().map(|r| r.log()));
+        let mut out = String::new();
+        for id in ids {
+            let (_, v) = self
+                .admin(
+                    Method::GET,
+                    &format!("/api/v1/instances/{id}/events?limit=1000"),
+                    None,
+                )
+                .await;
+            out.push_str(&format!("=== {id}: timeline\n{v:#}\n"));
+            for log in &logs {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                out.push_str(&format!("--- {} ---\n", log.display()));
+                for line in text.lines().filter(|l| l.contains(id.as_str())) {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
     }
 
     async fn wait_all(&self, ids: &[InstanceId], status: S, timeout: Duration) {
@@ -158,14 +205,17 @@ async fn three_replicas_survive_a_sigkill_storm() {
     for wave in 0..WAVES {
         let mut ids = Vec::new();
         for _ in 0..PER_WAVE / 10 {
+            let key = format!("chaos-{:032x}", rand::random::<u128>());
             let (st, v) = client
-                .admin(
+                .send_keyed(
                     Method::POST,
                     "/api/v1/instances",
                     Some(
                         json!({"provider": "mock", "instance_type": crate::common::TYPE,
                         "model": MODEL, "count": 10}),
                     ),
+                    TOKEN,
+                    Some(&key),
                 )
                 .await;
             assert_eq!(st, StatusCode::ACCEPTED, "{v}");
@@ -230,8 +280,24 @@ async fn three_replicas_survive_a_sigkill_storm() {
         "the storm killed too little"
     );
     assert_eq!(answered, sent, "every OpenAI request answered");
-    // Every instance where it was asked to be.
+    // Every instance where it was asked to be, and none the client did not
+    // ask for (a retried create made nothing twice).
     let all = client.statuses().await;
+    let unasked: Vec<_> = all.keys().filter(|id| !all_ids.contains(id)).collect();
+    assert!(
+        unasked.is_empty(),
+        "instances nobody asked for: {unasked:?}\n{}",
+        client
+            .explain(
+                unasked
+                    .iter()
+                    .map(|id| id.to_string())
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .iter()
+            )
+            .await
+    );
     let wrong: Vec<_> = all_ids
         .iter()
         .filter(|id| all.get(id) != Some(&S::Terminated))
@@ -245,10 +311,10 @@ async fn three_replicas_survive_a_sigkill_storm() {
         if m.is_empty() && pids.is_empty() {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: machines {m:?}, processes {pids:?}"
-        );
+        if Instant::now() >= deadline {
+            let why = client.explain(m.keys().take(3)).await;
+            panic!("left behind: machines {m:?}, processes {pids:?}\n{why}");
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // Every timeline one unbroken chain, from provisioning to terminated.

@@ -20,11 +20,23 @@ pub fn tasks() -> impl Iterator<Item = &'static str> {
 
 /// Create `count` instances through replica `i`.
 pub async fn create(c: &Cluster, i: usize, count: u32) -> anyhow::Result<Vec<InstanceId>> {
-    let resp = c
+    create_keyed(c, i, count, None).await
+}
+
+/// [`create`] with an `Idempotency-Key`.
+pub async fn create_keyed(
+    c: &Cluster,
+    i: usize,
+    count: u32,
+    key: Option<&str>,
+) -> anyhow::Result<Vec<InstanceId>> {
+    let mut req = c
         .req(i, Method::POST, "/api/v1/instances")
-        .json(&json!({"provider": "mock", "instance_type": TYPE, "model": MODEL, "count": count}))
-        .send()
-        .await?;
+        .json(&json!({"provider": "mock", "instance_type": TYPE, "model": MODEL, "count": count}));
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let resp = req.send().await?;
     anyhow::ensure!(
         resp.status() == StatusCode::ACCEPTED,
         "create on replica {i}: {}",
@@ -166,7 +178,11 @@ async fn replicas_share_work_and_every_change() {
     assert_eq!(sse.status(), StatusCode::OK);
     let mut sse_body = sse.bytes_stream();
 
-    let ids = create(&c, 0, 3).await.unwrap();
+    let ids = create_keyed(&c, 0, 3, Some("share-work")).await.unwrap();
+    // The client retries through another replica with the same key: the
+    // same instances, nothing more.
+    let retried = create_keyed(&c, 1, 3, Some("share-work")).await.unwrap();
+    assert_eq!(retried, ids, "a retry through replica 1 made new instances");
     wait_all(&c, 1, &ids, S::Ready, Duration::from_secs(120)).await;
 
     let mut seen_ready: HashSet<InstanceId> = HashSet::new();

@@ -46,3 +46,20 @@ pub async fn run_cli(args: &[&str], env: &[(&str, &str)], stdin: &str) -> std::p
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// `instances create` of one Mock instance of [`TYPE`] serving [`MODEL`],
+/// followed by `extra` (e.g. `--count 2`, `--wait`).
+pub fn create_instances_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "instances",
+        "create",
+        "--provider",
+        "mock",
+        "--type",
+        TYPE,
+        "--model",
+        MODEL,
+    ];
+    args.extend_from_slice(extra);
+    args
+}

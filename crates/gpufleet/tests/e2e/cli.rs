@@ -20,19 +20,7 @@ async fn cli_creates_waits_lists_and_explains_missing_tokens() {
     ];
 
     let out = gpufleet(
-        &[
-            "instances",
-            "create",
-            "--provider",
-            "mock",
-            "--type",
-            TYPE,
-            "--model",
-            MODEL,
-            "--wait",
-            "--timeout",
-            "90s",
-        ],
+        &create_instances_args(&["--wait", "--timeout", "90s"]),
         &env,
     )
     .await;
@@ -332,21 +320,7 @@ async fn create_runs_once_per_idempotency_key() {
     ];
     let create = |key: &'static str| async move {
         let out = gpufleet(
-            &[
-                "instances",
-                "create",
-                "--provider",
-                "mock",
-                "--type",
-                TYPE,
-                "--model",
-                MODEL,
-                "--count",
-                "2",
-                "--idempotency-key",
-                key,
-                "--json",
-            ],
+            &create_instances_args(&["--count", "2", "--idempotency-key", key, "--json"]),
             &env,
         )
         .await;
@@ -369,18 +343,7 @@ async fn create_runs_once_per_idempotency_key() {
 
     // A malformed key is refused before anything is sent, naming the flag.
     let out = gpufleet(
-        &[
-            "instances",
-            "create",
-            "--provider",
-            "mock",
-            "--type",
-            TYPE,
-            "--model",
-            MODEL,
-            "--idempotency-key",
-            "has space",
-        ],
+        &create_instances_args(&["--idempotency-key", "has space"]),
         &env,
     )
     .await;
@@ -398,16 +361,7 @@ async fn create_runs_once_per_idempotency_key() {
     let nowhere = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let out = gpufleet(
-        &[
-            "instances",
-            "create",
-            "--provider",
-            "mock",
-            "--type",
-            TYPE,
-            "--model",
-            MODEL,
-        ],
+        &create_instances_args(&[]),
         &[
             ("GPUFLEET_ADMIN_TOKEN", app.token.as_str()),
             ("GPUFLEET_SERVER", nowhere.as_str()),

@@ -112,21 +112,7 @@ async fn a_user_logs_in_works_in_their_project_and_logs_out() {
 
     // Work in the project; the only one, so it need not be named.
     ok(
-        &run_cli(
-            &[
-                "instances",
-                "create",
-                "--provider",
-                "mock",
-                "--type",
-                TYPE,
-                "--model",
-                MODEL,
-            ],
-            &user,
-            "",
-        )
-        .await,
+        &run_cli(&create_instances_args(&[]), &user, "").await,
         "create instance",
     );
     let list = ok(

@@ -168,34 +168,36 @@ impl Fleet {
             )),
             key,
         };
-        let new = self.plan_instances(req, project, None, None).await?;
-        match self.inner.lifecycle.insert_once(&new, &claim).await? {
-            InsertOnce::Inserted(created) => {
-                self.created(&created);
-                Ok(CreatedOnce {
-                    instances: created,
-                    replayed: false,
-                })
-            }
-            InsertOnce::Used {
-                ids,
-                same_request: true,
-            } => {
-                let mut instances = Vec::with_capacity(ids.len());
-                for id in ids {
-                    instances.push(self.get_instance(id).await?);
+        // A retry is answered from the key alone: it needs neither the
+        // provider's catalog nor the model list to be as they were.
+        let used = match self.inner.store.idempotency_key_use(&claim).await? {
+            Some(used) => used,
+            None => {
+                let new = self.plan_instances(req, project, None, None).await?;
+                match self.inner.lifecycle.insert_once(&new, &claim).await? {
+                    InsertOnce::Inserted(created) => {
+                        self.created(&created);
+                        return Ok(CreatedOnce {
+                            instances: created,
+                            replayed: false,
+                        });
+                    }
+                    InsertOnce::Used(used) => used,
                 }
-                tracing::info!(key = %claim.key, count = instances.len(), "create replayed for its idempotency key");
-                Ok(CreatedOnce {
-                    instances,
-                    replayed: true,
-                })
             }
-            InsertOnce::Used {
-                same_request: false,
-                ..
-            } => Err(ControlError::IdempotencyKeyReused { key: claim.key }),
+        };
+        if !used.same_request {
+            return Err(ControlError::IdempotencyKeyReused { key: claim.key });
         }
+        let mut instances = Vec::with_capacity(used.ids.len());
+        for id in used.ids {
+            instances.push(self.get_instance(id).await?);
+        }
+        tracing::info!(key = %claim.key, count = instances.len(), "create replayed for its idempotency key");
+        Ok(CreatedOnce {
+            instances,
+            replayed: true,
+        })
     }
 
     /// [`Fleet::create_instances`] for the replicas of a deployment: the

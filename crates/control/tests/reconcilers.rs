@@ -103,6 +103,50 @@ async fn retries_reuse_the_idempotency_key_and_create_once() {
 }
 
 #[tokio::test]
+async fn a_client_retry_with_its_key_is_answered_even_while_the_catalog_is_down() {
+    let mem = memory_provider();
+    let faulty = mem.faulty();
+    let h = start(faulty.clone(), fast_config()).await;
+    let project = gpufleet_domain::ProjectId::default_project();
+    let once = |count: u32, key: &str| {
+        h.fleet
+            .create_instances_once(project.clone(), req(count), key.to_string())
+    };
+    let first = once(2, "client-key-1").await.unwrap();
+    assert!(!first.replayed);
+    let ids: Vec<_> = first.instances.iter().map(|r| r.id).collect();
+
+    // The provider's catalog goes away: a new create cannot be checked, but
+    // the retry of a recorded one is answered from its key.
+    faulty.fail_next(
+        Op::Catalog,
+        1_000_000,
+        ProviderError::retryable("catalog down"),
+    );
+    let again = once(2, "client-key-1").await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(
+        again.instances.iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids
+    );
+    assert!(matches!(
+        once(1, "client-key-1").await,
+        Err(ControlError::IdempotencyKeyReused { .. })
+    ));
+    assert!(matches!(
+        once(2, "client-key-2").await,
+        Err(ControlError::ProviderUnavailable { .. })
+    ));
+    faulty.clear();
+    let listed = h
+        .fleet
+        .list_instances(&gpufleet_store::InstanceFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2, "only the first request made instances");
+}
+
+#[tokio::test]
 async fn create_that_succeeded_but_reported_failure_is_not_duplicated() {
     let mem = memory_provider();
     let faulty = mem.faulty();

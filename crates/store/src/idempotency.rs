@@ -29,17 +29,22 @@ pub struct IdempotencyClaim {
     pub request_digest: String,
 }
 
+/// A key's earlier use, within the TTL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUse {
+    /// What the first request with the key made.
+    pub ids: Vec<InstanceId>,
+    /// Whether that request had the same digest as this one.
+    pub same_request: bool,
+}
+
 /// What [`Store::insert_instances_once`] did.
 #[derive(Debug, Clone)]
 pub enum InsertOnce {
     /// The key was new: these were inserted.
     Inserted(Vec<InstanceRecord>),
-    /// The key was used within the TTL; the first request made `ids`.
-    /// `same_request` is whether that request had the same digest.
-    Used {
-        ids: Vec<InstanceId>,
-        same_request: bool,
-    },
+    /// The key was used before: nothing was inserted.
+    Used(KeyUse),
 }
 
 impl Store {
@@ -54,7 +59,7 @@ impl Store {
         claim: &IdempotencyClaim,
     ) -> Result<InsertOnce, StoreError> {
         if let Some(used) = self.idempotency_key_use(claim).await? {
-            return Ok(used);
+            return Ok(InsertOnce::Used(used));
         }
         let now = self.db_now_ms();
         let ttl_ms = IDEMPOTENCY_KEY_TTL.as_millis() as i64;
@@ -85,12 +90,13 @@ impl Store {
             // this insert waited for it): answer with what it made.
             Err(e) if is_unique_violation(&e) => {
                 drop(tx);
-                return self.idempotency_key_use(claim).await?.ok_or_else(|| {
+                let used = self.idempotency_key_use(claim).await?.ok_or_else(|| {
                     corrupt(format!(
                         "idempotency key {:?} is taken but cannot be read",
                         claim.key
                     ))
-                });
+                })?;
+                return Ok(InsertOnce::Used(used));
             }
             Err(e) => return Err(e.into()),
         }
@@ -100,10 +106,10 @@ impl Store {
     }
 
     /// What the key of `claim` was used for within the TTL, if it was.
-    async fn idempotency_key_use(
+    pub async fn idempotency_key_use(
         &self,
         claim: &IdempotencyClaim,
-    ) -> Result<Option<InsertOnce>, StoreError> {
+    ) -> Result<Option<KeyUse>, StoreError> {
         let now = self.db_now_ms();
         let row = sqlx::query(&format!(
             "SELECT request_digest, resource_ids FROM idempotency_keys \
@@ -128,7 +134,7 @@ impl Store {
             .map(|s| s.parse::<InstanceId>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| corrupt(format!("idempotency_keys.resource_ids: {e}")))?;
-        Ok(Some(InsertOnce::Used {
+        Ok(Some(KeyUse {
             ids,
             same_request: digest == claim.request_digest,
         }))

@@ -42,7 +42,7 @@ pub use api_keys::{
     UsageScope,
 };
 pub use deployments::{DeploymentEvent, DeploymentRecord, NewDeployment, NewDeploymentEvent};
-pub use idempotency::{IdempotencyClaim, InsertOnce, IDEMPOTENCY_KEY_TTL};
+pub use idempotency::{IdempotencyClaim, InsertOnce, KeyUse, IDEMPOTENCY_KEY_TTL};
 pub use rate_shares::{RateShare, RATE_SHARE_MAX_AGE};
 pub use replicas::{ChangeListener, DbChange, Fence, Lease, LeaseInfo};
 pub use rollup::{RetentionReport, RollupReport};

@@ -6,8 +6,8 @@ use gpufleet_domain::{FailureReason, InstanceId, InstanceStatus, ProviderInstanc
 use gpufleet_proto::{EngineSample, EngineStatus, GpuSample, GpuSource, Heartbeat, SystemSample};
 use gpufleet_store::{
     Backend, HeartbeatOutcome, IdempotencyClaim, InsertOnce, InstanceFilter, InstanceRecord,
-    NewInstance, NewTimelineEvent, Outcome, RegisterOutcome, Store, StoreError, TimelineKind,
-    IDEMPOTENCY_KEY_TTL,
+    KeyUse, NewInstance, NewTimelineEvent, Outcome, RegisterOutcome, Store, StoreError,
+    TimelineKind, IDEMPOTENCY_KEY_TTL,
 };
 
 /// A fixed instant with whole milliseconds (the store keeps milliseconds).
@@ -2134,7 +2134,9 @@ fn claim(project: &str, key: &str, digest: &str) -> IdempotencyClaim {
 fn inserted(r: InsertOnce) -> Vec<InstanceId> {
     match r {
         InsertOnce::Inserted(v) => v.into_iter().map(|r| r.id).collect(),
-        InsertOnce::Used { ids, .. } => panic!("expected an insert, the key was used for {ids:?}"),
+        InsertOnce::Used(KeyUse { ids, .. }) => {
+            panic!("expected an insert, the key was used for {ids:?}")
+        }
     }
 }
 
@@ -2161,7 +2163,7 @@ pub async fn an_idempotency_key_inserts_once(ctx: Ctx) {
         .await
         .unwrap();
     match again {
-        InsertOnce::Used { ids, same_request } => {
+        InsertOnce::Used(KeyUse { ids, same_request }) => {
             assert_eq!(ids, first);
             assert!(same_request);
         }
@@ -2173,7 +2175,7 @@ pub async fn an_idempotency_key_inserts_once(ctx: Ctx) {
         .await
         .unwrap()
     {
-        InsertOnce::Used { ids, same_request } => {
+        InsertOnce::Used(KeyUse { ids, same_request }) => {
             assert_eq!(ids, first);
             assert!(!same_request);
         }
@@ -2228,7 +2230,7 @@ pub async fn an_idempotency_key_inserts_once(ctx: Ctx) {
         .await
         .unwrap()
     {
-        InsertOnce::Used { ids, .. } => assert_eq!(ids, anew),
+        InsertOnce::Used(KeyUse { ids, .. }) => assert_eq!(ids, anew),
         other => panic!("{other:?}"),
     }
     assert_eq!(instance_count(s).await, 5);
@@ -2252,7 +2254,7 @@ pub async fn concurrent_uses_of_an_idempotency_key_insert_once(ctx: Ctx) {
     for t in tries {
         match t.await.unwrap() {
             InsertOnce::Inserted(v) => made.push(v.into_iter().map(|r| r.id).collect::<Vec<_>>()),
-            InsertOnce::Used { ids, same_request } => {
+            InsertOnce::Used(KeyUse { ids, same_request }) => {
                 assert!(same_request);
                 named.push(ids);
             }

@@ -3,7 +3,7 @@
 //! timeline entries that explain them in the same transaction.
 
 use crate::instances::{decode_instance, INSTANCE_COLUMNS};
-use crate::rows::{corrupt, millis, millis_opt, RowReader};
+use crate::rows::{corrupt, is_unique_violation, millis, millis_opt, RowReader};
 use crate::{Fence, InstanceRecord, Outcome, Store, StoreError};
 use chrono::{DateTime, Utc};
 use gpufleet_domain::{
@@ -162,11 +162,12 @@ async fn fetch(
 
 /// A unique-index violation on the live name: `NameTaken`.
 fn name_taken(e: sqlx::Error, name: &str) -> StoreError {
-    match e.as_database_error() {
-        Some(d) if d.is_unique_violation() => StoreError::NameTaken {
+    if is_unique_violation(&e) {
+        StoreError::NameTaken {
             name: name.to_string(),
-        },
-        _ => StoreError::Query(e),
+        }
+    } else {
+        StoreError::Query(e)
     }
 }
 

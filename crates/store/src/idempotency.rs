@@ -52,15 +52,14 @@ impl Store {
     /// instances and the key are written in one transaction, so a retry
     /// after any failure (even one after the commit, before the client heard
     /// back) finds either both or neither. Expired keys are dropped in the
-    /// same transaction.
+    /// same transaction. A used key is found by the key's primary key, not
+    /// by a read first: callers that expect retries look the key up with
+    /// [`Store::idempotency_key_use`] before they prepare the insert.
     pub async fn insert_instances_once(
         &self,
         new: &[NewInstance],
         claim: &IdempotencyClaim,
     ) -> Result<InsertOnce, StoreError> {
-        if let Some(used) = self.idempotency_key_use(claim).await? {
-            return Ok(InsertOnce::Used(used));
-        }
         let now = self.db_now_ms();
         let ttl_ms = IDEMPOTENCY_KEY_TTL.as_millis() as i64;
         let ids: Vec<String> = new.iter().map(|n| n.id.to_string()).collect();

@@ -260,12 +260,7 @@ async fn post_once(
             Ok(resp) if attempt < CREATE_TRIES && matches!(resp.status().as_u16(), 502..=504) => {
                 format!("{} answered {}", client.base(), resp.status())
             }
-            Ok(resp) => {
-                let resp = client.check(resp).await?;
-                let text = resp.text().await.map_err(|e| client.transport_error(e))?;
-                return serde_json::from_str(&text)
-                    .with_context(|| format!("unexpected answer from {}: {text}", client.base()));
-            }
+            Ok(resp) => return client.answer(resp).await,
             Err(e) if attempt < CREATE_TRIES && !e.is_builder() => {
                 client.transport_error(e).to_string()
             }

@@ -134,6 +134,12 @@ impl Client {
         req: reqwest::RequestBuilder,
     ) -> anyhow::Result<T> {
         let resp = req.send().await.map_err(|e| self.transport_error(e))?;
+        self.answer(resp).await
+    }
+
+    /// A response's body as JSON, or the error [`Client::check`] makes of a
+    /// non-2xx answer.
+    pub async fn answer<T: DeserializeOwned>(&self, resp: reqwest::Response) -> anyhow::Result<T> {
         let resp = self.check(resp).await?;
         let text = resp.text().await.map_err(|e| self.transport_error(e))?;
         serde_json::from_str(&text)
